@@ -1,0 +1,81 @@
+"""The runtime protocol: one module per inference runtime, all behind the same small interface.
+
+``Runtime.is_available()`` checks with ``importlib.util.find_spec`` (no import);
+``Runtime.load(path)`` imports the runtime and returns a :class:`Session`.
+Sessions take and return float32 numpy arrays by default: for int8 / uint8 quantized inputs and
+outputs they quantize and dequantize with the tensor's scale / zero-point (``raw=True`` skips that).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from edge_sdk.bundle import TensorSpec
+from edge_sdk.errors import InputError
+from edge_sdk.formats import Format
+
+__all__ = ["Runtime", "Session", "check_inputs", "dequantize", "quantize"]
+
+
+@runtime_checkable
+class Session(Protocol):
+    """A loaded model ready to run."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, inputs: list[np.ndarray], *, raw: bool = False) -> list[np.ndarray]:
+        """Run on one batch; inputs in model order; returns outputs in model order."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's resources."""
+        ...
+
+
+class Runtime(Protocol):
+    """An inference runtime able to run artifacts of some formats."""
+
+    name: str
+    formats: tuple[Format, ...]
+    extra: str  # the pip extra that installs it
+
+    def is_available(self) -> bool:
+        """True when the runtime can be imported here (checked without importing it)."""
+        ...
+
+    def version(self) -> str | None:
+        """The installed runtime's version, or None."""
+        ...
+
+    def load(self, path: Path, *, threads: int | None = None) -> Session:
+        """Load an artifact; raise InferenceError (or MissingDependencyError) on failure."""
+        ...
+
+
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """float -> the spec's integer dtype using its scale / zero-point."""
+    info = np.iinfo(spec.dtype)
+    q = np.round(x / np.float32(spec.scale)) + int(spec.zero_point or 0)
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """The spec's integer dtype -> float32."""
+    return ((q.astype(np.float32) - np.float32(spec.zero_point or 0)) * np.float32(spec.scale)).astype(np.float32)
+
+
+def check_inputs(inputs: list[np.ndarray], specs: list[TensorSpec]) -> None:
+    """Raise InputError when the count, shape or finiteness of inputs does not fit the model."""
+    if len(inputs) != len(specs):
+        raise InputError(f"model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}), "
+                         f"got {len(inputs)}")
+    for x, spec in zip(inputs, specs, strict=True):
+        want = spec.shape
+        if len(x.shape) != len(want) or any(w not in (None, -1) and w != g for w, g in zip(want, x.shape, strict=True)):
+            raise InputError(f"input {spec.name!r} has shape {list(x.shape)}, the model expects {list(want)}")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise InputError(f"input {spec.name!r} contains NaN or Inf")

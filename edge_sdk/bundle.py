@@ -1,0 +1,312 @@
+"""The model bundle: a directory holding ``manifest.json`` and the artifacts it lists.
+
+A bundle is built in a temporary directory and moved into place only when complete, so a failed
+build never leaves a partial bundle behind. ``Bundle.archive`` packs it into one ``.tar.gz`` file
+for shipping; ``Bundle.extract`` unpacks such an archive safely (no absolute paths, no ``..``,
+no links).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import BundleError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "Artifact",
+    "Bundle",
+    "Manifest",
+    "TensorSpec",
+    "Validation",
+    "atomic_bundle_dir",
+    "sha256_file",
+    "sha256_path",
+]
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = "1.0"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 hex digest of one file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a directory (its relative file names and contents, sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    digest = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        digest.update(f.relative_to(p).as_posix().encode() + b"\0")
+        digest.update(sha256_file(f).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def size_of(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of all files under a directory."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(q.stat().st_size for q in p.rglob("*") if q.is_file())
+
+
+@dataclass
+class TensorSpec:
+    """One model input or output as the artifact sees it."""
+
+    name: str
+    shape: list[int | None]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+    layout: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(**{k: d.get(k) for k in ("name", "shape", "dtype", "scale", "zero_point", "layout")})
+
+
+@dataclass
+class Validation:
+    """How an artifact compared with the source model on held-out inputs."""
+
+    passed: bool | None = None
+    samples: int = 0
+    top1_agreement: float | None = None
+    top1_agreement_confident: float | None = None
+    top5_containment: float | None = None
+    max_abs_error: float | None = None
+    cosine: float | None = None
+    accuracy: float | None = None
+    source_accuracy: float | None = None
+    skipped_reason: str | None = None
+    failures: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Validation:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Artifact:
+    """One converted model file (or package directory) in a bundle."""
+
+    format: str
+    precision: str
+    path: str
+    sha256: str = ""
+    size_bytes: int = 0
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    runtime: dict[str, Any] = field(default_factory=dict)
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    validation: Validation = field(default_factory=Validation)
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """``format/precision``, the artifact's name in tables and logs."""
+        return f"{self.format}/{self.precision}"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Artifact:
+        return cls(
+            format=d["format"],
+            precision=d["precision"],
+            path=d["path"],
+            sha256=d.get("sha256", ""),
+            size_bytes=int(d.get("size_bytes", 0)),
+            inputs=[TensorSpec.from_dict(t) for t in d.get("inputs", [])],
+            outputs=[TensorSpec.from_dict(t) for t in d.get("outputs", [])],
+            runtime=dict(d.get("runtime", {})),
+            tool_versions=dict(d.get("tool_versions", {})),
+            validation=Validation.from_dict(d.get("validation", {})),
+            files=list(d.get("files", [])),
+            notes=list(d.get("notes", [])),
+        )
+
+
+@dataclass
+class Manifest:
+    """The content of ``manifest.json``."""
+
+    name: str
+    version: str
+    source: dict[str, Any]
+    task: str = "other"
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    schema_version: str = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        order = ["schema_version", "name", "version", "created_at", "task", "source", "inputs",
+                 "outputs", "preprocessing", "labels", "baseline", "artifacts", "extra"]
+        return {k: d[k] for k in order}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        try:
+            return cls(
+                schema_version=str(d["schema_version"]),
+                name=d["name"],
+                version=str(d["version"]),
+                created_at=d["created_at"],
+                task=d.get("task", "other"),
+                source=dict(d["source"]),
+                inputs=[TensorSpec.from_dict(t) for t in d.get("inputs", [])],
+                outputs=[TensorSpec.from_dict(t) for t in d.get("outputs", [])],
+                preprocessing=dict(d.get("preprocessing") or {}),
+                labels=d.get("labels"),
+                baseline=dict(d.get("baseline") or {}),
+                artifacts=[Artifact.from_dict(a) for a in d.get("artifacts", [])],
+                extra=dict(d.get("extra") or {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"manifest is missing or has a malformed key {exc}: rebuild the bundle "
+                              "with `edge-sdk convert`") from None
+
+
+class Bundle:
+    """A bundle directory and its manifest."""
+
+    def __init__(self, root: str | os.PathLike, manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Bundle({str(self.root)!r}, {m.name}:{m.version}, {len(m.artifacts)} artifacts)"
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        """The manifest's artifacts."""
+        return self.manifest.artifacts
+
+    def artifact(self, format: str, precision: str) -> Artifact:
+        """The artifact with this format and precision, or a BundleError listing what there is."""
+        for a in self.manifest.artifacts:
+            if a.format == str(format) and a.precision == str(precision):
+                return a
+        have = ", ".join(a.key for a in self.manifest.artifacts) or "none"
+        raise BundleError(f"bundle {self.root} has no {format}/{precision} artifact (it has: {have})")
+
+    def path_of(self, artifact: Artifact) -> Path:
+        """Absolute path of an artifact inside the bundle."""
+        return self.root / artifact.path
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> Bundle:
+        """Read a bundle directory (or a ``.tar.gz`` archive, extracted next to it)."""
+        p = Path(root)
+        if p.is_file() and p.name.endswith((".tar.gz", ".tgz")):
+            return cls.extract(p, p.with_name(p.name.split(".tar")[0].removesuffix(".tgz")))
+        mpath = p / MANIFEST_NAME
+        if not mpath.is_file():
+            raise BundleError(f"{p} is not a bundle: {MANIFEST_NAME} not found")
+        try:
+            data = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{mpath} is not valid JSON ({exc}): the bundle is damaged, rebuild it") from None
+        return cls(p, Manifest.from_dict(data))
+
+    def save(self) -> Path:
+        """Write ``manifest.json`` atomically."""
+        mpath = self.root / MANIFEST_NAME
+        tmp = mpath.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.manifest.to_dict(), indent=2) + "\n")
+        os.replace(tmp, mpath)
+        return mpath
+
+    def verify(self, artifact: Artifact | None = None) -> None:
+        """Check that files exist and match their sha256; raise BundleError naming each mismatch."""
+        problems = []
+        for a in [artifact] if artifact else self.manifest.artifacts:
+            path = self.path_of(a)
+            if not path.exists():
+                problems.append(f"{a.key}: {a.path} is missing")
+            elif a.sha256 and sha256_path(path) != a.sha256:
+                problems.append(f"{a.key}: {a.path} does not match its sha256")
+        if problems:
+            raise BundleError("bundle verification failed: " + "; ".join(problems)
+                              + " — re-fetch or rebuild the bundle")
+
+    def archive(self, dest: str | os.PathLike | None = None) -> Path:
+        """Pack the bundle into one ``.tar.gz`` (written atomically)."""
+        dest = Path(dest) if dest else self.root.with_name(self.root.name + ".tar.gz")
+        tmp = dest.with_name(dest.name + ".partial")
+        with tarfile.open(tmp, "w:gz") as tar:
+            for f in sorted(self.root.rglob("*")):
+                if f.is_file():
+                    tar.add(f, arcname=f.relative_to(self.root).as_posix(), recursive=False)
+        os.replace(tmp, dest)
+        return dest
+
+    @classmethod
+    def extract(cls, archive: str | os.PathLike, dest: str | os.PathLike) -> Bundle:
+        """Unpack an archive made by :meth:`archive`, refusing unsafe members."""
+        dest = Path(dest)
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                members = tar.getmembers()
+                for m in members:
+                    name = Path(m.name)
+                    if name.is_absolute() or ".." in name.parts or not (m.isfile() or m.isdir()):
+                        raise BundleError(f"unsafe archive member {m.name!r} in {archive}: refusing to unpack")
+                with atomic_bundle_dir(dest) as tmp:
+                    tar.extractall(tmp, members=members, filter="data")
+        except tarfile.TarError as exc:
+            raise BundleError(f"{archive} is not a readable bundle archive ({exc})") from None
+        return cls.load(dest)
+
+
+@contextmanager
+def atomic_bundle_dir(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``dest``; move it to ``dest`` only on success.
+
+    On any exception the temporary directory is removed and ``dest`` is left untouched.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        if dest.is_dir() and not any(dest.iterdir()):
+            dest.rmdir()
+        else:
+            raise BundleError(f"{dest} already exists: choose another --out or remove it first")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)

@@ -1,0 +1,76 @@
+"""Enumerations shared by converters, bundles and runtimes."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = ["Format", "Framework", "Precision", "Task", "parse_list"]
+
+
+class _Choice(str, Enum):
+    @classmethod
+    def parse(cls, value: str) -> _Choice:
+        """Parse a user-given name; unknown names raise a ValueError listing the choices."""
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown {cls.__name__.lower()} {value!r}: choose from {choices}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Format(_Choice):
+    """Artifact formats. ``ort`` is produced by the ``onnx`` target alongside the .onnx file."""
+
+    TFLITE = "tflite"
+    COREML = "coreml"
+    OPENVINO = "openvino"
+    ONNX = "onnx"
+    ORT = "ort"
+
+
+class Precision(_Choice):
+    """Numeric precisions.
+
+    ``int8`` means, per target: TFLite full-integer with int8 inputs/outputs; ONNX static QDQ
+    (per-channel weights, uint8 activations); OpenVINO NNCF post-training quantization;
+    Core ML int8 linear weight quantization. ``dynamic`` is dynamic-range (weights int8,
+    activations quantized at run time). ``palettized`` is Core ML k-means weight palettization.
+    """
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    DYNAMIC = "dynamic"
+    INT8 = "int8"
+    PALETTIZED = "palettized"
+
+
+class Framework(_Choice):
+    """Source model frameworks."""
+
+    PYTORCH = "pytorch"
+    KERAS = "keras"
+    ONNX = "onnx"
+
+
+class Task(_Choice):
+    """What the model's output means; classifiers get top-k / confidence handling."""
+
+    CLASSIFICATION = "classification"
+    OTHER = "other"
+
+
+def parse_list(text: str, enum: type[_Choice]) -> list:
+    """Parse a comma-separated list of enum names, keeping order and dropping duplicates."""
+    out: list = []
+    for part in text.split(","):
+        if part.strip():
+            item = enum.parse(part)
+            if item not in out:
+                out.append(item)
+    if not out:
+        raise ValueError(f"empty {enum.__name__.lower()} list: give at least one of "
+                         + ", ".join(m.value for m in enum))
+    return out

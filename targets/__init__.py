@@ -1,0 +1,1 @@
+"""Target device profiles (data files in ``profiles/``)."""
