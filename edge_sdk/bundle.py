@@ -122,7 +122,7 @@ class Artifact:
     runtime: dict[str, Any] = field(default_factory=dict)
     tool_versions: dict[str, str] = field(default_factory=dict)
     validation: Validation = field(default_factory=Validation)
-    files: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)  # side files: {path, sha256, size_bytes}
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -255,6 +255,12 @@ class Bundle:
                 problems.append(f"{a.key}: {a.path} is missing")
             elif a.sha256 and sha256_path(path) != a.sha256:
                 problems.append(f"{a.key}: {a.path} does not match its sha256")
+            for side in a.files:
+                fpath = self.root / side["path"]
+                if not fpath.exists():
+                    problems.append(f"{a.key}: {side['path']} is missing")
+                elif side.get("sha256") and sha256_path(fpath) != side["sha256"]:
+                    problems.append(f"{a.key}: {side['path']} does not match its sha256")
         if problems:
             raise BundleError("bundle verification failed: " + "; ".join(problems)
                               + " — re-fetch or rebuild the bundle")

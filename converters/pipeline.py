@@ -1,0 +1,311 @@
+"""``convert``: source model -> every requested artifact -> validated -> one bundle.
+
+The bundle is assembled in a temporary directory and moved into place only when complete. An
+artifact that fails validation is left out (unless ``keep_failed``), the others still ship, and a
+:class:`ValidationError` listing every failure is raised after the bundle is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edge_sdk.converters.base import (
+    ArtifactDraft,
+    ConversionContext,
+    ConvertOptions,
+    check_precision,
+    get_converter,
+)
+from edge_sdk.converters.sources import load_source
+from edge_sdk.converters.validate import DEFAULT_TOLERANCES, Tolerance, reference_outputs, validate_artifact
+
+from edge_sdk.baseline import compute_baseline
+from edge_sdk.bundle import Artifact, Bundle, Manifest, TensorSpec, Validation, atomic_bundle_dir, sha256_path, size_of
+from edge_sdk.calibration import CalibrationSource, SampleSet, load_samples
+from edge_sdk.errors import CalibrationError, EdgeSDKError, ValidationError
+from edge_sdk.formats import Format, Precision, Task, parse_list
+from edge_sdk.preprocessing import Preprocessing
+from edge_sdk.progress import Reporter
+from edge_sdk.schema import validate_manifest
+
+__all__ = ["BUILTIN_CONVERTERS", "ArtifactResult", "convert", "load_builtin_converters"]
+
+BUILTIN_CONVERTERS = (
+    "torch_to_onnx", "keras_to_onnx", "onnx_to_onnx", "onnx_to_ort", "onnx_to_openvino",
+    "keras_to_tflite", "torch_to_tflite", "onnx_to_tflite", "torch_to_coreml", "keras_to_coreml",
+)
+_TRANSPOSE = {("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2)}
+
+
+def load_builtin_converters() -> None:
+    """Import every built-in converter module (each registers itself; none imports a framework)."""
+    for name in BUILTIN_CONVERTERS:
+        importlib.import_module(f"edge_sdk.converters.{name}")
+
+
+@dataclass
+class ArtifactResult:
+    """The outcome for one requested format/precision (for tables and JSON)."""
+
+    format: str
+    precision: str
+    status: str  # passed | failed | skipped-validation | error
+    validation: Validation = field(default_factory=Validation)
+    size_bytes: int | None = None
+    shipped: bool = False
+    reason: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.format}/{self.precision}"
+
+
+def _as_list(value: str | Iterable[Any], enum: type) -> list:
+    if isinstance(value, str):
+        return parse_list(value, enum)
+    return parse_list(",".join(str(v) for v in value), enum)
+
+
+def _needs_calibration(fmt: Format, precision: Precision) -> bool:
+    return precision is Precision.INT8 and fmt is not Format.COREML
+
+
+def _split(calib: SampleSet | None, val: SampleSet | None, rng_shape: list[list[int]]) -> tuple[
+        SampleSet | None, SampleSet, str]:
+    """Choose calibration and held-out validation samples; say where validation data came from."""
+    if val is not None:
+        return calib, val, "--val data"
+    if calib is not None and len(calib) >= 40:
+        k = max(20, len(calib) // 4)
+        n = len(calib) - k
+        return (SampleSet([a[:n] for a in calib.arrays], calib.names, calib.origin),
+                SampleSet([a[n:] for a in calib.arrays], calib.names, calib.origin),
+                f"{k} samples held out from the calibration data")
+    if calib is not None:
+        return calib, calib, "the calibration data itself (pass --val for held-out inputs)"
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((16, *s[1:])).astype(np.float32) for s in rng_shape]
+    return None, SampleSet(arrays, None, "random"), "16 random normal inputs (pass --val for real inputs)"
+
+
+def _copy_draft(draft: ArtifactDraft, bundle_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    fdir = bundle_dir / draft.format.value
+    fdir.mkdir(parents=True, exist_ok=True)
+    dest = fdir / draft.path.name
+    if draft.path.is_dir():
+        shutil.copytree(draft.path, dest)
+    else:
+        shutil.copy2(draft.path, dest)
+    sides = []
+    for side in draft.files:
+        target = fdir / side.name
+        if target.exists():
+            target = fdir / f"{draft.precision.value}.{side.name}"
+        shutil.copy2(side, target)
+        rel = target.relative_to(bundle_dir).as_posix()
+        sides.append({"path": rel, "sha256": sha256_path(target), "size_bytes": target.stat().st_size})
+    return dest.relative_to(bundle_dir).as_posix(), sides
+
+
+def convert(
+    source: Any,
+    *,
+    out: str | Path,
+    to: str | Sequence[str | Format] = "onnx",
+    precision: str | Sequence[str | Precision] = "fp32",
+    calib: CalibrationSource | None = None,
+    val: CalibrationSource | None = None,
+    val_labels: str | Path | np.ndarray | None = None,
+    labels: str | Path | Sequence[str] | None = None,
+    input_shape: Sequence[int] | None = None,
+    model_class: str | None = None,
+    framework: str | None = None,
+    name: str | None = None,
+    version: str = "1",
+    task: str | Task | None = None,
+    preprocessing: Preprocessing | None = None,
+    options: ConvertOptions | None = None,
+    tolerances: dict[Precision, Tolerance] | None = None,
+    ort: bool = True,
+    keep_failed: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Bundle:
+    """Convert ``source`` to each target x precision, validate each artifact, write a bundle to ``out``.
+
+    Returns the :class:`Bundle`. Raises :class:`ValidationError` (with ``.bundle`` and ``.results``)
+    after writing the bundle when any artifact failed; raises before writing anything for bad input
+    (unknown target/precision, unreadable source, missing calibration data, wrong shapes).
+    """
+    load_builtin_converters()
+    targets: list[Format] = _as_list(to, Format)
+    precisions: list[Precision] = _as_list(precision, Precision)
+    if Format.ONNX in targets and ort and Format.ORT not in targets:
+        targets.insert(targets.index(Format.ONNX) + 1, Format.ORT)
+    out = Path(out)
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise EdgeSDKError(f"{out} already exists: choose another --out or pass --overwrite")
+    report = Reporter(quiet=quiet)
+    options = options or ConvertOptions()
+    tols = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+
+    with report.step("loading source model"):
+        src = load_source(source, input_shape=list(input_shape) if input_shape else None,
+                          model_class=model_class, framework=framework)
+    try:
+        plan = []
+        for fmt in targets:
+            conv = get_converter(src.framework, fmt)
+            for p in precisions:
+                check_precision(conv, p)
+                plan.append((fmt, p, conv))
+        if calib is None and any(_needs_calibration(f, p) for f, p, _ in plan):
+            raise CalibrationError("int8 needs calibration data: pass --calib FILE.npy (or an image folder "
+                                   "with preprocessing flags), 100-500 representative inputs")
+        with report.step("loading calibration / validation data"):
+            calib_set = val_set = None
+            if calib is not None:
+                calib_set = load_samples(calib, input_shapes=src.input_shapes, input_names=src.input_names,
+                                         preprocessing=preprocessing, what="calibration")
+                calib_set.check(src.input_shapes, "calibration")
+            if val is not None:
+                val_set = load_samples(val, input_shapes=src.input_shapes, input_names=src.input_names,
+                                       preprocessing=preprocessing, what="validation")
+                val_set.check(src.input_shapes, "validation")
+            calib_set, val_set, val_origin = _split(calib_set, val_set, src.input_shapes)
+            val_y = _load_labels_array(val_labels, len(val_set)) if val_labels is not None else None
+            label_names = _load_label_names(labels)
+        with report.step(f"running the source model on {len(val_set)} validation inputs"):
+            ref = reference_outputs(src.predict, val_set)
+        the_task = Task.parse(str(task)) if task else (
+            Task.CLASSIFICATION if label_names or (len(ref) == 1 and ref[0].ndim == 2 and ref[0].shape[1] > 1)
+            else Task.OTHER)
+        classifier = the_task is Task.CLASSIFICATION
+        return _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task,
+                      out, name, version, preprocessing, options, tols, keep_failed, overwrite, report)
+    finally:
+        src.close()
+
+
+def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task, out, name,
+           version, preprocessing, options, tols, keep_failed, overwrite, report) -> Bundle:
+    results: list[ArtifactResult] = []
+    artifacts: list[Artifact] = []
+    workdir = Path(tempfile.mkdtemp(prefix="edge_sdk_work_"))
+    try:
+        ctx = ConversionContext(src, workdir, calibration=calib_set, options=options)
+        with atomic_bundle_dir(out, overwrite=overwrite) as bdir:
+            for fmt, p, conv in plan:
+                key = f"{fmt.value}/{p.value}"
+                try:
+                    with report.step(f"converting {key}"):
+                        drafts = [ctx.onnx(p)] if fmt is Format.ONNX else conv.convert(ctx, p)
+                except EdgeSDKError as exc:
+                    results.append(ArtifactResult(fmt.value, p.value, "error", reason=str(exc)))
+                    continue
+                for d in drafts:
+                    res, art = _validate_and_place(d, src, val_set, ref, val_y, classifier, tols[d.precision],
+                                                   keep_failed, bdir, report)
+                    results.append(res)
+                    if art is not None:
+                        artifacts.append(art)
+            if not artifacts:
+                raise ValidationError("no artifact passed: nothing was written; " + _summary(results),
+                                      [f"{r.key}: {r.reason}" for r in results])
+            manifest = Manifest(
+                name=name or (src.path.stem if src.path else "model"),
+                version=str(version),
+                source=src.describe(),
+                task=the_task.value,
+                preprocessing=preprocessing.to_dict() if preprocessing else {},
+                labels=label_names,
+                baseline=compute_baseline(val_set.arrays[0], src.layout, ref[0], classifier=classifier),
+                artifacts=artifacts,
+                inputs=[TensorSpec(n, list(s), "float32", layout=src.layout or None)
+                        for n, s in zip(src.input_names, src.input_shapes, strict=True)],
+                outputs=[TensorSpec(n, [int(d) for d in (1, *r.shape[1:])], "float32")
+                         for n, r in zip(src.output_names, ref, strict=False)],
+                extra={"validation_data": val_origin,
+                       "calibration_samples": len(calib_set) if calib_set is not None else 0},
+            )
+            bundle = Bundle(bdir, manifest)
+            validate_manifest(manifest.to_dict())
+            bundle.save()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    bundle = Bundle.load(out)
+    report.table(results, label_names is not None or val_y is not None)
+    failed = [r for r in results if r.status in ("failed", "error")]
+    if failed:
+        err = ValidationError(f"{len(failed)} of {len(results)} artifact(s) failed: " + _summary(failed)
+                              + (" (kept, marked passed: false)" if keep_failed else
+                                 " — left out of the bundle; use --keep-failed to keep them"),
+                              [f"{r.key}: {r.reason}" for r in failed])
+        err.bundle = bundle  # type: ignore[attr-defined]
+        err.results = results  # type: ignore[attr-defined]
+        raise err
+    bundle.results = results  # type: ignore[attr-defined]
+    return bundle
+
+
+def _summary(results: list[ArtifactResult]) -> str:
+    return "; ".join(f"{r.key}: {r.reason}" for r in results)
+
+
+def _validate_and_place(d: ArtifactDraft, src, val_set, ref, val_y, classifier, tol, keep_failed, bdir,
+                        report) -> tuple[ArtifactResult, Artifact | None]:
+    key = f"{d.format.value}/{d.precision.value}"
+    ins: list[TensorSpec] = []
+    outs: list[TensorSpec] = []
+    if d.validation_skipped:
+        v = Validation(passed=None, samples=0, skipped_reason=d.validation_skipped, checks=dict(d.spec_checks))
+        status = "skipped-validation"
+    else:
+        transpose = _TRANSPOSE.get((src.layout, d.input_layout)) if d.input_layout else None
+        with report.step(f"validating {key} on {len(val_set)} inputs"):
+            v, ins, outs = validate_artifact(d.path, d.format, d.precision, val_set, ref, classifier=classifier,
+                                             tolerance=tol, labels=val_y, transpose=transpose)
+        if d.spec_checks:
+            v.checks["spec"] = d.spec_checks
+        status = "passed" if v.passed else "failed"
+    size = size_of(d.path) + sum(size_of(f) for f in d.files)
+    res = ArtifactResult(d.format.value, d.precision.value, status, v, size,
+                         reason="; ".join(v.failures) if v.failures else (v.skipped_reason or ""))
+    if status == "failed" and not keep_failed:
+        return res, None
+    rel, sides = _copy_draft(d, bdir)
+    runtime = dict(d.runtime)
+    if d.input_layout:
+        runtime.setdefault("input_layout", d.input_layout)
+    res.shipped = True
+    return res, Artifact(format=d.format.value, precision=d.precision.value, path=rel,
+                         sha256=sha256_path(bdir / rel), size_bytes=size, inputs=ins, outputs=outs,
+                         runtime=runtime, tool_versions=dict(d.tool_versions), validation=v, files=sides,
+                         notes=list(d.notes))
+
+
+def _load_labels_array(value: str | Path | np.ndarray, n: int) -> np.ndarray:
+    arr = np.load(value, allow_pickle=False) if isinstance(value, (str, Path)) else np.asarray(value)
+    arr = arr.reshape(-1)
+    if arr.shape[0] < n:
+        raise CalibrationError(f"--val-labels has {arr.shape[0]} labels for {n} validation inputs: give one "
+                               "integer class per input")
+    return arr[:n].astype(np.int64)
+
+
+def _load_label_names(value: str | Path | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        p = Path(value)
+        if not p.is_file():
+            raise CalibrationError(f"labels file {p} does not exist: give a text file with one label per line")
+        return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    return [str(v) for v in value]

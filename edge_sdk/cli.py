@@ -1,0 +1,235 @@
+"""The ``edge-sdk`` command. Each sub-command imports its implementation inside its body, so
+``edge-sdk --help`` loads no framework.
+
+Exit codes: 0 success, 1 an artifact failed validation (the bundle holds the others), 2 bad input
+or a missing dependency (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import EdgeSDKError, MissingDependencyError, ValidationError
+
+__all__ = ["build_parser", "main"]
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        dims = [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape {text!r} must be integers like 1,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"input shape {text!r} must be positive integers like 1,3,224,224")
+    return dims
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated numbers") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[-1]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} must look like 224x224") from None
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``edge-sdk``."""
+    p = argparse.ArgumentParser(prog="edge-sdk", description="Convert, validate and bundle models for devices.")
+    p.add_argument("--version", action="version", version=f"edge-sdk {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a model to validated device artifacts in one bundle")
+    c.add_argument("source", help="model file (.pt/.pth/.pt2/TorchScript, .keras/.h5, SavedModel dir, .onnx)")
+    c.add_argument("--to", default="onnx", help="targets: tflite,coreml,openvino,onnx (onnx also writes .ort)")
+    c.add_argument("--precision", default="fp32", help="fp32,fp16,dynamic,int8,palettized")
+    c.add_argument("--calib", help="calibration data: .npy/.npz of ready tensors or an image folder")
+    c.add_argument("--out", required=True, help="bundle directory to create")
+    c.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224 (needed for state_dict/TorchScript)")
+    c.add_argument("--model-class", help="pkg.module:Class for state_dict sources")
+    c.add_argument("--framework", choices=["pytorch", "keras", "onnx"], help="override framework detection")
+    c.add_argument("--val", help="held-out validation inputs (.npy/.npz or image folder)")
+    c.add_argument("--val-labels", help=".npy of integer labels for --val (reports accuracy)")
+    c.add_argument("--labels", help="text file with one class label per line")
+    c.add_argument("--name", help="bundle name (default: source file stem)")
+    c.add_argument("--version", dest="model_version", default="1", help="bundle version (default 1)")
+    c.add_argument("--task", choices=["classification", "other"], help="default: detected from the output shape")
+    c.add_argument("--json", action="store_true", help="print a JSON summary on stdout, no progress")
+    c.add_argument("--keep-failed", action="store_true", help="keep artifacts that fail validation (passed: false)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    c.add_argument("--no-ort", action="store_true", help="do not write the .ort file beside the onnx target")
+    g = c.add_argument_group("preprocessing (recorded in the manifest; needed for image-folder data)")
+    g.add_argument("--preset", choices=["imagenet"], help="imagenet: 224 centre crop, RGB, ImageNet mean/std, NCHW")
+    g.add_argument("--resize", type=_size, help="HxW")
+    g.add_argument("--resize-mode", choices=["stretch", "center_crop"], default="stretch")
+    g.add_argument("--color", choices=["RGB", "BGR", "GRAY"], default="RGB")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: the source model's layout")
+    g.add_argument("--scale", type=float, default=1 / 255)
+    g.add_argument("--mean", type=_floats, default=(0.0,))
+    g.add_argument("--std", type=_floats, default=(1.0,))
+    o = c.add_argument_group("per-target options")
+    o.add_argument("--calib-limit", type=int, default=200, help="calibration samples used (default 200)")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    o.add_argument("--onnx-activations", choices=["uint8", "int8"], default="uint8",
+                   help="ONNX int8 activation type (uint8 is faster on x86 ORT)")
+    o.add_argument("--ort-platform", choices=["amd64", "arm"], default="amd64", help=".ort layout optimisation")
+    o.add_argument("--coreml-target", default="iOS16", help="Core ML minimum deployment target")
+    o.add_argument("--palette-bits", type=int, default=6, help="Core ML palettization bits")
+    o.add_argument("--float-io", action="store_true", help="TFLite int8 keeps float inputs/outputs")
+    o.add_argument("--tolerance", action="append", default=[], metavar="PRECISION:KEY=VALUE",
+                   help="override a validation limit, e.g. int8:min_cosine=0.9 (repeatable)")
+
+    i = sub.add_parser("inspect", help="show a bundle's artifacts and validation")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true")
+    v = sub.add_parser("verify", help="check every file of a bundle against its sha256")
+    v.add_argument("bundle")
+    a = sub.add_parser("archive", help="pack a bundle into one .tar.gz")
+    a.add_argument("bundle")
+    a.add_argument("--out")
+    return p
+
+
+def _version() -> str:
+    from edge_sdk import __version__
+
+    return __version__
+
+
+def _tolerances(items: list[str]) -> dict:
+    from dataclasses import replace
+
+    from edge_sdk.converters.validate import DEFAULT_TOLERANCES
+    from edge_sdk.formats import Precision
+
+    out = dict(DEFAULT_TOLERANCES)
+    for item in items:
+        try:
+            prec, _, kv = item.partition(":")
+            key, _, value = kv.partition("=")
+            p = Precision.parse(prec)
+            out[p] = replace(out[p], **{key: None if value.lower() == "none" else float(value)})
+        except (ValueError, TypeError):
+            raise EdgeSDKError(f"--tolerance {item!r} must look like int8:min_cosine=0.9 (keys: min_cosine, "
+                               "max_rel_error, min_top1_agreement, min_top1_agreement_confident, "
+                               "min_top5_containment)") from None
+    return out
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from edge_sdk.converters.base import ConvertOptions
+    from edge_sdk.converters.pipeline import convert
+    from edge_sdk.preprocessing import Preprocessing
+
+    pre = None
+    if args.preset == "imagenet":
+        pre = Preprocessing.imagenet()
+    elif args.resize or args.layout:
+        pre = Preprocessing(size=args.resize, color=args.color, layout=args.layout or "NCHW", scale=args.scale,
+                            mean=args.mean, std=args.std, resize_mode=args.resize_mode)
+    options = ConvertOptions(calib_limit=args.calib_limit, onnx_opset=args.opset,
+                             onnx_activation_type=args.onnx_activations, ort_target_platform=args.ort_platform,
+                             coreml_minimum_deployment_target=args.coreml_target,
+                             coreml_palette_bits=args.palette_bits, tflite_int8_io=not args.float_io)
+    try:
+        bundle = convert(args.source, out=args.out, to=args.to, precision=args.precision, calib=args.calib,
+                         val=args.val, val_labels=args.val_labels, labels=args.labels, input_shape=args.input_shape,
+                         model_class=args.model_class, framework=args.framework, name=args.name,
+                         version=args.model_version, task=args.task, preprocessing=pre, options=options,
+                         tolerances=_tolerances(args.tolerance), ort=not args.no_ort, keep_failed=args.keep_failed,
+                         overwrite=args.overwrite, quiet=args.json)
+    except ValidationError as exc:
+        bundle = getattr(exc, "bundle", None)
+        if args.json:
+            _print_json(bundle, getattr(exc, "results", []), str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(bundle, getattr(bundle, "results", []), None)
+    else:
+        print(f"bundle written: {bundle.root} ({len(bundle.artifacts)} artifacts)", file=sys.stderr)
+    return 0
+
+
+def _print_json(bundle: Any, results: list, error: str | None) -> None:
+    from dataclasses import asdict
+
+    out = {"bundle": str(bundle.root) if bundle else None, "error": error,
+           "results": [{**{k: v for k, v in asdict(r).items() if k != "validation"},
+                        "validation": asdict(r.validation)} for r in results]}
+    if bundle:
+        out.update(name=bundle.manifest.name, version=bundle.manifest.version)
+    print(json.dumps(out, indent=2))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from edge_sdk.bundle import Bundle
+    from edge_sdk.progress import fmt_bytes
+
+    b = Bundle.load(args.bundle)
+    if args.json:
+        print(json.dumps(b.manifest.to_dict(), indent=2))
+        return 0
+    m = b.manifest
+    print(f"{m.name}:{m.version}  task={m.task}  source={m.source.get('framework')} {m.source.get('file')}")
+    for a in m.artifacts:
+        v = a.validation
+        state = "passed" if v.passed else ("skipped: " + (v.skipped_reason or "") if v.passed is None else "FAILED")
+        cos = f"cos={v.cosine:.5f}" if v.cosine is not None else ""
+        print(f"  {a.key:<20} {fmt_bytes(a.size_bytes):>10}  {a.path:<32} {cos} {state}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from edge_sdk.bundle import Bundle
+
+    b = Bundle.load(args.bundle)
+    b.verify()
+    print(f"ok: {len(b.artifacts)} artifacts match their sha256")
+    return 0
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from edge_sdk.bundle import Bundle
+
+    b = Bundle.load(args.bundle)
+    b.verify()
+    print(b.archive(Path(args.out) if args.out else None))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``edge-sdk``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify, "archive": _cmd_archive}
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return handlers[args.command](args)
+    except MissingDependencyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (EdgeSDKError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
