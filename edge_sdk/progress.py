@@ -30,7 +30,9 @@ class Reporter:
         if not quiet:
             from rich.console import Console
 
-            self._console = Console(stderr=True)
+            import sys
+
+            self._console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
     @contextmanager
     def step(self, text: str) -> Iterator[None]:
@@ -57,7 +59,7 @@ class Reporter:
             t.add_column(col, justify="right" if col not in ("artifact", "status") else "left")
         if with_accuracy:
             t.add_column("accuracy (source)", justify="right")
-        t.add_column("notes")
+        t.add_column("notes", overflow="fold", max_width=60)
         colour = {"passed": "green", "failed": "red", "error": "red", "skipped-validation": "yellow"}
         for r in results:
             v = r.validation
@@ -66,7 +68,7 @@ class Reporter:
                    _pct(v.top1_agreement_confident), _pct(v.top5_containment)]
             if with_accuracy:
                 row.append(f"{_pct(v.accuracy)} ({_pct(v.source_accuracy)})")
-            row.append(r.reason[:120])
+            row.append(r.reason.split(" (")[0][:200] if r.status == "skipped-validation" else r.reason[:300])
             t.add_row(*row)
         self._console.print(t)
 

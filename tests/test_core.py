@@ -126,7 +126,7 @@ def test_load_samples_shapes_and_errors(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError, match="NaN"):
         load_samples(bad, input_shapes=[[1, 3, 8, 8]]).check([[1, 3, 8, 8]], "calibration")
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
-    with pytest.raises(CalibrationError, match="not a readable .npy"):
+    with pytest.raises(CalibrationError, match=r"not a readable \.npy"):
         load_samples(tmp_path / "junk.npy")
     with pytest.raises(CalibrationError, match="does not exist"):
         load_samples(tmp_path / "missing.npy")

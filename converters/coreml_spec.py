@@ -1,0 +1,291 @@
+"""Structural checks of a saved Core ML ``.mlpackage``, done on any OS (no Core ML runtime needed).
+
+Core ML models only run on macOS / iOS, so on other hosts a converter cannot validate the package
+numerically. What it can do is read the package's protobuf spec and check that it says what was
+asked: an ML program, the right inputs / outputs and shapes, a spec version the requested
+deployment target can load, and weights actually stored in the requested precision (fp32 / fp16
+``const`` tensors, int8 ``constexpr_affine_dequantize`` / ``constexpr_blockwise_shift_scale``, or
+``constexpr_lut_to_dense`` palettes).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import shutil
+import sys
+import warnings
+from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.converters.base import ArtifactDraft
+
+from edge_sdk._deps import require
+from edge_sdk.bundle import size_of
+from edge_sdk.errors import ConversionError, UnsupportedConversionError
+from edge_sdk.formats import Precision
+
+__all__ = [
+    "LINUX_SKIP_REASON",
+    "check_package",
+    "compress_and_save",
+    "compute_precision",
+    "deployment_target",
+    "finish_draft",
+    "import_coremltools",
+    "inspect_package",
+    "numeric_validation_skip_reason",
+]
+
+LINUX_SKIP_REASON = ("Core ML numeric validation needs macOS (coremltools predict is macOS-only); "
+                     "the package spec was checked instead")
+
+# MIL DataType enum values (coremltools/proto/MIL.proto)
+_MIL_DTYPES = {1: "bool", 2: "string", 10: "fp16", 11: "fp32", 12: "fp64", 13: "bf16", 21: "int8", 22: "int16",
+               23: "int32", 24: "int64", 25: "int4", 31: "uint8", 32: "uint16", 33: "uint32", 34: "uint64",
+               35: "uint4", 36: "uint2", 37: "uint1", 38: "uint6", 39: "uint3", 40: "fp8e4m3", 41: "fp8e5m2"}
+_FLOATS = {"fp16", "fp32", "fp64", "bf16"}
+# multiArrayType data types (FeatureTypes.proto ArrayFeatureType.ArrayDataType)
+_ARRAY_DTYPES = {65568: "float32", 65552: "float16", 65600: "float64", 131104: "int32", 131080: "int8"}
+# Core ML spec version -> the oldest OS that loads it
+_SPEC_VERSION_OS = {4: "iOS13", 5: "iOS14", 6: "iOS15", 7: "iOS16", 8: "iOS17", 9: "iOS18", 10: "iOS26"}
+_QUANT_OPS = {"constexpr_affine_dequantize": "quantized_data", "constexpr_blockwise_shift_scale": "data"}
+_MIN_WEIGHT_SHARE = 0.5  # int8 / palettized: at least half of the weight elements must be compressed
+
+
+def import_coremltools() -> Any:
+    """Import coremltools with its import-time chatter (untested-version warnings, macOS-only libs) silenced."""
+    if "coremltools" in sys.modules:
+        return sys.modules["coremltools"]
+    log = io.StringIO()
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with redirect_stdout(log), redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return require("coremltools", "coreml", "Core ML conversion")
+    finally:
+        logger.setLevel(level)
+
+
+def deployment_target(name: str) -> Any:
+    """``"iOS16"`` -> ``ct.target.iOS16``; unknown names raise UnsupportedConversionError listing choices."""
+    ct = import_coremltools()
+    wanted = name.strip().lower()
+    for target in ct.target:
+        if target.name.lower() == wanted:
+            return target
+    raise UnsupportedConversionError(f"unknown Core ML deployment target {name!r}: choose from "
+                                     + ", ".join(t.name for t in ct.target))
+
+
+def numeric_validation_skip_reason() -> str | None:
+    """Why Core ML numeric validation cannot run on this host, or None on macOS."""
+    return None if sys.platform == "darwin" else LINUX_SKIP_REASON
+
+
+def _dims(tensor_type: Any) -> list[int | None]:
+    return [d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in tensor_type.dimensions]
+
+
+def _feature(desc: Any) -> dict[str, Any]:
+    kind = desc.type.WhichOneof("Type")
+    if kind != "multiArrayType":
+        return {"name": desc.name, "kind": kind, "shape": None, "dtype": None}
+    arr = desc.type.multiArrayType
+    return {"name": desc.name, "kind": kind, "shape": [int(s) for s in arr.shape],
+            "dtype": _ARRAY_DTYPES.get(arr.dataType, str(arr.dataType))}
+
+
+def _param_type(op: Any, key: str, consts: dict[str, Any]) -> Any | None:
+    """Tensor type of a constexpr parameter: an attribute (iOS16/17) or an input binding (iOS18+)."""
+    if key in op.attributes:
+        return op.attributes[key].type.tensorType
+    if key in op.inputs and op.inputs[key].arguments:
+        arg = op.inputs[key].arguments[0]
+        if arg.WhichOneof("binding") == "value":
+            return arg.value.type.tensorType
+        return consts.get(arg.name)
+    return None
+
+
+def _count(tensor_type: Any) -> int:
+    return math.prod(d or 1 for d in _dims(tensor_type))
+
+
+def _weights(spec: Any) -> dict[str, dict[str, Any]]:
+    """Weight tensors of the main function, grouped by how they are stored."""
+    func = spec.mlProgram.functions["main"]
+    block = func.block_specializations[func.opset]
+    consts = {op.outputs[0].name: op.outputs[0].type.tensorType for op in block.operations if op.type == "const"}
+    consumed: set[str] = set()  # consts feeding a constexpr op are parts of a compressed weight
+    for op in block.operations:
+        if op.type.startswith("constexpr_"):
+            for arg in op.inputs.values():
+                consumed.update(a.name for a in arg.arguments if a.WhichOneof("binding") == "name")
+    groups: dict[str, dict[str, Any]] = {}
+
+    def add(kind: str, elements: int, **extra: Any) -> None:
+        g = groups.setdefault(kind, {"tensors": 0, "elements": 0})
+        g["tensors"] += 1
+        g["elements"] += elements
+        for k, v in extra.items():
+            g.setdefault(k, [])
+            if v not in g[k]:
+                g[k].append(v)
+
+    for op in block.operations:
+        out = op.outputs[0].type.tensorType if op.outputs else None
+        if op.type == "const":
+            dtype = _MIL_DTYPES.get(out.dataType, str(out.dataType))
+            if dtype in _FLOATS and out.rank >= 1 and op.outputs[0].name not in consumed:
+                add(dtype, _count(out))
+        elif op.type in _QUANT_OPS:
+            data = _param_type(op, _QUANT_OPS[op.type], consts)
+            dtype = _MIL_DTYPES.get(data.dataType, "?") if data is not None else "?"
+            add(dtype, _count(out), op=op.type)
+        elif op.type == "constexpr_lut_to_dense":
+            lut = _param_type(op, "lut", consts)
+            dims = _dims(lut) if lut is not None else []
+            # iOS16/17: lut is [2^n]; iOS18+: lut is [..., 2^n, vector_size]
+            entries = (dims[-2] if len(dims) >= 2 else dims[0]) if dims else 0
+            add("palettized", _count(out), nbits=int(math.log2(entries)) if entries else None)
+        elif op.type.startswith("constexpr_"):
+            add(op.type.removeprefix("constexpr_"), _count(out))
+    return groups
+
+
+def inspect_package(path: str | Path) -> dict[str, Any]:
+    """Read a saved ``.mlpackage`` without compiling it: model type, spec version, I/O and weight storage."""
+    ct = import_coremltools()
+    path = Path(path)
+    if not (path / "Manifest.json").is_file():
+        raise ConversionError(f"{path} is not a Core ML package (no Manifest.json): re-run the Core ML conversion")
+    try:
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConversionError(f"cannot read Core ML package {path} ({exc}): re-run the Core ML conversion") from None
+    spec = model.get_spec()
+    model_type = spec.WhichOneof("Type")
+    info: dict[str, Any] = {
+        "model_type": model_type,
+        "spec_version": int(spec.specificationVersion),
+        "minimum_os": _SPEC_VERSION_OS.get(int(spec.specificationVersion), "unknown"),
+        "inputs": [_feature(d) for d in spec.description.input],
+        "outputs": [_feature(d) for d in spec.description.output],
+        "size_bytes": size_of(path),
+    }
+    if model_type == "mlProgram":
+        func = spec.mlProgram.functions["main"]
+        info["opset"] = func.opset
+        info["weights"] = _weights(spec)
+    return info
+
+
+def _expect(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def check_package(
+    path: str | Path,
+    precision: Precision,
+    *,
+    input_names: Sequence[str] | None,
+    input_shapes: Sequence[Sequence[int]],
+    output_shapes: Sequence[Sequence[int]] | None = None,
+    output_names: Sequence[str] | None = None,
+    target: str = "iOS16",
+) -> dict[str, Any]:
+    """Inspect the package and compare it with the request; return the checks for ``ArtifactDraft.spec_checks``.
+
+    Every contradiction is collected, then one ConversionError lists them all.
+    """
+    info = inspect_package(path)
+    problems: list[str] = []
+    _expect(problems, info["model_type"] == "mlProgram", f"model type is {info['model_type']}, expected mlProgram")
+    want_version = deployment_target(target).value
+    _expect(problems, info["spec_version"] <= want_version,
+            f"spec version {info['spec_version']} needs {info['minimum_os']}, newer than the requested {target}")
+    ins, outs = info["inputs"], info["outputs"]
+    _expect(problems, len(ins) == len(input_shapes), f"{len(ins)} inputs, the source has {len(input_shapes)}")
+    for i, (got, shape) in enumerate(zip(ins, input_shapes, strict=False)):
+        _expect(problems, got["shape"] == [int(s) for s in shape],
+                f"input {got['name']!r} has shape {got['shape']}, the source has {list(shape)}")
+        if input_names is not None and i < len(input_names):
+            _expect(problems, got["name"] == input_names[i],
+                    f"input {i} is named {got['name']!r}, the source calls it {input_names[i]!r}")
+    if output_shapes is not None:
+        _expect(problems, len(outs) == len(output_shapes), f"{len(outs)} outputs, the source has {len(output_shapes)}")
+        for got, shape in zip(outs, output_shapes, strict=False):
+            _expect(problems, got["shape"] == [int(s) for s in shape],
+                    f"output {got['name']!r} has shape {got['shape']}, the source gives {list(shape)}")
+    if output_names is not None and len(output_names) == len(outs):
+        for got, name in zip(outs, output_names, strict=True):
+            _expect(problems, got["name"] == name, f"output is named {got['name']!r}, the source calls it {name!r}")
+
+    weights = info.get("weights", {})
+    elements = {k: g["elements"] for k, g in weights.items()}
+    total = sum(elements.values())
+    _expect(problems, total > 0, "the ML program holds no weight tensors")
+    if precision is Precision.FP32:
+        _expect(problems, elements.get("fp32", 0) > 0 and elements.get("fp16", 0) == 0,
+                f"fp32 was asked but the weights are stored as {sorted(elements)}")
+    elif precision is Precision.FP16:
+        _expect(problems, elements.get("fp16", 0) > 0 and elements.get("fp32", 0) == 0,
+                f"fp16 was asked but the weights are stored as {sorted(elements)}")
+    elif precision in (Precision.INT8, Precision.PALETTIZED):
+        kind = "int8" if precision is Precision.INT8 else "palettized"
+        share = elements.get(kind, 0) / total if total else 0.0
+        info["compressed_share"] = round(share, 4)
+        _expect(problems, share >= _MIN_WEIGHT_SHARE,
+                f"{precision.value} was asked but only {share:.0%} of the weight elements are {kind} "
+                f"(storage: {elements})")
+    if problems:
+        raise ConversionError(f"Core ML package {Path(path).name} does not match the {precision.value} request: "
+                              + "; ".join(problems) + ": report this with the source model attached")
+    info["passed"] = True
+    return info
+
+
+def finish_draft(draft: ArtifactDraft, checks: dict[str, Any]) -> ArtifactDraft:
+    """Attach the spec checks and, off macOS, the reason numeric validation is skipped."""
+    draft.spec_checks = checks
+    draft.validation_skipped = numeric_validation_skip_reason()
+    return draft
+
+
+def compute_precision(precision: Precision) -> Any:
+    """The ``ct.convert`` compute precision: fp32 only for fp32; fp16 under int8 / palettized weights."""
+    ct = import_coremltools()
+    return ct.precision.FLOAT32 if precision is Precision.FP32 else ct.precision.FLOAT16
+
+
+def compress_and_save(mlmodel: Any, precision: Precision, out: Path, *, palette_bits: int) -> list[str]:
+    """Quantize / palettize the weights of an fp16 ML program as ``precision`` asks, save it, return notes."""
+    import_coremltools()
+    cto = require("coremltools.optimize.coreml", "coreml", "Core ML weight compression")
+    notes: list[str] = []
+    if precision is Precision.INT8:
+        config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric",
+                                                                                  dtype="int8"))
+        with redirect_stderr(io.StringIO()):  # progress bars
+            mlmodel = cto.linear_quantize_weights(mlmodel, config=config)
+        notes.append("int8 linear symmetric per-channel weights, fp16 compute; activations stay fp16 "
+                     "(no calibration used)")
+    elif precision is Precision.PALETTIZED:
+        if palette_bits not in (1, 2, 3, 4, 6, 8):
+            raise UnsupportedConversionError(f"Core ML palettization supports 1, 2, 3, 4, 6 or 8 bits, not "
+                                             f"{palette_bits}: set coreml_palette_bits to one of them")
+        config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=palette_bits))
+        with redirect_stderr(io.StringIO()):
+            mlmodel = cto.palettize_weights(mlmodel, config=config)
+        notes.append(f"{palette_bits}-bit k-means palettized weights (per tensor), fp16 compute")
+    if out.exists():
+        shutil.rmtree(out)
+    mlmodel.save(str(out))
+    return notes

@@ -1,0 +1,94 @@
+"""Keras / TensorFlow -> ONNX with tf2onnx, from the source's SavedModel ``serving_default`` signature.
+
+tf2onnx runs in a subprocess (``python -m tf2onnx.convert --saved-model``): it works with TF 2.21 and
+Keras 3 exports, and keeps its global TensorFlow graph state out of the caller's process. The input
+layout stays NHWC, as in the Keras model; the ONNX graph's input names are what tf2onnx gives them
+(the signature's names). fp16 / dynamic / int8 are derived from the fp32 file by the shared quantizers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.onnx_quantize import derive_onnx_precision, onnx_input_names, onnx_versions
+
+from edge_sdk._deps import has_module, require
+from edge_sdk.errors import ConversionError, MissingDependencyError
+from edge_sdk.formats import Format, Framework, Precision
+
+__all__ = ["KerasToOnnx", "saved_model_to_onnx"]
+
+_TIMEOUT_S = 900
+
+
+def _tail(text: str | None, lines: int = 4) -> str:
+    kept = [ln.strip() for ln in (text or "").strip().splitlines()
+            if ln.strip() and " - INFO - " not in ln and not ln.startswith(("I0000", "W0000"))]
+    return " | ".join(kept[-lines:])[-600:]
+
+
+def _dist_version(*dists: str) -> str:
+    import importlib.metadata
+
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def saved_model_to_onnx(saved_model: Path, out: Path, opset: int) -> dict[str, str]:
+    """Convert a SavedModel's ``serving_default`` signature to a single ONNX file; return tool versions."""
+    for mod in ("tf2onnx", "tensorflow"):
+        if not has_module(mod):
+            raise MissingDependencyError(mod, "keras", "converting Keras / TensorFlow models to ONNX")
+    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model), "--tag", "serve",
+           "--signature_def", "serving_default", "--output", str(out), "--opset", str(int(opset))]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except subprocess.CalledProcessError as exc:
+        raise ConversionError(f"tf2onnx failed on {saved_model.name} (exit {exc.returncode}): {_tail(exc.stderr)}: "
+                              "check the model's ops are supported by tf2onnx, or try another --onnx-opset") from None
+    except subprocess.TimeoutExpired:
+        raise ConversionError(f"tf2onnx took over {_TIMEOUT_S} s on {saved_model.name}: check the model size") from None
+    if not out.is_file():
+        raise ConversionError(f"tf2onnx wrote no file at {out}: check the SavedModel signature")
+    return {"tf2onnx": _dist_version("tf2onnx"), "tensorflow": _dist_version("tensorflow-cpu", "tensorflow"),
+            **onnx_versions()}
+
+
+@register
+class KerasToOnnx:
+    """Keras model or SavedModel -> ONNX (NHWC inputs kept)."""
+
+    sources = (Framework.KERAS,)
+    target = Format.ONNX
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Produce the ONNX artifact of ``precision``."""
+        check_precision(self, precision)
+        if precision is not Precision.FP32:
+            return [derive_onnx_precision(ctx, precision)]
+        src = ctx.source
+        out = ctx.path_for(Format.ONNX, Precision.FP32, ".onnx")
+        out.unlink(missing_ok=True)
+        versions = saved_model_to_onnx(Path(src.saved_model_dir()), out, ctx.options.onnx_opset)
+        onnx = require("onnx", "keras", "checking the converted ONNX model")
+        try:
+            onnx.checker.check_model(str(out))
+        except onnx.checker.ValidationError as exc:
+            raise ConversionError(f"tf2onnx produced an invalid ONNX model ({exc}): try another --onnx-opset") from exc
+        names = onnx_input_names(out)
+        if len(names) != len(src.input_shapes):
+            raise ConversionError(f"tf2onnx produced {len(names)} input(s) but the Keras model has "
+                                  f"{len(src.input_shapes)}: export the model with one input per tensor")
+        notes = [f"converted with tf2onnx from the SavedModel serving_default signature, opset "
+                 f"{ctx.options.onnx_opset}; input layout kept as {src.layout or 'in the model'}; "
+                 f"ONNX inputs {names}"]
+        return [ArtifactDraft(format=Format.ONNX, precision=Precision.FP32, path=out, tool_versions=versions,
+                              runtime={"runtime": "onnxruntime"}, notes=notes)]

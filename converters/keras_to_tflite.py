@@ -1,0 +1,212 @@
+"""Keras / TensorFlow SavedModel -> TFLite (LiteRT) with ``tf.lite.TFLiteConverter``.
+
+Precisions: ``fp32``; ``fp16`` (float16 weights, float32 compute on CPU); ``dynamic`` (int8 weights,
+activations quantized at run time); ``int8`` (full integer, calibrated on representative samples, int8
+inputs/outputs unless ``ConvertOptions.tflite_int8_io`` is False).
+
+Only LiteRT builtin ops are allowed: a model needing Flex (select TensorFlow) ops cannot run on the plain
+LiteRT runtime, so it is rejected with the op names. The helpers :func:`tflite_summary` and
+:func:`check_builtin_ops` are shared by the other ``*_to_tflite`` converters.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+
+from edge_sdk._deps import require
+from edge_sdk.errors import ConversionError, UnsupportedConversionError
+from edge_sdk.formats import Format, Framework, Precision
+
+__all__ = ["KerasToTFLite", "check_builtin_ops", "input_order", "tflite_draft", "tflite_summary", "version_of"]
+
+_BUILTIN_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_TF_OP = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
+
+
+def version_of(*dists: str) -> str:
+    """The installed version of the first distribution found among ``dists`` ("unknown" if none)."""
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def tflite_summary(path: Path) -> dict[str, Any]:
+    """Op names and I/O tensors (name, dtype, shape, scale, zero_point) of a .tflite file, without running it."""
+    mod = require("ai_edge_litert.interpreter", "tflite", "inspecting .tflite files")
+    try:
+        interp = mod.Interpreter(model_path=str(path))
+    except ValueError as exc:
+        raise ConversionError(f"the converter wrote an unreadable .tflite file {path.name} ({exc}): "
+                              "report this with the source model") from None
+
+    def io(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for d in details:
+            scale, zp = d["quantization"]
+            out.append({"name": d["name"], "dtype": d["dtype"].__name__, "shape": [int(v) for v in d["shape"]],
+                        "scale": float(scale) if scale else None, "zero_point": int(zp) if scale else None})
+        return out
+
+    ops = sorted({o["op_name"] for o in interp._get_ops_details()})  # public API has no op listing
+    return {"ops": ops, "inputs": io(interp.get_input_details()), "outputs": io(interp.get_output_details())}
+
+
+def check_builtin_ops(summary: dict[str, Any], tool: str) -> None:
+    """Raise UnsupportedConversionError when the model needs Flex (select TF) or custom ops."""
+    flex = [o for o in summary["ops"] if o.startswith("Flex")]
+    custom = [o for o in summary["ops"] if not o.startswith("Flex") and not _BUILTIN_NAME.match(o)]
+    if flex or custom:
+        what = _describe_ops(flex, custom)
+        raise UnsupportedConversionError(
+            f"{tool} produced a TFLite model that needs {what}, which the plain LiteRT runtime cannot run: "
+            "replace those operations in the model or choose another target (onnx, openvino)")
+
+
+def input_order(tflite_names: list[str], source_names: list[str]) -> list[int] | None:
+    """For each TFLite input, the index of the source input it corresponds to (None if unclear or identity)."""
+    if len(tflite_names) < 2 or len(tflite_names) != len(source_names):
+        return None
+    order = []
+    for tn in tflite_names:
+        hits = [k for k, sn in enumerate(source_names) if re.search(rf"(^|_){re.escape(sn)}(:\d+)?$", tn)]
+        if len(hits) != 1:
+            return None
+        order.append(hits[0])
+    if sorted(order) != list(range(len(source_names))) or order == list(range(len(source_names))):
+        return None
+    return order
+
+
+def _converter_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from tensorflow.lite.python.convert_phase import ConverterError
+    except ImportError:  # private module moved: fall back to what the converter raised in older releases
+        return (RuntimeError,)
+    return (ConverterError,)
+
+
+def _unsupported_ops(exc: BaseException) -> tuple[list[str], list[str]]:
+    """(flex, custom) TF op names from a ConverterError's structured errors (or its message)."""
+    flex: list[str] = []
+    custom: list[str] = []
+    for err in getattr(exc, "errors", None) or []:
+        text = str(err)
+        name = getattr(getattr(err, "operator", None), "name", "") or ""
+        name = name.removeprefix("tf.")
+        if not name:
+            continue
+        if "ERROR_NEEDS_FLEX_OPS" in text and name not in flex:
+            flex.append(name)
+        elif "ERROR_NEEDS_CUSTOM_OPS" in text and name not in custom:
+            custom.append(name)
+    if not flex and not custom:
+        flex = sorted(set(_TF_OP.findall(str(exc))))
+    return flex, custom
+
+
+def _describe_ops(flex: list[str], custom: list[str]) -> str:
+    parts = [f"Flex (select TF) ops {', '.join(flex)}"] if flex else []
+    parts += [f"custom ops {', '.join(custom)}"] if custom else []
+    return " and ".join(parts)
+
+
+def _tail(exc: BaseException, n: int = 300) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:n]
+
+
+@register
+class KerasToTFLite:
+    """Keras models and SavedModels -> .tflite through the TensorFlow Lite converter."""
+
+    sources = (Framework.KERAS,)
+    target = Format.TFLITE
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Convert the source's SavedModel export to one .tflite file of ``precision``."""
+        check_precision(self, precision)
+        src = ctx.source
+        samples = ctx.require_calibration("TFLite full-integer (int8) quantization") \
+            if precision is Precision.INT8 else ctx.calibration
+        tf = require("tensorflow", "tflite", "converting Keras models to TFLite")
+        saved_model = str(src.saved_model_dir())
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        notes: list[str] = []
+        int8_io = bool(ctx.options.tflite_int8_io)
+        if precision is Precision.FP16:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+            notes.append("float16 weights; CPU kernels dequantize them to float32, GPU delegates run fp16")
+        elif precision is Precision.DYNAMIC:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            notes.append("dynamic range: int8 weights, activations quantized at run time, float32 I/O")
+        elif precision is Precision.INT8:
+            samples.check(src.input_shapes, "calibration")
+            names = list(getattr(src, "signature_input_names", src.input_names))
+            by_name = set(names) == set(src.input_names) and len(names) > 1
+
+            def representative() -> Any:
+                for sample in samples:
+                    if by_name:
+                        yield {n: x for n, x in zip(src.input_names, sample, strict=True)}
+                    else:
+                        yield list(sample)
+
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            if int8_io:
+                converter.inference_input_type = tf.int8
+                converter.inference_output_type = tf.int8
+            notes.append(f"full integer, calibrated on {len(samples)} samples; "
+                         + ("int8 inputs/outputs" if int8_io else "float32 inputs/outputs"))
+        try:
+            blob = converter.convert()
+        except _converter_errors() as exc:
+            flex, custom = _unsupported_ops(exc)
+            if flex or custom:
+                raise UnsupportedConversionError(
+                    f"the model needs {_describe_ops(flex, custom)} that LiteRT builtins do not provide and the plain "
+                    "LiteRT runtime cannot run: replace those operations or choose another target "
+                    "(onnx, openvino)") from None
+            if precision is Precision.INT8:
+                raise UnsupportedConversionError(
+                    f"TFLite full-integer quantization failed ({_tail(exc)}): some op has no int8 kernel; "
+                    "use --precision dynamic or fp16 for tflite") from None
+            raise ConversionError(f"TFLite conversion failed ({_tail(exc)}): check the model exports with "
+                                  "model.export() and uses standard Keras layers") from None
+        out = ctx.path_for(Format.TFLITE, precision, ".tflite")
+        out.write_bytes(blob)
+        summary = tflite_summary(out)
+        check_builtin_ops(summary, "the TFLite converter")
+        return [tflite_draft(out, precision, summary, src.input_names, notes,
+                       {"tensorflow": tf.__version__, "ai-edge-litert": version_of("ai-edge-litert")})]
+
+
+def tflite_draft(path: Path, precision: Precision, summary: dict[str, Any], source_inputs: list[str], notes: list[str],
+           tool_versions: dict[str, str], input_layout: str | None = None,
+           extra_runtime: dict[str, Any] | None = None) -> ArtifactDraft:
+    """An ArtifactDraft with the runtime hints every TFLite artifact carries."""
+    runtime: dict[str, Any] = {
+        "runtime": "litert",
+        "input_dtypes": [t["dtype"] for t in summary["inputs"]],
+        "output_dtypes": [t["dtype"] for t in summary["outputs"]],
+    }
+    if precision is Precision.INT8 and all(t["dtype"] in ("int8", "uint8") for t in summary["inputs"]):
+        runtime["edgetpu"] = "needs edgetpu_compiler first; then load with delegate='edgetpu'"
+    order = input_order([t["name"] for t in summary["inputs"]], source_inputs)
+    if order is not None:
+        runtime["input_order"] = order
+        notes.append(f"TFLite inputs are ordered {order} relative to the source inputs")
+    runtime.update(extra_runtime or {})
+    return ArtifactDraft(format=Format.TFLITE, precision=precision, path=path, tool_versions=tool_versions,
+                         runtime=runtime, notes=notes, input_layout=input_layout)

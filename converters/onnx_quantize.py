@@ -1,0 +1,171 @@
+"""Shared ONNX precision helpers: static QDQ int8, dynamic int8 and fp16 conversion of an fp32 ONNX file.
+
+Every helper reads an fp32 ``.onnx`` file, writes a new single-file ``.onnx`` and returns the versions of the
+tools it used (for ``ArtifactDraft.tool_versions``). Frameworks are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions
+
+from edge_sdk._deps import require
+from edge_sdk.calibration import SampleSet
+from edge_sdk.errors import CalibrationError, ConversionError
+from edge_sdk.formats import Format, Precision
+
+__all__ = [
+    "convert_fp16",
+    "derive_onnx_precision",
+    "onnx_input_names",
+    "onnx_versions",
+    "quantize_dynamic_onnx",
+    "quantize_static_qdq",
+]
+
+_ACTIVATION_TYPES = ("uint8", "int8")
+
+
+def onnx_versions() -> dict[str, str]:
+    """Versions of onnx and onnxruntime (both are needed by every helper here)."""
+    onnx = require("onnx", "onnx", "ONNX conversion")
+    ort = require("onnxruntime", "onnx", "ONNX quantization")
+    return {"onnx": onnx.__version__, "onnxruntime": ort.__version__}
+
+
+def onnx_input_names(path: Path) -> list[str]:
+    """The graph inputs of an ONNX file that are not initializers, in order."""
+    onnx = require("onnx", "onnx", "reading ONNX graphs")
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _pre_process(fp32_path: Path, out_path: Path) -> Path:
+    """Run ``quant_pre_process`` (shape inference + graph optimization) into a sibling file."""
+    shape_inference = require("onnxruntime.quantization.shape_inference", "onnx", "ONNX quantization")
+    pre = out_path.with_name(out_path.stem + ".pre.onnx")
+    try:
+        shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+    except (RuntimeError, ValueError) as exc:  # symbolic shape inference gives up on some graphs
+        try:
+            shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        except (RuntimeError, ValueError) as exc2:
+            raise ConversionError(f"ONNX quantization pre-processing failed ({exc2}; first attempt: {exc}): "
+                                  "simplify the model or export it with another opset") from exc2
+    return pre
+
+
+def _reader(samples: SampleSet, names: list[str]) -> Any:
+    """A CalibrationDataReader over ``samples`` feeding the ONNX inputs ``names``."""
+    quant = require("onnxruntime.quantization", "onnx", "ONNX static quantization")
+
+    class _SampleReader(quant.CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it: Iterator[list[np.ndarray]] = iter(samples)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            item = next(self._it, None)
+            if item is None:
+                return None
+            return {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, item, strict=True)}
+
+        def rewind(self) -> None:
+            self._it = iter(samples)
+
+    return _SampleReader()
+
+
+def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, options: ConvertOptions,
+                        sample_names: list[str] | None = None) -> dict[str, str]:
+    """Static int8 QDQ quantization: per-channel int8 weights, uint8 (default) or int8 activations.
+
+    ``sample_names`` names the ONNX input each of ``samples.arrays`` feeds (default: graph input order).
+    """
+    quant = require("onnxruntime.quantization", "onnx", "ONNX static quantization")
+    act = options.onnx_activation_type.strip().lower()
+    if act not in _ACTIVATION_TYPES:
+        raise ConversionError(f"onnx_activation_type {options.onnx_activation_type!r} is not supported: "
+                              f"choose from {', '.join(_ACTIVATION_TYPES)}")
+    names = onnx_input_names(fp32_path)
+    if sample_names is not None and sorted(sample_names) == sorted(names):
+        names = list(sample_names)
+    if len(samples.arrays) != len(names):
+        raise CalibrationError(f"calibration data has {len(samples.arrays)} input(s) but the ONNX model takes "
+                               f"{len(names)} ({', '.join(names)}): give one array per input")
+    if len(samples) == 0:
+        raise CalibrationError("calibration data is empty: give 100-500 representative inputs")
+    pre = _pre_process(fp32_path, out_path)
+    try:
+        quant.quantize_static(
+            str(pre), str(out_path), _reader(samples, names),
+            quant_format=quant.QuantFormat.QDQ,
+            per_channel=options.onnx_per_channel,
+            activation_type=quant.QuantType.QUInt8 if act == "uint8" else quant.QuantType.QInt8,
+            weight_type=quant.QuantType.QInt8,
+            calibrate_method=quant.CalibrationMethod.MinMax,
+        )
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ConversionError(f"ONNX static int8 quantization failed ({exc}): check the calibration data "
+                              "matches the model inputs, or use precision 'dynamic'") from exc
+    finally:
+        pre.unlink(missing_ok=True)
+    return {**onnx_versions(), "onnx_activation_type": act, "onnx_per_channel": str(options.onnx_per_channel)}
+
+
+def quantize_dynamic_onnx(fp32_path: Path, out_path: Path, options: ConvertOptions) -> dict[str, str]:
+    """Dynamic-range quantization: int8 weights, activations quantized at run time (slow for conv nets)."""
+    quant = require("onnxruntime.quantization", "onnx", "ONNX dynamic quantization")
+    pre = _pre_process(fp32_path, out_path)
+    try:
+        quant.quantize_dynamic(str(pre), str(out_path), per_channel=options.onnx_per_channel,
+                               weight_type=quant.QuantType.QInt8)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ConversionError(f"ONNX dynamic quantization failed ({exc}): use precision 'int8' or 'fp16'") from exc
+    finally:
+        pre.unlink(missing_ok=True)
+    return onnx_versions()
+
+
+def convert_fp16(fp32_path: Path, out_path: Path) -> dict[str, str]:
+    """fp16 weights and compute with float32 inputs/outputs (``keep_io_types=True``)."""
+    onnx = require("onnx", "onnx", "ONNX fp16 conversion")
+    float16 = require("onnxruntime.transformers.float16", "onnx", "ONNX fp16 conversion")
+    model = onnx.load(str(fp32_path))
+    try:
+        model16 = float16.convert_float_to_float16(model, keep_io_types=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ConversionError(f"ONNX fp16 conversion failed ({exc}): use precision 'fp32' or 'int8'") from exc
+    onnx.save_model(model16, str(out_path))
+    return {**onnx_versions(), "fp16_tool": "onnxruntime.transformers.float16"}
+
+
+def derive_onnx_precision(ctx: ConversionContext, precision: Precision, note: str = "") -> ArtifactDraft:
+    """Build a non-fp32 ONNX artifact from ``ctx.onnx(FP32)`` with the helpers above."""
+    fp32 = ctx.onnx(Precision.FP32)
+    out = ctx.path_for(Format.ONNX, precision, ".onnx")
+    out.unlink(missing_ok=True)
+    notes: list[str] = []
+    if precision is Precision.FP16:
+        versions = convert_fp16(fp32.path, out)
+        notes.append("fp16 weights and compute; inputs and outputs stay float32")
+    elif precision is Precision.DYNAMIC:
+        versions = quantize_dynamic_onnx(fp32.path, out, ctx.options)
+        notes.append("dynamic-range int8: weights int8, activations quantized per call (often slow for conv nets)")
+    elif precision is Precision.INT8:
+        samples = ctx.require_calibration("ONNX int8 quantization")
+        versions = quantize_static_qdq(fp32.path, out, samples, ctx.options, list(ctx.source.input_names))
+        notes.append(f"static QDQ int8 ({versions['onnx_activation_type']} activations, "
+                     f"{'per-channel' if ctx.options.onnx_per_channel else 'per-tensor'} int8 weights) "
+                     f"calibrated on {len(samples)} samples; inputs and outputs stay float32")
+    else:  # pragma: no cover - guarded by check_precision
+        raise ConversionError(f"{precision.value} is not an ONNX precision: choose fp32, fp16, dynamic or int8")
+    if note:
+        notes.append(note)
+    return ArtifactDraft(format=Format.ONNX, precision=precision, path=out,
+                         tool_versions={**fp32.tool_versions, **versions},
+                         runtime={"runtime": "onnxruntime"}, notes=notes, input_layout=fp32.input_layout)

@@ -1,0 +1,67 @@
+"""ONNX -> ONNX: fp32 is a checked copy of the source file; fp16 / dynamic / int8 come from the quantizers.
+
+The user's file is never modified. A source whose weights live in external data files is written
+back as one self-contained ``.onnx`` so the bundle holds a single file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.onnx_quantize import derive_onnx_precision, onnx_versions
+
+from edge_sdk._deps import require
+from edge_sdk.errors import ConversionError
+from edge_sdk.formats import Format, Framework, Precision
+
+__all__ = ["OnnxToOnnx", "copy_onnx"]
+
+
+def _has_external_data(onnx: Any, path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def copy_onnx(src: Path, out: Path) -> bool:
+    """Check ``src`` with onnx.checker and copy it to ``out`` as one file; True when external data was inlined."""
+    onnx = require("onnx", "onnx", "checking ONNX models")
+    from google.protobuf.message import DecodeError  # protobuf is a dependency of onnx
+
+    try:
+        onnx.checker.check_model(str(src))
+        external = _has_external_data(onnx, src)
+        if external:
+            onnx.save_model(onnx.load(str(src)), str(out), save_as_external_data=False)
+        else:
+            shutil.copyfile(src, out)
+    except (onnx.checker.ValidationError, DecodeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"{src.name} is not a valid ONNX model ({first}): re-export it; the file may be "
+                              "truncated, corrupt, or missing its external data file") from None
+    return external
+
+
+@register
+class OnnxToOnnx:
+    """ONNX source -> ONNX artifacts (fp32 copy; fp16 / dynamic / int8 derived from it)."""
+
+    sources = (Framework.ONNX,)
+    target = Format.ONNX
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Produce the ONNX artifact of ``precision``."""
+        check_precision(self, precision)
+        if precision is not Precision.FP32:
+            return [derive_onnx_precision(ctx, precision)]
+        src_path = Path(ctx.source.model if ctx.source.model is not None else ctx.source.path)
+        out = ctx.path_for(Format.ONNX, Precision.FP32, ".onnx")
+        out.unlink(missing_ok=True)
+        inlined = copy_onnx(src_path, out)
+        notes = ["the source ONNX file, checked with onnx.checker"
+                 + ("; external weight data inlined into one file" if inlined else ", copied unchanged")]
+        return [ArtifactDraft(format=Format.ONNX, precision=Precision.FP32, path=out, tool_versions=onnx_versions(),
+                              runtime={"runtime": "onnxruntime"}, notes=notes)]

@@ -1,0 +1,153 @@
+"""ONNX -> TFLite (LiteRT) with ``onnx2tf`` 1.28.8 (extra ``onnx2tf``), run as a subprocess.
+
+onnx2tf rewrites its input file in place, so it always gets a copy in a scratch directory. It converts
+channel-first inputs to **NHWC** (the artifact's ``input_layout``; the permutation is in the runtime hints).
+It would download a sample ``.npy`` for RGB inputs (for its own checks and for int8 calibration): we place
+our own file under that name in its working directory and pass our calibration data with ``-cind``, so it
+never touches the network.
+
+Precisions: ``fp32`` / ``fp16`` (its float32 / float16 outputs), ``dynamic`` (``-odrqt``) and ``int8``
+(``-oiqt -qt per-channel``; full integer with int8 I/O, or float I/O when ``tflite_int8_io`` is False).
+One onnx2tf run serves several precisions: outputs are cached per work directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
+
+from edge_sdk._deps import has_module
+from edge_sdk.calibration import SampleSet
+from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError
+from edge_sdk.formats import Format, Framework, Precision
+
+__all__ = ["NCHW_TO_NHWC", "OnnxToTFLite"]
+
+NCHW_TO_NHWC = (0, 2, 3, 1)
+_SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"  # the name onnx2tf would download
+_TIMEOUT_S = 1800
+_OUTPUT = {
+    Precision.FP32: "model_float32.tflite",
+    Precision.FP16: "model_float16.tflite",
+    Precision.DYNAMIC: "model_dynamic_range_quant.tflite",
+}
+
+
+def _tail(text: str, n: int = 6) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "I0000" not in ln and "W0000" not in ln]
+    return " | ".join(lines[-n:])[-600:] or "no output"
+
+
+def _run_onnx2tf(model: Path, workdir: Path, flags: list[str]) -> Path:
+    """Run onnx2tf on a copy of ``model`` in ``workdir``; return its output folder."""
+    shutil.copyfile(model, workdir / "model.onnx")
+    # onnx2tf loads this file from its cwd instead of downloading it (RGB inputs): give it harmless data
+    if not (workdir / _SAMPLE_NPY).exists():
+        np.save(workdir / _SAMPLE_NPY, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
+    cmd = [sys.executable, "-m", "onnx2tf", "-i", "model.onnx", "-o", "out", "-n", *flags]
+    try:
+        subprocess.run(cmd, cwd=workdir, check=True, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except subprocess.CalledProcessError as exc:
+        raise ConversionError(f"onnx2tf failed (exit {exc.returncode}): {_tail(exc.stderr + exc.stdout)}: "
+                              "check the model with onnx.checker, or use another target") from None
+    except subprocess.TimeoutExpired:
+        raise ConversionError(f"onnx2tf did not finish in {_TIMEOUT_S} s: the model may be too large for "
+                              "onnx2tf; use another target") from None
+    return workdir / "out"
+
+
+def _calibration_flags(ctx: ConversionContext, samples: SampleSet, workdir: Path) -> list[str]:
+    """-cind arguments: our calibration samples, transposed to NHWC where onnx2tf transposes the input."""
+    flags: list[str] = ["-qt", "per-channel"]
+    for k, (name, arr) in enumerate(zip(ctx.source.input_names, samples.arrays, strict=True)):
+        data = np.ascontiguousarray(arr.transpose(NCHW_TO_NHWC)) if arr.ndim == 4 else arr
+        path = workdir / f"calib_{k}.npy"
+        np.save(path, data.astype(np.float32))
+        flags += ["-cind", name, path.name, "[0.0]", "[1.0]"]  # our samples are already normalized
+    return flags
+
+
+def _cache_dir(ctx: ConversionContext, key: str, digest: str) -> tuple[Path, bool]:
+    """A per-work-directory scratch folder for one onnx2tf run; True when it already holds a finished run."""
+    d = ctx.workdir / "_scratch" / f"onnx2tf_{key}"
+    stamp = d / "done.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest:
+        return d, True
+    return ctx.scratch(f"onnx2tf_{key}"), False
+
+
+def _digest(model: Path, samples: SampleSet | None) -> str:
+    h = hashlib.sha256(model.read_bytes())
+    for arr in samples.arrays if samples is not None else []:
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
+
+
+@register
+class OnnxToTFLite:
+    """ONNX models -> .tflite through onnx2tf (NHWC inputs)."""
+
+    sources = (Framework.ONNX,)
+    target = Format.TFLITE
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Run onnx2tf (once per work directory and kind) and pick the file of ``precision``."""
+        check_precision(self, precision)
+        for mod in ("onnx2tf", "tensorflow", "onnx_graphsurgeon", "tf_keras"):
+            if not has_module(mod):
+                raise MissingDependencyError(mod, "onnx2tf", "converting ONNX models to TFLite")
+        src = ctx.source
+        model = Path(src.model)  # never modified: onnx2tf gets a copy
+        int8_io = bool(ctx.options.tflite_int8_io)
+        notes: list[str] = []
+        samples = None
+        if precision is Precision.INT8:
+            samples = ctx.require_calibration("TFLite int8 quantization of an ONNX model (onnx2tf)")
+            samples.check(src.input_shapes, "calibration")
+            digest = _digest(model, samples)
+            workdir, done = _cache_dir(ctx, "int8", digest)
+            flags = ["-oiqt", *_calibration_flags(ctx, samples, workdir)]
+            name = "model_full_integer_quant.tflite" if int8_io else "model_integer_quant.tflite"
+            notes.append(f"full integer (per-channel weights), calibrated on {len(samples)} samples; "
+                         + ("int8 inputs/outputs" if int8_io else "float32 inputs/outputs"))
+        else:
+            digest = _digest(model, None)
+            workdir, done = _cache_dir(ctx, "float", digest)
+            flags = ["-odrqt"]
+            name = _OUTPUT[precision]
+        if not done:
+            _run_onnx2tf(model, workdir, flags)
+            (workdir / "done.json").write_text(json.dumps({"digest": digest}))
+        produced = workdir / "out" / name
+        if not produced.is_file():
+            raise UnsupportedConversionError(f"onnx2tf did not produce {name} for {precision.value}: this model "
+                                             "cannot be converted at that precision; try fp32 or another target")
+        out = ctx.path_for(Format.TFLITE, precision, ".tflite")
+        shutil.copyfile(produced, out)
+        summary = tflite_summary(out)
+        check_builtin_ops(summary, "onnx2tf")
+        four_d = [len(s) == 4 for s in src.input_shapes]
+        transposed = [len(t["shape"]) == 4 and list(t["shape"]) != list(s) and
+                      list(t["shape"]) == [s[i] for i in NCHW_TO_NHWC]
+                      for t, s in zip(summary["inputs"], src.input_shapes, strict=False)]
+        layout = "NHWC" if any(transposed) and src.layout == "NCHW" else None
+        extra: dict = {}
+        if layout:
+            extra = {"input_layout": "NHWC", "input_permutation": list(NCHW_TO_NHWC),
+                     "source_input_layout": src.layout}
+            notes.append("onnx2tf made the inputs NHWC: transpose NCHW inputs with (0, 2, 3, 1)")
+        elif any(four_d):
+            notes.append("onnx2tf kept the input layout of the ONNX model")
+        versions = {"onnx2tf": version_of("onnx2tf"), "tensorflow": version_of("tensorflow-cpu", "tensorflow"),
+                    "ai-edge-litert": version_of("ai-edge-litert")}
+        return [tflite_draft(out, precision, summary, src.input_names, notes, versions, input_layout=layout,
+                             extra_runtime=extra)]

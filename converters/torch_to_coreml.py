@@ -1,0 +1,93 @@
+"""PyTorch -> Core ML ``.mlpackage`` (ML program) with coremltools.
+
+The module is captured with ``torch.jit.trace`` on the source's example inputs (TorchScript is the
+coremltools PyTorch path that is stable across torch versions; a ``ScriptModule`` source is passed
+as is). ``torch.export`` programs would need ``run_decompositions({})`` first and are only "beta" in
+coremltools 9, so they are traced like any module. Inputs and outputs are kept float32 at the model
+boundary whatever the compute precision, so every Core ML artifact takes the same tensors.
+
+Precisions: fp32 (fp32 compute), fp16 (fp16 compute and weights), int8 (fp16 model with linear
+symmetric per-channel int8 weights) and palettized (fp16 model with k-means palettized weights).
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+from typing import Any
+
+import numpy as np
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.coreml_spec import (
+    check_package,
+    compress_and_save,
+    compute_precision,
+    deployment_target,
+    finish_draft,
+    import_coremltools,
+)
+
+from edge_sdk._deps import require
+from edge_sdk.errors import ConversionError
+from edge_sdk.formats import Format, Framework, Precision
+
+__all__ = ["TorchToCoreML"]
+
+
+def _capture(model: Any, example: tuple[Any, ...]) -> tuple[Any, str]:
+    torch = require("torch", "torch", "PyTorch to Core ML conversion")
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        return model, "torchscript (given)"
+    try:
+        with torch.no_grad():
+            return torch.jit.trace(model.eval(), example, check_trace=False, strict=False), "torch.jit.trace"
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"torch.jit.trace failed before Core ML conversion ({first}): make the model "
+                              "traceable (no data-dependent control flow) or script it with torch.jit.script") from exc
+
+
+@register
+class TorchToCoreML:
+    """PyTorch module -> Core ML ML program (fp32, fp16, int8 weights, palettized weights)."""
+
+    sources = (Framework.PYTORCH,)
+    target = Format.COREML
+    precisions = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.PALETTIZED)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Trace, convert with coremltools, compress the weights if asked, save and check the package."""
+        check_precision(self, precision)
+        ct = import_coremltools()
+        torch = require("torch", "torch", "PyTorch to Core ML conversion")
+        src = ctx.source
+        example = src.example_inputs()
+        target_name = ctx.options.coreml_minimum_deployment_target
+        target = deployment_target(target_name)
+        out_shapes = [list(o.shape) for o in src.predict([np.zeros(s, np.float32) for s in src.input_shapes])]
+        traced, how = _capture(src.model, example)
+        inputs = [ct.TensorType(name=n, shape=tuple(s), dtype=np.float32)
+                  for n, s in zip(src.input_names, src.input_shapes, strict=True)]
+        outputs = [ct.TensorType(name=n, dtype=np.float32) for n in src.output_names]
+        log = io.StringIO()
+        try:
+            with redirect_stdout(log), redirect_stderr(log):
+                mlmodel = ct.convert(traced, source="pytorch", convert_to="mlprogram", inputs=inputs,
+                                     outputs=outputs, compute_precision=compute_precision(precision),
+                                     minimum_deployment_target=target)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError, KeyError) as exc:
+            tail = " | ".join(str(exc).strip().splitlines()[-2:])[:300]
+            raise ConversionError(f"coremltools could not convert the PyTorch model ({type(exc).__name__}: {tail}): "
+                                  "an op may be unsupported by Core ML; see coremltools' composite operators "
+                                  "to register one") from exc
+        out = ctx.path_for(Format.COREML, precision, ".mlpackage")
+        notes = [f"captured with {how}; float32 inputs/outputs; minimum deployment target {target.name}"]
+        notes += compress_and_save(mlmodel, precision, out, palette_bits=ctx.options.coreml_palette_bits)
+        checks = check_package(out, precision, input_names=src.input_names, input_shapes=src.input_shapes,
+                               output_shapes=out_shapes, output_names=src.output_names, target=target_name)
+        draft = ArtifactDraft(
+            format=Format.COREML, precision=precision, path=out,
+            tool_versions={"coremltools": ct.__version__, "torch": torch.__version__},
+            runtime={"compute_units": "ALL", "minimum_deployment_target": target.name},
+            notes=notes)
+        return [finish_draft(draft, checks)]

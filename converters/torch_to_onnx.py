@@ -1,0 +1,105 @@
+"""PyTorch -> ONNX: ``torch.onnx.export`` for fp32, the shared ONNX quantizers for other precisions.
+
+``torch.nn.Module`` sources (including ``torch.export`` program modules) go through the dynamo exporter.
+TorchScript ``ScriptModule`` sources cannot be traced by dynamo, so they use the TorchScript exporter;
+that choice is made from the kind of source, never as a fallback after an error.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.onnx_quantize import derive_onnx_precision, onnx_versions
+
+from edge_sdk._deps import require
+from edge_sdk.errors import ConversionError
+from edge_sdk.formats import Format, Framework, Precision
+
+__all__ = ["TorchToOnnx", "output_names_for"]
+
+
+def output_names_for(names: list[str] | None, count: int | None = None) -> list[str]:
+    """The source's output names, or ``output`` / ``output_0``, ``output_1``, ... when it has none."""
+    if names:
+        return list(names)
+    if count is None or count <= 1:
+        return ["output"]
+    return [f"output_{i}" for i in range(count)]
+
+
+def _is_script_module(model: Any) -> bool:
+    torch = require("torch", "torch", "PyTorch export")
+    return isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
+
+
+def _count_outputs(model: Any, args: tuple) -> int:
+    torch = require("torch", "torch", "PyTorch export")
+    with torch.no_grad():
+        out = model(*args)
+    if isinstance(out, (list, tuple)):
+        return len(out)
+    return 1
+
+
+def export_torch(model: Any, args: tuple, out: Path, *, input_names: list[str], output_names: list[str] | None,
+                 opset: int) -> dict[str, str]:
+    """Export ``model`` to a single-file ONNX at ``out``; return tool versions."""
+    torch = require("torch", "torch", "PyTorch export")
+    require("onnx", "torch", "PyTorch export to ONNX")
+    script = _is_script_module(model)
+    names = output_names_for(output_names, None if output_names else _count_outputs(model, args))
+    versions = {"torch": torch.__version__, **onnx_versions()}
+    if not script:
+        onnxscript = require("onnxscript", "torch", "PyTorch dynamo export to ONNX")
+        versions["onnxscript"] = getattr(onnxscript, "__version__", "unknown")
+    log = io.StringIO()
+    try:
+        with torch.no_grad(), redirect_stdout(log), redirect_stderr(log), warnings.catch_warnings():
+            if script:  # the TorchScript exporter is chosen on purpose for ScriptModules: no deprecation noise
+                warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, args, str(out), input_names=list(input_names), output_names=names,
+                              opset_version=opset, dynamo=not script, external_data=False)
+    except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
+        tail = " | ".join(ln.strip() for ln in str(exc).strip().splitlines()[-3:])[-500:]
+        how = "TorchScript exporter" if script else "dynamo exporter"
+        raise ConversionError(f"torch.onnx.export ({how}, opset {opset}) failed: {tail}: check the model runs on "
+                              "the given input shape, or try another --onnx-opset") from exc
+    if not out.exists():
+        raise ConversionError(f"torch.onnx.export wrote no file at {out}: check the model and the opset")
+    versions["exporter"] = "torchscript" if script else "dynamo"
+    return versions
+
+
+@register
+class TorchToOnnx:
+    """PyTorch module -> ONNX (fp32 export; fp16 / dynamic / int8 derived from the fp32 file)."""
+
+    sources = (Framework.PYTORCH,)
+    target = Format.ONNX
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Produce the ONNX artifact of ``precision``."""
+        check_precision(self, precision)
+        if precision is not Precision.FP32:
+            return [derive_onnx_precision(ctx, precision)]
+        src = ctx.source
+        out = ctx.path_for(Format.ONNX, Precision.FP32, ".onnx")
+        out.unlink(missing_ok=True)
+        args = tuple(src.example_inputs())
+        versions = export_torch(src.model, args, out, input_names=list(src.input_names),
+                                output_names=list(src.output_names or []), opset=ctx.options.onnx_opset)
+        onnx = require("onnx", "torch", "checking the exported ONNX model")
+        try:
+            onnx.checker.check_model(str(out))
+        except onnx.checker.ValidationError as exc:
+            raise ConversionError(f"the exported ONNX model is invalid ({exc}): try another --onnx-opset") from exc
+        return [ArtifactDraft(format=Format.ONNX, precision=Precision.FP32, path=out, tool_versions=versions,
+                              runtime={"runtime": "onnxruntime"},
+                              notes=[f"exported with the {versions['exporter']} exporter, opset "
+                                     f"{ctx.options.onnx_opset}"])]

@@ -1,0 +1,189 @@
+"""LiteRT (TensorFlow Lite) interpreter for ``.tflite`` artifacts, optionally with the Edge TPU delegate.
+
+Uses ``ai_edge_litert.interpreter`` and falls back to ``tflite_runtime.interpreter`` on devices that ship
+only the older package. Inputs keep the order of ``get_input_details()`` (the flatbuffer's input order);
+names are the tensor names. Full-integer models take and return int8/uint8 tensors: sessions quantize
+float32 inputs and dequantize outputs with each tensor's scale / zero-point unless ``raw=True``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from edge_sdk.device_agent.runtimes.base import check_inputs, dequantize, quantize
+
+from edge_sdk._deps import has_module, require
+from edge_sdk.bundle import TensorSpec
+from edge_sdk.errors import InferenceError, InputError
+from edge_sdk.formats import Format
+
+__all__ = ["EDGETPU_LIBRARY", "RUNTIME", "LiteRTRuntime", "LiteRTSession"]
+
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+_QUANT_DTYPES = ("int8", "uint8", "int16")
+
+
+def _interpreter_module() -> ModuleType:
+    """``ai_edge_litert.interpreter``, else ``tflite_runtime.interpreter``, else MissingDependencyError."""
+    if has_module("ai_edge_litert"):
+        return require("ai_edge_litert.interpreter", "litert", "running .tflite models")
+    if has_module("tflite_runtime"):
+        return require("tflite_runtime.interpreter", "litert", "running .tflite models")
+    return require("ai_edge_litert.interpreter", "litert", "running .tflite models")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return text[0][:240] if text else type(exc).__name__
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    sig = detail.get("shape_signature")
+    dims = sig if sig is not None and len(sig) == len(detail["shape"]) else detail["shape"]
+    shape = [int(d) if d >= 0 else None for d in dims]
+    dtype = np.dtype(detail["dtype"]).name
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if dtype in _QUANT_DTYPES and scale:
+        return TensorSpec(name=detail["name"], shape=shape, dtype=dtype, scale=float(scale),
+                          zero_point=int(zero_point))
+    return TensorSpec(name=detail["name"], shape=shape, dtype=dtype)
+
+
+def _edgetpu_delegate(mod: ModuleType) -> Any:
+    """Load the Edge TPU delegate or raise InferenceError naming what is missing."""
+    try:
+        ctypes.CDLL(EDGETPU_LIBRARY)
+    except OSError:
+        raise InferenceError(f"Edge TPU delegate requested but {EDGETPU_LIBRARY} is not installed: install "
+                             "the Edge TPU runtime (apt package libedgetpu1-std) and plug in the accelerator, "
+                             "or run without delegate='edgetpu'") from None
+    try:
+        return mod.load_delegate(EDGETPU_LIBRARY)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise InferenceError(f"cannot load the Edge TPU delegate {EDGETPU_LIBRARY} ({_first_line(exc)}): "
+                             "check the accelerator is connected and the runtime version matches") from None
+
+
+class LiteRTSession:
+    """A loaded ``.tflite`` model; tensor indices and quantization parameters are resolved at load."""
+
+    def __init__(self, interpreter: Any, path: Path, delegate: str | None = None) -> None:
+        self._interp = interpreter
+        self.path = path
+        self.delegate = delegate
+        in_details = interpreter.get_input_details()
+        out_details = interpreter.get_output_details()
+        self.inputs: list[TensorSpec] = [_spec(d) for d in in_details]
+        self.outputs: list[TensorSpec] = [_spec(d) for d in out_details]
+        self.input_names = [s.name for s in self.inputs]
+        self.output_names = [s.name for s in self.outputs]
+        self._in_idx = [int(d["index"]) for d in in_details]
+        self._out_idx = [int(d["index"]) for d in out_details]
+        self._in_dtype = [np.dtype(d["dtype"]) for d in in_details]
+        self._in_quant = [s.scale is not None for s in self.inputs]
+        self._out_quant = [s.scale is not None for s in self.outputs]
+        self._any_out_quant = any(self._out_quant)
+        self._shapes = [tuple(int(v) for v in d["shape"]) for d in in_details]
+        self._dynamic = any(None in s.shape for s in self.inputs)
+
+    def _prepare(self, k: int, x: np.ndarray, raw: bool) -> np.ndarray:
+        want = self._in_dtype[k]
+        if x.dtype == want:
+            return x
+        if self._in_quant[k] and not raw and x.dtype.kind == "f":
+            return quantize(x, self.inputs[k])
+        if want.kind == "f" and x.dtype.kind in "fiu":
+            return x.astype(want)
+        raise InputError(f"input {self.input_names[k]!r} has dtype {x.dtype}, the model expects {want}: "
+                         "convert the array (or pass float32 and let the session quantize it)")
+
+    def _resize(self, inputs: list[np.ndarray]) -> None:
+        changed = False
+        for k, x in enumerate(inputs):
+            if tuple(x.shape) != self._shapes[k]:
+                self._interp.resize_tensor_input(self._in_idx[k], list(x.shape))
+                self._shapes[k] = tuple(x.shape)
+                changed = True
+        if changed:
+            self._interp.allocate_tensors()
+
+    def run(self, inputs: list[np.ndarray], *, raw: bool = False) -> list[np.ndarray]:
+        """Run one batch: float32 in and out unless ``raw`` (then the model's own integer dtypes)."""
+        interp = self._interp
+        if interp is None:
+            raise InferenceError(f"session for {self.path.name} is closed: load the model again")
+        check_inputs(inputs, self.inputs)
+        feed = [self._prepare(k, np.asarray(x), raw) for k, x in enumerate(inputs)]
+        try:
+            if self._dynamic:
+                self._resize(feed)
+            for idx, x in zip(self._in_idx, feed, strict=True):
+                interp.set_tensor(idx, x)
+            interp.invoke()
+            outs = [interp.get_tensor(i) for i in self._out_idx]  # get_tensor returns a copy
+        except (ValueError, RuntimeError) as exc:
+            raise InferenceError(f"LiteRT failed to run {self.path.name} ({_first_line(exc)}): check the inputs "
+                                 "match the model's inputs") from None
+        if raw or not self._any_out_quant:
+            return outs
+        return [dequantize(o, s) if q else o for o, s, q in zip(outs, self.outputs, self._out_quant, strict=True)]
+
+    def close(self) -> None:
+        """Release the interpreter."""
+        self._interp = None
+
+
+class LiteRTRuntime:
+    """The LiteRT interpreter (``ai-edge-litert``, or ``tflite-runtime`` as a fallback) for ``.tflite`` files."""
+
+    name = "litert"
+    formats = (Format.TFLITE,)
+    extra = "litert"
+
+    def is_available(self) -> bool:
+        """True when ai_edge_litert or tflite_runtime can be imported (checked without importing)."""
+        return has_module("ai_edge_litert") or has_module("tflite_runtime")
+
+    def version(self) -> str | None:
+        """The installed interpreter package version, or None."""
+        for dist in ("ai-edge-litert", "ai-edge-litert-nightly", "tflite-runtime"):
+            try:
+                return importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return None
+
+    def load(self, path: Path, *, threads: int | None = None, delegate: str | None = None) -> LiteRTSession:
+        """Create and allocate an interpreter; ``delegate="edgetpu"`` adds the Edge TPU delegate.
+
+        Raises InferenceError for a missing, corrupt or unsupported file (e.g. one needing Flex ops).
+        """
+        mod = _interpreter_module()
+        path = Path(path)
+        if not path.is_file():
+            raise InferenceError(f"model file {path} does not exist: check the bundle path")
+        if path.stat().st_size == 0:
+            raise InferenceError(f"model file {path} is empty: re-copy the bundle")
+        if threads is not None and threads < 1:
+            raise InferenceError(f"threads must be >= 1, got {threads}: pass a positive thread count")
+        delegates = []
+        if delegate is not None:
+            if delegate != "edgetpu":
+                raise InferenceError(f"unknown LiteRT delegate {delegate!r}: use delegate='edgetpu' or none")
+            delegates.append(_edgetpu_delegate(mod))
+        try:
+            interp = mod.Interpreter(model_path=str(path), num_threads=threads,
+                                     experimental_delegates=delegates or None)
+            interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise InferenceError(f"LiteRT cannot load {path.name} ({_first_line(exc)}): the file may be truncated "
+                                 "or corrupt, need Flex (select TF) ops, or need a newer ai-edge-litert") from None
+        return LiteRTSession(interp, path, delegate)
+
+
+RUNTIME = LiteRTRuntime()
