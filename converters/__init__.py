@@ -8,8 +8,8 @@ from __future__ import annotations
 from edge_sdk.converters.base import (
     ArtifactDraft,
     ConversionContext,
-    ConvertOptions,
     Converter,
+    ConvertOptions,
     SourceModel,
     get_converter,
     register,

@@ -21,16 +21,16 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.converters.base import ArtifactDraft
-
 from edge_sdk._deps import require
 from edge_sdk.bundle import size_of
+from edge_sdk.converters.base import ArtifactDraft
 from edge_sdk.errors import ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Precision
 
 __all__ = [
     "LINUX_SKIP_REASON",
     "check_package",
+    "check_palette_bits",
     "compress_and_save",
     "compute_precision",
     "deployment_target",
@@ -265,6 +265,13 @@ def compute_precision(precision: Precision) -> Any:
     return ct.precision.FLOAT32 if precision is Precision.FP32 else ct.precision.FLOAT16
 
 
+def check_palette_bits(bits: int) -> None:
+    """Raise UnsupportedConversionError unless ``bits`` is a palette size Core ML supports."""
+    if bits not in (1, 2, 3, 4, 6, 8):
+        raise UnsupportedConversionError(f"Core ML palettization supports 1, 2, 3, 4, 6 or 8 bits, not {bits}: "
+                                         "set coreml_palette_bits to one of them")
+
+
 def compress_and_save(mlmodel: Any, precision: Precision, out: Path, *, palette_bits: int) -> list[str]:
     """Quantize / palettize the weights of an fp16 ML program as ``precision`` asks, save it, return notes."""
     import_coremltools()
@@ -278,9 +285,7 @@ def compress_and_save(mlmodel: Any, precision: Precision, out: Path, *, palette_
         notes.append("int8 linear symmetric per-channel weights, fp16 compute; activations stay fp16 "
                      "(no calibration used)")
     elif precision is Precision.PALETTIZED:
-        if palette_bits not in (1, 2, 3, 4, 6, 8):
-            raise UnsupportedConversionError(f"Core ML palettization supports 1, 2, 3, 4, 6 or 8 bits, not "
-                                             f"{palette_bits}: set coreml_palette_bits to one of them")
+        check_palette_bits(palette_bits)
         config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=palette_bits))
         with redirect_stderr(io.StringIO()):
             mlmodel = cto.palettize_weights(mlmodel, config=config)

@@ -17,17 +17,18 @@ from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 import numpy as np
+
+from edge_sdk._deps import require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.converters.coreml_spec import (
     check_package,
+    check_palette_bits,
     compress_and_save,
     compute_precision,
     deployment_target,
     finish_draft,
     import_coremltools,
 )
-
-from edge_sdk._deps import require
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -71,6 +72,8 @@ class KerasToCoreML:
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Convert the serving signature with coremltools, compress the weights if asked, save and check."""
         check_precision(self, precision)
+        if precision is Precision.PALETTIZED:
+            check_palette_bits(ctx.options.coreml_palette_bits)
         ct = import_coremltools()
         tf = require("tensorflow", "keras", "Keras to Core ML conversion")
         src = ctx.source

@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edge_sdk._deps import has_module, require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.converters.onnx_quantize import derive_onnx_precision, onnx_input_names, onnx_versions
-
-from edge_sdk._deps import has_module, require
 from edge_sdk.errors import ConversionError, MissingDependencyError
 from edge_sdk.formats import Format, Framework, Precision
 

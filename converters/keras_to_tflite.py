@@ -16,9 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
-
 from edge_sdk._deps import require
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.errors import ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions
 
 from edge_sdk._deps import require
 from edge_sdk.calibration import SampleSet
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions
 from edge_sdk.errors import CalibrationError, ConversionError
 from edge_sdk.formats import Format, Precision
 

@@ -17,15 +17,17 @@ The artifact ``path`` is the ``.xml``; the ``.bin`` beside it is listed in ``Art
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 
 from edge_sdk._deps import require
 from edge_sdk.calibration import SampleSet
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -76,6 +78,8 @@ class OnnxToOpenVINO:
         check_precision(self, precision)
         ov = require("openvino", "openvino-convert", "OpenVINO conversion")
         ovc_error = require("openvino.tools.ovc.error", "openvino-convert", "OpenVINO conversion").Error
+        if precision is Precision.INT8:  # fail before the (slow) ONNX export when data is missing
+            ctx.require_calibration("OpenVINO int8 (NNCF) quantization")
         onnx_draft = ctx.onnx(Precision.FP32)
         try:
             model = ov.convert_model(str(onnx_draft.path))
@@ -90,7 +94,7 @@ class OnnxToOpenVINO:
             tool_versions["nncf"] = _tool_version("nncf")
             notes += quant_notes
         elif precision is Precision.FP16:
-            notes.append("weights stored as fp16 (compress_to_fp16=True); computed in f32 with the default hint")
+            notes.append("weights stored as fp16 (compress_to_fp16=True); computed in f32 under the f32 hint")
         xml = ctx.path_for(Format.OPENVINO, precision, ".xml")
         try:
             ov.save_model(model, str(xml), compress_to_fp16=precision is Precision.FP16)
@@ -120,10 +124,11 @@ class OnnxToOpenVINO:
         arrays = [_to_layout(a, ctx.source.layout, onnx_layout or ctx.source.layout) for a in samples.arrays]
         items = [[a[i:i + 1] for a in arrays] for i in range(len(samples))]
         nncf.set_log_level(logging.ERROR)
-        try:
-            quantized = nncf.quantize(
-                model, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=fast_bc,
-                preset=getattr(nncf.QuantizationPreset, preset_name.upper()))
+        try:  # NNCF draws rich progress bars on stdout; the pipeline reports progress itself
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantized = nncf.quantize(
+                    model, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=fast_bc,
+                    preset=getattr(nncf.QuantizationPreset, preset_name.upper()))
         except (RuntimeError, ValueError, nncf.ValidationError, nncf.InternalError,
                 nncf.UnsupportedModelError) as exc:
             raise ConversionError(f"NNCF int8 quantization failed ({_one_line(exc)}): check the calibration "

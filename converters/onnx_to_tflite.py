@@ -21,15 +21,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
-from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
 
 from edge_sdk._deps import has_module
 from edge_sdk.calibration import SampleSet
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
 from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
-__all__ = ["NCHW_TO_NHWC", "OnnxToTFLite"]
+__all__ = ["NCHW_TO_NHWC", "OnnxToTFLite", "channels_last"]
 
 NCHW_TO_NHWC = (0, 2, 3, 1)
 _SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"  # the name onnx2tf would download
@@ -64,11 +64,17 @@ def _run_onnx2tf(model: Path, workdir: Path, flags: list[str]) -> Path:
     return workdir / "out"
 
 
+def channels_last(ndim: int) -> tuple[int, ...] | None:
+    """The permutation onnx2tf applies to a channel-first input of ``ndim`` dims (NCW->NWC, NCHW->NHWC, ...)."""
+    return (0, *range(2, ndim), 1) if ndim >= 3 else None
+
+
 def _calibration_flags(ctx: ConversionContext, samples: SampleSet, workdir: Path) -> list[str]:
     """-cind arguments: our calibration samples, transposed to NHWC where onnx2tf transposes the input."""
     flags: list[str] = ["-qt", "per-channel"]
     for k, (name, arr) in enumerate(zip(ctx.source.input_names, samples.arrays, strict=True)):
-        data = np.ascontiguousarray(arr.transpose(NCHW_TO_NHWC)) if arr.ndim == 4 else arr
+        perm = channels_last(arr.ndim)
+        data = np.ascontiguousarray(arr.transpose(perm)) if perm else arr
         path = workdir / f"calib_{k}.npy"
         np.save(path, data.astype(np.float32))
         flags += ["-cind", name, path.name, "[0.0]", "[1.0]"]  # our samples are already normalized
@@ -135,18 +141,25 @@ class OnnxToTFLite:
         shutil.copyfile(produced, out)
         summary = tflite_summary(out)
         check_builtin_ops(summary, "onnx2tf")
-        four_d = [len(s) == 4 for s in src.input_shapes]
-        transposed = [len(t["shape"]) == 4 and list(t["shape"]) != list(s) and
-                      list(t["shape"]) == [s[i] for i in NCHW_TO_NHWC]
-                      for t, s in zip(summary["inputs"], src.input_shapes, strict=False)]
-        layout = "NHWC" if any(transposed) and src.layout == "NCHW" else None
+        perms: list[list[int] | None] = []
+        for t, shape in zip(summary["inputs"], src.input_shapes, strict=False):
+            perm = channels_last(len(shape))
+            got = list(t["shape"])
+            if got == list(shape) or perm is None:
+                perms.append(None)
+            elif got == [shape[i] for i in perm]:
+                perms.append(list(perm))
+            else:
+                raise ConversionError(f"onnx2tf changed input {t['name']!r} from {list(shape)} to {got} in a way "
+                                      "edge-sdk cannot map: use another target for this model")
+        layout = "NHWC" if src.layout == "NCHW" and perms and perms[0] == list(NCHW_TO_NHWC) else None
         extra: dict = {}
-        if layout:
-            extra = {"input_layout": "NHWC", "input_permutation": list(NCHW_TO_NHWC),
-                     "source_input_layout": src.layout}
-            notes.append("onnx2tf made the inputs NHWC: transpose NCHW inputs with (0, 2, 3, 1)")
-        elif any(four_d):
-            notes.append("onnx2tf kept the input layout of the ONNX model")
+        if any(perms):
+            extra = {"input_permutations": perms, "source_input_layout": src.layout or None}
+            if layout:
+                extra.update(input_layout=layout, input_permutation=list(NCHW_TO_NHWC))
+            notes.append("onnx2tf made the inputs channels-last: transpose source inputs with "
+                         + ", ".join(str(tuple(p)) for p in perms if p))
         versions = {"onnx2tf": version_of("onnx2tf"), "tensorflow": version_of("tensorflow-cpu", "tensorflow"),
                     "ai-edge-litert": version_of("ai-edge-litert")}
         return [tflite_draft(out, precision, summary, src.input_names, notes, versions, input_layout=layout,

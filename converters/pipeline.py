@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edge_sdk.baseline import compute_baseline
+from edge_sdk.bundle import Artifact, Bundle, Manifest, TensorSpec, Validation, atomic_bundle_dir, sha256_path, size_of
+from edge_sdk.calibration import CalibrationSource, SampleSet, load_samples
 from edge_sdk.converters.base import (
     ArtifactDraft,
     ConversionContext,
@@ -25,10 +29,6 @@ from edge_sdk.converters.base import (
 )
 from edge_sdk.converters.sources import load_source
 from edge_sdk.converters.validate import DEFAULT_TOLERANCES, Tolerance, reference_outputs, validate_artifact
-
-from edge_sdk.baseline import compute_baseline
-from edge_sdk.bundle import Artifact, Bundle, Manifest, TensorSpec, Validation, atomic_bundle_dir, sha256_path, size_of
-from edge_sdk.calibration import CalibrationSource, SampleSet, load_samples
 from edge_sdk.errors import CalibrationError, EdgeSDKError, ValidationError
 from edge_sdk.formats import Format, Precision, Task, parse_list
 from edge_sdk.preprocessing import Preprocessing
@@ -267,6 +267,8 @@ def _validate_and_place(d: ArtifactDraft, src, val_set, ref, val_y, classifier, 
     if d.validation_skipped:
         v = Validation(passed=None, samples=0, skipped_reason=d.validation_skipped, checks=dict(d.spec_checks))
         status = "skipped-validation"
+        ins, outs = ([TensorSpec(t["name"], list(t["shape"]), t["dtype"]) for t in d.spec_checks.get(k, [])]
+                     for k in ("inputs", "outputs"))
     else:
         transpose = _TRANSPOSE.get((src.layout, d.input_layout)) if d.input_layout else None
         with report.step(f"validating {key} on {len(val_set)} inputs"):

@@ -167,7 +167,8 @@ class KerasSource(_Base):
     def predict(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Run the model (inference mode) and return numpy outputs."""
         if self.model is not None:
-            out = self.model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
+            feed = inputs[0] if len(inputs) == 1 else dict(zip(self.input_names, inputs, strict=True))
+            out = self.model(feed, training=False)
             return [np.asarray(o) for o in _flatten(out)]
         sig = self._serving_signature()
         tf = require("tensorflow", "keras")
@@ -190,7 +191,7 @@ class OnnxSource(_Base):
         self.path = self.model = path
         try:
             proto = onnx.load(str(path), load_external_data=False)
-            onnx.checker.check_model(proto)
+            onnx.checker.check_model(str(path))  # by path: also checks external data files
         except (onnx.checker.ValidationError, ValueError, OSError) as exc:
             raise SourceModelError(f"{path} is not a valid ONNX model ({str(exc).splitlines()[0][:160]}): "
                                    "re-export it, the file may be truncated or corrupt") from None

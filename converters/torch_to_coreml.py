@@ -1,10 +1,11 @@
 """PyTorch -> Core ML ``.mlpackage`` (ML program) with coremltools.
 
-The module is captured with ``torch.jit.trace`` on the source's example inputs (TorchScript is the
-coremltools PyTorch path that is stable across torch versions; a ``ScriptModule`` source is passed
-as is). ``torch.export`` programs would need ``run_decompositions({})`` first and are only "beta" in
-coremltools 9, so they are traced like any module. Inputs and outputs are kept float32 at the model
-boundary whatever the compute precision, so every Core ML artifact takes the same tensors.
+The module is captured with ``torch.export.export(...).run_decompositions({})`` on the source's
+example inputs (coremltools 9 takes ATEN-dialect programs; ``torch.jit.trace`` still works but is
+deprecated in torch 2.13 and gave the same ML program op for op). A TorchScript ``ScriptModule``
+source is passed to coremltools as is; the choice is made from the kind of source, not as a fallback.
+Inputs and outputs are kept float32 at the model boundary whatever the compute precision, so every
+Core ML artifact takes the same tensors.
 
 Precisions: fp32 (fp32 compute), fp16 (fp16 compute and weights), int8 (fp16 model with linear
 symmetric per-channel int8 weights) and palettized (fp16 model with k-means palettized weights).
@@ -17,17 +18,18 @@ from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 import numpy as np
+
+from edge_sdk._deps import require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.converters.coreml_spec import (
     check_package,
+    check_palette_bits,
     compress_and_save,
     compute_precision,
     deployment_target,
     finish_draft,
     import_coremltools,
 )
-
-from edge_sdk._deps import require
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -35,16 +37,19 @@ __all__ = ["TorchToCoreML"]
 
 
 def _capture(model: Any, example: tuple[Any, ...]) -> tuple[Any, str]:
+    """The object handed to ``ct.convert``: a TorchScript module as given, else an ATEN-dialect export."""
     torch = require("torch", "torch", "PyTorch to Core ML conversion")
     if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
         return model, "torchscript (given)"
     try:
         with torch.no_grad():
-            return torch.jit.trace(model.eval(), example, check_trace=False, strict=False), "torch.jit.trace"
-    except (RuntimeError, TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"torch.jit.trace failed before Core ML conversion ({first}): make the model "
-                              "traceable (no data-dependent control flow) or script it with torch.jit.script") from exc
+            program = torch.export.export(model, example, strict=False).run_decompositions({})
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:  # torch.export's Unsupported is a RuntimeError
+        lines = str(exc).strip().splitlines()
+        first = lines[0][:200] if lines else type(exc).__name__
+        raise ConversionError(f"torch.export failed before Core ML conversion ({first}): make the model "
+                              "exportable (no data-dependent control flow) or pass a TorchScript module") from exc
+    return program, "torch.export (ATEN dialect)"
 
 
 @register
@@ -58,6 +63,8 @@ class TorchToCoreML:
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Trace, convert with coremltools, compress the weights if asked, save and check the package."""
         check_precision(self, precision)
+        if precision is Precision.PALETTIZED:
+            check_palette_bits(ctx.options.coreml_palette_bits)
         ct = import_coremltools()
         torch = require("torch", "torch", "PyTorch to Core ML conversion")
         src = ctx.source

@@ -13,10 +13,9 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._deps import require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.converters.onnx_quantize import derive_onnx_precision, onnx_versions
-
-from edge_sdk._deps import require
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from edge_sdk._deps import require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
-
-from edge_sdk._deps import require
 from edge_sdk.errors import ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 

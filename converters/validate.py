@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from edge_sdk.device_agent.runtimes import runtime_for
 
 from edge_sdk.bundle import TensorSpec, Validation
 from edge_sdk.calibration import SampleSet
+from edge_sdk.device_agent.runtimes import runtime_for
 from edge_sdk.errors import EdgeSDKError, InferenceError
 from edge_sdk.formats import Format, Precision
 

@@ -28,9 +28,9 @@ class Reporter:
         self.quiet = quiet
         self._console: Any = None
         if not quiet:
-            from rich.console import Console
-
             import sys
+
+            from rich.console import Console
 
             self._console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 

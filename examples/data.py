@@ -169,7 +169,7 @@ def photo_crops(n: int = 240, seed: int = 0, size: int = 224) -> np.ndarray:
     for i in range(n):
         photo = photos[i % len(photos)]
         h, w = photo.shape[:2]
-        side = int(round(min(h, w) * rng.uniform(0.5, 1.0)))
+        side = round(min(h, w) * float(rng.uniform(0.5, 1.0)))
         top = int(rng.integers(0, h - side + 1))
         left = int(rng.integers(0, w - side + 1))
         crop = photo[top : top + side, left : left + side]

@@ -84,9 +84,9 @@ def evaluate_keras(model: Any, n: int | None = None) -> float:
 
 
 def train_torch_fashion(
-    epochs: int = 1, n_train: int | None = None, seed: int = 0, batch_size: int = 64
+    epochs: int = 1, n_train: int | None = None, seed: int = 0, batch_size: int = 64, lr: float = 2e-3
 ) -> tuple[Any, float]:
-    """Train `FashionCNN` with Adam on Fashion-MNIST; return (eval-mode model, test accuracy on 10k)."""
+    """Train `FashionCNN` on Fashion-MNIST (Adam, cosine-decayed lr); return (eval-mode model, test accuracy)."""
     import torch
 
     torch.manual_seed(seed)
@@ -94,7 +94,9 @@ def train_torch_fashion(
     x, y = data.fashion_tensors("train", "NCHW", n_train)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     model = _torch_model_class()()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-len(xt) // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     loss_fn = torch.nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -106,21 +108,23 @@ def train_torch_fashion(
             loss = loss_fn(model(xt[idx]), yt[idx])
             loss.backward()
             optimizer.step()
+            scheduler.step()
     model.eval()
     return model, evaluate_torch(model)
 
 
 def train_keras_fashion(
-    epochs: int = 1, n_train: int | None = None, seed: int = 0, batch_size: int = 64
+    epochs: int = 1, n_train: int | None = None, seed: int = 0, batch_size: int = 64, lr: float = 2e-3
 ) -> tuple[Any, float]:
-    """Train the Keras Fashion CNN with Adam on Fashion-MNIST; return (model, test accuracy on 10k)."""
+    """Train the Keras Fashion CNN (Adam, cosine-decayed lr); return (model, test accuracy on 10k)."""
     import keras
 
     keras.utils.set_random_seed(seed)
     x, y = data.fashion_tensors("train", "NHWC", n_train)
     model = _keras_builder()()
+    steps = epochs * -(-len(x) // batch_size)
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)

@@ -59,8 +59,9 @@ def test_convert_onnx_fp32_int8_bundle(tiny: dict, tmp_path: Path, capsys: pytes
     assert int8.size_bytes <= 0.30 * fp32.size_bytes
     assert int8.validation.samples == 20  # held out from the 64 calibration samples
     # the bundle's own copy runs and agrees with torch
-    from edge_sdk.device_agent.runtimes import get_runtime
     from tiny_models import make_tiny
+
+    from edge_sdk.device_agent.runtimes import get_runtime
 
     x = np.random.default_rng(5).random((1, 3, 32, 32), dtype=np.float32)
     sess = get_runtime("onnxruntime").load(b.path_of(fp32))

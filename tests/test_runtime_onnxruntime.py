@@ -13,8 +13,9 @@ from edge_sdk.formats import Format
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from edge_sdk.device_agent.runtimes.onnxruntime import RUNTIME, OnnxRuntime  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from edge_sdk.device_agent.runtimes.onnxruntime import RUNTIME, OnnxRuntime  # noqa: E402
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((8, 4)).astype(np.float32)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_sdk.converters.base import ConversionContext, ConvertOptions
 
 from edge_sdk.calibration import SampleSet
+from edge_sdk.converters.base import ConversionContext, ConvertOptions
 from edge_sdk.errors import CalibrationError, InferenceError, InputError, UnsupportedConversionError
 from edge_sdk.formats import Format, Precision
 
@@ -39,7 +39,8 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 def _metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)
-    return {"cos": float(cos.min()), "max_abs": float(np.abs(ref - got).max()),
+    max_abs = float(np.abs(ref - got).max())
+    return {"cos": float(cos.min()), "max_abs": max_abs, "rel_max_abs": max_abs / float(np.abs(ref).max()),
             "top1": float((ref.argmax(1) == got.argmax(1)).mean())}
 
 
@@ -155,18 +156,18 @@ def keras_artifacts(keras_case):
     return {p: conv.convert(ctx, p)[0] for p in (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)}
 
 
-@pytest.mark.parametrize("precision, min_cos, max_abs, min_top1", [
-    (Precision.FP32, 0.99999, 1e-4, 1.0),
-    (Precision.FP16, 0.9999, 0.05, 0.98),
-    (Precision.DYNAMIC, 0.999, 0.5, 0.97),
-    (Precision.INT8, 0.995, 1.0, 0.95),
+@pytest.mark.parametrize("precision, min_cos, max_rel, min_top1", [
+    (Precision.FP32, 0.99999, 1e-5, 1.0),
+    (Precision.FP16, 0.9999, 0.005, 0.98),
+    (Precision.DYNAMIC, 0.999, 0.05, 0.97),
+    (Precision.INT8, 0.99, 0.15, 0.95),
 ])
-def test_keras_precisions_match_source(keras_case, keras_artifacts, precision, min_cos, max_abs, min_top1) -> None:
+def test_keras_precisions_match_source(keras_case, keras_artifacts, precision, min_cos, max_rel, min_top1) -> None:
     _, _, val, ref = keras_case
     draft = keras_artifacts[precision]
     m = _metrics(ref, _run_all(draft.path, val))
     print(f"keras {precision.value}: {m} size={draft.path.stat().st_size}")
-    assert m["cos"] >= min_cos and m["max_abs"] <= max_abs and m["top1"] >= min_top1, m
+    assert m["cos"] >= min_cos and m["rel_max_abs"] <= max_rel and m["top1"] >= min_top1, m
     assert draft.format is Format.TFLITE and draft.precision is precision and draft.input_layout is None
     assert draft.runtime["runtime"] == "litert" and "tensorflow" in draft.tool_versions
 
@@ -251,10 +252,10 @@ def torch_trained(digits):
     x, y = digits
     xt, yt = torch.from_numpy(x[:1400, None]), torch.from_numpy(y[:1400])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for i in range(0, len(xt), 32):
+    for _ in range(2):
+        for i in range(0, len(xt), 64):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[i:i + 32]), yt[i:i + 32]).backward()
+            torch.nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
             opt.step()
     model.eval()
     return model, x[:, None]
@@ -263,8 +264,9 @@ def torch_trained(digits):
 @pytest.fixture(scope="session")
 def torch_case(torch_trained, tmp_path_factory):
     pytest.importorskip("litert_torch")
-    import edge_sdk.converters.torch_to_tflite  # noqa: F401
     import torch
+
+    import edge_sdk.converters.torch_to_tflite  # noqa: F401
     from edge_sdk.converters.sources import load_source
 
     model, x = torch_trained
@@ -276,20 +278,20 @@ def torch_case(torch_trained, tmp_path_factory):
     return src, ctx, val, ref
 
 
-@pytest.mark.parametrize("precision, min_cos, max_abs, min_top1", [
-    (Precision.FP32, 0.99999, 1e-4, 1.0),
-    pytest.param(Precision.INT8, 0.995, 1.0, 0.95, marks=pytest.mark.slow),
-    pytest.param(Precision.FP16, 0.9999, 0.05, 0.98, marks=pytest.mark.slow),
-    pytest.param(Precision.DYNAMIC, 0.999, 0.5, 0.97, marks=pytest.mark.slow),
+@pytest.mark.parametrize("precision, min_cos, max_rel, min_top1", [
+    (Precision.FP32, 0.99999, 1e-5, 1.0),
+    pytest.param(Precision.INT8, 0.99, 0.15, 0.95, marks=pytest.mark.slow),
+    pytest.param(Precision.FP16, 0.9999, 0.005, 0.98, marks=pytest.mark.slow),
+    pytest.param(Precision.DYNAMIC, 0.999, 0.05, 0.97, marks=pytest.mark.slow),
 ])
-def test_torch_precisions_match_source(torch_case, precision, min_cos, max_abs, min_top1) -> None:
+def test_torch_precisions_match_source(torch_case, precision, min_cos, max_rel, min_top1) -> None:
     from edge_sdk.converters.base import get_converter
 
     src, ctx, val, ref = torch_case
     draft = get_converter(src.framework, Format.TFLITE).convert(ctx, precision)[0]
     m = _metrics(ref, _run_all(draft.path, val))  # NCHW inputs: the layout stays PyTorch's
     print(f"torch {precision.value}: {m} size={draft.path.stat().st_size} io={draft.runtime}")
-    assert m["cos"] >= min_cos and m["max_abs"] <= max_abs and m["top1"] >= min_top1, m
+    assert m["cos"] >= min_cos and m["rel_max_abs"] <= max_rel and m["top1"] >= min_top1, m
     assert draft.input_layout is None and draft.runtime["input_layout"] == "NCHW"
     session = LiteRTRuntime().load(draft.path)
     assert session.inputs[0].shape == [1, 1, 28, 28]
@@ -304,6 +306,7 @@ def test_torch_precisions_match_source(torch_case, precision, min_cos, max_abs, 
 def test_torchscript_is_unsupported(torch_trained, tmp_path: Path) -> None:
     pytest.importorskip("litert_torch")
     import torch
+
     from edge_sdk.converters.sources import TorchSource
     from edge_sdk.converters.torch_to_tflite import TorchToTFLite
 
@@ -320,8 +323,9 @@ def test_torchscript_is_unsupported(torch_trained, tmp_path: Path) -> None:
 def onnx_case(torch_trained, tmp_path_factory):
     pytest.importorskip("onnx2tf")
     pytest.importorskip("onnxruntime")
-    import edge_sdk.converters.onnx_to_tflite  # noqa: F401
     import torch
+
+    import edge_sdk.converters.onnx_to_tflite  # noqa: F401
     from edge_sdk.converters.sources import load_source
 
     model, x = torch_trained
@@ -335,14 +339,13 @@ def onnx_case(torch_trained, tmp_path_factory):
     return src, ctx, val, ref, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision, min_cos, max_abs, min_top1", [
-    (Precision.FP32, 0.99999, 1e-4, 1.0),
-    (Precision.FP16, 0.9999, 0.05, 0.98),
-    (Precision.DYNAMIC, 0.999, 0.5, 0.97),
-    (Precision.INT8, 0.995, 1.0, 0.95),
+@pytest.mark.parametrize("precision, min_cos, max_rel, min_top1", [
+    (Precision.FP32, 0.99999, 1e-5, 1.0),
+    pytest.param(Precision.FP16, 0.9999, 0.005, 0.98, marks=pytest.mark.slow),
+    pytest.param(Precision.DYNAMIC, 0.999, 0.05, 0.97, marks=pytest.mark.slow),
+    pytest.param(Precision.INT8, 0.99, 0.15, 0.95, marks=pytest.mark.slow),
 ])
-def test_onnx2tf_precisions_match_source(onnx_case, precision, min_cos, max_abs, min_top1) -> None:
+def test_onnx2tf_precisions_match_source(onnx_case, precision, min_cos, max_rel, min_top1) -> None:
     from edge_sdk.converters.base import get_converter
 
     src, ctx, val, ref, digest = onnx_case
@@ -350,7 +353,7 @@ def test_onnx2tf_precisions_match_source(onnx_case, precision, min_cos, max_abs,
     assert draft.input_layout == "NHWC" and draft.runtime["input_permutation"] == [0, 2, 3, 1]
     m = _metrics(ref, _run_all(draft.path, np.ascontiguousarray(val.transpose(0, 2, 3, 1))))
     print(f"onnx2tf {precision.value}: {m} size={draft.path.stat().st_size} io={draft.runtime}")
-    assert m["cos"] >= min_cos and m["max_abs"] <= max_abs and m["top1"] >= min_top1, m
+    assert m["cos"] >= min_cos and m["rel_max_abs"] <= max_rel and m["top1"] >= min_top1, m
     assert hashlib.sha256(Path(src.path).read_bytes()).hexdigest() == digest  # source never rewritten
     if precision is Precision.INT8:
         assert draft.runtime["input_dtypes"] == ["int8"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 
 from edge_sdk.device_agent.runtimes.base import Runtime, Session, check_inputs, dequantize, quantize
-
 from edge_sdk.errors import InferenceError
 from edge_sdk.formats import Format
 

@@ -15,10 +15,10 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from edge_sdk.device_agent.runtimes.base import check_inputs, dequantize, quantize
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
+from edge_sdk.device_agent.runtimes.base import check_inputs, quantize
 from edge_sdk.errors import InferenceError, InputError
 from edge_sdk.formats import Format
 
@@ -90,13 +90,35 @@ class LiteRTSession:
         self._any_out_quant = any(self._out_quant)
         self._shapes = [tuple(int(v) for v in d["shape"]) for d in in_details]
         self._dynamic = any(None in s.shape for s in self.inputs)
+        # per quantized input: (scale, zero_point, lo, hi, float buffer, integer buffer) for a copy-free quantize
+        self._qbuf: list[tuple[Any, ...] | None] = []
+        for spec, shape, dt in zip(self.inputs, self._shapes, self._in_dtype, strict=True):
+            if spec.scale is None:
+                self._qbuf.append(None)
+                continue
+            info = np.iinfo(dt)
+            self._qbuf.append((np.float32(spec.scale), np.float32(spec.zero_point or 0),
+                               np.float32(info.min), np.float32(info.max),
+                               np.empty(shape, np.float32), np.empty(shape, dt)))
+        self._dq = [(np.float32(s.zero_point or 0), np.float32(s.scale)) if s.scale is not None else None
+                    for s in self.outputs]
 
     def _prepare(self, k: int, x: np.ndarray, raw: bool) -> np.ndarray:
         want = self._in_dtype[k]
         if x.dtype == want:
             return x
         if self._in_quant[k] and not raw and x.dtype.kind == "f":
-            return quantize(x, self.inputs[k])
+            q = self._qbuf[k]
+            if q is None or x.shape != q[4].shape:
+                return quantize(x, self.inputs[k])
+            scale, zp, lo, hi, buf, out = q
+            np.divide(x, scale, out=buf, casting="unsafe")
+            np.rint(buf, out=buf)
+            np.add(buf, zp, out=buf)
+            np.maximum(buf, lo, out=buf)
+            np.minimum(buf, hi, out=buf)
+            out[...] = buf
+            return out  # set_tensor copies it into the interpreter
         if want.kind == "f" and x.dtype.kind in "fiu":
             return x.astype(want)
         raise InputError(f"input {self.input_names[k]!r} has dtype {x.dtype}, the model expects {want}: "
@@ -131,7 +153,8 @@ class LiteRTSession:
                                  "match the model's inputs") from None
         if raw or not self._any_out_quant:
             return outs
-        return [dequantize(o, s) if q else o for o, s, q in zip(outs, self.outputs, self._out_quant, strict=True)]
+        return [o if dq is None else (o.astype(np.float32) - dq[0]) * dq[1]
+                for o, dq in zip(outs, self._dq, strict=True)]
 
     def close(self) -> None:
         """Release the interpreter."""

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edge_sdk.device_agent.runtimes.base import check_inputs, dequantize, quantize
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
+from edge_sdk.device_agent.runtimes.base import check_inputs, dequantize, quantize
 from edge_sdk.errors import InferenceError, InputError
 from edge_sdk.formats import Format
 

