@@ -213,8 +213,13 @@ def _cmd_archive(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edge-sdk``."""
     import os
+    import warnings
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
+    # frameworks' deprecation notices are for their API users, not for someone running a conversion
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify, "archive": _cmd_archive}

@@ -140,3 +140,47 @@ def test_failed_validation_left_out_unless_keep_failed(tiny: dict, tmp_path: Pat
     code, _, err = _run(capsys, "convert", tiny["pt"], *BASE, "--to", "onnx", "--out", out2)
     assert code == 2 and "already exists" in err
     assert Bundle.load(out2).artifact("onnx", "int8").validation.passed is False
+
+
+def test_python_api_module_and_iterable_calibration(tmp_path: Path) -> None:
+    from tiny_models import make_tiny
+
+    import edge_sdk
+
+    model = make_tiny(seed=3)
+    rng = np.random.default_rng(1)
+    samples = [rng.random((1, 3, 32, 32), dtype=np.float32) for _ in range(48)]
+    bundle = edge_sdk.convert(model, input_shape=[1, 3, 32, 32], to=["onnx"], precision=["fp32", "int8"],
+                              calib=lambda: iter(samples), out=tmp_path / "api", ort=False, quiet=True)
+    assert {a.key for a in bundle.artifacts} == {"onnx/fp32", "onnx/int8"}
+    assert bundle.manifest.source["kind"] == "module" and bundle.manifest.source["sha256"] is None
+    assert bundle.manifest.extra["calibration_samples"] == 28  # 20 of 48 held out for validation
+    assert all(a.validation.passed for a in bundle.artifacts)
+
+
+def test_image_folder_calibration_records_preprocessing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cv2 = pytest.importorskip("cv2")
+    skdata = pytest.importorskip("skimage.data")
+    from tiny_models import make_tiny
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        rgb = getattr(skdata, name)()
+        for k in range(3):  # a few crops per photo
+            h, w = rgb.shape[:2]
+            crop = rgb[k * h // 8: h - k * h // 8, k * w // 8: w - k * w // 8]
+            cv2.imwrite(str(folder / f"{name}_{k}.jpg"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    src = tmp_path / "tiny.pt"
+    torch.save(make_tiny().state_dict(), src)
+    code, _, err = _run(capsys, "convert", src, *BASE, "--to", "onnx", "--no-ort", "--precision", "int8",
+                        "--calib", folder, "--resize", "32x32", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
+                        "--out", tmp_path / "b")
+    assert code == 0, err
+    m = Bundle.load(tmp_path / "b").manifest
+    assert m.preprocessing["size"] == [32, 32] and m.preprocessing["mean"] == [0.5, 0.5, 0.5]
+    assert m.preprocessing["color"] == "RGB" and m.preprocessing["layout"] == "NCHW"
+    assert m.extra["calibration_samples"] == 12
+    # the baseline was measured on the preprocessed photos: (x/255 - 0.5) / 0.25 lies in [-2, 2]
+    for ch in m.baseline["input_channels"]:
+        assert -2.01 <= ch["min"] < ch["max"] <= 2.01
