@@ -73,12 +73,22 @@ def _calibration_flags(ctx: ConversionContext, samples: SampleSet, workdir: Path
     """-cind arguments: our calibration samples, transposed to NHWC where onnx2tf transposes the input."""
     flags: list[str] = ["-qt", "per-channel"]
     for k, (name, arr) in enumerate(zip(ctx.source.input_names, samples.arrays, strict=True)):
-        perm = channels_last(arr.ndim)
+        perm = channels_last(arr.ndim) if _channel_first(ctx) else None
         data = np.ascontiguousarray(arr.transpose(perm)) if perm else arr
         path = workdir / f"calib_{k}.npy"
         np.save(path, data.astype(np.float32))
         flags += ["-cind", name, path.name, "[0.0]", "[1.0]"]  # our samples are already normalized
     return flags
+
+
+def _channel_first(ctx: ConversionContext) -> bool:
+    """onnx2tf assumes channel-first inputs; inputs that are already channels-last must keep their shape."""
+    return ctx.source.layout == "NCHW"
+
+
+def _keep_shape_flags(ctx: ConversionContext) -> list[str]:
+    """``-kat`` (keep shape absolutely) for sources that are not channel-first, e.g. NHWC ONNX from Keras."""
+    return [] if _channel_first(ctx) else ["-kat", *ctx.source.input_names]
 
 
 def _cache_dir(ctx: ConversionContext, key: str, digest: str) -> tuple[Path, bool]:
@@ -121,14 +131,14 @@ class OnnxToTFLite:
             samples.check(src.input_shapes, "calibration")
             digest = _digest(model, samples)
             workdir, done = _cache_dir(ctx, "int8", digest)
-            flags = ["-oiqt", *_calibration_flags(ctx, samples, workdir)]
+            flags = ["-oiqt", *_calibration_flags(ctx, samples, workdir), *_keep_shape_flags(ctx)]
             name = "model_full_integer_quant.tflite" if int8_io else "model_integer_quant.tflite"
             notes.append(f"full integer (per-channel weights), calibrated on {len(samples)} samples; "
                          + ("int8 inputs/outputs" if int8_io else "float32 inputs/outputs"))
         else:
             digest = _digest(model, None)
             workdir, done = _cache_dir(ctx, "float", digest)
-            flags = ["-odrqt"]
+            flags = ["-odrqt", *_keep_shape_flags(ctx)]
             name = _OUTPUT[precision]
         if not done:
             _run_onnx2tf(model, workdir, flags)

@@ -10,6 +10,7 @@ Accepted sources:
 from __future__ import annotations
 
 import importlib
+import pickle
 import shutil
 import sys
 import tempfile
@@ -188,6 +189,7 @@ class OnnxSource(_Base):
 
     def __init__(self, path: Path, input_shape: list[int] | None = None) -> None:
         onnx = require("onnx", "onnx", "reading ONNX models")
+        from google.protobuf.message import DecodeError
         self.path = self.model = path
         try:
             proto = onnx.load(str(path), load_external_data=False)
@@ -195,9 +197,7 @@ class OnnxSource(_Base):
         except (onnx.checker.ValidationError, ValueError, OSError) as exc:
             raise SourceModelError(f"{path} is not a valid ONNX model ({str(exc).splitlines()[0][:160]}): "
                                    "re-export it, the file may be truncated or corrupt") from None
-        except Exception as exc:  # protobuf DecodeError has no stable import path across versions
-            if type(exc).__name__ != "DecodeError":
-                raise
+        except DecodeError:
             raise SourceModelError(f"{path} is not a valid ONNX model (protobuf decode failed): "
                                    "re-export it, the file may be truncated or corrupt") from None
         self.sha256 = sha256_path(path)
@@ -277,9 +277,7 @@ def _load_torch_file(path: Path, input_shape: list[int] | None, model_class: str
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise SourceModelError(f"{path} is not a readable PyTorch file ({str(exc).splitlines()[0][:120]}): "
                                "the file may be truncated or corrupt; save a state_dict, TorchScript or .pt2") from None
-    except Exception as exc:  # pickle.UnpicklingError from weights_only on a pickled module
-        if type(exc).__name__ != "UnpicklingError":
-            raise
+    except pickle.UnpicklingError:  # weights_only refuses a pickled module
         raise SourceModelError(f"{path} holds a pickled object, not a state_dict: save model.state_dict() and "
                                "pass --model-class, or save TorchScript / torch.export") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

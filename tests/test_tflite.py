@@ -360,3 +360,69 @@ def test_onnx2tf_precisions_match_source(onnx_case, precision, min_cos, max_rel,
         fp32 = ctx.path_for(Format.TFLITE, Precision.FP32, ".tflite")
         if fp32.exists():
             assert draft.path.stat().st_size <= 0.3 * fp32.stat().st_size
+
+
+# ---------------------------------------------------------------- PyTorch int8: conv + ReLU6 fusion
+
+def _relu6_net():
+    """A MobileNetV2-like block (conv-BN-ReLU6, depthwise, linear projection + residual) with wide pre-clamp
+    activations, so an unfused ReLU6 quantized with the conv's range would lose most of its precision."""
+    import torch
+    from torch import nn
+
+    def cbr(i: int, o: int, k: int, s: int = 1, g: int = 1) -> list:
+        return [nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o), nn.ReLU6()]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(*cbr(3, 16, 3, 2), *cbr(16, 16, 3, g=16))
+            self.proj = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+            self.head = nn.Sequential(*cbr(16, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+        def forward(self, x):
+            y = self.stem(x)
+            return self.head(y + self.proj(y))
+
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(4.0)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-0.5, 1.5)
+    return net.eval(), torch
+
+
+@pytest.mark.slow
+def test_torch_int8_fuses_relu6_into_conv(tmp_path: Path) -> None:
+    pytest.importorskip("litert_torch")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edge_sdk.converters.sources import load_source
+    from edge_sdk.converters.torch_to_tflite import TorchToTFLite
+
+    model, torch = _relu6_net()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(164, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x[100:])).numpy()
+    src = load_source(model, input_shape=[1, 3, 32, 32])
+    ctx = ConversionContext(src, tmp_path, calibration=SampleSet([x[:100]]))
+    draft = TorchToTFLite().convert(ctx, Precision.INT8)[0]
+    interp = Interpreter(model_path=str(draft.path))
+    ops = interp._get_ops_details()
+    names = {o["op_name"] for o in ops}
+    assert not names & {"RELU6", "RELU_N1_TO_1", "MINIMUM", "MAXIMUM", "HARD_SWISH"}, names  # fused into convs
+    tensors = {d["index"]: d for d in interp.get_tensor_details()}
+    dw_out = [tensors[o["outputs"][0]] for o in ops if o["op_name"] == "DEPTHWISE_CONV_2D"]
+    assert dw_out, names
+    for t in dw_out:  # the ReLU6 output range [0, 6] (or narrower), not the much wider pre-clamp conv range
+        scale, zero_point = t["quantization"]
+        assert 0 < scale <= 6 / 255 * 1.001 and zero_point == -128, t["quantization"]
+    m = _metrics(ref, _run_all(draft.path, x[100:]))
+    print(f"torch int8 relu6 net: {m}")
+    assert m["cos"] >= 0.99 and m["top1"] >= 0.95, m
