@@ -29,11 +29,12 @@ apt-deps:
 demo: install
 	$(BIN)/python examples/demo.py
 
+# PASSIVE: idle OpenMP threads sleep instead of spinning, so a shared 2-core box does not collapse
 test: install
-	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
