@@ -259,3 +259,33 @@ def test_keras_nhwc_model_to_onnx_fp32_and_int8(tmp_path):
     out8 = _run_all(int8.path, x)
     assert _cos(out8, ref) > 0.999
     assert np.abs(out8 - ref).max() < 0.05 * float(np.abs(ref).max())
+
+
+def test_int8_defaults_keep_input_layer_and_outputs_float(torch_ctx, torch_ref, tmp_path):
+    """Default int8: mean-of-per-sample min/max ranges, first conv float, logits not re-quantized."""
+    draft = torch_ctx.onnx(Precision.INT8)
+    model = onnx.load(str(draft.path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert producer[model.graph.output[0].name].op_type == "Gemm"  # no Q/DQ pair rounding the logits
+    first = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert first.input[0] == model.graph.input[0].name  # the input conv reads the float input directly
+    assert draft.tool_versions["onnx_calibration"] == "minmax-mean"
+    assert draft.tool_versions["onnx_float_layers"] == first.name
+    assert any("kept in float" in n for n in draft.notes)
+    # the plain min/max option quantizes everything, and the default is at least as close to the source
+    opts = ConvertOptions(extra={"onnx_calibration": "minmax", "onnx_float_input_layers": False,
+                                 "onnx_float_outputs": False})
+    ctx = ConversionContext(torch_ctx.source, tmp_path / "mm", calibration=torch_ctx.calibration, options=opts)
+    ctx._onnx[Precision.FP32] = torch_ctx.onnx(Precision.FP32)
+    plain = onnx.load(str(ctx.onnx(Precision.INT8).path))
+    plain_producer = {o: n for n in plain.graph.node for o in n.output}
+    assert plain_producer[plain.graph.output[0].name].op_type == "DequantizeLinear"
+    x, ref = torch_ref
+    err_default = np.abs(_run_all(draft.path, x) - ref).mean()
+    err_plain = np.abs(_run_all(ctx.onnx(Precision.INT8).path, x) - ref).mean()
+    assert err_default <= 1.1 * err_plain
+    bad = ConversionContext(torch_ctx.source, tmp_path / "bad", calibration=torch_ctx.calibration,
+                            options=ConvertOptions(extra={"onnx_calibration": "kl"}))
+    bad._onnx[Precision.FP32] = torch_ctx.onnx(Precision.FP32)
+    with pytest.raises(ConversionError, match="onnx_calibration"):
+        bad.onnx(Precision.INT8)
