@@ -29,7 +29,7 @@ from edge_sdk.converters.base import (
 )
 from edge_sdk.converters.sources import load_source
 from edge_sdk.converters.validate import DEFAULT_TOLERANCES, Tolerance, reference_outputs, validate_artifact
-from edge_sdk.errors import CalibrationError, EdgeSDKError, ValidationError
+from edge_sdk.errors import CalibrationError, EdgeSDKError, UnsupportedConversionError, ValidationError
 from edge_sdk.formats import Format, Precision, Task, parse_list
 from edge_sdk.preprocessing import Preprocessing
 from edge_sdk.progress import Reporter
@@ -56,7 +56,7 @@ class ArtifactResult:
 
     format: str
     precision: str
-    status: str  # passed | failed | skipped-validation | error
+    status: str  # passed | failed | skipped-validation | error | unsupported
     validation: Validation = field(default_factory=Validation)
     size_bytes: int | None = None
     shipped: bool = False
@@ -134,21 +134,30 @@ def convert(
     options: ConvertOptions | None = None,
     tolerances: dict[Precision, Tolerance] | None = None,
     ort: bool = True,
+    variants: Sequence[tuple[str | Format, str | Precision]] | None = None,
+    skip_unsupported: bool = False,
     keep_failed: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Bundle:
     """Convert ``source`` to each target x precision, validate each artifact, write a bundle to ``out``.
 
+    ``variants`` (explicit (format, precision) pairs) replaces the ``to`` x ``precision`` product;
+    ``skip_unsupported`` records variants this source cannot produce instead of refusing the request.
+
     Returns the :class:`Bundle`. Raises :class:`ValidationError` (with ``.bundle`` and ``.results``)
     after writing the bundle when any artifact failed; raises before writing anything for bad input
     (unknown target/precision, unreadable source, missing calibration data, wrong shapes).
     """
     load_builtin_converters()
-    targets: list[Format] = _as_list(to, Format)
-    precisions: list[Precision] = _as_list(precision, Precision)
-    if Format.ONNX in targets and ort and Format.ORT not in targets:
-        targets.insert(targets.index(Format.ONNX) + 1, Format.ORT)
+    if variants is not None:
+        pairs = [(Format.parse(str(f)), Precision.parse(str(p))) for f, p in variants]
+    else:
+        targets: list[Format] = _as_list(to, Format)
+        precisions: list[Precision] = _as_list(precision, Precision)
+        if Format.ONNX in targets and ort and Format.ORT not in targets:
+            targets.insert(targets.index(Format.ONNX) + 1, Format.ORT)
+        pairs = [(f, p) for f in targets for p in precisions]
     out = Path(out)
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise EdgeSDKError(f"{out} already exists: choose another --out or pass --overwrite")
@@ -160,12 +169,20 @@ def convert(
         src = load_source(source, input_shape=list(input_shape) if input_shape else None,
                           model_class=model_class, framework=framework)
     try:
-        plan = []
-        for fmt in targets:
-            conv = get_converter(src.framework, fmt)
-            for p in precisions:
+        plan, unsupported = [], []
+        for fmt, p in pairs:
+            try:
+                conv = get_converter(src.framework, fmt)
                 check_precision(conv, p)
-                plan.append((fmt, p, conv))
+            except UnsupportedConversionError as exc:
+                if not skip_unsupported:
+                    raise
+                unsupported.append(ArtifactResult(fmt.value, p.value, "unsupported", reason=str(exc)))
+                continue
+            plan.append((fmt, p, conv))
+        if not plan:
+            raise UnsupportedConversionError("none of the requested variants can be produced from a "
+                                             f"{src.framework.value} source: " + _summary(unsupported))
         if calib is None and any(_needs_calibration(f, p) for f, p, _ in plan):
             raise CalibrationError("int8 needs calibration data: pass --calib FILE.npy (or an image folder "
                                    "with preprocessing flags), 100-500 representative inputs")
@@ -189,14 +206,14 @@ def convert(
             else Task.OTHER)
         classifier = the_task is Task.CLASSIFICATION
         return _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task,
-                      out, name, version, preprocessing, options, tols, keep_failed, overwrite, report)
+                      out, name, version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported)
     finally:
         src.close()
 
 
 def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task, out, name,
-           version, preprocessing, options, tols, keep_failed, overwrite, report) -> Bundle:
-    results: list[ArtifactResult] = []
+           version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported) -> Bundle:
+    results: list[ArtifactResult] = list(unsupported)
     artifacts: list[Artifact] = []
     workdir = Path(tempfile.mkdtemp(prefix="edge_sdk_work_"))
     try:

@@ -45,16 +45,12 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``edge-sdk``."""
-    p = argparse.ArgumentParser(prog="edge-sdk", description="Convert, validate and bundle models for devices.")
-    p.add_argument("--version", action="version", version=f"edge-sdk {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    c = sub.add_parser("convert", help="convert a model to validated device artifacts in one bundle")
+def _add_source_args(c: argparse.ArgumentParser, *, build: bool = False) -> None:
+    """Arguments shared by ``convert`` and ``build``."""
     c.add_argument("source", help="model file (.pt/.pth/.pt2/TorchScript, .keras/.h5, SavedModel dir, .onnx)")
-    c.add_argument("--to", default="onnx", help="targets: tflite,coreml,openvino,onnx (onnx also writes .ort)")
-    c.add_argument("--precision", default="fp32", help="fp32,fp16,dynamic,int8,palettized")
+    if not build:
+        c.add_argument("--to", default="onnx", help="targets: tflite,coreml,openvino,onnx (onnx also writes .ort)")
+        c.add_argument("--precision", default="fp32", help="fp32,fp16,dynamic,int8,palettized")
     c.add_argument("--calib", help="calibration data: .npy/.npz of ready tensors or an image folder")
     c.add_argument("--out", required=True, help="bundle directory to create")
     c.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224 (needed for state_dict/TorchScript)")
@@ -69,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout, no progress")
     c.add_argument("--keep-failed", action="store_true", help="keep artifacts that fail validation (passed: false)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
-    c.add_argument("--no-ort", action="store_true", help="do not write the .ort file beside the onnx target")
+    if not build:
+        c.add_argument("--no-ort", action="store_true", help="do not write the .ort file beside the onnx target")
     g = c.add_argument_group("preprocessing (recorded in the manifest; needed for image-folder data)")
     g.add_argument("--preset", choices=["imagenet"], help="imagenet: 224 centre crop, RGB, ImageNet mean/std, NCHW")
     g.add_argument("--resize", type=_size, help="HxW")
@@ -84,13 +81,40 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     o.add_argument("--onnx-activations", choices=["uint8", "int8"], default="uint8",
                    help="ONNX int8 activation type (uint8 is faster on x86 ORT)")
-    o.add_argument("--ort-platform", choices=["amd64", "arm"], default="amd64", help=".ort layout optimisation")
-    o.add_argument("--coreml-target", default="iOS16", help="Core ML minimum deployment target")
+    o.add_argument("--ort-platform", choices=["amd64", "arm"],
+                   help=".ort layout optimisation (default amd64, or the target profile's)")
+    o.add_argument("--coreml-target", help="Core ML minimum deployment target (default iOS16, or the profile's)")
     o.add_argument("--palette-bits", type=int, default=6, help="Core ML palettization bits")
     o.add_argument("--float-io", action="store_true", help="TFLite int8 keeps float inputs/outputs")
     o.add_argument("--tolerance", action="append", default=[], metavar="PRECISION:KEY=VALUE",
                    help="override a validation limit, e.g. int8:min_cosine=0.9 (repeatable)")
 
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``edge-sdk``."""
+    p = argparse.ArgumentParser(prog="edge-sdk", description="Convert, validate and bundle models for devices.")
+    p.add_argument("--version", action="version", version=f"edge-sdk {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a model to validated device artifacts in one bundle")
+    _add_source_args(c)
+    bld = sub.add_parser("build", help="build for a named device: convert, validate, check, benchmark, select")
+    bld.add_argument("--target", required=True, help="profile name (see `edge-sdk targets`) or a .toml file")
+    bld.add_argument("--max-accuracy-drop", type=float, metavar="PP",
+                     help="accuracy budget in percentage points (default: the profile's)")
+    bld.add_argument("--runs", type=int, default=50, help="benchmark runs per candidate (default 50)")
+    _add_source_args(bld, build=True)
+    bm = sub.add_parser("benchmark", help="latency, memory, size and accuracy of every artifact of a bundle")
+    bm.add_argument("bundle")
+    bm.add_argument("--runs", type=int, default=100)
+    bm.add_argument("--warmup", type=int, default=10)
+    bm.add_argument("--threads", default="1", help="thread counts to measure, e.g. 1,2")
+    bm.add_argument("--json", action="store_true")
+    bm.add_argument("--plot", help="write a PNG of latency against size")
+    bm.add_argument("--store", action="store_true", help="store the results (with the host) in the manifest")
+    tg = sub.add_parser("targets", help="list the target device profiles")
+    tg.add_argument("--json", action="store_true")
     i = sub.add_parser("inspect", help="show a bundle's artifacts and validation")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
@@ -128,9 +152,7 @@ def _tolerances(items: list[str]) -> dict:
     return out
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from edge_sdk.converters.base import ConvertOptions
-    from edge_sdk.converters.pipeline import convert
+def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from edge_sdk.preprocessing import Preprocessing
 
     pre = None
@@ -139,17 +161,32 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     elif args.resize or args.layout:
         pre = Preprocessing(size=args.resize, color=args.color, layout=args.layout or "NCHW", scale=args.scale,
                             mean=args.mean, std=args.std, resize_mode=args.resize_mode)
-    options = ConvertOptions(calib_limit=args.calib_limit, onnx_opset=args.opset,
-                             onnx_activation_type=args.onnx_activations, ort_target_platform=args.ort_platform,
-                             coreml_minimum_deployment_target=args.coreml_target,
-                             coreml_palette_bits=args.palette_bits, tflite_int8_io=not args.float_io)
+    return dict(val=args.val, val_labels=args.val_labels, labels=args.labels, input_shape=args.input_shape,
+                model_class=args.model_class, framework=args.framework, name=args.name, version=args.model_version,
+                task=args.task, preprocessing=pre, tolerances=_tolerances(args.tolerance),
+                keep_failed=args.keep_failed, overwrite=args.overwrite, quiet=args.json)
+
+
+def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-target options the user gave on the command line (those override a target profile)."""
+    pairs = (("ort_target_platform", args.ort_platform), ("coreml_minimum_deployment_target", args.coreml_target))
+    return {k: v for k, v in pairs if v is not None}
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from edge_sdk.converters.base import ConvertOptions
+
+    return ConvertOptions(calib_limit=args.calib_limit, onnx_opset=args.opset,
+                          onnx_activation_type=args.onnx_activations, coreml_palette_bits=args.palette_bits,
+                          tflite_int8_io=not args.float_io, **_explicit_options(args))
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from edge_sdk.converters.pipeline import convert
+
     try:
         bundle = convert(args.source, out=args.out, to=args.to, precision=args.precision, calib=args.calib,
-                         val=args.val, val_labels=args.val_labels, labels=args.labels, input_shape=args.input_shape,
-                         model_class=args.model_class, framework=args.framework, name=args.name,
-                         version=args.model_version, task=args.task, preprocessing=pre, options=options,
-                         tolerances=_tolerances(args.tolerance), ort=not args.no_ort, keep_failed=args.keep_failed,
-                         overwrite=args.overwrite, quiet=args.json)
+                         options=_options(args), ort=not args.no_ort, **_common_kwargs(args))
     except ValidationError as exc:
         bundle = getattr(exc, "bundle", None)
         if args.json:
@@ -160,6 +197,57 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         _print_json(bundle, getattr(bundle, "results", []), None)
     else:
         print(f"bundle written: {bundle.root} ({len(bundle.artifacts)} artifacts)", file=sys.stderr)
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from edge_sdk.converters.build import build
+    from edge_sdk.targets.profiles import load_profile
+
+    options = replace(load_profile(args.target).convert_options(_options(args)), **_explicit_options(args))
+    bundle = build(args.source, target=args.target, out=args.out, calib=args.calib, options=options,
+                   max_accuracy_drop=args.max_accuracy_drop, runs=args.runs, **_common_kwargs(args))
+    info = bundle.manifest.extra["build"]
+    if args.json:
+        print(json.dumps({"bundle": str(bundle.root), **info}, indent=2))
+    else:
+        print(f"bundle written: {bundle.root}; selected {info['selected']} for {info['target']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from edge_sdk.bundle import Bundle
+    from edge_sdk.device_agent.benchmark import benchmark_bundle, store_in_manifest
+
+    try:
+        threads = tuple(int(t) for t in args.threads.split(","))
+    except ValueError:
+        raise EdgeSDKError(f"--threads {args.threads!r} must be integers like 1,2") from None
+    bundle = Bundle.load(args.bundle)
+    report = benchmark_bundle(bundle, runs=args.runs, warmup=args.warmup, threads=threads)
+    if args.plot:
+        report.plot(args.plot)
+    if args.store:
+        store_in_manifest(bundle, report)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(report.table())
+    return 0
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from edge_sdk.targets.profiles import format_profiles, list_profiles
+
+    profiles = list_profiles()
+    if args.json:
+        print(json.dumps([p.describe() for p in profiles], indent=2))
+    else:
+        print(format_profiles(profiles))
     return 0
 
 
@@ -222,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify, "archive": _cmd_archive}
+    handlers = {"convert": _cmd_convert, "build": _cmd_build, "benchmark": _cmd_benchmark, "targets": _cmd_targets,
+                "inspect": _cmd_inspect, "verify": _cmd_verify, "archive": _cmd_archive}
     if args.command is None:
         parser.print_help()
         return 2

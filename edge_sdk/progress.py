@@ -60,7 +60,8 @@ class Reporter:
         if with_accuracy:
             t.add_column("accuracy (source)", justify="right")
         t.add_column("notes", overflow="fold", max_width=60)
-        colour = {"passed": "green", "failed": "red", "error": "red", "skipped-validation": "yellow"}
+        colour = {"passed": "green", "failed": "red", "error": "red", "skipped-validation": "yellow",
+                  "unsupported": "yellow"}
         for r in results:
             v = r.validation
             row = [r.key, f"[{colour.get(r.status, 'white')}]{r.status}[/]", fmt_bytes(r.size_bytes),
