@@ -7,13 +7,14 @@ tools it used (for ``ArtifactDraft.tool_versions``). Frameworks are imported ins
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_sdk._deps import require
+from edge_sdk._deps import has_module, require
 from edge_sdk.calibration import SampleSet
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions
 from edge_sdk.errors import CalibrationError, ConversionError
@@ -30,6 +31,7 @@ __all__ = [
 
 _ACTIVATION_TYPES = ("uint8", "int8")
 _CALIBRATIONS = ("minmax-mean", "minmax", "percentile", "entropy")
+_QUANTIZERS = ("auto", "nncf", "ort")
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
 _WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -164,34 +166,101 @@ def _float_outputs(path: Path) -> int:
     return changed
 
 
-def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, options: ConvertOptions,
-                        sample_names: list[str] | None = None) -> dict[str, str]:
-    """Static int8 QDQ quantization: per-channel int8 weights, uint8 (default) or int8 activations.
+def _quantizer(options: ConvertOptions) -> str:
+    """The int8 tool named by ``options.extra['onnx_quantizer']``: ``nncf``, ``ort`` or ``auto`` (default).
 
-    ``sample_names`` names the ONNX input each of ``samples.arrays`` feeds (default: graph input order).
-    Defaults (measured on ImageNet MobileNetV2, see ``_calibration``): activation ranges are the mean of the
-    per-sample min/max; the layer(s) reading the graph inputs stay float (``options.extra
-    ['onnx_float_input_layers']``, default True) and the graph outputs are not quantized
-    (``options.extra['onnx_float_outputs']``, default True). The returned dict records these choices.
+    ``auto`` picks NNCF when it is installed (the ``openvino-convert`` extra), unless an ORT calibration method
+    is asked for with ``onnx_calibration``; otherwise ONNX Runtime's own quantizer.
     """
-    quant = require("onnxruntime.quantization", "onnx", "ONNX static quantization")
-    act = options.onnx_activation_type.strip().lower()
-    if act not in _ACTIVATION_TYPES:
-        raise ConversionError(f"onnx_activation_type {options.onnx_activation_type!r} is not supported: "
-                              f"choose from {', '.join(_ACTIVATION_TYPES)}")
-    names = onnx_input_names(fp32_path)
-    if sample_names is not None and sorted(sample_names) == sorted(names):
-        names = list(sample_names)
-    if len(samples.arrays) != len(names):
-        raise CalibrationError(f"calibration data has {len(samples.arrays)} input(s) but the ONNX model takes "
-                               f"{len(names)} ({', '.join(names)}): give one array per input")
-    if len(samples) == 0:
-        raise CalibrationError("calibration data is empty: give 100-500 representative inputs")
-    calib_name, calib_method, extra = _calibration(quant, options)
-    pre = _pre_process(fp32_path, out_path)
+    name = str(options.extra.get("onnx_quantizer", "auto")).strip().lower()
+    if name not in _QUANTIZERS:
+        raise ConversionError(f"onnx_quantizer {name!r} is not supported: choose from {', '.join(_QUANTIZERS)}")
+    if name == "auto":
+        return "ort" if "onnx_calibration" in options.extra or not has_module("nncf") else "nncf"
+    return name
+
+
+def _retype_activations(path: Path, act: str) -> int:
+    """Make every activation Quantize/Dequantize pair ``act`` (uint8/int8) on the same grid (zero point +-128).
+
+    NNCF gives tensors that can be negative (conv outputs without ReLU, residual adds, the input) int8
+    quantizers and ReLU outputs uint8 ones; ORT cannot fuse a Conv whose input and output types differ into
+    QLinearConv and runs it in float. The shifted quantizer represents exactly the same values.
+    Returns how many quantizers were changed.
+    """
     onnx = require("onnx", "onnx", "ONNX quantization")
-    float_layers = (_input_layers(onnx.load(str(pre), load_external_data=False))
-                    if options.extra.get("onnx_float_input_layers", True) else [])
+    numpy_helper = require("onnx.numpy_helper", "onnx", "ONNX quantization")
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    src, dst, shift = ((onnx.TensorProto.INT8, np.uint8, 128) if act == "uint8"
+                       else (onnx.TensorProto.UINT8, np.int8, -128))
+    changed: set[str] = set()
+    outputs: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
+            continue
+        zp = inits.get(node.input[2])
+        if zp is None or (zp.data_type != src and zp.name not in changed):
+            continue
+        outputs.add(node.output[0])
+        if zp.name not in changed:
+            shifted = numpy_helper.to_array(zp).astype(np.int16) + shift
+            zp.CopyFrom(numpy_helper.from_array(shifted.astype(dst), zp.name))
+            changed.add(zp.name)
+    if outputs:
+        keep = [v for v in graph.value_info if v.name not in outputs]
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+        onnx.save_model(model, str(path))
+    return len(outputs)
+
+
+def _nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], options: ConvertOptions,
+              act: str, float_layers: list[str]) -> dict[str, str]:
+    """NNCF post-training quantization of the pre-processed ONNX file, laid out for ORT's QDQ fusion.
+
+    MIXED preset (symmetric per-channel int8 weights, asymmetric activations) with full bias correction
+    (``fast_bias_correction=False``). Activations are forced per-tensor: NNCF's CPU config gives depthwise
+    conv inputs per-channel quantizers, which ORT cannot fuse (measured 36 ms vs 3.7 ms on MobileNetV2).
+    """
+    onnx = require("onnx", "onnx", "ONNX quantization")
+    nncf = require("nncf", "openvino-convert", "NNCF int8 quantization of ONNX models")
+    adv = require("nncf.quantization.advanced_parameters", "openvino-convert", "NNCF int8 quantization")
+    calib = str(options.extra.get("onnx_calibration", "minmax-mean")).strip().lower()
+    ranges = {"minmax-mean": "MEAN_MINMAX", "minmax": "MINMAX"}
+    if calib not in ranges:
+        raise ConversionError(f"onnx_calibration {calib!r} is not supported with onnx_quantizer 'nncf': choose "
+                              f"from {', '.join(ranges)}, or set onnx_quantizer to 'ort'")
+    estimators = require("nncf.quantization.range_estimator", "openvino-convert", "NNCF int8 quantization")
+    params = adv.AdvancedQuantizationParameters(
+        activations_quantization_params=adv.QuantizationParameters(per_channel=False),
+        weights_quantization_params=adv.QuantizationParameters(per_channel=options.onnx_per_channel),
+        activations_range_estimator_params=getattr(estimators.RangeEstimatorParametersSet, ranges[calib]))
+    data = [{n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, item, strict=True)}
+            for item in samples]
+    nncf.set_log_level(logging.ERROR)
+    try:
+        quantized = nncf.quantize(
+            onnx.load(str(pre)), nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
+            target_device=nncf.TargetDevice.CPU, subset_size=len(data), fast_bias_correction=False,
+            ignored_scope=nncf.IgnoredScope(names=float_layers) if float_layers else None,
+            advanced_parameters=params)
+    except (RuntimeError, ValueError, KeyError, nncf.ValidationError, nncf.InternalError,
+            nncf.UnsupportedModelError) as exc:
+        raise ConversionError(f"NNCF int8 quantization failed ({exc}): set ConvertOptions.extra "
+                              "onnx_quantizer='ort' or use precision 'dynamic'") from exc
+    onnx.save_model(quantized, str(out_path))
+    retyped = _retype_activations(out_path, act)
+    return {"nncf": nncf.__version__, "onnx_calibration": f"nncf-{calib}+bias-correction",
+            "onnx_retyped_activations": str(retyped)}
+
+
+def _ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], options: ConvertOptions,
+             act: str, float_layers: list[str]) -> dict[str, str]:
+    """ONNX Runtime ``quantize_static`` of the pre-processed ONNX file."""
+    quant = require("onnxruntime.quantization", "onnx", "ONNX static quantization")
+    calib_name, calib_method, extra = _calibration(quant, options)
     try:
         quant.quantize_static(
             str(pre), str(out_path), _reader(samples, names),
@@ -206,12 +275,49 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ConversionError(f"ONNX static int8 quantization failed ({exc}): check the calibration data "
                               "matches the model inputs, or use precision 'dynamic'") from exc
+    return {"onnx_calibration": calib_name}
+
+
+def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, options: ConvertOptions,
+                        sample_names: list[str] | None = None) -> dict[str, str]:
+    """Static int8 QDQ quantization: per-channel int8 weights, uint8 (default) or int8 activations.
+
+    ``sample_names`` names the ONNX input each of ``samples.arrays`` feeds (default: graph input order).
+    The tool is chosen by ``_quantizer`` (``options.extra['onnx_quantizer']``). Measured on ImageNet
+    MobileNetV2 (240 photos, 1 thread): NNCF (default) kept 100% of the confident top-1 decisions at 3.7 ms;
+    ORT's quantizer with mean-of-per-sample min/max ranges and the input layer(s) kept in float 96.5-97.9%
+    at 3.3 ms. ``options.extra['onnx_float_input_layers']`` keeps the layer(s) reading the graph inputs float
+    (default: True for ORT, False for NNCF) and ``options.extra['onnx_float_outputs']`` (default True) removes
+    any Q/DQ pair on the graph outputs. The returned dict records these choices.
+    """
+    act = options.onnx_activation_type.strip().lower()
+    if act not in _ACTIVATION_TYPES:
+        raise ConversionError(f"onnx_activation_type {options.onnx_activation_type!r} is not supported: "
+                              f"choose from {', '.join(_ACTIVATION_TYPES)}")
+    tool = _quantizer(options)
+    names = onnx_input_names(fp32_path)
+    if sample_names is not None and sorted(sample_names) == sorted(names):
+        names = list(sample_names)
+    if len(samples.arrays) != len(names):
+        raise CalibrationError(f"calibration data has {len(samples.arrays)} input(s) but the ONNX model takes "
+                               f"{len(names)} ({', '.join(names)}): give one array per input")
+    if len(samples) == 0:
+        raise CalibrationError("calibration data is empty: give 100-500 representative inputs")
+    if tool == "ort":
+        _calibration(require("onnxruntime.quantization", "onnx", "ONNX static quantization"), options)
+    pre = _pre_process(fp32_path, out_path)
+    onnx = require("onnx", "onnx", "ONNX quantization")
+    float_layers = (_input_layers(onnx.load(str(pre), load_external_data=False))
+                    if options.extra.get("onnx_float_input_layers", tool == "ort") else [])
+    try:
+        run = _nncf_qdq if tool == "nncf" else _ort_qdq
+        info = run(pre, out_path, samples, names, options, act, float_layers)
     finally:
         pre.unlink(missing_ok=True)
     floats = _float_outputs(out_path) if options.extra.get("onnx_float_outputs", True) else 0
-    return {**onnx_versions(), "onnx_activation_type": act, "onnx_per_channel": str(options.onnx_per_channel),
-            "onnx_calibration": calib_name, "onnx_float_layers": ",".join(float_layers) or "none",
-            "onnx_float_outputs": str(floats)}
+    return {**onnx_versions(), **info, "onnx_quantizer": tool, "onnx_activation_type": act,
+            "onnx_per_channel": str(options.onnx_per_channel),
+            "onnx_float_layers": ",".join(float_layers) or "none", "onnx_float_outputs": str(floats)}
 
 
 def quantize_dynamic_onnx(fp32_path: Path, out_path: Path, options: ConvertOptions) -> dict[str, str]:
@@ -256,7 +362,8 @@ def derive_onnx_precision(ctx: ConversionContext, precision: Precision, note: st
     elif precision is Precision.INT8:
         samples = ctx.require_calibration("ONNX int8 quantization")
         versions = quantize_static_qdq(fp32.path, out, samples, ctx.options, list(ctx.source.input_names))
-        notes.append(f"static QDQ int8 ({versions['onnx_activation_type']} activations, "
+        notes.append(f"static QDQ int8 by {versions['onnx_quantizer']} "
+                     f"({versions['onnx_activation_type']} activations, "
                      f"{'per-channel' if ctx.options.onnx_per_channel else 'per-tensor'} int8 weights) "
                      f"calibrated on {len(samples)} samples ({versions['onnx_calibration']} ranges); "
                      "inputs and outputs stay float32")

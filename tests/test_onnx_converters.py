@@ -261,28 +261,72 @@ def test_keras_nhwc_model_to_onnx_fp32_and_int8(tmp_path):
     assert np.abs(out8 - ref).max() < 0.05 * float(np.abs(ref).max())
 
 
-def test_int8_defaults_keep_input_layer_and_outputs_float(torch_ctx, torch_ref, tmp_path):
-    """Default int8: mean-of-per-sample min/max ranges, first conv float, logits not re-quantized."""
+def _ort_ops(path: Path, tmp_path: Path) -> list[str]:
+    """Op types of the graph ONNX Runtime actually runs (after its QDQ fusions)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def test_int8_default_is_nncf_and_fuses_in_ort(torch_ctx, torch_ref, tmp_path):
+    """Default int8 (NNCF when installed): per-tensor uint8 activations that ORT fuses into QLinearConv."""
+    pytest.importorskip("nncf")
     draft = torch_ctx.onnx(Precision.INT8)
+    assert draft.tool_versions["onnx_quantizer"] == "nncf" and "nncf" in draft.tool_versions
+    assert any("by nncf" in n for n in draft.notes)
+    model = onnx.load(str(draft.path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert producer[model.graph.output[0].name].op_type == "Gemm"  # logits not re-quantized
+    ops = _ort_ops(draft.path, tmp_path)
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops and "FusedConv" not in ops
+    x, ref = torch_ref
+    out = _run_all(draft.path, x)
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    # ORT's quantizer (selectable) gives a comparable result
+    ctx = ConversionContext(torch_ctx.source, tmp_path / "ort", calibration=torch_ctx.calibration,
+                            options=ConvertOptions(extra={"onnx_quantizer": "ort"}))
+    ctx._onnx[Precision.FP32] = torch_ctx.onnx(Precision.FP32)
+    err_nncf = np.abs(out - ref).mean()
+    err_ort = np.abs(_run_all(ctx.onnx(Precision.INT8).path, x) - ref).mean()
+    assert err_nncf <= 1.5 * err_ort
+    bad = ConversionContext(torch_ctx.source, tmp_path / "bad", calibration=torch_ctx.calibration,
+                            options=ConvertOptions(extra={"onnx_quantizer": "tensorrt"}))
+    bad._onnx[Precision.FP32] = torch_ctx.onnx(Precision.FP32)
+    with pytest.raises(ConversionError, match="onnx_quantizer"):
+        bad.onnx(Precision.INT8)
+
+
+def test_ort_int8_keeps_input_layer_and_outputs_float(torch_ctx, torch_ref, tmp_path):
+    """ORT quantizer: mean-of-per-sample min/max ranges, first conv float, logits not re-quantized."""
+    ctx = ConversionContext(torch_ctx.source, tmp_path / "def", calibration=torch_ctx.calibration,
+                            options=ConvertOptions(extra={"onnx_quantizer": "ort"}))
+    ctx._onnx[Precision.FP32] = torch_ctx.onnx(Precision.FP32)
+    draft = ctx.onnx(Precision.INT8)
     model = onnx.load(str(draft.path))
     producer = {o: n for n in model.graph.node for o in n.output}
     assert producer[model.graph.output[0].name].op_type == "Gemm"  # no Q/DQ pair rounding the logits
     first = next(n for n in model.graph.node if n.op_type == "Conv")
     assert first.input[0] == model.graph.input[0].name  # the input conv reads the float input directly
+    assert draft.tool_versions["onnx_quantizer"] == "ort"
     assert draft.tool_versions["onnx_calibration"] == "minmax-mean"
     assert draft.tool_versions["onnx_float_layers"] == first.name
     assert any("kept in float" in n for n in draft.notes)
-    # the plain min/max option quantizes everything, and the default is at least as close to the source
+    # the plain min/max option (which selects ORT by itself) quantizes everything; the default is as close
     opts = ConvertOptions(extra={"onnx_calibration": "minmax", "onnx_float_input_layers": False,
                                  "onnx_float_outputs": False})
-    ctx = ConversionContext(torch_ctx.source, tmp_path / "mm", calibration=torch_ctx.calibration, options=opts)
-    ctx._onnx[Precision.FP32] = torch_ctx.onnx(Precision.FP32)
-    plain = onnx.load(str(ctx.onnx(Precision.INT8).path))
+    ctx2 = ConversionContext(torch_ctx.source, tmp_path / "mm", calibration=torch_ctx.calibration, options=opts)
+    ctx2._onnx[Precision.FP32] = torch_ctx.onnx(Precision.FP32)
+    plain_draft = ctx2.onnx(Precision.INT8)
+    assert plain_draft.tool_versions["onnx_quantizer"] == "ort"
+    plain = onnx.load(str(plain_draft.path))
     plain_producer = {o: n for n in plain.graph.node for o in n.output}
     assert plain_producer[plain.graph.output[0].name].op_type == "DequantizeLinear"
     x, ref = torch_ref
     err_default = np.abs(_run_all(draft.path, x) - ref).mean()
-    err_plain = np.abs(_run_all(ctx.onnx(Precision.INT8).path, x) - ref).mean()
+    err_plain = np.abs(_run_all(plain_draft.path, x) - ref).mean()
     assert err_default <= 1.1 * err_plain
     bad = ConversionContext(torch_ctx.source, tmp_path / "bad", calibration=torch_ctx.calibration,
                             options=ConvertOptions(extra={"onnx_calibration": "kl"}))
