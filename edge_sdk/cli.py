@@ -206,7 +206,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from edge_sdk.converters.build import build
     from edge_sdk.targets.profiles import load_profile
 
-    options = replace(load_profile(args.target).convert_options(_options(args)), **_explicit_options(args))
+    options = replace(_options(args), **{**load_profile(args.target).convert_options(), **_explicit_options(args)})
     bundle = build(args.source, target=args.target, out=args.out, calib=args.calib, options=options,
                    max_accuracy_drop=args.max_accuracy_drop, runs=args.runs, **_common_kwargs(args))
     info = bundle.manifest.extra["build"]
@@ -241,11 +241,11 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from edge_sdk.targets.profiles import format_profiles, list_profiles
+    from edge_sdk.targets import format_profiles, list_profiles
 
     profiles = list_profiles()
     if args.json:
-        print(json.dumps([p.describe() for p in profiles], indent=2))
+        print(json.dumps([p.to_dict() for p in profiles], indent=2))
     else:
         print(format_profiles(profiles))
     return 0
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingDependencyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (EdgeSDKError, ValueError) as exc:
+    except (EdgeSDKError, ValueError) as exc:  # ValueError: bad enum names and numeric arguments
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
