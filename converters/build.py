@@ -18,7 +18,7 @@ from edge_sdk.converters.pipeline import convert
 from edge_sdk.errors import EdgeSDKError, ValidationError
 from edge_sdk.progress import Reporter
 
-__all__ = ["Candidate", "build", "within_budget"]
+__all__ = ["Candidate", "build", "select_for_target", "within_budget"]
 
 # two variants closer than this in p50 latency count as a tie; ties go to the profile's preference order,
 # so a noisy machine does not flip the selection from run to run
@@ -72,7 +72,6 @@ def within_budget(artifact: Artifact, max_drop_pp: float, min_cosine: float | No
 def build(source: Any, *, target: str, out: str | Path, calib: Any = None, max_accuracy_drop: float | None = None,
           runs: int = 50, warmup: int = 10, rounds: int = 3, quiet: bool = False, **convert_kwargs: Any) -> Bundle:
     """Build a bundle for a named target profile and record the selected variant in the manifest."""
-    from edge_sdk.targets.compat import check_artifact
     from edge_sdk.targets.profiles import load_profile
 
     profile = load_profile(target)
@@ -88,6 +87,15 @@ def build(source: Any, *, target: str, out: str | Path, calib: Any = None, max_a
         bundle = getattr(exc, "bundle", None)
         if bundle is None:
             raise
+    return select_for_target(bundle, profile, budget, runs=runs, warmup=warmup, rounds=rounds, quiet=quiet)
+
+
+def select_for_target(bundle: Bundle, profile: Any, budget: float, *, runs: int = 50, warmup: int = 10,
+                      rounds: int = 3, quiet: bool = False) -> Bundle:
+    """Check every artifact against the profile, benchmark where this host can stand in for the target,
+    select, and record the selection in ``manifest.extra["build"]`` (saved)."""
+    from edge_sdk.targets.compat import check_artifact
+
     report = Reporter(quiet=quiet)
     order = {f"{c.format.value}/{c.precision.value}": i for i, c in enumerate(profile.candidates)}
     cands: list[Candidate] = []
@@ -170,8 +178,9 @@ def _select_by_preference(cands: list[Candidate], target: str) -> dict[str, Any]
 
 
 def _print_selection(info: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from edge_sdk.progress import stderr_console
 
     t = Table(title=f"candidates for {info['target']}")
     for col in ("artifact", "p50 ms", "vs fp32", "compatible", "in budget", "reasons"):
@@ -182,6 +191,6 @@ def _print_selection(info: dict[str, Any]) -> None:
         t.add_row(mark + c["key"], f"{c['p50_ms']:.3f}" if c["p50_ms"] else "-", ratio,
                   "yes" if c["compatible"] else "no", "yes" if c["within_budget"] else "no",
                   "; ".join(c["reasons"])[:160])
-    con = Console(stderr=True)
+    con = stderr_console()
     con.print(t)
     con.print(f"selected [bold]{info['selected']}[/bold]: {info['reason']}")

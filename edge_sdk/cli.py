@@ -8,9 +8,11 @@ or a missing dependency (nothing written).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[None]:
+    """With --json, stdout carries only the JSON: route everything else written to fd 1 (Python prints and
+    native libraries' progress output alike) to stderr while the work runs."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _version() -> str:
     from edge_sdk import __version__
 
@@ -185,8 +206,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from edge_sdk.converters.pipeline import convert
 
     try:
-        bundle = convert(args.source, out=args.out, to=args.to, precision=args.precision, calib=args.calib,
-                         options=_options(args), ort=not args.no_ort, **_common_kwargs(args))
+        with _stdout_to_stderr(args.json):
+            bundle = convert(args.source, out=args.out, to=args.to, precision=args.precision, calib=args.calib,
+                             options=_options(args), ort=not args.no_ort, **_common_kwargs(args))
     except ValidationError as exc:
         bundle = getattr(exc, "bundle", None)
         if args.json:
@@ -207,8 +229,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from edge_sdk.targets.profiles import load_profile
 
     options = replace(_options(args), **{**load_profile(args.target).convert_options(), **_explicit_options(args)})
-    bundle = build(args.source, target=args.target, out=args.out, calib=args.calib, options=options,
-                   max_accuracy_drop=args.max_accuracy_drop, runs=args.runs, **_common_kwargs(args))
+    with _stdout_to_stderr(args.json):
+        bundle = build(args.source, target=args.target, out=args.out, calib=args.calib, options=options,
+                       max_accuracy_drop=args.max_accuracy_drop, runs=args.runs, **_common_kwargs(args))
     info = bundle.manifest.extra["build"]
     if args.json:
         print(json.dumps({"bundle": str(bundle.root), **info}, indent=2))
@@ -226,7 +249,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     except ValueError:
         raise EdgeSDKError(f"--threads {args.threads!r} must be integers like 1,2") from None
     bundle = Bundle.load(args.bundle)
-    report = benchmark_bundle(bundle, runs=args.runs, warmup=args.warmup, threads=threads)
+    with _stdout_to_stderr(args.json):
+        report = benchmark_bundle(bundle, runs=args.runs, warmup=args.warmup, threads=threads)
     if args.plot:
         report.plot(args.plot)
     if args.store:
@@ -300,7 +324,6 @@ def _cmd_archive(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edge-sdk``."""
-    import os
     import warnings
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console

@@ -7,7 +7,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["Reporter", "fmt_bytes"]
+__all__ = ["Reporter", "fmt_bytes", "stderr_console"]
+
+
+def stderr_console() -> Any:
+    """A rich Console on stderr; 160 columns when stderr is not a terminal (logs, CI)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -28,11 +37,7 @@ class Reporter:
         self.quiet = quiet
         self._console: Any = None
         if not quiet:
-            import sys
-
-            from rich.console import Console
-
-            self._console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+            self._console = stderr_console()
 
     @contextmanager
     def step(self, text: str) -> Iterator[None]:
