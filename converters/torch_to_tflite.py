@@ -114,6 +114,10 @@ def _pt2e_int8(torch: Any, model: Any, example: tuple[Any, ...], samples: Any) -
     finally:
         torch.set_num_threads(threads)
     converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+    # the graph was captured in eval mode; exported modules refuse .eval(), so clear the flag litert-torch
+    # checks (it would otherwise warn that the model "is converted in training mode")
+    for module in converted.modules():
+        module.training = False
     return converted, qcfg.QuantConfig(pt2e_quantizer=quantizer)
 
 
