@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--json", action="store_true")
     bm.add_argument("--plot", help="write a PNG of latency against size")
     bm.add_argument("--store", action="store_true", help="store the results (with the host) in the manifest")
+    ck = sub.add_parser("check", help="check a bundle's artifacts against a target profile")
+    ck.add_argument("bundle")
+    ck.add_argument("--target", required=True, help="profile name (see `edge-sdk targets`) or a .toml file")
+    ck.add_argument("--json", action="store_true")
     tg = sub.add_parser("targets", help="list the target device profiles")
     tg.add_argument("--json", action="store_true")
     i = sub.add_parser("inspect", help="show a bundle's artifacts and validation")
@@ -264,6 +268,21 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from edge_sdk.bundle import Bundle
+    from edge_sdk.targets import check_bundle, load_profile
+
+    reports = check_bundle(load_profile(args.target), Bundle.load(args.bundle))
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for r in reports:
+            print(r.summary())
+            for issue in r.warnings:
+                print(f"  note ({issue.check}): {issue.message}")
+    return 0 if any(r.ok for r in reports) else 1
+
+
 def _cmd_targets(args: argparse.Namespace) -> int:
     from edge_sdk.targets import format_profiles, list_profiles
 
@@ -334,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"convert": _cmd_convert, "build": _cmd_build, "benchmark": _cmd_benchmark, "targets": _cmd_targets,
+                "check": _cmd_check,
                 "inspect": _cmd_inspect, "verify": _cmd_verify, "archive": _cmd_archive}
     if args.command is None:
         parser.print_help()

@@ -98,3 +98,16 @@ def test_targets_command_lists_every_profile(capsys: pytest.CaptureFixture) -> N
     assert main(["targets", "--json"]) == 0
     names = {p["name"] for p in json.loads(capsys.readouterr().out)}
     assert {"rpi4", "rpi5", "coral-edgetpu", "ios", "android", "x86-openvino", "host"} <= names
+
+
+def test_check_command_on_an_existing_bundle(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "b"
+    assert main(["convert", str(tiny["pt"]), *ARGS, "--to", "onnx", "--precision", "fp32", "--out", str(out),
+                 "--ort-platform", "arm", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(out), "--target", "android", "--json"]) == 0
+    reports = {r["artifact"]: r for r in json.loads(capsys.readouterr().out)}
+    assert reports["ort/fp32"]["ok"] and "ort/fp32" in reports
+    code = main(["check", str(out), "--target", "ios"])
+    err = capsys.readouterr().err
+    assert code == 2 and "has none of the artifacts target 'ios' needs" in err and "onnx/fp32" in err
