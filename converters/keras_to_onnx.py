@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_sdk._deps import has_module, require
+from edge_sdk._deps import has_module
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
-from edge_sdk.converters.onnx_quantize import derive_onnx_precision, onnx_input_names, onnx_versions
+from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_input_names, onnx_versions
+from edge_sdk.converters.onnx_quantize import derive_onnx_precision
 from edge_sdk.errors import ConversionError, MissingDependencyError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -77,17 +78,12 @@ class KerasToOnnx:
         out = ctx.path_for(Format.ONNX, Precision.FP32, ".onnx")
         out.unlink(missing_ok=True)
         versions = saved_model_to_onnx(Path(src.saved_model_dir()), out, ctx.options.onnx_opset)
-        onnx = require("onnx", "keras", "checking the converted ONNX model")
-        try:
-            onnx.checker.check_model(str(out))
-        except onnx.checker.ValidationError as exc:
-            raise ConversionError(f"tf2onnx produced an invalid ONNX model ({exc}): try another --onnx-opset") from exc
+        draft = fp32_onnx_draft(out, versions, [], extra="keras")
         names = onnx_input_names(out)
         if len(names) != len(src.input_shapes):
             raise ConversionError(f"tf2onnx produced {len(names)} input(s) but the Keras model has "
                                   f"{len(src.input_shapes)}: export the model with one input per tensor")
-        notes = [f"converted with tf2onnx from the SavedModel serving_default signature, opset "
-                 f"{ctx.options.onnx_opset}; input layout kept as {src.layout or 'in the model'}; "
-                 f"ONNX inputs {names}"]
-        return [ArtifactDraft(format=Format.ONNX, precision=Precision.FP32, path=out, tool_versions=versions,
-                              runtime={"runtime": "onnxruntime"}, notes=notes)]
+        draft.notes.append(f"converted with tf2onnx from the SavedModel serving_default signature, opset "
+                           f"{ctx.options.onnx_opset}; input layout kept as {src.layout or 'in the model'}; "
+                           f"ONNX inputs {names}")
+        return [draft]

@@ -17,14 +17,13 @@ import numpy as np
 from edge_sdk._deps import has_module, require
 from edge_sdk.calibration import SampleSet
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions
+from edge_sdk.converters.onnx_common import onnx_input_names, onnx_versions
 from edge_sdk.errors import CalibrationError, ConversionError
 from edge_sdk.formats import Format, Precision
 
 __all__ = [
     "convert_fp16",
     "derive_onnx_precision",
-    "onnx_input_names",
-    "onnx_versions",
     "quantize_dynamic_onnx",
     "quantize_static_qdq",
 ]
@@ -34,21 +33,6 @@ _CALIBRATIONS = ("minmax-mean", "minmax", "percentile", "entropy")
 _QUANTIZERS = ("auto", "nncf", "ort")
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
 _WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-
-def onnx_versions() -> dict[str, str]:
-    """Versions of onnx and onnxruntime (both are needed by every helper here)."""
-    onnx = require("onnx", "onnx", "ONNX conversion")
-    ort = require("onnxruntime", "onnx", "ONNX quantization")
-    return {"onnx": onnx.__version__, "onnxruntime": ort.__version__}
-
-
-def onnx_input_names(path: Path) -> list[str]:
-    """The graph inputs of an ONNX file that are not initializers, in order."""
-    onnx = require("onnx", "onnx", "reading ONNX graphs")
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
 
 
 def _pre_process(fp32_path: Path, out_path: Path) -> Path:

@@ -12,7 +12,8 @@ from typing import Any
 
 from edge_sdk._deps import require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
-from edge_sdk.converters.onnx_quantize import derive_onnx_precision, onnx_versions
+from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_versions
+from edge_sdk.converters.onnx_quantize import derive_onnx_precision
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -62,5 +63,4 @@ class OnnxToOnnx:
         inlined = copy_onnx(src_path, out)
         notes = ["the source ONNX file, checked with onnx.checker"
                  + ("; external weight data inlined into one file" if inlined else ", copied unchanged")]
-        return [ArtifactDraft(format=Format.ONNX, precision=Precision.FP32, path=out, tool_versions=onnx_versions(),
-                              runtime={"runtime": "onnxruntime"}, notes=notes)]
+        return [fp32_onnx_draft(out, onnx_versions(), notes, extra="onnx")]

@@ -15,7 +15,8 @@ from typing import Any
 
 from edge_sdk._deps import require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
-from edge_sdk.converters.onnx_quantize import derive_onnx_precision, onnx_versions
+from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_versions
+from edge_sdk.converters.onnx_quantize import derive_onnx_precision
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -93,12 +94,5 @@ class TorchToOnnx:
         args = tuple(src.example_inputs())
         versions = export_torch(src.model, args, out, input_names=list(src.input_names),
                                 output_names=list(src.output_names or []), opset=ctx.options.onnx_opset)
-        onnx = require("onnx", "torch", "checking the exported ONNX model")
-        try:
-            onnx.checker.check_model(str(out))
-        except onnx.checker.ValidationError as exc:
-            raise ConversionError(f"the exported ONNX model is invalid ({exc}): try another --onnx-opset") from exc
-        return [ArtifactDraft(format=Format.ONNX, precision=Precision.FP32, path=out, tool_versions=versions,
-                              runtime={"runtime": "onnxruntime"},
-                              notes=[f"exported with the {versions['exporter']} exporter, opset "
-                                     f"{ctx.options.onnx_opset}"])]
+        notes = [f"exported with the {versions['exporter']} exporter, opset {ctx.options.onnx_opset}"]
+        return [fp32_onnx_draft(out, versions, notes, extra="torch")]
