@@ -1,11 +1,14 @@
 """Image preprocessing, declared once and recorded in the manifest so the device applies the same.
 
-The host (calibration from an image folder) and the device agent both call :meth:`Preprocessing.apply`.
-Decoding uses OpenCV (``opencv-python-headless``, in the ``agent`` and ``convert`` extras).
+The host (calibration from an image folder) and the device agent both call :meth:`Preprocessing.apply`,
+so both sides decode and resize with the same code: Pillow (small enough for a Raspberry Pi install; the
+``agent`` extra). OpenCV is needed only to capture camera / video frames (the ``camera`` extra).
+Arrays are in OpenCV's convention, (H, W, 3) BGR uint8 or (H, W) gray, so camera frames pass straight in.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,22 +79,27 @@ class Preprocessing:
         return cls(**d)
 
     def apply(self, image_bgr: np.ndarray) -> np.ndarray:
-        """Turn one decoded image (H, W, 3 BGR uint8, as OpenCV decodes, or H, W gray) into a batch of 1."""
-        cv2 = require("cv2", "agent", "image preprocessing")
-        img = image_bgr
-        if img.ndim == 2:
-            img = img[:, :, None]
-        if self.color == "GRAY" and img.shape[2] == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None]
-        elif self.color == "RGB" and img.shape[2] == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        elif self.color in ("RGB", "BGR") and img.shape[2] == 1:
-            img = np.repeat(img, 3, axis=2)
+        """Turn one decoded image (H, W, 3 BGR uint8, or H, W gray) into a batch of 1."""
+        pil = require("PIL.Image", "agent", "image preprocessing")
+        img = image_bgr if image_bgr.ndim == 3 else image_bgr[:, :, None]
+        if img.dtype != np.uint8:
+            raise InputError(f"image arrays must be uint8, got {img.dtype}")
+        if self.color == "GRAY":
+            mode = "L"
+            rgb = img[:, :, 0] if img.shape[2] == 1 else np.ascontiguousarray(img[:, :, ::-1])
+        else:
+            mode = "RGB"
+            rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else np.ascontiguousarray(img[:, :, ::-1])
+        pim = pil.fromarray(rgb)
+        pim = pim.convert(mode) if pim.mode != mode else pim
         if self.size:
-            img = self._resize(cv2, img)
-        if img.ndim == 2:
-            img = img[:, :, None]
-        x = img.astype(np.float32) * np.float32(self.scale)
+            pim = self._resize(pil, pim)
+        arr = np.asarray(pim)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if self.color == "BGR":
+            arr = arr[:, :, ::-1]
+        x = arr.astype(np.float32) * np.float32(self.scale)
         mean = np.asarray(self.mean, np.float32)
         std = np.asarray(self.std, np.float32)
         x = (x - mean) / std
@@ -99,29 +107,38 @@ class Preprocessing:
             x = x.transpose(2, 0, 1)
         return np.ascontiguousarray(x[None], dtype=self.dtype)
 
-    def _resize(self, cv2: Any, img: np.ndarray) -> np.ndarray:
+    def _resize(self, pil: Any, pim: Any) -> Any:
         h, w = self.size  # type: ignore[misc]
+        bilinear = pil.Resampling.BILINEAR
         if self.resize_mode == "center_crop":
-            short = min(img.shape[0], img.shape[1])
-            target_short = max(h, w) / self.crop_fraction
-            f = target_short / short
-            nh, nw = max(h, round(img.shape[0] * f)), max(w, round(img.shape[1] * f))
-            img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
-            top, left = (nh - h) // 2, (nw - w) // 2
-            return img[top:top + h, left:left + w]
-        return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+            short = min(pim.width, pim.height)
+            f = max(h, w) / self.crop_fraction / short
+            nw, nh = max(w, round(pim.width * f)), max(h, round(pim.height * f))
+            pim = pim.resize((nw, nh), bilinear)
+            left, top = (nw - w) // 2, (nh - h) // 2
+            return pim.crop((left, top, left + w, top + h))
+        return pim.resize((w, h), bilinear)
+
+
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs: ~8k x 8k
 
 
 def decode_image(data: bytes | str | Path, *, grayscale: bool = False) -> np.ndarray:
     """Decode image bytes or a file into a BGR (or gray) uint8 array; raise InputError if it is not an image."""
-    cv2 = require("cv2", "agent", "image decoding")
+    pil = require("PIL.Image", "agent", "image decoding")
     if isinstance(data, (str, Path)):
         try:
             data = Path(data).read_bytes()
         except OSError as exc:
             raise InputError(f"cannot read image {data}: {exc.strerror}") from None
-    buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR) if buf.size else None
-    if img is None:
-        raise InputError("input is not a decodable image (JPEG, PNG, BMP, WebP or TIFF expected)")
-    return img
+    if not data:
+        raise InputError("input is empty, not an image (JPEG, PNG, BMP, WebP or TIFF expected)")
+    try:
+        with pil.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise InputError(f"image of {im.width}x{im.height} pixels is over the {MAX_IMAGE_PIXELS} pixel limit")
+            im.load()
+            arr = np.asarray(im.convert("L" if grayscale else "RGB"))
+    except (pil.UnidentifiedImageError, OSError, SyntaxError, ValueError, pil.DecompressionBombError):
+        raise InputError("input is not a decodable image (JPEG, PNG, BMP, WebP or TIFF expected)") from None
+    return arr if grayscale else np.ascontiguousarray(arr[:, :, ::-1])
