@@ -119,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("bundle")
     ck.add_argument("--target", required=True, help="profile name (see `edge-sdk targets`) or a .toml file")
     ck.add_argument("--json", action="store_true")
+    ag = sub.add_parser("agent", help="the device agent")
+    agsub = ag.add_subparsers(dest="agent_command", metavar="ACTION")
+    run = agsub.add_parser("run", help="load a bundle and serve it: local HTTP API and/or an input source")
+    run.add_argument("--bundle", help="bundle directory or .tar.gz (or `bundle` in the config file)")
+    run.add_argument("--config", help="agent.toml (see examples/agent.toml); flags override it")
+    run.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API here (default 127.0.0.1:8080 when "
+                     "no --source is given)")
+    run.add_argument("--source", help="camera:N | folder:PATH | file:PATH | rtsp://... (results as JSON lines)")
+    run.add_argument("--runtime", help="runtime preference order, e.g. onnxruntime,openvino,litert")
+    run.add_argument("--artifact", help="run this artifact (format/precision) instead of choosing")
+    run.add_argument("--threads", type=int, help="inference threads")
+    run.add_argument("--no-verify", action="store_true", help="skip the artifact's sha256 check at load")
     tg = sub.add_parser("targets", help="list the target device profiles")
     tg.add_argument("--json", action="store_true")
     i = sub.add_parser("inspect", help="show a bundle's artifacts and validation")
@@ -283,6 +295,68 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if any(r.ok for r in reports) else 1
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    try:
+        if not sep or not host:
+            raise ValueError
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise EdgeSDKError(f"--http {text!r} must look like 127.0.0.1:8080") from None
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from edge_sdk.device_agent.agent import Agent
+    from edge_sdk.device_agent.config import AgentConfig, load_config
+
+    if args.agent_command != "run":
+        raise EdgeSDKError("usage: edge-sdk agent run --bundle DIR [--config agent.toml] [--http HOST:PORT] "
+                           "[--source camera:0|folder:PATH|file:PATH]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config) if args.config else AgentConfig()
+    host, port = _host_port(args.http) if args.http else (None, None)
+    cfg = cfg.merged(bundle=args.bundle, source=args.source, artifact=args.artifact, threads=args.threads,
+                     runtime_order=args.runtime.split(",") if args.runtime else None, host=host, port=port,
+                     verify=False if args.no_verify else None)
+    if not cfg.bundle:
+        raise EdgeSDKError("no bundle: pass --bundle DIR or set `bundle` in the config file")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    agent = Agent(cfg.bundle, runtime_order=cfg.runtime_order, artifact=cfg.artifact, threads=cfg.threads,
+                  verify=cfg.verify, top_k=cfg.top_k)
+    server = None
+    try:
+        print(f"agent: {agent.model_version} on {agent.artifact.key} with {agent.runtime_name} "
+              f"({agent.selection_reason})", file=sys.stderr)
+        if args.http or not cfg.source:
+            from edge_sdk.device_agent.server import AgentServer
+
+            server = AgentServer(agent, cfg.host, cfg.port, queue_size=cfg.queue_size,
+                                 max_body_bytes=cfg.max_body_bytes)
+            server.start()
+            print(f"agent: serving {server.url} (POST /predict, GET /healthz /metrics /ping)", file=sys.stderr)
+        if cfg.source:
+            from edge_sdk.device_agent.inputs import run_source
+
+            def emit(name: str, pred: Any) -> None:
+                print(json.dumps({"source": name, **pred.to_json()}), flush=True)
+
+            run_source(agent, cfg.source, emit, stop_event=stop)
+            if server is None:
+                return 0
+        stop.wait()
+        return 0
+    finally:
+        if server is not None:
+            server.shutdown()
+        agent.close()
+
+
 def _cmd_targets(args: argparse.Namespace) -> int:
     from edge_sdk.targets import format_profiles, list_profiles
 
@@ -353,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"convert": _cmd_convert, "build": _cmd_build, "benchmark": _cmd_benchmark, "targets": _cmd_targets,
-                "check": _cmd_check,
+                "check": _cmd_check, "agent": _cmd_agent,
                 "inspect": _cmd_inspect, "verify": _cmd_verify, "archive": _cmd_archive}
     if args.command is None:
         parser.print_help()
