@@ -1,0 +1,388 @@
+"""The device agent core: load a bundle, pick and verify the artifact this device can run, and predict.
+
+:class:`Agent` chooses the artifact once at load (an explicit ``artifact`` key, else the build's selection
+when runnable here, else the first artifact of the first installed runtime in ``runtime_order``), checks its
+sha256, loads it, and precomputes everything a call needs (input order, dtypes, layout permutations,
+output names), so :meth:`Agent.predict` adds only a few checks around the runtime call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.bundle import Artifact, Bundle, TensorSpec
+from edge_sdk.device_agent.runtimes import RUNTIMES, Runtime, get_runtime
+from edge_sdk.errors import BundleError, InferenceError, InputError, MissingDependencyError
+from edge_sdk.preprocessing import Preprocessing, decode_image
+
+__all__ = ["DEFAULT_RUNTIME_ORDER", "Agent", "Prediction"]
+
+log = logging.getLogger("edge_sdk.agent")
+
+DEFAULT_RUNTIME_ORDER: tuple[str, ...] = ("onnxruntime", "openvino", "litert", "coreml")
+_TRANSPOSE = {("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2)}
+_LOAD_HINTS = ("precision_hint", "device", "performance_hint", "delegate")  # artifact.runtime keys passed to load
+
+
+@dataclass(eq=False)
+class Prediction:
+    """One inference result: named ``outputs``, inference ``latency_ms`` and the ``model_version``.
+
+    For classifiers, ``top_k`` (``[{"class", "label", "score"}]``, best first), ``class_index``, ``label`` and
+    ``confidence`` are worked out on first access (so ``Agent.predict`` itself stays as fast as the runtime);
+    for other tasks they are empty / None.
+    """
+
+    outputs: dict[str, np.ndarray]
+    latency_ms: float
+    model_version: str
+    _top: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]] | None = field(default=None, repr=False)
+
+    @property
+    def top_k(self) -> list[dict[str, Any]]:
+        """The best classes, best first (empty for non-classifiers)."""
+        if callable(self._top):
+            self._top = self._top()
+        return self._top or []
+
+    @property
+    def class_index(self) -> int | None:
+        """Index of the best class, or None."""
+        top = self.top_k
+        return top[0]["class"] if top else None
+
+    @property
+    def label(self) -> str | None:
+        """Label of the best class (None without labels or for non-classifiers)."""
+        top = self.top_k
+        return top[0]["label"] if top else None
+
+    @property
+    def confidence(self) -> float | None:
+        """Probability of the best class (softmax of logits unless the model outputs probabilities)."""
+        top = self.top_k
+        return top[0]["score"] if top else None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict: ``outputs`` as nested lists; for classifiers also class, label, confidence, top_k."""
+        d: dict[str, Any] = {"outputs": {k: v.tolist() for k, v in self.outputs.items()}}
+        top = self.top_k
+        if top:
+            d.update({"class": top[0]["class"], "label": top[0]["label"], "confidence": top[0]["score"],
+                      "top_k": top})
+        d["latency_ms"] = self.latency_ms
+        d["model_version"] = self.model_version
+        return d
+
+
+def _parse_key(key: str) -> tuple[str, str]:
+    fmt, sep, prec = key.strip().partition("/")
+    if not sep or not fmt or not prec:
+        raise BundleError(f"artifact {key!r} is not a 'format/precision' key: use e.g. 'onnx/int8'")
+    return fmt, prec
+
+
+def _formats_of(rt: Runtime) -> set[str]:
+    return {str(f) for f in rt.formats}
+
+
+class Agent:
+    """A bundle loaded for inference on this device.
+
+    Attributes: ``bundle``, ``artifact`` (the :class:`~edge_sdk.bundle.Artifact` being run), ``runtime_name``,
+    ``selection_reason``, ``session``, ``task`` ("classification" or "other"), ``labels``, ``preprocessing``,
+    ``model_version`` ("name:version"), ``input_specs`` / ``output_names`` (the source model's, in its layout).
+    """
+
+    def __init__(self, bundle_or_path: Bundle | str | os.PathLike, *, runtime_order: list[str] | tuple[str, ...] |
+                 None = None, artifact: str | None = None, threads: int | None = None, verify: bool = True,
+                 top_k: int = 5) -> None:
+        self.bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else Bundle.load(bundle_or_path)
+        m = self.bundle.manifest
+        order = tuple(runtime_order) if runtime_order else DEFAULT_RUNTIME_ORDER
+        unknown = [r for r in order if r not in RUNTIMES]
+        if unknown:
+            raise InferenceError(f"unknown runtime(s) {', '.join(unknown)} in runtime_order: choose from "
+                                 f"{', '.join(RUNTIMES)}")
+        if top_k < 1:
+            raise InferenceError(f"top_k must be >= 1, got {top_k}")
+        self.runtime_order = order
+        self.top_k = int(top_k)
+        self.model_version = f"{m.name}:{m.version}"
+        self.task = "classification" if str(m.task) == "classification" else "other"
+        self.labels: list[str] | None = list(m.labels) if m.labels else None
+        try:
+            self.preprocessing: Preprocessing | None = Preprocessing.from_dict(m.preprocessing)
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"manifest preprocessing of {self.bundle.root} is malformed ({exc}): rebuild the "
+                              "bundle") from None
+        self.artifact, rt, self.selection_reason = self._select(artifact)
+        self.runtime_name = rt.name
+        self.runtime_version = rt.version()
+        if verify:
+            self.bundle.verify(self.artifact)
+        self.session = self._load(rt, threads)
+        log.info("%s: running %s with %s %s (%s)", self.model_version, self.artifact.key, rt.name,
+                 self.runtime_version or "", self.selection_reason)
+        self._lock = threading.Lock()
+        self._prepare_io()
+
+    # ---- selection and loading -------------------------------------------------------------------------------
+
+    def _installed(self) -> list[Runtime]:
+        return [rt for rt in (get_runtime(n) for n in self.runtime_order) if rt.is_available()]
+
+    def _select(self, key: str | None) -> tuple[Artifact, Runtime, str]:
+        arts = self.bundle.artifacts
+        if not arts:
+            raise BundleError(f"bundle {self.bundle.root} lists no artifacts: rebuild it with `edge-sdk convert`")
+        installed = self._installed()
+        if key:
+            a = self.bundle.artifact(*_parse_key(key))
+            rt = next((r for r in installed if a.format in _formats_of(r)), None)
+            if rt is None:
+                self._missing_runtime_for(a)
+            return a, rt, f"artifact {a.key} requested explicitly"
+        build = self.bundle.manifest.extra.get("build")
+        build = build if isinstance(build, dict) else {}
+        chosen = build.get("selected")
+        if chosen:
+            try:
+                a = self.bundle.artifact(*_parse_key(str(chosen)))
+            except BundleError:
+                log.warning("the build selected %s but the bundle has no such artifact; choosing by runtime order",
+                            chosen)
+            else:
+                rt = next((r for r in installed if a.format in _formats_of(r)), None)
+                if rt is not None and a.validation.passed is not False:
+                    target = build.get("target")
+                    return a, rt, f"selected by the build{f' for target {target}' if target else ''}"
+                log.info("the build selected %s but it cannot run here (no installed runtime for it, or it failed "
+                         "validation); choosing by runtime order", chosen)
+        for rt in installed:
+            cands = [a for a in arts if a.format in _formats_of(rt) and a.validation.passed is not False]
+            if cands:
+                cands.sort(key=lambda a: a.validation.passed is not True)  # validated first, stable otherwise
+                a = cands[0]
+                skipped = self.runtime_order[: self.runtime_order.index(rt.name)]
+                why = f"{rt.name} is the first runtime in order {list(self.runtime_order)} that is installed here " \
+                      f"and runs an artifact of this bundle"
+                if skipped:
+                    why += f" (before it: {', '.join(skipped)} not installed or no artifact)"
+                return a, rt, why + f"; {a.key} is its first {'validated ' if a.validation.passed else ''}artifact"
+        have = ", ".join(a.key for a in arts)
+        names = ", ".join(r.name for r in installed) or "none"
+        needed = sorted({get_runtime(n).extra for n in RUNTIMES
+                         for a in arts if a.format in _formats_of(get_runtime(n))})
+        raise InferenceError(f"no installed runtime (installed of {list(self.runtime_order)}: {names}) runs any "
+                             f"artifact of this bundle ({have}): pip install one of "
+                             + ", ".join(f'"edge-sdk[agent,{e}]"' for e in needed))
+
+    def _missing_runtime_for(self, a: Artifact) -> None:
+        for name in self.runtime_order:
+            rt = get_runtime(name)
+            if a.format in _formats_of(rt):
+                raise MissingDependencyError(name, rt.extra, f"running the {a.key} artifact")
+        raise InferenceError(f"no runtime in runtime_order {list(self.runtime_order)} runs {a.format} artifacts: "
+                             "add one that does")
+
+    def _load(self, rt: Runtime, threads: int | None) -> Any:
+        hints = self.artifact.runtime
+        params = inspect.signature(rt.load).parameters
+        kwargs = {k: hints[k] for k in _LOAD_HINTS if k in hints and k in params}
+        return rt.load(self.bundle.path_of(self.artifact), threads=threads, **kwargs)
+
+    # ---- precomputation --------------------------------------------------------------------------------------
+
+    def _prepare_io(self) -> None:
+        m = self.bundle.manifest
+        sess_in: list[TensorSpec] = list(self.session.inputs)
+        self.input_specs: list[TensorSpec] = list(m.inputs) if len(m.inputs) == len(sess_in) else \
+            [TensorSpec(s.name, list(s.shape), "float32" if s.scale is not None else s.dtype) for s in sess_in]
+        self.input_names = [s.name for s in self.input_specs]
+        self._name_index = {n: k for k, n in enumerate(self.input_names)}
+        self._shapes = [tuple(-1 if d is None or d == -1 else int(d) for d in s.shape) for s in self.input_specs]
+        self._static = [-1 not in s for s in self._shapes]
+        self._dtypes = [np.dtype(s.dtype or "float32") for s in self.input_specs]
+        self._perms = self._permutations()
+        out_specs = list(self.session.outputs)
+        self.output_names = [s.name for s in out_specs]
+        self._out_order: list[int] | None = None
+        if len(m.outputs) == len(out_specs):
+            order = self._match_outputs(m.outputs, out_specs)
+            if order is not None:
+                self.output_names = [s.name for s in m.outputs]
+                self._out_order = None if order == list(range(len(order))) else order
+        self._classifier = self.task == "classification" and len(out_specs) >= 1
+        self._probabilities: bool | None = None
+        if self.labels is not None and self._classifier:
+            n = int(np.prod([d for d in out_specs[0].shape[1:] if d]))
+            if n and len(self.labels) != n:
+                log.warning("%d labels for %d classes: labels ignored", len(self.labels), n)
+                self.labels = None
+
+    def _permutations(self) -> list[tuple[int, ...] | None]:
+        hints, m = self.artifact.runtime, self.bundle.manifest
+        n = len(self.input_specs)
+        if isinstance(hints.get("input_permutations"), list) and len(hints["input_permutations"]) == n:
+            return [tuple(p) if p else None for p in hints["input_permutations"]]
+        perms: list[tuple[int, ...] | None] = []
+        for spec in self.input_specs:
+            if len(spec.shape) != 4:
+                perms.append(None)
+            elif hints.get("input_permutation"):
+                perms.append(tuple(hints["input_permutation"]))
+            else:
+                src = spec.layout or m.source.get("layout") or hints.get("source_input_layout")
+                perms.append(_TRANSPOSE.get((src, hints.get("input_layout"))))
+        for k, p in enumerate(perms):
+            if p is not None:
+                log.info("input %r: transposed %s at every call (artifact layout %s)", self.input_names[k], p,
+                         hints.get("input_layout"))
+        return perms
+
+    @staticmethod
+    def _match_outputs(want: list[TensorSpec], got: list[TensorSpec]) -> list[int] | None:
+        """Index of the session output for each manifest output: by name, else in order / by unique shape."""
+        names = [g.name for g in got]
+        if all(w.name in names for w in want):
+            return [names.index(w.name) for w in want]
+        if [list(w.shape) for w in want] == [list(g.shape) for g in got]:
+            return list(range(len(want)))
+        order: list[int] = []
+        for w in want:
+            hits = [i for i, g in enumerate(got) if list(g.shape) == list(w.shape) and i not in order]
+            if len(hits) != 1:
+                return None
+            order.append(hits[0])
+        return order
+
+    # ---- inference -------------------------------------------------------------------------------------------
+
+    def _as_list(self, inputs: Any) -> list[Any]:
+        if isinstance(inputs, np.ndarray):
+            return [inputs]
+        if isinstance(inputs, dict):
+            extra = [k for k in inputs if k not in self._name_index]
+            if extra:
+                raise InputError(f"unknown input name(s) {', '.join(map(repr, extra))}: the model takes "
+                                 f"{', '.join(map(repr, self.input_names))}")
+            missing = [n for n in self.input_names if n not in inputs]
+            if missing:
+                raise InputError(f"missing input(s) {', '.join(map(repr, missing))}: the model takes "
+                                 f"{', '.join(map(repr, self.input_names))}")
+            return [inputs[n] for n in self.input_names]
+        if isinstance(inputs, (list, tuple)):
+            return list(inputs)
+        raise InputError(f"inputs must be an array, a list of arrays or a dict name -> array, not "
+                         f"{type(inputs).__name__}")
+
+    def _check(self, k: int, x: Any) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except (ValueError, TypeError) as exc:
+                raise InputError(f"input {self.input_names[k]!r} is not a rectangular array ({exc})") from None
+        want = self._dtypes[k]
+        if x.dtype != want:
+            kind = x.dtype.kind
+            if (want.kind == "f" and kind == "f") or (want.kind in "iu" and kind in "iu"):
+                x = x.astype(want)
+            else:
+                raise InputError(f"input {self.input_names[k]!r} has dtype {x.dtype}, the model expects {want}"
+                                 + (": decode and preprocess images with predict_image" if kind == "u" else ""))
+        shape = self._shapes[k]
+        if x.shape != shape and (self._static[k] or len(x.shape) != len(shape) or
+                                 any(w != -1 and w != g for w, g in zip(shape, x.shape, strict=True))):
+            raise InputError(f"input {self.input_names[k]!r} has shape {list(x.shape)}, the model expects "
+                             f"{list(self.input_specs[k].shape)}")
+        perm = self._perms[k]
+        return x if perm is None else np.ascontiguousarray(x.transpose(perm))
+
+    def predict(self, inputs: np.ndarray | list[np.ndarray] | dict[str, np.ndarray]) -> Prediction:
+        """Run ready tensors (the source model's layout and dtype: ``input_specs``); InputError if they do not fit."""
+        xs = self._as_list(inputs)
+        if len(xs) != len(self._shapes):
+            raise InputError(f"model takes {len(self._shapes)} input(s) ({', '.join(self.input_names)}), "
+                             f"got {len(xs)}")
+        xs = [self._check(k, x) for k, x in enumerate(xs)]
+        with self._lock:
+            t0 = time.perf_counter()
+            outs = self.session.run(xs)
+            latency = (time.perf_counter() - t0) * 1000.0
+        if self._out_order is not None:
+            outs = [outs[i] for i in self._out_order]
+        return Prediction(dict(zip(self.output_names, outs, strict=True)), latency, self.model_version,
+                          partial(self._top_k, outs[0]) if self._classifier else None)
+
+    def _top_k(self, out: np.ndarray) -> list[dict[str, Any]]:
+        """The ``top_k`` best classes of one classifier output (called lazily by :class:`Prediction`)."""
+        scores = out.reshape(-1)
+        n = scores.size
+        if n < 2 or out.shape[0] != 1:
+            return []
+        if self._probabilities is None:  # decided once: does the model already end in a softmax?
+            total = float(scores.sum(dtype=np.float64))
+            self._probabilities = bool(scores.min() >= 0.0 and scores.max() <= 1.0 and abs(total - 1.0) < 1e-3)
+        k = min(self.top_k, n)
+        idx = np.argpartition(scores, n - k)[n - k:]
+        top = sorted(zip(scores[idx].tolist(), idx.tolist(), strict=True), reverse=True)
+        if self._probabilities:
+            probs = [v for v, _ in top]
+        else:  # softmax of the logits
+            best = top[0][0]
+            z = float(np.exp(scores - np.float32(best)).sum())
+            probs = [math.exp(v - best) / z for v, _ in top]
+        labels = self.labels
+        return [{"class": i, "label": labels[i] if labels else None, "score": p}
+                for (_, i), p in zip(top, probs, strict=True)]
+
+    def predict_image(self, data: bytes | bytearray | memoryview | np.ndarray) -> Prediction:
+        """Decode (JPEG/PNG bytes) or take a BGR uint8 array, apply the manifest preprocessing, and predict."""
+        if self.preprocessing is None:
+            raise InputError(f"bundle {self.model_version} records no image preprocessing: send ready tensors "
+                             "(predict / {\"inputs\": ...}) or rebuild the bundle with --preprocessing")
+        if len(self.input_specs) != 1:
+            raise InputError(f"the model takes {len(self.input_specs)} inputs: images work only for one-input models")
+        if isinstance(data, np.ndarray):
+            img = data
+            if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3)) \
+                    or min(img.shape[:2]) < 1:
+                raise InputError(f"image array must be uint8 HxW or HxWx3 (BGR), got {img.dtype} "
+                                 f"{list(img.shape)}")
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            img = decode_image(bytes(data), grayscale=self.preprocessing.color == "GRAY")
+        else:
+            raise InputError(f"an image must be encoded bytes or a decoded array, not {type(data).__name__}")
+        return self.predict(self.preprocessing.apply(img))
+
+    def describe(self) -> dict[str, Any]:
+        """What is running and why (for /healthz, logs and `edge-sdk agent` output)."""
+        return {"model_version": self.model_version, "artifact": self.artifact.key, "runtime": self.runtime_name,
+                "runtime_version": self.runtime_version, "reason": self.selection_reason, "task": self.task,
+                "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.input_specs],
+                "outputs": list(self.output_names), "preprocessing": self.preprocessing is not None}
+
+    def close(self) -> None:
+        """Release the runtime session."""
+        self.session.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Agent({self.model_version}, {self.artifact.key} on {self.runtime_name})"

@@ -1,0 +1,204 @@
+"""Request parsing and Prometheus metrics for the agent's HTTP API (standard library + numpy only).
+
+:func:`parse_predict_body` turns a ``POST /predict`` body (JSON with base64 ``image`` or ``inputs``,
+multipart/form-data, or a raw image) into image bytes or input arrays; :class:`Metrics` counts requests,
+errors and inference latency and renders them in the Prometheus text format 0.0.4.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+from email.message import Message
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.errors import InputError
+
+__all__ = ["LATENCY_BUCKETS_S", "HTTPError", "Metrics", "one_line", "parse_multipart", "parse_predict_body",
+           "to_array"]
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_NUMERIC_KINDS = "iuf"
+
+
+class HTTPError(Exception):
+    """An error answered to the client: status, error kind (a metrics label) and a one-line message."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.headers = status, kind, headers or {}
+
+
+def one_line(msg: object) -> str:
+    """``msg`` as one line (whitespace runs collapsed)."""
+    return " ".join(str(msg).split()) or "error"
+
+
+def _escape(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """Thread-safe counters and the inference latency histogram, rendered as Prometheus text."""
+
+    def __init__(self, routes: tuple[str, ...] | list[str] = ()) -> None:
+        self.routes = frozenset(routes)
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.errors: dict[str, int] = {}
+        self.bucket_counts = [0] * len(LATENCY_BUCKETS_S)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def request(self, route: str, method: str, status: int) -> None:
+        """Count one answered request (unknown paths are folded into route="other")."""
+        key = (route if route in self.routes else "other", method, status)
+        with self._lock:
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def error(self, kind: str) -> None:
+        """Count one error of ``kind`` (bad_json, bad_input, queue_full, inference, ...)."""
+        with self._lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def observe(self, seconds: float) -> None:
+        """Record one inference latency."""
+        with self._lock:
+            for i, le in enumerate(LATENCY_BUCKETS_S):
+                if seconds <= le:
+                    self.bucket_counts[i] += 1
+            self.latency_sum += seconds
+            self.latency_count += 1
+
+    def render(self, *, queue_depth: int, info: dict[str, str], uptime_s: float) -> str:
+        """The Prometheus text exposition (format 0.0.4)."""
+        with self._lock:
+            requests, errors = dict(self.requests), dict(self.errors)
+            buckets, total, count = list(self.bucket_counts), self.latency_sum, self.latency_count
+        out = ["# HELP edge_agent_requests_total HTTP requests answered, by route, method and status code.",
+               "# TYPE edge_agent_requests_total counter"]
+        out += [f'edge_agent_requests_total{{route="{r}",method="{m}",code="{c}"}} {n}'
+                for (r, m, c), n in sorted(requests.items())]
+        out += ["# HELP edge_agent_errors_total Errors answered, by kind.", "# TYPE edge_agent_errors_total counter"]
+        out += [f'edge_agent_errors_total{{kind="{_escape(k)}"}} {n}' for k, n in sorted(errors.items())]
+        out += ["# HELP edge_agent_inference_seconds Inference latency (runtime call only).",
+                "# TYPE edge_agent_inference_seconds histogram"]
+        out += [f'edge_agent_inference_seconds_bucket{{le="{le}"}} {n}'
+                for le, n in zip(LATENCY_BUCKETS_S, buckets, strict=True)]
+        out += [f'edge_agent_inference_seconds_bucket{{le="+Inf"}} {count}',
+                f"edge_agent_inference_seconds_sum {total!r}", f"edge_agent_inference_seconds_count {count}"]
+        out += ["# HELP edge_agent_queue_depth Requests waiting for the inference worker.",
+                "# TYPE edge_agent_queue_depth gauge", f"edge_agent_queue_depth {queue_depth}"]
+        labels = ",".join(f'{k}="{_escape(v)}"' for k, v in info.items())
+        out += ["# HELP edge_agent_model_info The model being served (always 1).",
+                "# TYPE edge_agent_model_info gauge", f"edge_agent_model_info{{{labels}}} 1"]
+        out += ["# HELP edge_agent_uptime_seconds Seconds since the server started.",
+                "# TYPE edge_agent_uptime_seconds gauge", f"edge_agent_uptime_seconds {uptime_s:.3f}"]
+        return "\n".join(out) + "\n"
+
+
+def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
+    """Parse a multipart/form-data body into {field name: (filename or None, content bytes)}."""
+    header = Message()
+    header["Content-Type"] = content_type
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise HTTPError(400, "bad_multipart", "multipart body without a boundary: send a standard form upload")
+    delimiter = b"--" + boundary.encode("latin-1")
+    chunks = body.split(delimiter)
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+        raise HTTPError(400, "bad_multipart", "malformed multipart body: the closing boundary is missing")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for chunk in chunks[1:-1]:
+        if not chunk.startswith(b"\r\n") or b"\r\n\r\n" not in chunk:
+            raise HTTPError(400, "bad_multipart", "malformed multipart part: headers must end with a blank line")
+        raw_headers, _, content = chunk[2:].partition(b"\r\n\r\n")
+        if content.endswith(b"\r\n"):
+            content = content[:-2]
+        part = Message()
+        for line in raw_headers.decode("utf-8", "replace").split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                part[name.strip()] = value.strip()
+        if part.get("Content-Disposition") is None:
+            continue
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_param("filename", header="content-disposition")
+        if isinstance(name, str):
+            fields.setdefault(name, (filename if isinstance(filename, str) else None, content))
+    return fields
+
+
+def to_array(name: str, value: Any, dtype: str | None) -> np.ndarray:
+    """A JSON nested list -> numpy array of the model's dtype; InputError for non-numeric or ragged data."""
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise InputError(f"input {name!r} is not a rectangular nested list of numbers: fix its shape") from None
+    if arr.dtype.kind not in _NUMERIC_KINDS or arr.dtype == np.bool_:
+        raise InputError(f"input {name!r} must hold numbers, got {arr.dtype.kind!r} values: send a nested list "
+                         f"of numbers")
+    try:
+        return np.ascontiguousarray(arr, dtype=np.dtype(dtype or "float32"))
+    except (TypeError, OverflowError) as exc:
+        raise InputError(f"input {name!r} does not fit dtype {dtype}: {one_line(exc)}") from None
+
+
+
+
+def parse_predict_body(body: bytes, content_type: str,
+                       input_dtypes: dict[str, str | None]) -> tuple[str, bytes | np.ndarray | dict[str, np.ndarray]]:
+    """("image", encoded image bytes) or ("inputs", array | {name: array}); HTTPError 400 for a bad body.
+
+    ``input_dtypes`` maps the model's input names to their dtypes (JSON numbers are converted to them).
+    """
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    if ctype == "multipart/form-data":
+        fields = parse_multipart(body, content_type)
+        files = [v for v in fields.values() if v[0] is not None]
+        picked = fields.get("image") or fields.get("file") or (files[0] if files else None)
+        if picked is None:
+            raise HTTPError(400, "missing_field", "multipart upload without a file: send the image in a field "
+                            "named 'image'")
+        return "image", picked[1]
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return "image", body
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPError(400, "bad_json", f"body is not valid JSON ({one_line(exc)}): send "
+                        f'{{"image": "<base64>"}} or {{"inputs": ...}}') from None
+    if isinstance(doc, dict) and "image" in doc:
+        return "image", _b64(doc["image"])
+    if isinstance(doc, dict) and "inputs" in doc:
+        return "inputs", _arrays(doc["inputs"], input_dtypes)
+    raise HTTPError(400, "missing_field", 'JSON body needs an "image" (base64 JPEG/PNG) or an "inputs" field')
+
+
+def _b64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise HTTPError(400, "bad_input", '"image" must be a base64 string of a JPEG or PNG file')
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPError(400, "bad_input", '"image" is not valid base64: encode the file bytes with '
+                        "standard base64") from None
+
+
+def _arrays(value: Any, dtypes: dict[str, str | None]) -> np.ndarray | dict[str, np.ndarray]:
+    try:
+        if isinstance(value, dict):
+            return {str(k): to_array(str(k), v, dtypes.get(str(k))) for k, v in value.items()}
+        if isinstance(value, list):
+            names = list(dtypes)
+            name = names[0] if len(names) == 1 else "inputs"
+            return to_array(name, value, dtypes.get(name))
+    except InputError as exc:
+        raise HTTPError(400, "bad_input", one_line(exc)) from None
+    raise HTTPError(400, "bad_input", '"inputs" must be {"<name>": nested list} or a nested list')

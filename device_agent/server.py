@@ -1,0 +1,373 @@
+"""The agent's local HTTP API (standard library only): predict, health, Prometheus metrics.
+
+Routes (``POST /invocations`` and ``GET /ping`` follow the SageMaker / Vertex AI / Azure ML custom
+container contract, so the same image serves there):
+
+    POST /predict, /invocations   JSON {"image": "<base64>"} | {"inputs": {name: nested list}} | {"inputs": [...]},
+                                  multipart/form-data with one image file, or a raw image/* body
+    GET  /ping                    200 once the model is loaded
+    GET  /healthz                 status, model version, runtime, artifact, uptime, queue depth
+    GET  /metrics                 Prometheus text format 0.0.4
+
+HTTP threads only parse requests: inference runs on ONE worker thread fed by a bounded queue, and a
+request that finds the queue full is answered 429 (with ``Retry-After``) at once instead of waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_sdk.device_agent.http_io import HTTPError, Metrics, one_line, parse_multipart, parse_predict_body
+from edge_sdk.errors import EdgeSDKError, InputError
+
+if TYPE_CHECKING:
+    from edge_sdk.device_agent.agent import Agent, Prediction
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "PREDICT_ROUTES", "ROUTES", "AgentServer", "parse_multipart"]
+
+log = logging.getLogger("edge_sdk.agent.http")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+PREDICT_ROUTES = ("/predict", "/invocations")
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/predict": ("POST",), "/invocations": ("POST",), "/ping": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edge-sdk-agent"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
+    server: _HTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    @property
+    def timeout(self) -> float:  # type: ignore[override]  # socket timeout for reading a request (and idle keep-alive)
+        return max(self.server.owner.request_timeout_s, 10.0)
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it (curl sends ``Expect: 100-continue``)."""
+        self._body_consumed = False
+        try:
+            self._check_length(self.server.owner.max_body_bytes)
+        except HTTPError as exc:
+            self._send_error(exc, self._route(), self.command)
+            return False
+        return super().handle_expect_100()
+
+    def _route(self) -> str:
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
+
+    def _dispatch(self, method: str) -> None:
+        owner = self.server.owner
+        self._body_consumed = False
+        route = self._route()
+        try:
+            allowed = ROUTES.get(route)
+            if allowed is None:
+                raise HTTPError(404, "not_found", f"no route {route}: use POST /predict, POST /invocations, "
+                                                  f"GET /ping, /healthz or /metrics")
+            if method not in allowed:
+                raise HTTPError(405, "method_not_allowed", f"{method} is not allowed on {route}: use "
+                                f"{' or '.join(allowed)}", {"Allow": ", ".join(allowed)})
+            if route in PREDICT_ROUTES:
+                status, payload = owner.handle_predict(self)
+                self._send_json(status, payload, route, method)
+            elif route == "/metrics":
+                text = owner.metrics_text().encode()
+                self._send(200, text, "text/plain; version=0.0.4; charset=utf-8", route, method)
+            elif route == "/healthz":
+                self._send_json(200, owner.health(), route, method)
+            else:
+                status = 200 if owner.ready else 503
+                self._send_json(status, {"status": "ok" if status == 200 else "unavailable"}, route, method)
+        except HTTPError as exc:
+            self._send_error(exc, route, method)
+
+    def _send_error(self, exc: HTTPError, route: str, method: str) -> None:
+        self.server.owner.metrics.error(exc.kind)
+        self._send_json(exc.status, {"error": one_line(exc)}, route, method, exc.headers)
+
+    def _send_json(self, status: int, payload: dict[str, Any], route: str, method: str,
+                   headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+        self._send(status, body, "application/json", route, method, headers)
+
+    def _send(self, status: int, body: bytes, ctype: str, route: str, method: str,
+              headers: dict[str, str] | None = None) -> None:
+        self.server.owner.metrics.request(route, method, status)
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if not self._body_consumed and self._has_body():  # an unread body would be parsed as the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(body)
+
+    def _has_body(self) -> bool:
+        length = self.headers.get("Content-Length", "0").strip()
+        return length != "0" or "Transfer-Encoding" in self.headers
+
+    def _check_length(self, limit: int) -> int:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise HTTPError(411, "length_required", "chunked bodies are not supported: send a Content-Length")
+        length_header = self.headers.get("Content-Length")
+        try:
+            length = int(length_header) if length_header is not None else -1
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise HTTPError(411, "length_required", "the request has no valid Content-Length: send one")
+        if length > limit:
+            raise HTTPError(413, "payload_too_large", f"request body of {length} bytes is over the {limit}-byte "
+                            f"limit: send a smaller image or raise max_body_bytes")
+        return length
+
+    def read_body(self, limit: int) -> bytes:
+        """The request body, refusing before reading when Content-Length is missing or over ``limit``."""
+        length = self._check_length(limit)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise HTTPError(408, "timeout", f"the request body did not arrive within {self.timeout:g} s: "
+                            "send it at once") from None
+        if len(body) != length:
+            raise HTTPError(400, "bad_request", f"request body ended after {len(body)} of {length} bytes")
+        self._body_consumed = True
+        return body
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: AgentServer
+
+
+class AgentServer:
+    """Serve one :class:`~edge_sdk.device_agent.agent.Agent` over HTTP.
+
+    Bind happens at construction (``port=0`` picks a free port; see :attr:`port` / :attr:`url`).
+    ``start()`` serves from a background thread, ``serve_forever()`` from the calling thread, ``shutdown()``
+    stops both the HTTP server and the inference worker. ``before_inference`` is a test hook called on the
+    worker thread before each job (e.g. to hold the worker while the queue fills).
+    """
+
+    def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 8080, *, queue_size: int = 8,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float = 30.0) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        self.agent = agent
+        self.max_body_bytes = int(max_body_bytes)
+        self.request_timeout_s = float(request_timeout_s)
+        self.metrics = Metrics(tuple(ROUTES))
+        self.before_inference: Callable[[], None] | None = None
+        self._queue: queue.Queue[tuple[Callable[[], Prediction], Future[Prediction]] | None] = queue.Queue(
+            maxsize=queue_size)
+        self._started = time.monotonic()
+        self._worker: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        try:
+            self._httpd = _HTTPServer((host, port), _Handler)
+        except OSError as exc:
+            raise EdgeSDKError(f"cannot listen on {host}:{port}: {exc.strerror}: choose another host:port") from None
+        self._httpd.owner = self
+        self.host = host
+        self.port: int = self._httpd.server_address[1]
+        spec_dtypes = {s.name: s.dtype for s in getattr(agent, "input_specs", None) or []}
+        self._input_dtypes: dict[str, str | None] = spec_dtypes
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Base URL of the server (``0.0.0.0`` / ``::`` shown as the loopback address)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def ready(self) -> bool:
+        """True while the model is loaded and the worker is running."""
+        return self._worker is not None and self._worker.is_alive() and not self._stopping.is_set()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the inference worker (the one being run is not counted)."""
+        return self._queue.qsize()
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="edge-sdk-inference", daemon=True)
+            self._worker.start()
+
+    def start(self) -> int:
+        """Serve from a background thread; returns the port actually bound."""
+        self._start_worker()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, name="edge-sdk-http", daemon=True)
+            self._thread.start()
+        log.info("serving %s on %s", self.agent.model_version, self.url)
+        return self.port
+
+    def serve_forever(self) -> None:
+        """Serve from the calling thread until :meth:`shutdown` (or KeyboardInterrupt)."""
+        self._start_worker()
+        log.info("serving %s on %s", self.agent.model_version, self.url)
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
+            self._stop_worker()
+
+    def shutdown(self) -> None:
+        """Stop accepting requests, cancel queued ones and stop the worker."""
+        if self._thread is not None or self._worker is not None:
+            self._httpd.shutdown()
+        self._httpd.server_close()
+        self._stop_worker()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _stop_worker(self) -> None:
+        self._stopping.set()
+        worker = self._worker
+        while worker is not None and worker.is_alive():
+            while True:  # cancel what is still queued (their request threads answer 503)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[1].cancel()
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:  # a request slipped in meanwhile: drain again
+                continue
+            worker.join(timeout=self.request_timeout_s)
+            break
+
+    def __enter__(self) -> AgentServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- inference worker --------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                if self.before_inference is not None:
+                    self.before_inference()
+                future.set_result(job())
+            except BaseException as exc:  # handed to the waiting request thread, which answers for it
+                future.set_exception(exc)
+
+    def submit(self, job: Callable[[], Prediction]) -> Prediction:
+        """Queue ``job`` for the worker and wait for it; HTTPError 429 at once when the queue is full."""
+        if self._stopping.is_set():
+            raise HTTPError(503, "shutting_down", "the agent is shutting down: retry on another instance")
+        future: Future[Prediction] = Future()
+        try:
+            self._queue.put_nowait((job, future))
+        except queue.Full:
+            raise HTTPError(429, "queue_full", f"inference queue is full ({self._queue.maxsize} waiting): retry "
+                            f"later", {"Retry-After": "1"}) from None
+        try:
+            return future.result(timeout=self.request_timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise HTTPError(504, "timeout", f"no result within {self.request_timeout_s:g} s: the device is "
+                            f"overloaded, retry later") from None
+        except CancelledError:
+            raise HTTPError(503, "shutting_down", "the agent is shutting down: retry on another instance") from None
+
+    # -- request handling (HTTP threads) -----------------------------------------------------------------
+    def handle_predict(self, req: _Handler) -> tuple[int, dict[str, Any]]:
+        """Parse a predict request, run it on the worker and return (status, JSON payload)."""
+        body = req.read_body(self.max_body_bytes)
+        job = self._job_for(body, req.headers.get("Content-Type", ""))
+        try:
+            pred = self.submit(job)
+        except InputError as exc:
+            raise HTTPError(400, "bad_input", one_line(exc)) from None
+        except EdgeSDKError as exc:
+            log.error("inference failed: %s", exc)
+            raise HTTPError(500, "inference", one_line(exc)) from None
+        except HTTPError:
+            raise
+        except Exception as exc:  # a runtime bug must not take the server down; logged with its traceback
+            log.exception("inference failed")
+            raise HTTPError(500, "inference", f"inference failed: {type(exc).__name__}: {one_line(exc)}") from None
+        self.metrics.observe(pred.latency_ms / 1000.0)
+        if not all(np.isfinite(v).all() for v in pred.outputs.values() if v.dtype.kind == "f"):
+            raise HTTPError(500, "non_finite_output", "the model produced NaN or Inf outputs: check the input "
+                            "range and the artifact's validation")
+        out = pred.to_json()
+        out["id"] = str(uuid.uuid4())
+        return 200, out
+
+    def _job_for(self, body: bytes, content_type: str) -> Callable[[], Prediction]:
+        kind, value = parse_predict_body(body, content_type, self._input_dtypes)
+        if kind == "image":
+            return lambda: self.agent.predict_image(value)  # type: ignore[arg-type]
+        return lambda: self.agent.predict(value)  # type: ignore[arg-type]
+
+    # -- health and metrics ------------------------------------------------------------------------------
+    def _info(self) -> dict[str, str]:
+        a = self.agent
+        return {"model_version": str(a.model_version), "runtime": str(a.runtime_name), "artifact": a.artifact.key}
+
+    def health(self) -> dict[str, Any]:
+        """The /healthz document."""
+        return {"status": "ok" if self.ready else "unavailable", **self._info(),
+                "uptime_s": round(time.monotonic() - self._started, 3), "queue_depth": self.queue_depth}
+
+    def metrics_text(self) -> str:
+        """The /metrics document."""
+        return self.metrics.render(queue_depth=self.queue_depth, info=self._info(),
+                                   uptime_s=time.monotonic() - self._started)
