@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._deps import has_module
 from edge_sdk.errors import EdgeSDKError, MissingDependencyError, ValidationError
 
 __all__ = ["build_parser", "main"]
@@ -273,10 +274,12 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         store_in_manifest(bundle, report)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-    else:
+    elif has_module("rich"):
         from rich.console import Console
 
         Console().print(report.table())
+    else:  # a device install without the host extras: plain text
+        print(report.markdown())
     return 0
 
 

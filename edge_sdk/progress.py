@@ -14,9 +14,10 @@ def stderr_console() -> Any:
     """A rich Console on stderr; 160 columns when stderr is not a terminal (logs, CI)."""
     import sys
 
-    from rich.console import Console
+    from edge_sdk._deps import require
 
-    return Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+    console = require("rich.console", "host", "progress and result tables")
+    return console.Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def fmt_bytes(n: int | None) -> str:

@@ -21,7 +21,9 @@ def load_schema(name: str = "manifest") -> dict[str, Any]:
 
 def validate_manifest(data: dict[str, Any]) -> None:
     """Raise BundleError listing every schema violation of a manifest dict."""
-    import jsonschema
+    from edge_sdk._deps import require
+
+    jsonschema = require("jsonschema", "host", "validating manifests against the JSON Schema")
 
     validator = jsonschema.Draft202012Validator(load_schema("manifest"))
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
