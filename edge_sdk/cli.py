@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "no --source is given)")
     run.add_argument("--source", help="camera:N | folder:PATH | file:PATH | rtsp://... (results as JSON lines)")
     run.add_argument("--runtime", help="runtime preference order, e.g. onnxruntime,openvino,litert")
+    run.add_argument("--target", help="take the runtime order from this target profile (see `edge-sdk targets`)")
     run.add_argument("--artifact", help="run this artifact (format/precision) instead of choosing")
     run.add_argument("--threads", type=int, help="inference threads")
     run.add_argument("--no-verify", action="store_true", help="skip the artifact's sha256 check at load")
@@ -322,8 +323,13 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config) if args.config else AgentConfig()
     host, port = _host_port(args.http) if args.http else (None, None)
+    order = args.runtime.split(",") if args.runtime else None
+    if order is None and args.target:
+        from edge_sdk.targets import load_profile
+
+        order = list(load_profile(args.target).runtimes)
     cfg = cfg.merged(bundle=args.bundle, source=args.source, artifact=args.artifact, threads=args.threads,
-                     runtime_order=args.runtime.split(",") if args.runtime else None, host=host, port=port,
+                     runtime_order=order, host=host, port=port,
                      verify=False if args.no_verify else None)
     if not cfg.bundle:
         raise EdgeSDKError("no bundle: pass --bundle DIR or set `bundle` in the config file")

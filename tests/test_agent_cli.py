@@ -76,3 +76,12 @@ def test_agent_run_bad_config_is_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "threds" in lines[0] and "agent.toml" in lines[0], res.stderr
+
+
+def test_agent_run_takes_runtime_order_from_target_profile(bundle: Path) -> None:
+    # x86-openvino prefers openvino, but this bundle only has ONNX: the agent says what it runs and why
+    res = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "agent", "run", "--bundle", str(bundle),
+                          "--target", "x86-openvino", "--source", f"folder:{bundle / 'nonexistent'}"],
+                         capture_output=True, text=True, timeout=60)
+    assert "running onnx/fp32 with onnxruntime" in res.stderr, res.stderr
+    assert res.returncode == 2 and "error: folder source" in res.stderr and "does not exist" in res.stderr
