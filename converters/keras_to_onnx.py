@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from edge_sdk._deps import has_module
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, register
 from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_input_names, onnx_versions
-from edge_sdk.converters.onnx_quantize import derive_onnx_precision
+from edge_sdk.converters.onnx_quantize import OnnxExporter
 from edge_sdk.errors import ConversionError, MissingDependencyError
-from edge_sdk.formats import Format, Framework, Precision
+from edge_sdk.formats import Framework
 
 __all__ = ["KerasToOnnx", "saved_model_to_onnx"]
 
@@ -62,21 +62,14 @@ def saved_model_to_onnx(saved_model: Path, out: Path, opset: int) -> dict[str, s
 
 
 @register
-class KerasToOnnx:
+class KerasToOnnx(OnnxExporter):
     """Keras model or SavedModel -> ONNX (NHWC inputs kept)."""
 
     sources = (Framework.KERAS,)
-    target = Format.ONNX
-    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
 
-    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
-        """Produce the ONNX artifact of ``precision``."""
-        check_precision(self, precision)
-        if precision is not Precision.FP32:
-            return [derive_onnx_precision(ctx, precision)]
+    def export_fp32(self, ctx: ConversionContext, out: Path) -> ArtifactDraft:
+        """Write the fp32 ONNX file."""
         src = ctx.source
-        out = ctx.path_for(Format.ONNX, Precision.FP32, ".onnx")
-        out.unlink(missing_ok=True)
         versions = saved_model_to_onnx(Path(src.saved_model_dir()), out, ctx.options.onnx_opset)
         draft = fp32_onnx_draft(out, versions, [], extra="keras")
         names = onnx_input_names(out)
@@ -86,4 +79,4 @@ class KerasToOnnx:
         draft.notes.append(f"converted with tf2onnx from the SavedModel serving_default signature, opset "
                            f"{ctx.options.onnx_opset}; input layout kept as {src.layout or 'in the model'}; "
                            f"ONNX inputs {names}")
-        return [draft]
+        return draft

@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.calibration import SampleSet
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions, check_precision
 from edge_sdk.converters.onnx_common import onnx_input_names, onnx_versions
 from edge_sdk.errors import CalibrationError, ConversionError
 from edge_sdk.formats import Format, Precision
@@ -362,3 +362,24 @@ def derive_onnx_precision(ctx: ConversionContext, precision: Precision, note: st
     return ArtifactDraft(format=Format.ONNX, precision=precision, path=out,
                          tool_versions={**fp32.tool_versions, **versions},
                          runtime={"runtime": "onnxruntime"}, notes=notes, input_layout=fp32.input_layout)
+
+
+class OnnxExporter:
+    """Base of the converters that produce ONNX: the fp32 file comes from :meth:`export_fp32`; fp16, dynamic
+    and int8 are always derived from that one fp32 file (``ctx.onnx(FP32)``, exported once)."""
+
+    target = Format.ONNX
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Produce the ONNX artifact of ``precision``."""
+        check_precision(self, precision)
+        if precision is not Precision.FP32:
+            return [derive_onnx_precision(ctx, precision)]
+        out = ctx.path_for(Format.ONNX, Precision.FP32, ".onnx")
+        out.unlink(missing_ok=True)
+        return [self.export_fp32(ctx, out)]
+
+    def export_fp32(self, ctx: ConversionContext, out: Path) -> ArtifactDraft:
+        """Write the source as fp32 ONNX to ``out`` and describe it (see onnx_common.fp32_onnx_draft)."""
+        raise NotImplementedError

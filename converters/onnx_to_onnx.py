@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk._deps import require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, register
 from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_versions
-from edge_sdk.converters.onnx_quantize import derive_onnx_precision
+from edge_sdk.converters.onnx_quantize import OnnxExporter
 from edge_sdk.errors import ConversionError
-from edge_sdk.formats import Format, Framework, Precision
+from edge_sdk.formats import Framework
 
 __all__ = ["OnnxToOnnx", "copy_onnx"]
 
@@ -45,22 +45,15 @@ def copy_onnx(src: Path, out: Path) -> bool:
 
 
 @register
-class OnnxToOnnx:
+class OnnxToOnnx(OnnxExporter):
     """ONNX source -> ONNX artifacts (fp32 copy; fp16 / dynamic / int8 derived from it)."""
 
     sources = (Framework.ONNX,)
-    target = Format.ONNX
-    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
 
-    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
-        """Produce the ONNX artifact of ``precision``."""
-        check_precision(self, precision)
-        if precision is not Precision.FP32:
-            return [derive_onnx_precision(ctx, precision)]
+    def export_fp32(self, ctx: ConversionContext, out: Path) -> ArtifactDraft:
+        """Write the fp32 ONNX file."""
         src_path = Path(ctx.source.model if ctx.source.model is not None else ctx.source.path)
-        out = ctx.path_for(Format.ONNX, Precision.FP32, ".onnx")
-        out.unlink(missing_ok=True)
         inlined = copy_onnx(src_path, out)
         notes = ["the source ONNX file, checked with onnx.checker"
                  + ("; external weight data inlined into one file" if inlined else ", copied unchanged")]
-        return [fp32_onnx_draft(out, onnx_versions(), notes, extra="onnx")]
+        return fp32_onnx_draft(out, onnx_versions(), notes, extra="onnx")

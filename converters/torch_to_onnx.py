@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk._deps import require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, register
 from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_versions
-from edge_sdk.converters.onnx_quantize import derive_onnx_precision
+from edge_sdk.converters.onnx_quantize import OnnxExporter
 from edge_sdk.errors import ConversionError
-from edge_sdk.formats import Format, Framework, Precision
+from edge_sdk.formats import Framework
 
 __all__ = ["TorchToOnnx", "output_names_for"]
 
@@ -76,23 +76,16 @@ def export_torch(model: Any, args: tuple, out: Path, *, input_names: list[str], 
 
 
 @register
-class TorchToOnnx:
+class TorchToOnnx(OnnxExporter):
     """PyTorch module -> ONNX (fp32 export; fp16 / dynamic / int8 derived from the fp32 file)."""
 
     sources = (Framework.PYTORCH,)
-    target = Format.ONNX
-    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
 
-    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
-        """Produce the ONNX artifact of ``precision``."""
-        check_precision(self, precision)
-        if precision is not Precision.FP32:
-            return [derive_onnx_precision(ctx, precision)]
+    def export_fp32(self, ctx: ConversionContext, out: Path) -> ArtifactDraft:
+        """Write the fp32 ONNX file."""
         src = ctx.source
-        out = ctx.path_for(Format.ONNX, Precision.FP32, ".onnx")
-        out.unlink(missing_ok=True)
         args = tuple(src.example_inputs())
         versions = export_torch(src.model, args, out, input_names=list(src.input_names),
                                 output_names=list(src.output_names or []), opset=ctx.options.onnx_opset)
         notes = [f"exported with the {versions['exporter']} exporter, opset {ctx.options.onnx_opset}"]
-        return [fp32_onnx_draft(out, versions, notes, extra="torch")]
+        return fp32_onnx_draft(out, versions, notes, extra="torch")
