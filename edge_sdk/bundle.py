@@ -3,7 +3,7 @@
 A bundle is built in a temporary directory and moved into place only when complete, so a failed
 build never leaves a partial bundle behind. ``Bundle.archive`` packs it into one ``.tar.gz`` file
 for shipping; ``Bundle.extract`` unpacks such an archive safely (no absolute paths, no ``..``,
-no links).
+no links of any kind, no special files, no duplicate names, bounded size and member count).
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from edge_sdk.errors import BundleError
 
 __all__ = [
     "MANIFEST_NAME",
+    "MAX_ARCHIVE_BYTES",
+    "MAX_ARCHIVE_MEMBERS",
     "SCHEMA_VERSION",
     "Artifact",
     "Bundle",
@@ -38,6 +40,8 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = "1.0"
+MAX_ARCHIVE_MEMBERS = 10_000  # Bundle.extract's default bounds against archive bombs
+MAX_ARCHIVE_BYTES = 32 << 30  # 32 GiB unpacked
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -266,32 +270,108 @@ class Bundle:
                               + " — re-fetch or rebuild the bundle")
 
     def archive(self, dest: str | os.PathLike | None = None) -> Path:
-        """Pack the bundle into one ``.tar.gz`` (written atomically)."""
+        """Pack the bundle into one ``.tar.gz`` (written atomically). Links and special files are refused, since
+        :meth:`extract` would refuse them."""
         dest = Path(dest) if dest else self.root.with_name(self.root.name + ".tar.gz")
+        files = []
+        for f in sorted(self.root.rglob("*")):
+            if f.is_symlink() or not (f.is_file() or f.is_dir()):
+                raise BundleError(f"{f} is a link or special file: a bundle holds only regular files and "
+                                  "directories, replace it with a copy")
+            if f.is_file():
+                files.append(f)
         tmp = dest.with_name(dest.name + ".partial")
-        with tarfile.open(tmp, "w:gz") as tar:
-            for f in sorted(self.root.rglob("*")):
-                if f.is_file():
+        try:
+            with tarfile.open(tmp, "w:gz") as tar:
+                for f in files:
                     tar.add(f, arcname=f.relative_to(self.root).as_posix(), recursive=False)
-        os.replace(tmp, dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return dest
 
     @classmethod
-    def extract(cls, archive: str | os.PathLike, dest: str | os.PathLike) -> Bundle:
-        """Unpack an archive made by :meth:`archive`, refusing unsafe members."""
+    def extract(cls, archive: str | os.PathLike, dest: str | os.PathLike, *,
+                max_members: int = MAX_ARCHIVE_MEMBERS, max_bytes: int = MAX_ARCHIVE_BYTES) -> Bundle:
+        """Unpack an archive made by :meth:`archive` into ``dest`` (which must not exist or be empty).
+
+        Every member is checked before anything is written: regular files and directories only (any symbolic
+        or hard link, device, fifo or sparse file is refused), relative names without ``..``, no duplicate
+        names (compared case-insensitively, for case-insensitive file systems), at most ``max_members``
+        members and ``max_bytes`` bytes in total (archive bombs), and enough free disk space. The archive
+        must hold a readable ``manifest.json``. On any refusal or failure nothing is left at ``dest``.
+        """
         dest = Path(dest)
         try:
             with tarfile.open(archive, "r:*") as tar:
-                members = tar.getmembers()
-                for m in members:
-                    name = Path(m.name)
-                    if name.is_absolute() or ".." in name.parts or not (m.isfile() or m.isdir()):
-                        raise BundleError(f"unsafe archive member {m.name!r} in {archive}: refusing to unpack")
+                members = _safe_members(tar, archive, max_members=max_members, max_bytes=max_bytes)
+                _check_free_space(dest, sum(m.size for m in members), archive)
                 with atomic_bundle_dir(dest) as tmp:
                     tar.extractall(tmp, members=members, filter="data")
+                    manifest = cls.load(tmp).manifest  # no manifest: refused before anything reaches dest
         except tarfile.TarError as exc:
-            raise BundleError(f"{archive} is not a readable bundle archive ({exc})") from None
-        return cls.load(dest)
+            raise BundleError(f"{archive} is not a readable bundle archive ({exc}): re-fetch it") from None
+        except OSError as exc:
+            raise BundleError(f"cannot unpack {archive} into {dest}: {exc.strerror or exc}") from None
+        return cls(dest, manifest)
+
+
+def _safe_members(tar: tarfile.TarFile, archive: str | os.PathLike, *, max_members: int,
+                  max_bytes: int) -> list[tarfile.TarInfo]:
+    """All members of ``tar``, or a BundleError naming the first unsafe one (nothing is extracted here)."""
+    members: list[tarfile.TarInfo] = []
+    seen: dict[str, bool] = {}  # casefolded normalised name -> is a file
+    total = 0
+    for m in tar:  # lazily, so a member-count bomb is stopped without reading its whole index
+        if len(members) >= max_members:
+            raise BundleError(f"{archive} has more than {max_members} members: refusing to unpack (archive bomb?)")
+        why = _unsafe_reason(m)
+        if why:
+            raise BundleError(f"unsafe archive member {m.name!r} in {archive} ({why}): refusing to unpack")
+        key = str(PurePosixPath(m.name)).casefold()
+        if key in seen and (m.isfile() or seen[key]):
+            raise BundleError(f"unsafe archive member {m.name!r} in {archive} (duplicate name): refusing to unpack")
+        seen[key] = seen.get(key, False) or m.isfile()
+        total += m.size
+        if total > max_bytes:
+            raise BundleError(f"{archive} unpacks to more than {max_bytes} bytes: refusing to unpack (archive bomb?)")
+        members.append(m)
+    for key in seen:
+        parent = next((str(p) for p in PurePosixPath(key).parents if seen.get(str(p))), None)
+        if parent:
+            raise BundleError(f"unsafe archive member {key!r} in {archive} (inside the file {parent!r}): "
+                              "refusing to unpack")
+    return members
+
+
+def _unsafe_reason(m: tarfile.TarInfo) -> str | None:
+    """Why one archive member may not be unpacked, or None when it is a plain relative file or directory."""
+    if m.issym() or m.islnk():
+        return f"a link to {m.linkname!r}; bundles may not contain links"
+    if m.issparse() or not (m.isfile() or m.isdir()):
+        return "not a regular file or directory"
+    if not m.name or "\\" in m.name or "\0" in m.name or PureWindowsPath(m.name).drive:
+        return "not a portable relative name"
+    p = PurePosixPath(m.name)
+    if p.is_absolute():
+        return "absolute path"
+    if ".." in p.parts:
+        return "'..' in the path"
+    if m.isfile() and str(p) == ".":
+        return "a file without a name"
+    return None
+
+
+def _check_free_space(dest: Path, needed: int, archive: str | os.PathLike) -> None:
+    """Raise BundleError when the file system that will hold ``dest`` has less than ``needed`` bytes free."""
+    where = dest.absolute().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise BundleError(f"{archive} needs {needed} bytes but {where} has {free} free: free space or unpack "
+                          "elsewhere")
 
 
 @contextmanager
