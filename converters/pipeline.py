@@ -34,6 +34,7 @@ from edge_sdk.formats import Format, Precision, Task, parse_list
 from edge_sdk.preprocessing import Preprocessing
 from edge_sdk.progress import Reporter
 from edge_sdk.schema import validate_manifest
+from edge_sdk.smoke import write_smoke_sample
 
 __all__ = ["BUILTIN_CONVERTERS", "ArtifactResult", "convert", "load_builtin_converters"]
 
@@ -236,6 +237,9 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
             if not artifacts:
                 raise ValidationError("no artifact passed: nothing was written; " + _summary(results),
                                       [f"{r.key}: {r.reason}" for r in results])
+            smoke_extra, smoke_files = _write_smoke(bdir, val_set, ref, tols, val_origin)
+            for art in artifacts:  # listed with every artifact so Bundle.verify and the signature cover them
+                art.files.extend(dict(f) for f in smoke_files)
             manifest = Manifest(
                 name=name or (src.path.stem if src.path else "model"),
                 version=str(version),
@@ -250,7 +254,8 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
                 outputs=[TensorSpec(n, [int(d) for d in (1, *r.shape[1:])], "float32")
                          for n, r in zip(src.output_names, ref, strict=False)],
                 extra={"validation_data": val_origin,
-                       "calibration_samples": len(calib_set) if calib_set is not None else 0},
+                       "calibration_samples": len(calib_set) if calib_set is not None else 0,
+                       "smoke_test": smoke_extra},
             )
             bundle = Bundle(bdir, manifest)
             validate_manifest(manifest.to_dict())
@@ -270,6 +275,15 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
         raise err
     bundle.results = results  # type: ignore[attr-defined]
     return bundle
+
+
+def _write_smoke(bdir: Path, val_set: SampleSet, ref: list[np.ndarray], tols: dict[Precision, Tolerance],
+                 origin: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validation sample 0 and the source model's outputs for it: the device's smoke test (edge_sdk.smoke)."""
+    scale = max((float(np.abs(r).max()) for r in ref if r.size), default=1.0) or 1.0
+    limits = {p.value: {"min_cosine": t.min_cosine, "max_rel_error": t.max_rel_error} for p, t in tols.items()}
+    return write_smoke_sample(bdir, [a[:1] for a in val_set.arrays], [r[:1] for r in ref], limits,
+                              output_scale=scale, origin=f"validation sample 0 of {origin}")
 
 
 def _summary(results: list[ArtifactResult]) -> str:

@@ -1,0 +1,230 @@
+"""Resumable downloads for model updates: HTTP(S) with ``Range`` requests, ``file://`` URLs and plain paths.
+
+:func:`fetch` writes to ``dest`` (a ``.part`` file) and resumes from whatever that file already holds —
+after a dropped connection (retried here, with back-off) or after the whole process was killed. A sidecar
+``<dest>.json`` remembers the URL and the server's validator (ETag / Last-Modified), sent as ``If-Range``:
+when the file on the server changed, the server answers 200 with the whole file and the download restarts
+from zero instead of splicing two versions together. Size and sha256 are checked at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_sdk.errors import EdgeSDKError
+
+__all__ = ["DownloadError", "FetchResult", "copy_tree", "fetch", "is_remote", "local_path"]
+
+_CHUNK = 1 << 16
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+class DownloadError(EdgeSDKError):
+    """A download failed for good (HTTP 4xx, wrong size or sha256, retries exhausted)."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A completed download: the file, its size and sha256, where it resumed from, and the attempts made."""
+
+    path: Path
+    size: int
+    sha256: str
+    resumed_from: int
+    attempts: int
+
+
+def is_remote(source: str) -> bool:
+    """True for http:// and https:// URLs."""
+    return urllib.parse.urlsplit(source).scheme in ("http", "https")
+
+
+def local_path(source: str) -> Path:
+    """The file a ``file://`` URL or plain path names."""
+    parts = urllib.parse.urlsplit(source)
+    if parts.scheme == "file":
+        return Path(urllib.request.url2pathname(parts.path))
+    return Path(source)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_meta(meta: Path) -> dict:
+    try:
+        data = json.loads(meta.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_meta(meta: Path, data: dict) -> None:
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, meta)
+
+
+def _restart(dest: Path) -> None:
+    with open(dest, "wb"):
+        pass
+
+
+def _copy_local(src: Path, dest: Path, progress: Callable[[int, int | None], None] | None) -> int:
+    """Copy ``src`` into ``dest`` from the offset ``dest`` already has; returns that offset."""
+    if not src.is_file():
+        raise DownloadError(f"{src} does not exist or is not a file: give a bundle archive (.tar.gz) path or URL")
+    total = src.stat().st_size
+    start = dest.stat().st_size if dest.exists() else 0
+    if start > total:
+        _restart(dest)
+        start = 0
+    with open(src, "rb") as fin, open(dest, "ab") as fout:
+        fin.seek(start)
+        done = start
+        for block in iter(lambda: fin.read(1 << 20), b""):
+            fout.write(block)
+            done += len(block)
+            if progress:
+                progress(done, total)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return start
+
+
+def _http_attempt(url: str, dest: Path, meta_path: Path, *, timeout: float, context: ssl.SSLContext | None,
+                  expected_size: int | None, progress: Callable[[int, int | None], None] | None) -> int:
+    """One HTTP request that appends to ``dest``; returns the offset it resumed from. Network errors propagate."""
+    meta = _read_meta(meta_path)
+    have = dest.stat().st_size if dest.exists() else 0
+    if meta.get("url") != url or (expected_size is not None and have > expected_size):
+        _restart(dest)
+        have, meta = 0, {}
+    if expected_size is not None and have == expected_size:
+        return have  # complete already (the caller checks the sha256)
+    headers = {"User-Agent": "edge-sdk-agent", "Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if meta.get("validator"):
+            headers["If-Range"] = meta["validator"]
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout, context=context)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:
+            m = re.match(r"bytes\s+\*/(\d+)", exc.headers.get("Content-Range", "") or "")
+            if m and int(m.group(1)) == have:
+                return have  # the .part already holds the whole file
+            _restart(dest)  # the file on the server is shorter than what we hold: start again
+            raise ConnectionError(f"server answered 416 for bytes {have}- of {url}; restarting") from None
+        if 500 <= exc.code < 600 or exc.code in (408, 429):
+            raise ConnectionError(f"HTTP {exc.code} from {url}") from None
+        raise DownloadError(f"HTTP {exc.code} {exc.reason} for {url}: check the update URL") from None
+    with resp:
+        start = 0
+        if resp.status == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != have:
+                _restart(dest)
+                raise ConnectionError(f"{url} answered a range other than bytes={have}-; restarting")
+            start = have
+            total = int(m.group(3)) if m.group(3) != "*" else None
+        else:
+            _restart(dest)  # 200: the whole file (no range support, or it changed: If-Range did not match)
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        if validator and "W/" not in validator[:2]:
+            _write_meta(meta_path, {"url": url, "validator": validator, "total": total})
+        else:
+            _write_meta(meta_path, {"url": url, "total": total})
+        if total is not None and expected_size is not None and total != expected_size:
+            _discard(dest, meta_path)
+            raise DownloadError(f"{url} is {total} bytes, the update command says {expected_size}: refusing it")
+        done = start
+        with open(dest, "ab") as fh:
+            while True:
+                block = resp.read(_CHUNK)
+                if not block:
+                    break
+                fh.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if total is not None and done < total:
+            raise ConnectionError(f"connection closed after {done} of {total} bytes")
+        return start
+
+
+def fetch(source: str | os.PathLike, dest: str | os.PathLike, *, expected_sha256: str | None = None,
+          expected_size: int | None = None, timeout: float = 30.0, retries: int = 5, backoff_s: float = 0.5,
+          ca_file: str | os.PathLike | None = None,
+          progress: Callable[[int, int | None], None] | None = None) -> FetchResult:
+    """Download ``source`` (http(s) URL, ``file://`` URL or path) into ``dest``, resuming what ``dest`` holds.
+
+    Dropped connections, timeouts and HTTP 5xx are retried up to ``retries`` times (resuming each time, with
+    exponential back-off from ``backoff_s``). A finished file with the wrong size or sha256 is deleted and
+    DownloadError raised; so are HTTP 4xx answers.
+    """
+    src, dest = str(source), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    meta_path = dest.with_name(dest.name + ".json")
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+    attempts, resumed_from = 0, None
+    while True:
+        attempts += 1
+        try:
+            if is_remote(src):
+                start = _http_attempt(src, dest, meta_path, timeout=timeout, context=context,
+                                      expected_size=expected_size, progress=progress)
+            else:
+                start = _copy_local(local_path(src), dest, progress)
+            resumed_from = start if resumed_from is None else min(resumed_from, start)
+            break
+        except (TimeoutError, http.client.HTTPException, OSError) as exc:  # OSError covers URLError, resets
+            if isinstance(exc, OSError) and not is_remote(src) and not isinstance(exc, ConnectionError):
+                raise DownloadError(f"cannot read {src}: {exc.strerror or exc}") from None
+            if attempts > retries:
+                raise DownloadError(f"download of {src} failed after {attempts} attempts ({exc}): check the network "
+                                    "and the URL; a later update resumes from the bytes already fetched") from None
+            time.sleep(min(backoff_s * 2 ** (attempts - 1), 10.0))
+    size = dest.stat().st_size
+    if expected_size is not None and size != expected_size:
+        _discard(dest, meta_path)
+        raise DownloadError(f"{src} gave {size} bytes, expected {expected_size}: the file on the server differs "
+                            "from the update command")
+    digest = _sha256(dest)
+    if expected_sha256 and digest != expected_sha256.lower():
+        _discard(dest, meta_path)
+        raise DownloadError(f"{src} has sha256 {digest[:12]}…, the update command says {expected_sha256[:12]}…: "
+                            "refusing it (corrupted or replaced on the server)")
+    return FetchResult(dest, size, digest, resumed_from or 0, attempts)
+
+
+def _discard(dest: Path, meta: Path) -> None:
+    for p in (dest, meta):
+        p.unlink(missing_ok=True)
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    """Copy a bundle directory (no symlinks followed) — the local-directory form of an update."""
+    shutil.copytree(src, dest, symlinks=True)

@@ -1,0 +1,197 @@
+"""The bundle's smoke test: one real input and the source model's output for it, checked on the device.
+
+The converters store, in every bundle they write::
+
+    smoke/input_<i>.npy              one sample per model input (the source model's layout and dtype)
+    smoke/reference_output_<k>.npy   the source model's output ``k`` for that sample
+
+and in ``manifest.extra["smoke_test"]``::
+
+    {"inputs": [...paths], "reference_outputs": [...paths], "origin": "where the sample came from",
+     "tolerances": {"fp32": {"min_cosine": 0.9999, "atol": 0.0042}, "int8": {"min_cosine": 0.95, "atol": null}, ...}}
+
+The smoke files are also listed (with their sha256) among every artifact's side ``files``, so
+``Bundle.verify`` and the bundle signature cover them. :func:`run_smoke_test` loads the bundle with the
+device :class:`~edge_sdk.device_agent.agent.Agent` (the artifact and runtime this device would really use),
+runs the sample and compares with the reference using the limits of the artifact's precision — the same
+limits ``converters/validate.py`` applied at build time (cosine, and max abs error = max relative error x the
+largest reference value over the validation set). Numpy only; no converter or framework is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_sdk.bundle import Bundle, sha256_file
+from edge_sdk.errors import BundleError
+
+if TYPE_CHECKING:
+    from edge_sdk.device_agent.agent import Agent
+
+__all__ = ["SMOKE_DIR", "SmokeResult", "compare_smoke", "load_smoke_sample", "run_smoke_test", "write_smoke_sample"]
+
+SMOKE_DIR = "smoke"
+# used only when a manifest's smoke_test has no limits for a precision (mirrors converters/validate.py)
+_FALLBACK_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+_FALLBACK_MIN_COSINE_OTHER = 0.95
+
+
+@dataclass
+class SmokeResult:
+    """The outcome of one smoke test: ``passed`` and, when it failed, ``reason`` (one line)."""
+
+    passed: bool
+    model_version: str
+    artifact: str
+    runtime: str
+    cosine: float | None = None
+    max_abs_error: float | None = None
+    min_cosine: float | None = None
+    atol: float | None = None
+    latency_ms: float | None = None
+    reason: str = ""
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (for events and state files)."""
+        return {k: getattr(self, k) for k in ("passed", "model_version", "artifact", "runtime", "cosine",
+                                               "max_abs_error", "min_cosine", "atol", "latency_ms", "reason")}
+
+
+def write_smoke_sample(bundle_dir: str | os.PathLike, inputs: Sequence[np.ndarray],
+                       reference_outputs: Sequence[np.ndarray], tolerances: Mapping[str, Mapping[str, float | None]],
+                       *, output_scale: float, origin: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Write one sample and its reference outputs under ``bundle_dir/smoke/``.
+
+    ``inputs`` / ``reference_outputs`` hold one sample each (batch dimension 1). ``tolerances`` maps a precision
+    to ``{"min_cosine", "max_rel_error"}``; ``output_scale`` is the largest |reference| over the whole validation
+    set (what validation divides the error by). Returns ``(manifest_extra_smoke_test, side_file_entries)``;
+    the caller adds the entries to every artifact's ``files``.
+    """
+    root = Path(bundle_dir)
+    (root / SMOKE_DIR).mkdir(parents=True, exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    paths: dict[str, list[str]] = {"inputs": [], "reference_outputs": []}
+    for kind, arrays, stem in (("inputs", inputs, "input"), ("reference_outputs", reference_outputs,
+                                                             "reference_output")):
+        for k, arr in enumerate(arrays):
+            rel = f"{SMOKE_DIR}/{stem}_{k}.npy"
+            np.save(root / rel, np.ascontiguousarray(arr), allow_pickle=False)
+            paths[kind].append(rel)
+            entries.append({"path": rel, "sha256": sha256_file(root / rel), "size_bytes": (root / rel).stat().st_size})
+    limits = {}
+    for precision, tol in tolerances.items():
+        rel_err = tol.get("max_rel_error")
+        limits[str(precision)] = {"min_cosine": tol.get("min_cosine"),
+                                  "atol": None if rel_err is None else float(rel_err) * float(output_scale or 1.0)}
+    extra = {**paths, "origin": origin, "tolerances": limits}
+    return extra, entries
+
+
+def load_smoke_sample(bundle: Bundle) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The smoke inputs and reference outputs of ``bundle``, each file checked against its listed sha256.
+
+    Raises BundleError when the bundle has no smoke sample or a file is missing, unlisted or altered.
+    """
+    spec = bundle.manifest.extra.get("smoke_test")
+    if not isinstance(spec, dict) or not spec.get("inputs") or not spec.get("reference_outputs"):
+        raise BundleError(f"bundle {bundle.manifest.name}:{bundle.manifest.version} has no smoke-test sample: "
+                          "rebuild it with `edge-sdk convert` (bundles record one since edge-sdk 0.2)")
+    listed = {f.get("path"): f.get("sha256") for a in bundle.artifacts for f in a.files}
+    arrays: dict[str, list[np.ndarray]] = {"inputs": [], "reference_outputs": []}
+    for kind in arrays:
+        for rel in spec[kind]:
+            path = bundle.root / str(rel)
+            rel_path = Path(str(rel))
+            if rel_path.is_absolute() or ".." in rel_path.parts:
+                raise BundleError(f"smoke-test file {rel!r} points outside the bundle: the manifest is malformed")
+            if rel not in listed:
+                raise BundleError(f"smoke-test file {rel} is not listed with a sha256 in the manifest: rebuild the "
+                                  "bundle")
+            if not path.is_file():
+                raise BundleError(f"smoke-test file {rel} is missing from {bundle.root}: re-fetch the bundle")
+            if listed[rel] and sha256_file(path) != listed[rel]:
+                raise BundleError(f"smoke-test file {rel} does not match its sha256: re-fetch the bundle")
+            try:
+                arrays[kind].append(np.load(path, allow_pickle=False))
+            except (ValueError, OSError) as exc:
+                raise BundleError(f"smoke-test file {rel} is not a readable .npy ({exc}): rebuild the bundle") from None
+    return arrays["inputs"], arrays["reference_outputs"]
+
+
+def _limits(bundle: Bundle, precision: str) -> tuple[float, float | None]:
+    tols = (bundle.manifest.extra.get("smoke_test") or {}).get("tolerances") or {}
+    tol = tols.get(precision) or {}
+    fallback = _FALLBACK_MIN_COSINE.get(precision, _FALLBACK_MIN_COSINE_OTHER)
+    min_cos = tol.get("min_cosine")
+    atol = tol.get("atol")
+    return (fallback if min_cos is None else float(min_cos)), (None if atol is None else float(atol))
+
+
+def compare_smoke(reference: Sequence[np.ndarray], got: Sequence[np.ndarray], *, min_cosine: float,
+                  atol: float | None) -> tuple[float | None, float | None, list[str]]:
+    """Cosine and max abs error of ``got`` against ``reference`` (all outputs together) and every failed check."""
+    if len(reference) != len(got):
+        return None, None, [f"the model gave {len(got)} outputs, the reference has {len(reference)}"]
+    for r, g in zip(reference, got, strict=True):
+        if np.asarray(r).size != np.asarray(g).size:
+            return None, None, [f"output shape {list(np.shape(g))} differs from the reference's {list(np.shape(r))}"]
+    r_all = np.concatenate([np.asarray(r, np.float64).ravel() for r in reference])
+    g_all = np.concatenate([np.asarray(g, np.float64).ravel() for g in got])
+    if not np.isfinite(g_all).all():
+        return None, None, ["the model produced NaN or Inf"]
+    max_abs = float(np.abs(r_all - g_all).max()) if r_all.size else 0.0
+    denom = float(np.linalg.norm(r_all) * np.linalg.norm(g_all))
+    cosine = float(r_all @ g_all / denom) if denom > 0 else (1.0 if not r_all.any() and not g_all.any() else 0.0)
+    failures = []
+    if cosine < min_cosine:
+        failures.append(f"cosine {cosine:.6g} < {min_cosine:g}")
+    if atol is not None and max_abs > atol:
+        failures.append(f"max abs error {max_abs:.4g} > {atol:.4g}")
+    return cosine, max_abs, failures
+
+
+def run_smoke_test(agent_or_bundle: Agent | Bundle | str | os.PathLike, *, runtime_order: Sequence[str] | None = None,
+                   artifact: str | None = None, threads: int | None = 1) -> SmokeResult:
+    """Run the bundle's smoke sample through the device Agent and compare with the recorded reference output.
+
+    ``agent_or_bundle`` is a loaded Agent (used as is) or a bundle / directory (loaded with an Agent built from
+    ``runtime_order``, ``artifact``, ``threads`` — the settings the device runs with — and closed afterwards).
+    Returns a :class:`SmokeResult`; raises BundleError when there is no usable smoke sample and
+    InferenceError / MissingDependencyError when the artifact cannot be loaded or run here.
+    """
+    from edge_sdk.device_agent.agent import Agent
+
+    own = not isinstance(agent_or_bundle, Agent)
+    if own:
+        bundle = agent_or_bundle if isinstance(agent_or_bundle, Bundle) else Bundle.load(agent_or_bundle)
+        inputs, reference = load_smoke_sample(bundle)  # before loading a runtime: a bundle without a sample fails fast
+        agent = Agent(bundle, runtime_order=list(runtime_order) if runtime_order else None, artifact=artifact,
+                      threads=threads)
+    else:
+        agent = agent_or_bundle
+        inputs, reference = load_smoke_sample(agent.bundle)
+    try:
+        min_cos, atol = _limits(agent.bundle, agent.artifact.precision)
+        t0 = time.perf_counter()
+        pred = agent.predict(list(inputs))
+        latency = (time.perf_counter() - t0) * 1000.0
+        cosine, max_abs, failures = compare_smoke(reference, list(pred.outputs.values()), min_cosine=min_cos,
+                                                  atol=atol)
+        res = SmokeResult(passed=not failures, model_version=agent.model_version, artifact=agent.artifact.key,
+                          runtime=agent.runtime_name, cosine=cosine, max_abs_error=max_abs, min_cosine=min_cos,
+                          atol=atol, latency_ms=latency, failures=failures)
+        if failures:
+            res.reason = (f"smoke test of {agent.model_version} ({agent.artifact.key} on {agent.runtime_name}) "
+                          f"failed: {'; '.join(failures)}")
+        return res
+    finally:
+        if own:
+            agent.close()
