@@ -4,6 +4,13 @@
 when runnable here, else the first artifact of the first installed runtime in ``runtime_order``), checks its
 sha256, loads it, and precomputes everything a call needs (input order, dtypes, layout permutations,
 output names), so :meth:`Agent.predict` adds only a few checks around the runtime call.
+
+Telemetry (optional, :meth:`Agent.set_telemetry`): each call also feeds a
+:class:`~edge_sdk.device_agent.aggregates.WindowAggregator` with its first input tensor (drift statistics,
+sampled before the run), its latency and score row (classifiers: class and confidence worked out in bulk), or its
+error kind (``input``, ``preprocess``, ``runtime``; ``output`` for NaN/Inf classifier scores). Every
+:class:`Prediction` has an ``id``; a classifier remembers the last ``remember`` ids with their predicted class so
+ground truth can be fed back later (:meth:`Agent.feedback`).
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import math
 import os
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,18 +35,27 @@ from edge_sdk.device_agent.runtimes import RUNTIMES, Runtime, get_runtime
 from edge_sdk.errors import BundleError, InferenceError, InputError, MissingDependencyError
 from edge_sdk.preprocessing import Preprocessing, decode_image
 
-__all__ = ["DEFAULT_RUNTIME_ORDER", "Agent", "Prediction"]
+if TYPE_CHECKING:
+    from edge_sdk.device_agent.aggregates import WindowAggregator
+
+__all__ = ["DEFAULT_REMEMBER", "DEFAULT_RUNTIME_ORDER", "Agent", "Prediction"]
 
 log = logging.getLogger("edge_sdk.agent")
 
 DEFAULT_RUNTIME_ORDER: tuple[str, ...] = ("onnxruntime", "openvino", "litert", "coreml")
 _TRANSPOSE = {("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2)}
 _LOAD_HINTS = ("precision_hint", "device", "performance_hint", "delegate")  # artifact.runtime keys passed to load
+DEFAULT_REMEMBER = 10_000  # prediction ids a classifier keeps for feedback
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass(eq=False)
 class Prediction:
-    """One inference result: named ``outputs``, inference ``latency_ms`` and the ``model_version``.
+    """One inference result: named ``outputs``, inference ``latency_ms``, the ``model_version`` and a unique
+    ``id`` (uuid4 hex; send it with the true label to ``Agent.feedback`` / ``POST /feedback``).
 
     For classifiers, ``top_k`` (``[{"class", "label", "score"}]``, best first), ``class_index``, ``label`` and
     ``confidence`` are worked out on first access (so ``Agent.predict`` itself stays as fast as the runtime);
@@ -48,6 +66,7 @@ class Prediction:
     latency_ms: float
     model_version: str
     _top: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]] | None = field(default=None, repr=False)
+    id: str = field(default_factory=_new_id)
 
     @property
     def top_k(self) -> list[dict[str, Any]]:
@@ -75,8 +94,9 @@ class Prediction:
         return top[0]["score"] if top else None
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict: ``outputs`` as nested lists; for classifiers also class, label, confidence, top_k."""
-        d: dict[str, Any] = {"outputs": {k: v.tolist() for k, v in self.outputs.items()}}
+        """JSON-ready dict: ``id``, ``outputs`` as nested lists; for classifiers also class, label, confidence,
+        top_k."""
+        d: dict[str, Any] = {"id": self.id, "outputs": {k: v.tolist() for k, v in self.outputs.items()}}
         top = self.top_k
         if top:
             d.update({"class": top[0]["class"], "label": top[0]["label"], "confidence": top[0]["score"],
@@ -102,12 +122,14 @@ class Agent:
 
     Attributes: ``bundle``, ``artifact`` (the :class:`~edge_sdk.bundle.Artifact` being run), ``runtime_name``,
     ``selection_reason``, ``session``, ``task`` ("classification" or "other"), ``labels``, ``preprocessing``,
-    ``model_version`` ("name:version"), ``input_specs`` / ``output_names`` (the source model's, in its layout).
+    ``model_version`` ("name:version"), ``input_specs`` / ``output_names`` (the source model's, in its layout),
+    ``num_classes`` (classifiers, when the output shape is static). ``remember``: how many recent prediction ids
+    (with their predicted class) a classifier keeps for :meth:`feedback`.
     """
 
     def __init__(self, bundle_or_path: Bundle | str | os.PathLike, *, runtime_order: list[str] | tuple[str, ...] |
                  None = None, artifact: str | None = None, threads: int | None = None, verify: bool = True,
-                 top_k: int = 5) -> None:
+                 top_k: int = 5, remember: int = DEFAULT_REMEMBER) -> None:
         self.bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else Bundle.load(bundle_or_path)
         m = self.bundle.manifest
         order = tuple(runtime_order) if runtime_order else DEFAULT_RUNTIME_ORDER
@@ -117,7 +139,14 @@ class Agent:
                                  f"{', '.join(RUNTIMES)}")
         if top_k < 1:
             raise InferenceError(f"top_k must be >= 1, got {top_k}")
+        if remember < 0:
+            raise InferenceError(f"remember must be >= 0, got {remember}")
         self.runtime_order = order
+        self.remember = int(remember)
+        self._telemetry: WindowAggregator | None = None
+        self._recent: OrderedDict[str, int] = OrderedDict()
+        self._unresolved: list[tuple[str, np.ndarray]] = []  # (id, scores) whose class is not worked out yet
+        self._recent_lock = threading.Lock()
         self.top_k = int(top_k)
         self.model_version = f"{m.name}:{m.version}"
         self.task = "classification" if str(m.task) == "classification" else "other"
@@ -226,11 +255,17 @@ class Agent:
                 self._out_order = None if order == list(range(len(order))) else order
         self._classifier = self.task == "classification" and len(out_specs) >= 1
         self._probabilities: bool | None = None
+        self.num_classes: int | None = None
+        if self._classifier:
+            dims = list(out_specs[0].shape[1:])
+            if dims and all(isinstance(d, int) and d > 0 for d in dims):
+                self.num_classes = int(np.prod(dims))
         if self.labels is not None and self._classifier:
             n = int(np.prod([d for d in out_specs[0].shape[1:] if d]))
             if n and len(self.labels) != n:
                 log.warning("%d labels for %d classes: labels ignored", len(self.labels), n)
                 self.labels = None
+        self._label_index = {name: i for i, name in enumerate(self.labels or [])}
 
     def _permutations(self) -> list[tuple[int, ...] | None]:
         hints, m = self.artifact.runtime, self.bundle.manifest
@@ -288,7 +323,8 @@ class Agent:
         raise InputError(f"inputs must be an array, a list of arrays or a dict name -> array, not "
                          f"{type(inputs).__name__}")
 
-    def _check(self, k: int, x: Any) -> np.ndarray:
+    def _conform(self, k: int, x: Any) -> np.ndarray:
+        """Input ``k`` as an array of the model's dtype and shape (in the source layout); InputError otherwise."""
         if not isinstance(x, np.ndarray):
             try:
                 x = np.asarray(x)
@@ -307,24 +343,81 @@ class Agent:
                                  any(w != -1 and w != g for w, g in zip(shape, x.shape, strict=True))):
             raise InputError(f"input {self.input_names[k]!r} has shape {list(x.shape)}, the model expects "
                              f"{list(self.input_specs[k].shape)}")
-        perm = self._perms[k]
-        return x if perm is None else np.ascontiguousarray(x.transpose(perm))
+        return x
 
     def predict(self, inputs: np.ndarray | list[np.ndarray] | dict[str, np.ndarray]) -> Prediction:
         """Run ready tensors (the source model's layout and dtype: ``input_specs``); InputError if they do not fit."""
-        xs = self._as_list(inputs)
-        if len(xs) != len(self._shapes):
-            raise InputError(f"model takes {len(self._shapes)} input(s) ({', '.join(self.input_names)}), "
-                             f"got {len(xs)}")
-        xs = [self._check(k, x) for k, x in enumerate(xs)]
+        tel = self._telemetry
+        try:
+            xs = self._as_list(inputs)
+            if len(xs) != len(self._shapes):
+                raise InputError(f"model takes {len(self._shapes)} input(s) ({', '.join(self.input_names)}), "
+                                 f"got {len(xs)}")
+            xs = [self._conform(k, x) for k, x in enumerate(xs)]
+        except InputError:
+            if tel is not None:
+                tel.record_error("input")
+            raise
+        if tel is not None:  # before the run, while the input is still in the CPU caches
+            tel.observe_input(xs[0])
+        feed = [x if p is None else np.ascontiguousarray(x.transpose(p)) for x, p in zip(xs, self._perms, strict=True)]
         with self._lock:
             t0 = time.perf_counter()
-            outs = self.session.run(xs)
+            try:
+                outs = self.session.run(feed)
+            except InputError:  # the runtime's own checks (e.g. NaN / Inf values): a bad input, re-raised
+                if tel is not None:
+                    tel.record_error("input")
+                raise
+            except Exception:  # counted, then re-raised unchanged
+                if tel is not None:
+                    tel.record_error("runtime")
+                raise
             latency = (time.perf_counter() - t0) * 1000.0
         if self._out_order is not None:
             outs = [outs[i] for i in self._out_order]
-        return Prediction(dict(zip(self.output_names, outs, strict=True)), latency, self.model_version,
+        pred = Prediction(dict(zip(self.output_names, outs, strict=True)), latency, self.model_version,
                           partial(self._top_k, outs[0]) if self._classifier else None)
+        if self._classifier:
+            self._observe_class(pred, outs[0], tel)
+        elif tel is not None:
+            tel.record(latency)
+        return pred
+
+    def _observe_class(self, pred: Prediction, out: np.ndarray, tel: WindowAggregator | None) -> None:
+        """Keep the prediction's scores for feedback and telemetry; classes and confidences are worked out in bulk
+        later (right after a model run every numpy call is slow: the run has flushed the caches)."""
+        if out.shape[0] != 1 or out.size < 2:  # a batch: no single class to remember
+            if tel is not None:
+                tel.record(pred.latency_ms)
+            return
+        scores = out.reshape(-1)
+        if self.remember:
+            with self._recent_lock:
+                self._unresolved.append((pred.id, scores))
+                if len(self._unresolved) >= 64:
+                    self._resolve_ids()
+        if tel is not None:
+            tel.record(pred.latency_ms, scores=scores)
+
+    def _resolve_ids(self) -> None:
+        """Move pending (id, scores) into the id -> class memory (caller holds ``_recent_lock``)."""
+        items, self._unresolved = self._unresolved, []
+        try:
+            best = np.stack([s for _, s in items]).argmax(axis=1).tolist()
+        except ValueError:  # rows of different sizes (dynamic output shape)
+            best = [int(s.argmax()) for _, s in items]
+        recent = self._recent
+        for (pid, _), cls in zip(items, best, strict=True):
+            recent[pid] = cls
+        while len(recent) > self.remember:
+            recent.popitem(last=False)
+
+    @staticmethod
+    def _is_probabilities(scores: np.ndarray) -> bool:
+        """Does the model already end in a softmax (scores in [0, 1] summing to 1)?"""
+        total = float(scores.sum(dtype=np.float64))
+        return bool(scores.min() >= 0.0 and scores.max() <= 1.0 and abs(total - 1.0) < 1e-3)
 
     def _top_k(self, out: np.ndarray) -> list[dict[str, Any]]:
         """The ``top_k`` best classes of one classifier output (called lazily by :class:`Prediction`)."""
@@ -333,8 +426,7 @@ class Agent:
         if n < 2 or out.shape[0] != 1:
             return []
         if self._probabilities is None:  # decided once: does the model already end in a softmax?
-            total = float(scores.sum(dtype=np.float64))
-            self._probabilities = bool(scores.min() >= 0.0 and scores.max() <= 1.0 and abs(total - 1.0) < 1e-3)
+            self._probabilities = self._is_probabilities(scores)
         k = min(self.top_k, n)
         idx = np.argpartition(scores, n - k)[n - k:]
         top = sorted(zip(scores[idx].tolist(), idx.tolist(), strict=True), reverse=True)
@@ -350,22 +442,79 @@ class Agent:
 
     def predict_image(self, data: bytes | bytearray | memoryview | np.ndarray) -> Prediction:
         """Decode (JPEG/PNG bytes) or take a BGR uint8 array, apply the manifest preprocessing, and predict."""
-        if self.preprocessing is None:
-            raise InputError(f"bundle {self.model_version} records no image preprocessing: send ready tensors "
-                             "(predict / {\"inputs\": ...}) or rebuild the bundle with --preprocessing")
-        if len(self.input_specs) != 1:
-            raise InputError(f"the model takes {len(self.input_specs)} inputs: images work only for one-input models")
-        if isinstance(data, np.ndarray):
-            img = data
-            if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3)) \
-                    or min(img.shape[:2]) < 1:
-                raise InputError(f"image array must be uint8 HxW or HxWx3 (BGR), got {img.dtype} "
-                                 f"{list(img.shape)}")
-        elif isinstance(data, (bytes, bytearray, memoryview)):
-            img = decode_image(bytes(data), grayscale=self.preprocessing.color == "GRAY")
-        else:
-            raise InputError(f"an image must be encoded bytes or a decoded array, not {type(data).__name__}")
-        return self.predict(self.preprocessing.apply(img))
+        stage = "input"
+        try:
+            if self.preprocessing is None:
+                raise InputError(f"bundle {self.model_version} records no image preprocessing: send ready tensors "
+                                 "(predict / {\"inputs\": ...}) or rebuild the bundle with --preprocessing")
+            if len(self.input_specs) != 1:
+                raise InputError(f"the model takes {len(self.input_specs)} inputs: images work only for one-input "
+                                 "models")
+            if isinstance(data, np.ndarray):
+                img = data
+                if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3)) \
+                        or min(img.shape[:2]) < 1:
+                    raise InputError(f"image array must be uint8 HxW or HxWx3 (BGR), got {img.dtype} "
+                                     f"{list(img.shape)}")
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                stage = "preprocess"
+                img = decode_image(bytes(data), grayscale=self.preprocessing.color == "GRAY")
+            else:
+                raise InputError(f"an image must be encoded bytes or a decoded array, not {type(data).__name__}")
+            stage = "preprocess"
+            x = self.preprocessing.apply(img)
+        except InputError:
+            if self._telemetry is not None:
+                self._telemetry.record_error(stage)
+            raise
+        return self.predict(x)
+
+    # ---- telemetry and feedback ---------------------------------------------------------------------------
+
+    def set_telemetry(self, aggregator: WindowAggregator | None) -> None:
+        """Feed every following call's latency, class, confidence, input and errors to ``aggregator`` (None: stop)."""
+        self._telemetry = aggregator
+
+    @property
+    def telemetry(self) -> WindowAggregator | None:
+        """The aggregator fed by this agent, or None."""
+        return self._telemetry
+
+    def class_of_label(self, label: int | str) -> int:
+        """The class index of ``label``: a class index, or one of the bundle's label names; InputError otherwise."""
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise InputError(f"a label must be a class index or a label name, not {type(label).__name__}")
+        if isinstance(label, str):
+            if label in self._label_index:
+                return self._label_index[label]
+            hint = f"one of the bundle's {len(self._label_index)} labels" if self._label_index else \
+                "an integer class index (this bundle has no label names)"
+            raise InputError(f"unknown label {label[:80]!r}: send {hint}")
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            top = f"0..{self.num_classes - 1}" if self.num_classes is not None else ">= 0"
+            raise InputError(f"class index {label} is out of range: use {top}")
+        return int(label)
+
+    def feedback(self, prediction_id: str, label: int | str) -> bool | None:
+        """Ground truth for an earlier prediction: True / False (was it right), or None when ``prediction_id`` is
+        not one of the last ``remember`` predictions (or was already labelled). Counted in telemetry."""
+        if not self._classifier:
+            raise InputError(f"{self.model_version} is not a classifier (task {self.bundle.manifest.task}): "
+                             "feedback takes class labels")
+        index = self.class_of_label(label)
+        with self._recent_lock:
+            if self._unresolved:
+                self._resolve_ids()
+            predicted = self._recent.pop(prediction_id, None) if isinstance(prediction_id, str) else None
+        tel = self._telemetry
+        if predicted is None:
+            if tel is not None:
+                tel.record_unknown_feedback()
+            return None
+        correct = predicted == index
+        if tel is not None:
+            tel.record_feedback(correct)
+        return correct
 
     def describe(self) -> dict[str, Any]:
         """What is running and why (for /healthz, logs and `edge-sdk agent` output)."""

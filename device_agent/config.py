@@ -16,26 +16,53 @@ Every key is optional; command-line flags override the file (see :meth:`AgentCon
     queue_size = 8                          # requests waiting for inference; beyond it the API answers 429
     max_body_bytes = 10485760               # larger request bodies are refused with 413
 
+    [telemetry]                             # present (or [mqtt] present): telemetry is on unless enabled = false
+    enabled = true
+    window_s = 10                           # one window of aggregates every 10 s (emitted even when idle)
+    fleet = "default"                       # ids: 1-64 characters of A-Z a-z 0-9 _ . -
+    device = "cam-17"                       # default: this host's name
+    outbox = "/var/lib/edge-sdk/outbox.db"  # SQLite file holding windows until the broker acknowledges them
+    input_sample_every = 1                  # every n-th input enters the drift statistics
+
+    [mqtt]
+    url = "mqtts://broker.example:8883"     # mqtt://host[:1883] or mqtts://host[:8883] (TLS)
+    client_id = "edge-default-cam-17"       # default edge-<fleet>-<device>
+    username = "cam-17"
+    password_file = "/etc/edge-sdk/mqtt.pw"  # or password = "..." (not both)
+    ca_file = "/etc/edge-sdk/ca.crt"        # CA bundle to verify the broker; cert_file / key_file: client certificate
+    tls_insecure = false                    # true skips the broker host name check (testing only)
+    keepalive = 30
+    session_expiry_s = 604800               # the broker keeps the session (and QoS 1 messages) this long
+    max_inflight = 100                      # unacknowledged publishes at a time
+
 The same four HTTP keys are also accepted at top level (``host``, ``port``, ``queue_size``,
-``max_body_bytes``). An unknown key or a value of the wrong type raises :class:`ConfigError` with one
-line naming the file and the key.
+``max_body_bytes``). Relative paths (``outbox``, ``password_file``, ``ca_file``, ``cert_file``, ``key_file``)
+are resolved against the config file. An unknown key or a value of the wrong type raises :class:`ConfigError`
+with one line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_sdk.device_agent.agent import DEFAULT_RUNTIME_ORDER
 from edge_sdk.device_agent.runtimes import RUNTIMES
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.device_agent.telemetry import TelemetrySettings
+from edge_sdk.errors import EdgeSDKError, TelemetryError
+from edge_sdk.topics import validate_id
 
-__all__ = ["DEFAULT_RUNTIME_ORDER", "AgentConfig", "ConfigError", "load_config"]
+__all__ = ["DEFAULT_RUNTIME_ORDER", "MQTT_KEYS", "TELEMETRY_KEYS", "AgentConfig", "ConfigError", "load_config"]
 
+TELEMETRY_KEYS = ("enabled", "window_s", "fleet", "device", "outbox", "input_sample_every")
+MQTT_KEYS = ("url", "client_id", "username", "password", "password_file", "ca_file", "cert_file", "key_file",
+             "tls_insecure", "keepalive", "session_expiry_s", "max_inflight")
+_MQTT_SCHEMES = ("mqtt://", "mqtts://", "tcp://", "ssl://")
 
 
 class ConfigError(EdgeSDKError, ValueError):
@@ -57,6 +84,8 @@ class AgentConfig:
     port: int = 8080
     queue_size: int = 8
     max_body_bytes: int = 10 * 1024 * 1024
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    mqtt: dict[str, Any] | None = field(default=None, repr=False)  # MqttSettings keywords but fleet and device
 
     def merged(self, **overrides: Any) -> AgentConfig:
         """A copy with every override that is not None applied (for command-line flags)."""
@@ -68,6 +97,42 @@ class AgentConfig:
         if "runtime_order" in values:
             values["runtime_order"] = tuple(values["runtime_order"])
         return dataclasses.replace(self, **values)
+
+    def with_telemetry(self, *, fleet: str | None = None, device: str | None = None, mqtt_url: str | None = None,
+                       window_s: float | None = None, outbox: str | None = None) -> AgentConfig:
+        """A copy with these telemetry settings overridden (command-line flags); any one given enables telemetry.
+
+        Raises :class:`ConfigError` for a bad id, URL or window length.
+        """
+        given = {"fleet": fleet, "device": device, "window_s": window_s, "outbox_path": outbox}
+        values: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if not values and mqtt_url is None:
+            return self
+        mqtt = self.mqtt
+        if mqtt_url is not None:
+            _mqtt_url(mqtt_url, "--mqtt")
+            mqtt = {**(mqtt or {}), "url": mqtt_url}
+        try:
+            tel = dataclasses.replace(self.telemetry, enabled=True, **values)
+        except TelemetryError as exc:
+            raise ConfigError(f"telemetry setting: {exc}") from None
+        return dataclasses.replace(self, telemetry=tel, mqtt=mqtt)
+
+    def telemetry_settings(self) -> TelemetrySettings:
+        """The telemetry settings with ``mqtt`` built (an ``MqttSettings`` when a broker URL is configured).
+
+        Building ``MqttSettings`` imports the MQTT publisher (paho-mqtt, extra ``agent``).
+        """
+        tel = self.telemetry
+        if not tel.enabled or not self.mqtt or not self.mqtt.get("url"):
+            return tel
+        from edge_sdk.device_agent.mqtt_publisher import MqttSettings
+
+        try:
+            mqtt = MqttSettings(fleet=tel.fleet, device=tel.device, **self.mqtt)
+        except (TypeError, ValueError, TelemetryError) as exc:
+            raise ConfigError(f"[mqtt] settings are not valid ({exc}): fix the [mqtt] table or --mqtt") from None
+        return dataclasses.replace(tel, mqtt=mqtt)
 
 
 _HTTP_KEYS = ("host", "port", "queue_size", "max_body_bytes")
@@ -90,6 +155,96 @@ def _str(path: Path, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _bad(path, key, f"must be a non-empty string, got {type(value).__name__} {value!r}")
     return value.strip()
+
+
+def _mqtt_url(value: str, shown: str) -> str:
+    host = value.split("://", 1)[-1].split("/", 1)[0]
+    if not value.lower().startswith(_MQTT_SCHEMES) or not host or host.startswith(":"):
+        raise ConfigError(f"{shown} {value!r} must look like mqtt://host:1883 or mqtts://host:8883")
+    return value
+
+
+def _bool(path: Path, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(path, key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _file(path: Path, key: str, value: Any) -> str:
+    p = Path(_str(path, key, value)).expanduser()
+    p = p if p.is_absolute() else path.resolve().parent / p
+    if not p.is_file():
+        raise _bad(path, key, f"names {p}, which is not a readable file")
+    return str(p)
+
+
+def _telemetry_table(path: Path, table: Any) -> dict[str, Any]:
+    """Validated [telemetry] keys as TelemetrySettings keywords."""
+    if not isinstance(table, dict):
+        raise _bad(path, "telemetry", f"must be a table ([telemetry]) with {', '.join(TELEMETRY_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"telemetry.{key}"
+        if key not in TELEMETRY_KEYS:
+            raise _bad(path, name, f"is unknown: the [telemetry] table takes {', '.join(TELEMETRY_KEYS)}")
+        if key == "enabled":
+            out["enabled"] = _bool(path, name, value)
+        elif key == "window_s":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0.05 <= value <= 86400:
+                raise _bad(path, name, f"must be a number of seconds between 0.05 and 86400, got {value!r}")
+            out["window_s"] = float(value)
+        elif key in ("fleet", "device"):
+            try:
+                out[key] = validate_id(value, key)
+            except ValueError as exc:
+                raise _bad(path, name, str(exc).replace(f"{key} {value!r} ", "")) from None
+        elif key == "outbox":
+            p = Path(_str(path, name, value)).expanduser()
+            out["outbox_path"] = str(p if p.is_absolute() else path.resolve().parent / p)
+        else:
+            out["input_sample_every"] = _int(path, name, value, 1)
+    return out
+
+
+def _mqtt_table(path: Path, table: Any) -> dict[str, Any]:
+    """Validated [mqtt] keys as MqttSettings keywords (password_file read into password)."""
+    if not isinstance(table, dict):
+        raise _bad(path, "mqtt", f"must be a table ([mqtt]) with {', '.join(MQTT_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"mqtt.{key}"
+        if key not in MQTT_KEYS:
+            raise _bad(path, name, f"is unknown: the [mqtt] table takes {', '.join(MQTT_KEYS)}")
+        if key == "url":
+            out[key] = _mqtt_url(_str(path, name, value), f"{path}: key {name!r}")
+        elif key in ("client_id", "username"):
+            out[key] = _str(path, name, value)
+        elif key == "password":
+            if not isinstance(value, str):
+                raise _bad(path, name, f"must be a string, got {type(value).__name__}")
+            out[key] = value
+        elif key == "password_file":
+            if "password" in table:
+                raise _bad(path, name, "and 'mqtt.password' are both set: keep one")
+            file = _file(path, name, value)
+            try:
+                out["password"] = Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise _bad(path, name, f"cannot be read ({exc})") from None
+        elif key in ("ca_file", "cert_file", "key_file"):
+            out[key] = _file(path, name, value)
+        elif key == "tls_insecure":
+            out[key] = _bool(path, name, value)
+        elif key == "keepalive":
+            out[key] = _int(path, name, value, 5, 65535)
+        elif key == "session_expiry_s":
+            out[key] = _int(path, name, value, 0, 2**32 - 1)
+        else:
+            out[key] = _int(path, name, value, 1, 65535)
+    if "url" not in out:
+        raise _bad(path, "mqtt.url", "is missing: the [mqtt] table needs url = \"mqtt://host:1883\"")
+    return out
 
 
 def _check(path: Path, key: str, value: Any) -> Any:
@@ -139,9 +294,17 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}): fix the syntax") from None
-    known = {f.name for f in dataclasses.fields(AgentConfig)}
+    known = {f.name for f in dataclasses.fields(AgentConfig)} - {"telemetry", "mqtt"}
     flat: dict[str, Any] = {}
+    tel_keys = _telemetry_table(path, data["telemetry"]) if "telemetry" in data else None
+    mqtt = _mqtt_table(path, data["mqtt"]) if "mqtt" in data else None
+    if tel_keys is not None or mqtt is not None:
+        tel_keys = {"enabled": True, **(tel_keys or {})}
+        flat["telemetry"] = TelemetrySettings(**tel_keys)
+        flat["mqtt"] = mqtt
     for key, value in data.items():
+        if key in ("telemetry", "mqtt"):
+            continue
         if key == "http":
             if not isinstance(value, dict):
                 raise _bad(path, "http", "must be a table ([http]) with host, port, queue_size, max_body_bytes")
@@ -151,7 +314,8 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
                 flat[sub] = _check_named(path, sub, f"http.{sub}", subval)
             continue
         if key not in known:
-            raise _bad(path, key, f"is unknown: valid keys are {', '.join(sorted(known | {'http'}))}")
+            valid = ", ".join(sorted(known | {"http", "telemetry", "mqtt"}))
+            raise _bad(path, key, f"is unknown: valid keys are {valid}")
         flat[key] = _check(path, key, value)
     base = path.resolve().parent
     if flat.get("bundle") and not Path(flat["bundle"]).expanduser().is_absolute():

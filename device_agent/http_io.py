@@ -18,8 +18,8 @@ import numpy as np
 
 from edge_sdk.errors import InputError
 
-__all__ = ["LATENCY_BUCKETS_S", "HTTPError", "Metrics", "one_line", "parse_multipart", "parse_predict_body",
-           "to_array"]
+__all__ = ["LATENCY_BUCKETS_S", "HTTPError", "Metrics", "one_line", "parse_feedback_body", "parse_multipart",
+           "parse_predict_body", "to_array"]
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NUMERIC_KINDS = "iuf"
@@ -177,6 +177,24 @@ def parse_predict_body(body: bytes, content_type: str,
     if isinstance(doc, dict) and "inputs" in doc:
         return "inputs", _arrays(doc["inputs"], input_dtypes)
     raise HTTPError(400, "missing_field", 'JSON body needs an "image" (base64 JPEG/PNG) or an "inputs" field')
+
+
+def parse_feedback_body(body: bytes) -> tuple[str, int | str]:
+    """``(prediction_id, label)`` of a ``POST /feedback`` body ``{"prediction_id": "...", "label": 3 | "tabby"}``;
+    HTTPError 400 with a one-line reason otherwise."""
+    usage = 'send {"prediction_id": "<id from /predict>", "label": <class index> or "<label name>"}'
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPError(400, "bad_json", f"body is not valid JSON ({one_line(exc)}): {usage}") from None
+    if not isinstance(doc, dict):
+        raise HTTPError(400, "bad_feedback", f"body must be a JSON object: {usage}")
+    pid, label = doc.get("prediction_id"), doc.get("label")
+    if not isinstance(pid, str) or not 1 <= len(pid) <= 100:
+        raise HTTPError(400, "bad_feedback", f'"prediction_id" must be the "id" string of a prediction: {usage}')
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        raise HTTPError(400, "bad_feedback", f'"label" must be a class index or a label name: {usage}')
+    return pid, label
 
 
 def _b64(value: Any) -> bytes:

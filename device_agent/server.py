@@ -5,6 +5,8 @@ container contract, so the same image serves there):
 
     POST /predict, /invocations   JSON {"image": "<base64>"} | {"inputs": {name: nested list}} | {"inputs": [...]},
                                   multipart/form-data with one image file, or a raw image/* body
+    POST /feedback                JSON {"prediction_id": "<id of a prediction>", "label": 3 | "tabby"}: ground truth
+                                  -> 200 {"prediction_id", "correct"} | 404 unknown (or already labelled) id
     GET  /ping                    200 once the model is loaded
     GET  /healthz                 status, model version, runtime, artifact, uptime, queue depth
     GET  /metrics                 Prometheus text format 0.0.4
@@ -20,7 +22,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -29,21 +30,30 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk.device_agent.http_io import HTTPError, Metrics, one_line, parse_multipart, parse_predict_body
+from edge_sdk.device_agent.http_io import (
+    HTTPError,
+    Metrics,
+    one_line,
+    parse_feedback_body,
+    parse_multipart,
+    parse_predict_body,
+)
 from edge_sdk.errors import EdgeSDKError, InputError
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.agent import Agent, Prediction
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "PREDICT_ROUTES", "ROUTES", "AgentServer", "parse_multipart"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "FEEDBACK_MAX_BODY_BYTES", "PREDICT_ROUTES", "ROUTES", "AgentServer",
+           "parse_multipart"]
 
 log = logging.getLogger("edge_sdk.agent.http")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+FEEDBACK_MAX_BODY_BYTES = 16 * 1024
 PREDICT_ROUTES = ("/predict", "/invocations")
 ROUTES: dict[str, tuple[str, ...]] = {
-    "/predict": ("POST",), "/invocations": ("POST",), "/ping": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"),
-    "/metrics": ("GET", "HEAD"),
+    "/predict": ("POST",), "/invocations": ("POST",), "/feedback": ("POST",), "/ping": ("GET", "HEAD"),
+    "/healthz": ("GET", "HEAD"), "/metrics": ("GET", "HEAD"),
 }
 
 
@@ -102,12 +112,15 @@ class _Handler(BaseHTTPRequestHandler):
             allowed = ROUTES.get(route)
             if allowed is None:
                 raise HTTPError(404, "not_found", f"no route {route}: use POST /predict, POST /invocations, "
-                                                  f"GET /ping, /healthz or /metrics")
+                                                  f"POST /feedback, GET /ping, /healthz or /metrics")
             if method not in allowed:
                 raise HTTPError(405, "method_not_allowed", f"{method} is not allowed on {route}: use "
                                 f"{' or '.join(allowed)}", {"Allow": ", ".join(allowed)})
             if route in PREDICT_ROUTES:
                 status, payload = owner.handle_predict(self)
+                self._send_json(status, payload, route, method)
+            elif route == "/feedback":
+                status, payload = owner.handle_feedback(self)
                 self._send_json(status, payload, route, method)
             elif route == "/metrics":
                 text = owner.metrics_text().encode()
@@ -330,7 +343,13 @@ class AgentServer:
     def handle_predict(self, req: _Handler) -> tuple[int, dict[str, Any]]:
         """Parse a predict request, run it on the worker and return (status, JSON payload)."""
         body = req.read_body(self.max_body_bytes)
-        job = self._job_for(body, req.headers.get("Content-Type", ""))
+        try:
+            job = self._job_for(body, req.headers.get("Content-Type", ""))
+        except HTTPError as exc:  # the request never reached the model: count it as a bad input
+            tel = getattr(self.agent, "telemetry", None)
+            if tel is not None and exc.status == 400:
+                tel.record_error("input")
+            raise
         try:
             pred = self.submit(job)
         except InputError as exc:
@@ -347,9 +366,19 @@ class AgentServer:
         if not all(np.isfinite(v).all() for v in pred.outputs.values() if v.dtype.kind == "f"):
             raise HTTPError(500, "non_finite_output", "the model produced NaN or Inf outputs: check the input "
                             "range and the artifact's validation")
-        out = pred.to_json()
-        out["id"] = str(uuid.uuid4())
-        return 200, out
+        return 200, pred.to_json()
+
+    def handle_feedback(self, req: _Handler) -> tuple[int, dict[str, Any]]:
+        """``POST /feedback``: give the agent the true label of an earlier prediction (answered on the HTTP thread)."""
+        prediction_id, label = parse_feedback_body(req.read_body(FEEDBACK_MAX_BODY_BYTES))
+        try:
+            correct = self.agent.feedback(prediction_id, label)
+        except InputError as exc:
+            raise HTTPError(400, "bad_feedback", one_line(exc)) from None
+        if correct is None:
+            raise HTTPError(404, "unknown_prediction", f"prediction {prediction_id[:100]!r} is unknown: it is not one "
+                            f"of the last {self.agent.remember} predictions, or it was labelled already")
+        return 200, {"prediction_id": prediction_id, "correct": correct}
 
     def _job_for(self, body: bytes, content_type: str) -> Callable[[], Prediction]:
         kind, value = parse_predict_body(body, content_type, self._input_dtypes)

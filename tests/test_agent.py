@@ -103,7 +103,7 @@ def test_dict_and_list_inputs_and_json(tiny_agent: Agent) -> None:
     np.testing.assert_array_equal(a.outputs["output"], b.outputs["output"])
     np.testing.assert_array_equal(a.outputs["output"], c.outputs["output"])
     j = a.to_json()
-    assert set(j) == {"outputs", "class", "label", "confidence", "top_k", "latency_ms", "model_version"}
+    assert set(j) == {"id", "outputs", "class", "label", "confidence", "top_k", "latency_ms", "model_version"}
     assert np.allclose(np.asarray(j["outputs"]["output"], np.float32), a.outputs["output"])
     assert j["model_version"] == "tiny:7" and j["latency_ms"] > 0 and len(j["top_k"]) == 5
     import json
@@ -311,7 +311,7 @@ def test_mediapipe_outputs_equal_bare_litert(rel: str, tmp_path: Path) -> None:
             np.testing.assert_allclose(pred.outputs[name], ref, rtol=0, atol=1e-6, err_msg=name)
         assert any(float(np.std(o)) > 0 for o in want)  # the model computed something image-dependent
         assert pred.class_index is None and pred.top_k == []
-        assert set(pred.to_json()) == {"outputs", "latency_ms", "model_version"}
+        assert set(pred.to_json()) == {"id", "outputs", "latency_ms", "model_version"}
         bare.close()
 
 
