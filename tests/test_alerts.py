@@ -1,0 +1,252 @@
+"""Alert rules on a real SQLite fleet database filled through the collector's storing path: each rule fires once
+and resolves, the webhook is POSTed to a real local HTTP server, and the rules file is checked key by key."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from collector_helpers import payload_bytes, pg_url, status, wait_until, window
+
+from edge_sdk.fleet.alerts import AlertEngine, ConfigError, load_rules
+from edge_sdk.fleet.db import Database
+from edge_sdk.fleet.ingest import Ingestor, Message
+
+FLEET, DEV = "fa", "cam1"
+STREAM = "ab" * 16
+
+
+class Fleet:
+    """A migrated database plus a device that emits one window every 10 s of fake time."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.db = Database.connect(path if isinstance(path, str) else f"sqlite:///{path}")
+        self.db.migrate()
+        self.ingestor = Ingestor(self.db)
+        self.now = time.time() - 3600
+        self.seq = 0
+
+    def windows(self, n: int, **kw: Any) -> None:
+        batch = []
+        for _ in range(n):
+            self.seq += 1
+            self.now += 10
+            batch.append(Message(f"edge/{FLEET}/{DEV}/telemetry",
+                                 payload_bytes(window(FLEET, DEV, seq=self.seq, stream=STREAM, end=self.now, **kw)),
+                                 self.now + 0.5))
+        self.ingestor.store_batch(batch)
+
+    def status(self, state: str) -> None:
+        self.now += 1
+        self.ingestor.store_batch([Message(f"edge/{FLEET}/{DEV}/status",
+                                           payload_bytes(status(FLEET, DEV, state, ts=self.now)), self.now)])
+
+    def alerts(self, state: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE state = ?", (state,)) if state else ("", ())
+        return self.db.query(f"SELECT * FROM alerts {where} ORDER BY id", params)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path / "fleet.db")
+    yield f
+    f.db.close()
+
+
+def _rules(tmp_path: Path, text: str):
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    return load_rules(path)
+
+
+def _only(tmp_path: Path, rule: str, extra: str = "") -> Any:
+    """Rules with every rule but ``rule`` disabled; ``extra`` lines go into the section of ``rule``."""
+    names = ("drift", "latency_sla", "error_rate", "confidence_drop", "offline")
+    return _rules(tmp_path, "\n".join(f"[{n}]\nenabled = {'true' if n == rule else 'false'}\n"
+                                      + (extra if n == rule else "") for n in names))
+
+
+def _cycle(fleet: Fleet, engine: AlertEngine, rule: str, normal: dict, bad: dict, *, before: int = 10) -> None:
+    """normal windows: no alert; bad windows: one open alert (not duplicated); normal again: resolved."""
+    fleet.windows(before, **normal)
+    assert engine.evaluate(now=fleet.now) == []
+    fleet.windows(3, **bad)
+    opened = engine.evaluate(now=fleet.now)
+    assert [(c.action, c.rule, c.device) for c in opened] == [("opened", rule, DEV)]
+    fleet.windows(1, **bad)
+    assert engine.evaluate(now=fleet.now) == []  # still firing: no second alert
+    assert len(fleet.alerts("open")) == 1
+    fleet.windows(3, **normal)
+    resolved = engine.evaluate(now=fleet.now)
+    assert [(c.action, c.rule, c.id) for c in resolved] == [("resolved", rule, opened[0].id)]
+    rows = fleet.alerts()
+    assert len(rows) == 1 and rows[0]["state"] == "resolved" and rows[0]["resolved_at"] == pytest.approx(fleet.now)
+    assert rows[0]["rule"] == rule and rows[0]["model_version"] == "1.0" and rows[0]["message"]
+
+
+def test_drift_by_votes_without_a_baseline(fleet: Fleet, tmp_path: Path) -> None:
+    engine = AlertEngine(fleet.db, _only(tmp_path, "drift"))
+    _cycle(fleet, engine, "drift", dict(psi=0.03), dict(psi=0.9))
+    assert "votes" in fleet.alerts()[0]["message"]
+
+
+def test_drift_pooled_against_the_bundle_baseline(fleet: Fleet, tmp_path: Path) -> None:
+    fractions = [0.05] * 20
+    baseline = {"input_channels": [{"hist_edges": list(range(21)), "hist_fractions": fractions}] * 3}
+    engine = AlertEngine(fleet.db, _only(tmp_path, "drift"), baselines={("net", "1.0"): baseline})
+    even = [5] * 20          # matches the baseline: PSI 0
+    dark = [60] + [2] * 19   # mass in the lowest bin: PSI > 1
+    # psi=0.9 on every window: pooled mode ignores the device's per-window figure and uses the counts
+    _cycle(fleet, engine, "drift", dict(psi=0.9, channel_counts=even, count=100),
+           dict(psi=0.0, channel_counts=dark, count=100))
+    row = fleet.alerts()[0]
+    assert "pooled" in row["message"] and row["value"] > 1.0 and row["threshold"] == 0.2
+
+
+def test_p95_latency_over_the_sla(fleet: Fleet, tmp_path: Path) -> None:
+    engine = AlertEngine(fleet.db, _only(tmp_path, "latency_sla", "p95_ms = 100.0"))
+    slow = [20.0] * 40 + [400.0] * 10   # p95 of each window ~400 ms
+    _cycle(fleet, engine, "latency_sla", dict(latency_ms=20.0), dict(latency_ms=slow))
+    assert fleet.alerts()[0]["value"] == pytest.approx(400.0, rel=0.02)
+
+
+def test_error_rate_spike_against_the_devices_own_rate(fleet: Fleet, tmp_path: Path) -> None:
+    engine = AlertEngine(fleet.db, _only(tmp_path, "error_rate"))
+    _cycle(fleet, engine, "error_rate", dict(count=100, errors={"runtime": 1}), dict(count=80, errors={"runtime": 20}))
+    assert fleet.alerts()[0]["value"] == pytest.approx(0.2)
+    # a device that always runs at 8% errors (over the absolute 5%) does not "spike"
+    quiet = AlertEngine(fleet.db, _only(tmp_path, "error_rate"))
+    fleet.windows(20, count=92, errors={"input": 8})
+    assert [c for c in quiet.evaluate(now=fleet.now) if c.action == "opened"] == []
+
+
+def test_confidence_drop_below_the_trailing_mean(fleet: Fleet, tmp_path: Path) -> None:
+    engine = AlertEngine(fleet.db, _only(tmp_path, "confidence_drop"))
+    _cycle(fleet, engine, "confidence_drop", dict(conf_mean=0.9), dict(conf_mean=0.55))
+    row = fleet.alerts()[0]
+    assert row["value"] == pytest.approx(0.55) and row["threshold"] == pytest.approx(0.75)
+
+
+def test_device_offline_by_status_and_by_silence(fleet: Fleet, tmp_path: Path) -> None:
+    engine = AlertEngine(fleet.db, _only(tmp_path, "offline"))
+    fleet.status("online")
+    fleet.windows(2)
+    assert engine.evaluate(now=fleet.now) == []
+    fleet.status("offline")
+    assert [c.action for c in engine.evaluate(now=fleet.now)] == ["opened"]
+    assert engine.evaluate(now=fleet.now + 1) == []
+    fleet.status("online")
+    fleet.windows(1)
+    assert [c.action for c in engine.evaluate(now=fleet.now)] == ["resolved"]
+    # silence: 3 windows of 10 s (the status' window_s) without a message
+    assert engine.evaluate(now=fleet.now + 25) == []
+    assert [c.action for c in engine.evaluate(now=fleet.now + 40)] == ["opened"]
+    assert "no message" in fleet.alerts("open")[0]["message"]
+    # a collector that just started does not judge silence before it could receive the backlog
+    assert AlertEngine(fleet.db, _only(tmp_path, "offline")).evaluate(
+        now=fleet.now + 40, collector_started=fleet.now + 35) == []
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_two_engines_on_one_database_open_one_alert(dialect: str, tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(pg_url()) if dialect == "postgresql" else f"sqlite:///{tmp_path / 'f.db'}"
+        fleet = Fleet(url)
+        stack.callback(fleet.db.close)
+        rules = _only(tmp_path, "drift")
+        fleet.windows(3, psi=0.9)
+        # separate Database objects, as separate collector processes would have (PostgreSQL: advisory lock)
+        dbs = [Database.connect(url) for _ in range(4)]
+        for db in dbs:
+            stack.callback(db.close)
+        engines = [AlertEngine(db, rules) for db in dbs]
+        threads = [threading.Thread(target=e.evaluate, kwargs={"now": fleet.now}) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(fleet.alerts("open")) == 1
+
+
+class _Hook(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.received.append(body)
+        self.server.release.wait(10)
+        self.send_response(self.server.code)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hook() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    server.received, server.release, server.code = [], threading.Event(), 200
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.release.set()
+    server.shutdown()
+
+
+def test_webhook_gets_opened_and_resolved_alerts_without_blocking(fleet: Fleet, tmp_path: Path,
+                                                                  hook: ThreadingHTTPServer) -> None:
+    url = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
+    engine = AlertEngine(fleet.db, _only(tmp_path, "drift"), webhook=url)
+    try:
+        fleet.windows(3, psi=0.9)
+        opened = engine.evaluate(now=fleet.now)  # returns while the webhook still holds the request
+        assert len(opened) == 1
+        assert wait_until(lambda: len(hook.received) == 1)
+        assert fleet.alerts()[0]["webhook_status"] is None  # the POST has not finished yet
+        hook.release.set()
+        assert wait_until(lambda: fleet.alerts()[0]["webhook_status"] == "sent 200")
+        body = hook.received[0]
+        assert body["event"] == "alert.opened" and body["alert"]["rule"] == "drift"
+        assert body["alert"]["device"] == DEV and body["alert"]["id"] == opened[0].id
+        hook.code = 500
+        fleet.windows(3, psi=0.01)
+        engine.evaluate(now=fleet.now)
+        assert wait_until(lambda: fleet.alerts()[0]["webhook_status"] == "failed: HTTP 500")
+        assert hook.received[1]["event"] == "alert.resolved"
+    finally:
+        engine.close()
+
+
+def test_unreachable_webhook_is_recorded_as_failed(fleet: Fleet, tmp_path: Path) -> None:
+    engine = AlertEngine(fleet.db, _only(tmp_path, "drift"), webhook="http://127.0.0.1:1/hook")
+    try:
+        fleet.windows(3, psi=0.9)
+        assert len(engine.evaluate(now=fleet.now)) == 1
+        assert wait_until(lambda: (fleet.alerts()[0]["webhook_status"] or "").startswith("failed:"))
+    finally:
+        engine.close()
+
+
+def test_rules_file_overrides_and_bad_keys(tmp_path: Path) -> None:
+    rules = _rules(tmp_path, "interval_s = 2\n[latency_sla]\np95_ms = 80\n[drift]\nmethod = 'votes'\n")
+    assert rules.interval_s == 2.0 and rules.latency_sla.p95_ms == 80.0 and rules.drift.method == "votes"
+    assert rules.drift.threshold == 0.2 and rules.error_rate.threshold == 0.05  # the shipped defaults
+    for text, key in (("[drift]\nthreshhold = 0.3\n", "drift.threshhold"),
+                      ("[drift]\nthreshold = 'high'\n", "drift.threshold"),
+                      ("[latency_sla]\nwindows = 2.5\n", "latency_sla.windows"),
+                      ("[offline]\nenabled = 1\n", "offline.enabled"),
+                      ("[nosuch]\nx = 1\n", "nosuch"),
+                      ("[drift]\nseverity = 'loud'\n", "drift.severity"),
+                      ("[drift]\nwindows = 2\nmin_windows = 3\n", "drift.min_windows"),
+                      ("interval_s = -1\n", "interval_s")):
+        with pytest.raises(ConfigError) as info:
+            _rules(tmp_path, text)
+        assert key in str(info.value) and "\n" not in str(info.value), str(info.value)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        _rules(tmp_path, "[drift\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_rules(tmp_path / "missing.toml")
