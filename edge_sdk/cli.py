@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--artifact", help="run this artifact (format/precision) instead of choosing")
     run.add_argument("--threads", type=int, help="inference threads")
     run.add_argument("--no-verify", action="store_true", help="skip the artifact's sha256 check at load")
+    # -- agent run: telemetry flags (any of them turns telemetry on) --
+    run.add_argument("--fleet", help="telemetry: fleet id (default: [telemetry] fleet or 'default')")
+    run.add_argument("--device", help="telemetry: device id (default: [telemetry] device or this host's name)")
+    run.add_argument("--mqtt", metavar="URL", help="telemetry: broker, mqtt://host:1883 or mqtts://host:8883")
+    run.add_argument("--window", type=float, metavar="S", help="telemetry: seconds per window (default 10)")
+    run.add_argument("--outbox", metavar="PATH", help="telemetry: SQLite outbox file (default telemetry-outbox.db)")
+    # -- end of agent run telemetry flags --
+    run.add_argument("--store", metavar="DIR", help="model store for signed over-the-air updates (cmd/update over "
+                     "MQTT); --bundle then installs the first model into it")
+    run.add_argument("--trusted-keys", metavar="DIR", help="public keys (.pub.pem) allowed to sign updates")
+    run.add_argument("--allow-unsigned", action="store_true", help="development only: accept unsigned updates")
     tg = sub.add_parser("targets", help="list the target device profiles")
     tg.add_argument("--json", action="store_true")
     i = sub.add_parser("inspect", help="show a bundle's artifacts and validation")
@@ -143,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("archive", help="pack a bundle into one .tar.gz")
     a.add_argument("bundle")
     a.add_argument("--out")
+    _add_signing_parsers(sub)
+    _add_registry_parsers(sub)  # registry, deploy, rollback (issue 6)
+    _add_collector_parsers(sub)  # collector run (issue 5)
+    _add_fleet_parsers(sub)  # fleet status, fleet simulate (issue 5)
     return p
 
 
@@ -331,17 +346,37 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     cfg = cfg.merged(bundle=args.bundle, source=args.source, artifact=args.artifact, threads=args.threads,
                      runtime_order=order, host=host, port=port,
                      verify=False if args.no_verify else None)
+    cfg = cfg.with_telemetry(fleet=args.fleet, device=args.device, mqtt_url=args.mqtt, window_s=args.window,
+                             outbox=args.outbox)
+    stop, restart = threading.Event(), threading.Event()
+    updater = _open_model_store(args, cfg, lambda _path: (restart.set(), stop.set())) if args.store else None
+    if updater is not None:
+        cfg = cfg.merged(bundle=str(updater.current_bundle()))
     if not cfg.bundle:
         raise EdgeSDKError("no bundle: pass --bundle DIR or set `bundle` in the config file")
-    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    agent = Agent(cfg.bundle, runtime_order=cfg.runtime_order, artifact=cfg.artifact, threads=cfg.threads,
-                  verify=cfg.verify, top_k=cfg.top_k)
+    settings = cfg.telemetry_settings()
+    try:
+        agent = Agent(cfg.bundle, runtime_order=cfg.runtime_order, artifact=cfg.artifact, threads=cfg.threads,
+                      verify=cfg.verify, top_k=cfg.top_k)
+    except EdgeSDKError as exc:
+        if updater is None or updater.store.link("previous") is None:
+            raise
+        print(f"agent: the current model does not start ({exc}); rolling back", file=sys.stderr)
+        updater.on_switch = None
+        agent = Agent(updater.rollback(reason=str(exc)), runtime_order=cfg.runtime_order, artifact=cfg.artifact,
+                      threads=cfg.threads, verify=cfg.verify, top_k=cfg.top_k)
     server = None
+    reporting: tuple[Any, Any, Any] | None = None
     try:
         print(f"agent: {agent.model_version} on {agent.artifact.key} with {agent.runtime_name} "
               f"({agent.selection_reason})", file=sys.stderr)
+        if settings.enabled:
+            reporting = _start_agent_telemetry(agent, settings,
+                                               on_command=updater.on_command if updater is not None else None)
+            if updater is not None:
+                updater.emit_event = reporting[0].emit_event
         if args.http or not cfg.source:
             from edge_sdk.device_agent.server import AgentServer
 
@@ -361,9 +396,81 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         stop.wait()
         return 0
     finally:
+        if updater is not None:
+            updater.close()
         if server is not None:
             server.shutdown()
+        if reporting is not None:
+            _stop_agent_telemetry(*reporting)
         agent.close()
+        if restart.is_set():  # an update switched the model: start again on it (same arguments)
+            print("agent: model switched; restarting on it", file=sys.stderr)
+            sys.stdout.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "edge_sdk.cli", *sys.argv[1:]])
+
+
+def _open_model_store(args: argparse.Namespace, cfg: Any, on_switch: Any) -> Any:
+    """Recover the model store (crash-safe), install --bundle into it when it is empty, return the Updater."""
+    from edge_sdk.device_agent.updater import Updater
+
+    updater = Updater(args.store, trusted_keys=args.trusted_keys, allow_unsigned=args.allow_unsigned,
+                      runtime_order=cfg.runtime_order, artifact=cfg.artifact, threads=cfg.threads)
+    res = updater.recover()
+    print(f"agent: model store {args.store}: {res.reason}", file=sys.stderr)
+    if res.version is None:
+        if not cfg.bundle:
+            raise EdgeSDKError(f"the model store {args.store} holds no verified model: pass --bundle ARCHIVE once "
+                               "to install the first one")
+        updater.update(cfg.bundle)  # the first install passes the same signature and smoke checks as an update
+    updater.on_switch = on_switch
+    return updater
+
+
+# -- agent run: telemetry wiring (outbox + MQTT publisher + window thread) --
+def _start_agent_telemetry(agent: Any, settings: Any, on_command: Any = None) -> tuple[Any, Any, Any]:
+    """Open the outbox, start the publisher (when a broker is configured) and the window thread; emit model.loaded."""
+    from edge_sdk.device_agent.outbox import Outbox
+    from edge_sdk.device_agent.telemetry import Telemetry, model_info
+
+    outbox = Outbox(settings.outbox_path)
+    publisher = None
+    try:
+        if settings.mqtt is not None:
+            from edge_sdk.device_agent.mqtt_publisher import Publisher
+
+            publisher = Publisher(settings.mqtt, outbox, model=model_info(agent), window_s=settings.window_s,
+                                  on_command=on_command)
+            publisher.start()
+        telemetry = Telemetry.for_agent(agent, settings, outbox=outbox, publisher=publisher)
+        telemetry.emit_event("model.loaded", {**model_info(agent), "runtime_version": agent.runtime_version,
+                                              "reason": agent.selection_reason[:500]})
+        telemetry.start()
+    except BaseException:
+        if publisher is not None:
+            publisher.stop()
+        outbox.close()
+        raise
+    where = (f"MQTT {settings.mqtt.url} as {settings.fleet}/{settings.device}" if publisher is not None
+             else "the outbox only (no broker configured: pass --mqtt or set [mqtt] url)")
+    print(f"agent: telemetry every {settings.window_s:g} s to {where}; outbox {settings.outbox_path}", file=sys.stderr)
+    return telemetry, publisher, outbox
+
+
+def _stop_agent_telemetry(telemetry: Any, publisher: Any, outbox: Any) -> None:
+    """Emit the final window, give the publisher a moment to deliver it, publish 'offline' and close the outbox."""
+    failed = None
+    try:
+        telemetry.stop()
+    except EdgeSDKError as exc:  # the outbox could not store the last window: report it, still shut down cleanly
+        failed = exc
+    if publisher is not None:
+        if publisher.connected:
+            publisher.flush(3.0)
+        publisher.stop()
+    outbox.close()
+    if failed is not None:
+        print(f"error: the last telemetry window was not stored: {failed}", file=sys.stderr)
+# -- end of agent run telemetry wiring --
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
@@ -424,6 +531,324 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bundle signing (issue 6): `keys new`, `bundle sign`, `bundle verify` -------------------------------------
+def _add_signing_parsers(sub: Any) -> None:
+    k = sub.add_parser("keys", help="signing keys for bundles")
+    ksub = k.add_subparsers(dest="keys_command", metavar="ACTION")
+    kn = ksub.add_parser("new", help="make an ed25519 key pair (NAME.key private, NAME.pub.pem for devices)")
+    kn.add_argument("--dir", default="keys", help="directory for the key files (default ./keys)")
+    kn.add_argument("--name", help="file name stem (default key-<key id>)")
+    b = sub.add_parser("bundle", help="sign a bundle or verify its signature")
+    bsub = b.add_subparsers(dest="bundle_command", metavar="ACTION")
+    bs = bsub.add_parser("sign", help="sign a bundle directory's manifest (again with another key to co-sign)")
+    bs.add_argument("bundle")
+    bs.add_argument("--key", required=True, help="private key file made by `edge-sdk keys new`")
+    bv = bsub.add_parser("verify", help="check a bundle's signature and files against trusted public keys "
+                         "(exit 1 when refused)")
+    bv.add_argument("bundle", help="bundle directory or .tar.gz")
+    bv.add_argument("--keys", required=True, action="append", help="directory of trusted .pem public keys, or "
+                    "one key file (repeatable)")
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from edge_sdk.signing import generate_keypair, load_public_keys
+
+    if args.keys_command != "new":
+        raise EdgeSDKError("usage: edge-sdk keys new [--dir DIR] [--name NAME]")
+    private, public = generate_keypair(args.dir, args.name)
+    kid = next(iter(load_public_keys(public)))
+    print(f"key id: {kid}\nprivate key: {private} (keep it secret; sign with --key {private})\n"
+          f"public key: {public} (copy it to the devices' trusted keys directory)")
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from edge_sdk.signing import SignatureError, sign_bundle, verify_bundle
+
+    if args.bundle_command == "sign":
+        kid = sign_bundle(args.bundle, args.key)
+        print(f"signed {args.bundle} with key {kid}")
+        return 0
+    if args.bundle_command == "verify":
+        try:
+            kid = verify_bundle(args.bundle, args.keys)
+        except SignatureError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"ok: {args.bundle} is signed by trusted key {kid} and every file matches the manifest")
+        return 0
+    raise EdgeSDKError("usage: edge-sdk bundle sign BUNDLE --key KEY | edge-sdk bundle verify BUNDLE --keys DIR")
+# --- end bundle signing --------------------------------------------------------------------------------------
+
+
+# --- model registry, staged deploy, rollback (issue 6): `registry ...`, `deploy`, `rollback` ---------------------
+def _add_registry_parsers(sub: Any) -> None:
+    db = argparse.ArgumentParser(add_help=False)
+    db.add_argument("--db", default=os.environ.get("EDGE_SDK_DB", "sqlite:///fleet.db"),
+                    help="fleet database URL (default $EDGE_SDK_DB or sqlite:///fleet.db)")
+    db.add_argument("--store", default=os.environ.get("EDGE_SDK_REGISTRY", "registry"),
+                    help="directory of the stored bundle archives (default $EDGE_SDK_REGISTRY or ./registry)")
+    mq = argparse.ArgumentParser(add_help=False)
+    mq.add_argument("--mqtt", default=os.environ.get("EDGE_SDK_MQTT", "mqtt://127.0.0.1:1883"),
+                    help="broker URL, mqtt://[user:pass@]host:port or mqtts://... (default $EDGE_SDK_MQTT or local)")
+    r = sub.add_parser("registry", help="model versions: add, list, show, promote (evaluation gate), holdout, serve")
+    rsub = r.add_subparsers(dest="registry_command", metavar="ACTION")
+    ra = rsub.add_parser("add", parents=[db], help="register a bundle directory or .tar.gz (name/version from its "
+                         "manifest)")
+    ra.add_argument("bundle")
+    ra.add_argument("--trusted-keys", action="append", metavar="DIR|FILE",
+                    help="refuse bundles whose signature does not verify against these public keys")
+    rl = rsub.add_parser("list", parents=[db], help="registered versions")
+    rl.add_argument("name", nargs="?")
+    rl.add_argument("--json", action="store_true")
+    rs = rsub.add_parser("show", parents=[db], help="one version as JSON: lineage, validation, holdout, transitions")
+    rs.add_argument("ref", metavar="NAME[:VERSION]")
+    rs.add_argument("--manifest", action="store_true", help="include the full manifest")
+    rp = rsub.add_parser("promote", parents=[db], help="evaluation gate against the active version, then canary")
+    rp.add_argument("name")
+    rp.add_argument("version")
+    rp.add_argument("--force", metavar="REASON", help="promote even if the gate refuses (the reason is recorded)")
+    rp.add_argument("--tolerance", type=float, default=0.5, metavar="PP",
+                    help="accepted accuracy loss against the active version, in percentage points (default 0.5)")
+    rh = rsub.add_parser("holdout", parents=[db], help="register the evaluation set of a model name")
+    rh.add_argument("name")
+    rh.add_argument("file", help=".npz with arrays `inputs` (model input layout) and `labels` (class indices)")
+    rv = rsub.add_parser("serve", parents=[db], help="serve archives at /bundles/NAME/VERSION.tar.gz (HTTP ranges)")
+    rv.add_argument("--http", default="127.0.0.1:8081", metavar="HOST:PORT")
+    d = sub.add_parser("deploy", parents=[db, mq], help="staged rollout of a promoted version to a fleet over MQTT")
+    d.add_argument("name")
+    d.add_argument("version")
+    d.add_argument("--fleet", required=True)
+    d.add_argument("--stages", default="5,25,100", help="cumulative percentages (default 5,25,100)")
+    d.add_argument("--hold", default="10m", help="time per stage before it is judged: 30s, 10m, 1h (default 10m)")
+    d.add_argument("--devices", help="deploy to these devices only (comma-separated) instead of the fleet's")
+    d.add_argument("--base-url", default=os.environ.get("EDGE_SDK_BUNDLE_URL"),
+                   help="where devices download bundles: http://COLLECTOR:PORT (archives under /bundles/) or a "
+                        "template with {name} and {version} (default $EDGE_SDK_BUNDLE_URL)")
+    d.add_argument("--follow", action="store_true", help="judge the deployment here until it ends (instead of "
+                   "leaving it to the collector)")
+    d.add_argument("--tick", type=float, default=5.0, metavar="S", help="--follow: seconds between checks")
+    rb = sub.add_parser("rollback", parents=[db, mq], help="roll back the latest deployment of a model in a fleet")
+    rb.add_argument("name")
+    rb.add_argument("--fleet", required=True)
+    rb.add_argument("--reason", default="rolled back by hand")
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from edge_sdk.fleet.db import Database
+    from edge_sdk.fleet.registry import Registry, parse_model_ref
+    from edge_sdk.progress import fmt_bytes
+
+    action = args.registry_command
+    if action is None:
+        raise EdgeSDKError("usage: edge-sdk registry add|list|show|promote|holdout|serve ... (see --help)")
+    with Database.connect(args.db) as db:
+        db.migrate()
+        reg = Registry(db, args.store, trusted_keys=getattr(args, "trusted_keys", None))
+        if action == "add":
+            rec = reg.add(args.bundle)
+            signed = f", signed by {rec.signed_key_id}" if rec.signed_key_id else ", unsigned"
+            print(f"{rec.ref}: {rec.state}, {fmt_bytes(rec.size_bytes)}, sha256 {rec.bundle_sha256}{signed} "
+                  f"({rec.archive_path})")
+        elif action == "list":
+            recs = reg.list(args.name)
+            if not recs and not args.json:
+                print("no model versions registered: add one with `edge-sdk registry add BUNDLE`", file=sys.stderr)
+            if args.json:
+                print(json.dumps([r.to_dict() for r in recs], indent=2))
+            for r in [] if args.json else recs:
+                acc = (r.holdout_result or {}).get("accuracy")
+                print(f"{r.name:<24} {r.version:<12} {r.state:<10} {fmt_bytes(r.size_bytes):>10}  "
+                      f"{'holdout ' + format(100 * acc, '.2f') + '%' if acc is not None else '':<16} "
+                      f"{'signed ' + r.signed_key_id if r.signed_key_id else 'unsigned'}")
+        elif action == "show":
+            rec = reg.show(*parse_model_ref(args.ref))
+            hold = reg.holdout(rec.name)
+            print(json.dumps({**rec.to_dict(manifest=args.manifest), "holdout": hold.__dict__ if hold else None,
+                              "transitions": reg.transitions(rec.name, rec.version)}, indent=2))
+        elif action == "promote":
+            p = reg.promote(args.name, args.version, force_reason=args.force, tolerance_pp=args.tolerance)
+            how = f"FORCED ({args.force}) past a refusing gate" if p.forced else "gate passed"
+            print(f"{p.record.ref} promoted to {p.record.state}: {how}: {p.decision.reason}")
+        elif action == "holdout":
+            h = reg.register_holdout(args.name, args.file)
+            print(f"holdout for {h.name}: {h.samples} samples, sha256 {h.sha256}")
+        elif action == "serve":
+            from edge_sdk.fleet.bundle_server import BundleHTTPServer
+
+            host, port = _host_port(args.http)
+            with BundleHTTPServer(reg, host, port) as srv:
+                print(f"serving registry archives at {srv.url}/bundles/NAME/VERSION.tar.gz (Ctrl-C stops)",
+                      file=sys.stderr)
+                import threading
+
+                threading.Event().wait()
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    import time
+
+    from edge_sdk.fleet.commands import MqttCommandPublisher
+    from edge_sdk.fleet.db import Database
+    from edge_sdk.fleet.rollout import Rollout, parse_duration
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    with Database.connect(args.db) as db, MqttCommandPublisher(args.mqtt) as publish:
+        db.migrate()
+        ro = Rollout(db, publish, args.base_url)
+        dep_id = ro.start(args.name, args.version, args.fleet, args.stages, parse_duration(args.hold), devices)
+        dep = ro.deployment(dep_id)
+        print(f"deployment {dep_id}: {args.name}:{args.version} -> fleet {args.fleet} in stages {dep['stages']} "
+              f"(previous version {dep['previous_version'] or 'unknown'}); stage 1 sent to "
+              f"{len(dep['devices_sent'])} device(s): {', '.join(d['device'] for d in dep['devices_sent'])}")
+        while args.follow and dep["state"] == "running":
+            time.sleep(args.tick)
+            for dec in ro.tick():
+                print(f"{dec.decision}: {dec.reason}")
+            dep = ro.deployment(dep_id)
+        if args.follow:
+            print(f"deployment {dep_id} {dep['state']}: {dep['reason']}")
+            return 0 if dep["state"] == "completed" else 1
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from edge_sdk.fleet.commands import MqttCommandPublisher
+    from edge_sdk.fleet.db import Database
+    from edge_sdk.fleet.rollout import Rollout
+
+    with Database.connect(args.db) as db, MqttCommandPublisher(args.mqtt) as publish:
+        db.migrate()
+        dec = Rollout(db, publish).rollback(args.name, args.fleet, reason=args.reason)
+        print(f"deployment {dec.deployment_id} rolled back: {dec.reason}")
+    return 0
+# --- end model registry, staged deploy, rollback ---------------------------------------------------------------
+
+
+# --- fleet collector (issue 5): `collector run` ---------------------------------------------------------------
+def _add_collector_parsers(sub: Any) -> None:
+    c = sub.add_parser("collector", help="the fleet collector: MQTT telemetry into a database, gap repair, alerts")
+    csub = c.add_subparsers(dest="collector_command", metavar="ACTION")
+    run = csub.add_parser("run", help="subscribe to the fleet's telemetry/events/status and store them (SIGTERM stops)")
+    run.add_argument("--mqtt", default="mqtt://127.0.0.1:1883", help="broker URL: mqtt://HOST:1883 or mqtts://HOST:8883")
+    run.add_argument("--db", default=os.environ.get("EDGE_SDK_DB", "sqlite:///fleet.db"),
+                     help="sqlite:///fleet.db (default, or $EDGE_SDK_DB) or postgresql://USER@HOST:5432/DB")
+    run.add_argument("--http", metavar="HOST:PORT", help="also serve the dashboard, JSON API and /metrics here")
+    run.add_argument("--fleet", default="+", help="only this fleet (default: every fleet)")
+    run.add_argument("--rules", help="alert rules TOML overriding the shipped edge_sdk/fleet/alerts.toml")
+    run.add_argument("--webhook", help="POST opened/resolved alerts as JSON to this URL")
+    run.add_argument("--bundle", action="append", default=[], help="bundle whose manifest baseline the drift rule "
+                     "pools windows against (repeatable; registered models are found in the database)")
+    run.add_argument("--client-id", help="MQTT client id (fixed, for the persistent session; default "
+                     "edge-collector-<hostname>; give each collector on one host its own)")
+    run.add_argument("--no-shared", action="store_true", help="plain instead of shared ($share/...) subscriptions")
+    run.add_argument("--session-expiry", type=int, default=7 * 24 * 3600, metavar="SECONDS",
+                     help="how long the broker keeps this collector's session (and queues its share of a shared "
+                     "subscription) while it is down; default 7 days")
+    run.add_argument("--protocol", default="auto", choices=["auto", "5", "3.1.1"],
+                     help="MQTT version (auto: v5, or 3.1.1 for a broker without v5 such as the embedded one)")
+    run.add_argument("--username")
+    run.add_argument("--password", help="MQTT password (default $EDGE_SDK_MQTT_PASSWORD)")
+    run.add_argument("--ca-file", help="CA certificate that signed the broker's certificate (TLS)")
+    run.add_argument("--cert-file", help="client certificate (TLS client authentication)")
+    run.add_argument("--key-file", help="private key of --cert-file")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _cmd_collector(args: argparse.Namespace) -> int:
+    import logging
+
+    from edge_sdk.bundle import Bundle
+    from edge_sdk.fleet.collector import Collector
+
+    if args.collector_command != "run":
+        raise EdgeSDKError("usage: edge-sdk collector run [--mqtt URL] [--db URL] [--http HOST:PORT] ...")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    baselines = {}
+    for path in args.bundle:
+        m = Bundle.load(path).manifest
+        if not m.baseline:
+            raise EdgeSDKError(f"--bundle {path}: the manifest has no baseline: rebuild it with calibration data")
+        baselines[(m.name, m.version)] = m.baseline
+    host_port = _host_port(args.http) if args.http else None
+    col = Collector(args.db, args.mqtt, fleet=args.fleet, client_id=args.client_id, username=args.username,
+                    password=args.password or os.environ.get("EDGE_SDK_MQTT_PASSWORD"), ca_file=args.ca_file,
+                    cert_file=args.cert_file, key_file=args.key_file, shared=not args.no_shared, rules=args.rules,
+                    webhook=args.webhook, baselines=baselines, protocol=args.protocol,
+                    session_expiry_s=args.session_expiry)
+    http = None
+    if host_port is not None:
+        from edge_sdk.fleet.http import CollectorHTTP  # the dashboard (loaded only when asked for)
+
+        http = CollectorHTTP(col.db, host_port[0], host_port[1], stats=col.stats)
+        http.start()
+        print(f"dashboard: {http.url}", file=sys.stderr)
+    print(f"collector {col.client_id}: {args.mqtt} -> {col.db!r}", file=sys.stderr, flush=True)
+    return col.run_forever(on_stop=http.shutdown if http is not None else None)
+# --- end fleet collector --------------------------------------------------------------------------------------
+
+
+# --- fleet operators (issue 5): `fleet status`, `fleet simulate` -----------------------------------------------
+def _add_fleet_parsers(sub: Any) -> None:
+    f = sub.add_parser("fleet", help="the fleet: status table, simulated devices")
+    fsub = f.add_subparsers(dest="fleet_command", metavar="ACTION")
+    st = fsub.add_parser("status", help="one line per device: state, model, latency, errors, confidence, drift")
+    st.add_argument("--db", default=os.environ.get("EDGE_SDK_DB", "sqlite:///fleet.db"),
+                    help="the collector's database (default sqlite:///fleet.db or $EDGE_SDK_DB)")
+    st.add_argument("--fleet", help="only this fleet")
+    st.add_argument("--since", type=float, default=900, metavar="S", help="aggregate the last S seconds (900)")
+    st.add_argument("--json", action="store_true", help="print the rows as JSON")
+    sim = fsub.add_parser("simulate", help="N real MQTT device clients sending schema-valid windows")
+    sim.add_argument("--devices", type=int, required=True, metavar="N")
+    sim.add_argument("--mqtt", default="mqtt://127.0.0.1:1883", metavar="URL")
+    sim.add_argument("--fleet", default="sim")
+    sim.add_argument("--processes", type=int, metavar="P", help="default: one per 250 devices, at most one per CPU")
+    sim.add_argument("--window", type=float, default=1.0, metavar="S", help="seconds per window (1)")
+    sim.add_argument("--duration", type=float, default=60.0, metavar="S", help="seconds of sending (60)")
+    sim.add_argument("--drift-devices", type=int, default=0, metavar="K", help="K devices see darkened inputs")
+    sim.add_argument("--slow-devices", type=int, default=0, metavar="K", help="K devices run --slow-factor slower")
+    sim.add_argument("--slow-factor", type=float, default=3.0, metavar="X")
+    sim.add_argument("--error-devices", type=int, default=0, metavar="K", help="K devices fail --error-rate")
+    sim.add_argument("--error-rate", type=float, default=0.2, metavar="R")
+    sim.add_argument("--outbox-dir", help="keep the device outboxes here (a rerun continues their streams)")
+    sim.add_argument("--transport", default="pooled", choices=["pooled", "publisher"],
+                     help="pooled: one network loop per process (default); publisher: one Publisher per device")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    if args.fleet_command == "status":
+        from edge_sdk.fleet.db import Database
+        from edge_sdk.fleet.status_table import print_status
+        from edge_sdk.fleet.views import fleet_status
+
+        if args.db.startswith("sqlite:///") and not Path(args.db[len("sqlite:///"):]).exists():
+            raise EdgeSDKError(f"no fleet database at {args.db}: start `edge-sdk collector run --db {args.db}` first")
+        with Database.connect(args.db) as db:
+            rows = fleet_status(db, args.fleet, since_s=args.since)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_status(rows)
+        return 0
+    if args.fleet_command == "simulate":
+        from edge_sdk.fleet.simulate import SimulationSettings, run_simulation
+
+        settings = SimulationSettings(
+            devices=args.devices, mqtt_url=args.mqtt, fleet=args.fleet, processes=args.processes,
+            window_s=args.window, duration_s=args.duration, drift_devices=args.drift_devices,
+            slow_devices=args.slow_devices, slow_factor=args.slow_factor, error_devices=args.error_devices,
+            error_rate=args.error_rate, outbox_dir=args.outbox_dir, transport=args.transport, seed=args.seed,
+            password=os.environ.get("EDGE_SDK_MQTT_PASSWORD"))
+        result = run_simulation(settings, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+        return 0 if result.pending == 0 else 1
+    raise EdgeSDKError("usage: edge-sdk fleet status [--db URL] [--json] | edge-sdk fleet simulate --devices N ...")
+# --- end fleet operators ----------------------------------------------------------------------------------------
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edge-sdk``."""
     import warnings
@@ -438,6 +863,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"convert": _cmd_convert, "build": _cmd_build, "benchmark": _cmd_benchmark, "targets": _cmd_targets,
                 "check": _cmd_check, "agent": _cmd_agent,
                 "inspect": _cmd_inspect, "verify": _cmd_verify, "archive": _cmd_archive}
+    handlers.update({"keys": _cmd_keys, "bundle": _cmd_bundle})  # bundle signing (issue 6)
+    handlers.update({"registry": _cmd_registry, "deploy": _cmd_deploy, "rollback": _cmd_rollback})  # issue 6
+    handlers.update({"collector": _cmd_collector})  # fleet collector (issue 5)
+    handlers.update({"fleet": _cmd_fleet})  # fleet status, fleet simulate (issue 5)
     if args.command is None:
         parser.print_help()
         return 2

@@ -91,7 +91,8 @@ class Collector:
     ``rules`` is an alert rules file (TOML), an :class:`~edge_sdk.fleet.alerts.AlertRules`, or None for the
     shipped defaults (``edge_sdk/fleet/alerts.toml``); ``webhook`` a URL that alerts are POSTed to;
     ``baselines`` maps ``(model name, version)`` to a bundle manifest's ``baseline`` for pooled drift checks;
-    ``alert_interval_s`` defaults to the rules' ``interval_s``.
+    ``alert_interval_s`` defaults to the rules' ``interval_s``; every ``rollout_interval_s`` the staged
+    deployments (``edge_sdk.fleet.rollout``) are judged and advanced, halted or rolled back.
     """
 
     def __init__(self, db_url: str, mqtt_url: str, *, fleet: str = "+", client_id: str | None = None,
@@ -100,7 +101,8 @@ class Collector:
                  batch_max: int = 500, batch_ms: float = 50, rules: Any = None, webhook: str | None = None,
                  gap_grace_s: float = 2.0, resend_interval_s: float = 5.0, alert_interval_s: float | None = None,
                  session_expiry_s: int = 7 * 24 * 3600, receive_maximum: int = 2000, keepalive: int = 30,
-                 baselines: dict[tuple[str, str], dict] | None = None, protocol: str = "auto",
+                 baselines: dict[tuple[str, str], dict] | None = None, rollout_interval_s: float = 5.0,
+                 protocol: str = "auto",
                  store_process: bool = True) -> None:
         if fleet != "+":
             from edge_sdk.topics import validate_id
@@ -146,6 +148,10 @@ class Collector:
                 raise CollectorError(str(exc)) from None
         self.alerts = AlertEngine(self.db, rule_set, webhook=webhook, baselines=baselines, fleet=fleet)
         self.alert_interval_s = float(alert_interval_s if alert_interval_s is not None else rule_set.interval_s)
+        from edge_sdk.fleet.rollout import Rollout
+
+        self.rollout = Rollout(self.db, self._publish_command)  # staged deployments (issue 6), judged here
+        self.rollout_interval_s = float(rollout_interval_s)
         self._queue: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self._client: Any = None
         self._generation = 0
@@ -388,13 +394,31 @@ class Collector:
                 self._dirty |= r.window_devices
 
     # -- maintenance: gap repair and alerts ---------------------------------------------------------------------
+    def _publish_command(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Rollout publish function: QoS 1, returns after the broker's PUBACK (maintenance thread only)."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            raise CollectorError("not connected to the MQTT broker: the rollout step is retried")
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        try:
+            info.wait_for_publish(10.0)
+        except (RuntimeError, ValueError) as exc:
+            raise CollectorError(f"publishing {topic} failed: {exc}") from None
+        if not info.is_published():
+            raise CollectorError(f"the broker did not acknowledge {topic} within 10 s")
+
     def _maintenance(self) -> None:
         next_alerts = time.monotonic() + min(self.alert_interval_s, 1.0)
+        next_rollout = time.monotonic()
         first = True
         while not self._stop.wait(0.5):
             try:
                 self._maybe_fall_back()
                 self.repair_gaps()
+                if time.monotonic() >= next_rollout:
+                    next_rollout = time.monotonic() + self.rollout_interval_s
+                    for d in self.rollout.tick():
+                        log.info("rollout %s: %s - %s", d.deployment_id, d.decision, d.reason)
                 if time.monotonic() >= next_alerts:
                     next_alerts = time.monotonic() + self.alert_interval_s
                     with self._dirty_lock:
