@@ -25,6 +25,9 @@ apt-deps:
 	@if [ ! -d $(FASHION) ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 		else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 1; fi; fi
+	@if ! command -v chromium >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+		else echo "Chromium missing (dashboard test): sudo apt-get install chromium"; exit 1; fi; fi
 
 demo: install
 	$(BIN)/python examples/demo.py

@@ -1,0 +1,492 @@
+"""A fleet of real device agents on this host, for end-to-end tests of telemetry, updates and staged rollouts.
+
+Each simulated device is the real device stack, nothing stubbed::
+
+    ModelStore dir ── Updater (signature, smoke test, atomic switch, rollback) ── on_switch ──> Agent (onnxruntime)
+    Agent.predict_image (the bundle's own preprocessing) ── WindowAggregator ── Telemetry (window_s) ── Outbox file
+    Outbox ── Publisher (MQTT v5, QoS 1, retained birth / last will, cmd/# -> Updater.on_command)
+
+The initial bundle is installed through the Updater (so it is verified and smoke-tested like any update). A loop
+feeds real raw images at ``rate_hz`` through :meth:`Agent.predict_image`, so a bundle whose manifest
+preprocessing is wrong really produces wrong inputs. On every switch (update or rollback) the device loads the new
+Agent, swaps it in, closes the old telemetry (its last, partial window still carries the old version), starts a
+new one for the new model and gives the publisher the new model for its birth status.
+
+:class:`AgentFleet` splits ``n_devices`` over ``processes`` child processes (``python -c``, like the collector's
+storing process: no re-import of the caller's main script, and a child whose parent dies sees its stdin close and
+stops). Devices within a process are threads. Every child writes one JSON report per device
+(``<store_root>/<device>/report.json``: current version, every version it ran, switches, update events, commands,
+inference counts) every ``report_every_s`` seconds and once more when it stops; :meth:`AgentFleet.reports` reads
+them at any time. :func:`run_agent_fleet` runs a fleet for a duration or until an event is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.errors import EdgeSDKError
+
+__all__ = ["AgentFleet", "AgentFleetError", "FleetDevice", "FleetSpec", "device_ids", "run_agent_fleet"]
+
+log = logging.getLogger("edge_sdk.fleet.agent_fleet")
+
+REPORT_NAME = "report.json"
+_EVENT_FIELDS = ("version", "from", "to", "step", "reason", "deployment_id", "source", "passed", "cached")
+
+
+class AgentFleetError(EdgeSDKError):
+    """The simulated fleet could not start (bad arguments, devices that failed to install or connect)."""
+
+
+def device_ids(n: int, prefix: str = "dev") -> list[str]:
+    """``n`` device ids ``<prefix>000``, ``<prefix>001`` ... (three digits at least)."""
+    return [f"{prefix}{i:03d}" for i in range(n)]
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """What every device of a simulated fleet shares (JSON-ready: it is handed to the child processes).
+
+    ``inputs_path``: an ``.npz`` with ``images`` (uint8, N x H x W or N x H x W x 3 BGR) and optionally ``labels``;
+    ``feedback_every``: send the true label of every n-th prediction back (0: never; needs labels).
+    """
+
+    fleet: str
+    mqtt_url: str
+    store_root: str
+    initial_bundle: str
+    trusted_keys: list[str]
+    inputs_path: str
+    window_s: float = 1.0
+    rate_hz: float = 5.0
+    feedback_every: int = 0
+    session_expiry_s: int = 600
+    report_every_s: float = 1.0
+    runtime_order: list[str] = field(default_factory=lambda: ["onnxruntime"])
+    seed: int = 0
+
+
+class FleetDevice:
+    """One simulated device: store, updater, agent, outbox, publisher, telemetry and an inference loop.
+
+    ``images`` / ``labels`` are shared, read-only arrays; each device sees them in its own random order.
+    Use :meth:`start` (installs the initial bundle unless the store already has a verified current version,
+    connects, starts inferring) and :meth:`stop`; :meth:`report` says what the device did.
+    """
+
+    def __init__(self, device: str, spec: FleetSpec, images: np.ndarray, labels: np.ndarray | None) -> None:
+        from edge_sdk.device_agent.mqtt_publisher import MqttSettings, Publisher
+        from edge_sdk.device_agent.outbox import Outbox
+        from edge_sdk.device_agent.telemetry import TelemetrySettings
+        from edge_sdk.device_agent.updater import Updater
+
+        self.device, self.spec = device, spec
+        self.images, self.labels = images, labels
+        self.root = Path(spec.store_root) / device
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.rng = np.random.default_rng([spec.seed, zlib.crc32(device.encode())])
+        mqtt = MqttSettings(url=spec.mqtt_url, fleet=spec.fleet, device=device,
+                            session_expiry_s=int(spec.session_expiry_s))
+        outbox_path = self.root / "outbox.db"
+        self.settings = TelemetrySettings(enabled=True, window_s=float(spec.window_s), fleet=spec.fleet,
+                                          device=device, outbox_path=str(outbox_path), mqtt=mqtt)
+        self.outbox = Outbox(outbox_path, synchronous="NORMAL")
+        self.publisher = Publisher(mqtt, self.outbox, window_s=float(spec.window_s), on_command=self._on_command)
+        self.updater = Updater(self.root / "models", trusted_keys=[Path(k) for k in spec.trusted_keys],
+                               emit_event=self._emit_event, runtime_order=spec.runtime_order, threads=1,
+                               on_switch=self._on_switch)
+        self.agent: Any = None
+        self.telemetry: Any = None
+        self._lock = threading.Lock()  # guards agent / telemetry swaps against the inference loop
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.versions_run: list[str] = []
+        self.switches: list[dict[str, Any]] = []
+        self.update_events: list[dict[str, Any]] = []
+        self.commands: list[dict[str, Any]] = []
+        self.inferences: dict[str, int] = {}
+        self.confidence_sum: dict[str, float] = {}
+        self.errors = 0
+        self.started_at: float | None = None
+
+    # ---- model switching ---------------------------------------------------------------------------------------
+
+    def _on_switch(self, bundle_path: Path) -> None:
+        """Load the new model, swap it in, and restart telemetry so windows carry its version."""
+        from edge_sdk.device_agent.agent import Agent
+        from edge_sdk.device_agent.telemetry import Telemetry, model_info
+
+        agent = Agent(bundle_path, runtime_order=self.spec.runtime_order, threads=1)  # EdgeSDKError -> rollback
+        telemetry = Telemetry.for_agent(agent, self.settings, outbox=self.outbox, publisher=self.publisher)
+        with self._lock:
+            old_agent, old_telemetry = self.agent, self.telemetry
+            self.agent, self.telemetry = agent, telemetry
+        if old_telemetry is not None:
+            old_telemetry.stop()  # the last, partial window of the old model
+        telemetry.start()
+        self.publisher.model = model_info(agent)  # the birth status on the next (re)connect
+        version = str(agent.bundle.manifest.version)
+        self.switches.append({"ts": time.time(), "from": self.versions_run[-1] if self.versions_run else None,
+                              "to": version})
+        self.versions_run.append(version)
+        if old_agent is not None:
+            old_agent.close()
+
+    def _emit_event(self, kind: str, data: dict[str, Any], level: str) -> None:
+        """The updater's events: kept for the report and sent through the outbox (once telemetry runs)."""
+        self.update_events.append({"ts": time.time(), "kind": kind, "level": level,
+                                   **{k: data[k] for k in _EVENT_FIELDS if k in data}})
+        telemetry = self.telemetry
+        if telemetry is not None:
+            telemetry.emit_event(kind, data, level)
+
+    def _on_command(self, name: str, payload: dict[str, Any]) -> None:
+        model = payload.get("model") if isinstance(payload.get("model"), dict) else {}
+        self.commands.append({"ts": time.time(), "command": name, "version": model.get("version"),
+                              "deployment_id": payload.get("deployment_id")})
+        self.updater.on_command(name, payload)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Start on the store's verified current version, else install the initial bundle through the updater."""
+        self.updater.recover()
+        current = self.updater.current_bundle()
+        if current is not None:
+            self._on_switch(current)
+        else:
+            self.updater.update(self.spec.initial_bundle)  # verified, smoke-tested, switched: calls _on_switch
+        if self.agent is None:
+            raise AgentFleetError(f"{self.device}: no model was loaded after installing {self.spec.initial_bundle}")
+
+    def start(self) -> None:
+        """Install (see :meth:`install`), connect to the broker and start the inference loop."""
+        self.install()
+        self.publisher.start()
+        self.started_at = time.time()
+        self._thread = threading.Thread(target=self._loop, name=f"agent-{self.device}", daemon=True)
+        self._thread.start()
+
+    @property
+    def subscribed(self) -> bool:
+        """True once the broker acknowledged the device's ``cmd/#`` subscription."""
+        return bool(self.publisher.stats()["subscribed"])
+
+    def _loop(self) -> None:
+        period = 1.0 / float(self.spec.rate_hz)
+        order = self.rng.permutation(len(self.images))
+        k = 0
+        due = time.monotonic() + float(self.rng.uniform(0, period))
+        fb = int(self.spec.feedback_every)
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            i = int(order[k % len(order)])
+            k += 1
+            try:
+                with self._lock:
+                    agent = self.agent
+                    pred = agent.predict_image(self.images[i])
+                    conf = pred.confidence
+                    if fb and self.labels is not None and k % fb == 0:
+                        agent.feedback(pred.id, int(self.labels[i]))
+                v = str(agent.bundle.manifest.version)
+                self.inferences[v] = self.inferences.get(v, 0) + 1
+                if conf is not None:
+                    self.confidence_sum[v] = self.confidence_sum.get(v, 0.0) + conf
+            except EdgeSDKError as exc:  # counted by the agent's telemetry too
+                self.errors += 1
+                log.debug("%s: inference failed: %s", self.device, exc)
+            except Exception:  # outermost loop of a long-running device: log it, keep inferring
+                self.errors += 1
+                log.exception("%s: inference failed unexpectedly", self.device)
+            due += period
+            now = time.monotonic()
+            if due < now - period:  # fell behind: skip ahead instead of bursting
+                due = now + period
+
+    def stop(self, flush_s: float = 3.0) -> None:
+        """Stop inferring, emit the last window, deliver what the outbox holds (up to ``flush_s``), disconnect."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self.updater.close()
+        if self.telemetry is not None:
+            self.telemetry.stop()
+        self.publisher.flush(flush_s)
+        self.publisher.stop()
+        if self.agent is not None:
+            self.agent.close()
+        self.outbox.close()
+
+    def report(self) -> dict[str, Any]:
+        """What the device ran and did (JSON-ready)."""
+        agent = self.agent
+        status = self.updater.status()
+        return {"device": self.device, "fleet": self.spec.fleet, "pid": os.getpid(),
+                "current_version": str(agent.bundle.manifest.version) if agent is not None else None,
+                "model": agent.model_version if agent is not None else None,
+                "store": {"current": status["current"], "previous": status["previous"]},
+                "versions_run": list(self.versions_run), "switches": list(self.switches),
+                "update_events": list(self.update_events), "commands": list(self.commands),
+                "inferences": dict(self.inferences),
+                "confidence_mean": {v: self.confidence_sum.get(v, 0.0) / n for v, n in self.inferences.items() if n},
+                "errors": self.errors, "publisher": self.publisher.stats(), "started_at": self.started_at,
+                "ts": time.time()}
+
+    def write_report(self) -> None:
+        """Write :meth:`report` to ``<store_root>/<device>/report.json`` atomically."""
+        path = self.root / REPORT_NAME
+        tmp = path.with_name(f".{REPORT_NAME}.tmp")
+        tmp.write_text(json.dumps(self.report(), separators=(",", ":")))
+        os.replace(tmp, path)
+
+
+# ---- child process -------------------------------------------------------------------------------------------------
+
+def _say(**msg: Any) -> None:
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+def _child_main(spec_path: str, devices_csv: str) -> None:
+    """Run the devices ``devices_csv`` of the fleet in ``spec_path`` until stdin says ``stop`` or closes."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s agent-fleet[%(process)d] %(name)s %(levelname)s %(message)s")
+    spec = FleetSpec(**json.loads(Path(spec_path).read_text()))
+    with np.load(spec.inputs_path, allow_pickle=False) as data:
+        images = np.ascontiguousarray(data["images"])
+        labels = np.ascontiguousarray(data["labels"]) if "labels" in data.files else None
+    stop = threading.Event()
+
+    def watch_stdin() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()
+
+    threading.Thread(target=watch_stdin, name="stdin", daemon=True).start()
+    devices: list[FleetDevice] = []
+    for name in devices_csv.split(","):
+        if stop.is_set():
+            break
+        try:
+            dev = FleetDevice(name, spec, images, labels)
+            dev.start()
+        except EdgeSDKError as exc:
+            _say(event="failed", device=name, reason=str(exc))
+            continue
+        devices.append(dev)
+    deadline = time.monotonic() + 30.0
+    waiting = list(devices)
+    while waiting and not stop.is_set() and time.monotonic() < deadline:
+        for dev in [d for d in waiting if d.subscribed]:
+            waiting.remove(dev)
+            _say(event="ready", device=dev.device)
+        time.sleep(0.05)
+    for dev in waiting:
+        _say(event="failed", device=dev.device, reason="not subscribed to its cmd/# within 30 s")
+    while not stop.wait(spec.report_every_s):
+        for dev in devices:
+            dev.write_report()
+    stoppers = [threading.Thread(target=d.stop, daemon=True) for d in devices]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join(30.0)
+    for dev in devices:
+        dev.write_report()
+    _say(event="stopped")
+
+
+# ---- parent --------------------------------------------------------------------------------------------------------
+
+class AgentFleet:
+    """``n_devices`` real device agents in ``processes`` child processes (see the module docstring).
+
+    ``initial_bundle``: a signed bundle archive (or directory) every device installs first; ``trusted_keys``:
+    public key file(s) or directory; ``inputs``: raw uint8 images (N x H x W gray or N x H x W x 3 BGR) fed at
+    ``rate_hz`` per device, ``labels`` their classes (used with ``feedback_every``). Use as a context manager::
+
+        with AgentFleet(50, fleet=f, mqtt_url=url, store_root=d, initial_bundle=a, trusted_keys=k,
+                        inputs=x) as fleet:
+            ...  # fleet.devices, fleet.reports()
+        fleet.final_reports
+    """
+
+    def __init__(self, n_devices: int, *, processes: int = 2, fleet: str, mqtt_url: str,
+                 store_root: str | os.PathLike, initial_bundle: str | os.PathLike,
+                 trusted_keys: str | os.PathLike | Sequence[str | os.PathLike], inputs: np.ndarray,
+                 labels: np.ndarray | None = None, window_s: float = 1.0, rate_hz: float = 5.0,
+                 feedback_every: int = 0, device_prefix: str = "dev", session_expiry_s: int = 600,
+                 start_timeout_s: float = 180.0, seed: int = 0) -> None:
+        from edge_sdk.topics import validate_id
+
+        if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+            raise AgentFleetError(f"n_devices must be a positive integer, got {n_devices!r}")
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise AgentFleetError(f"processes must be a positive integer, got {processes!r}")
+        if not rate_hz > 0:
+            raise AgentFleetError(f"rate_hz must be > 0, got {rate_hz!r}")
+        images = np.asarray(inputs)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
+            raise AgentFleetError(f"inputs must be raw uint8 images N x H x W (x 3), got {images.dtype} "
+                                  f"{list(images.shape)}: pass the images before preprocessing")
+        if labels is not None and len(labels) != len(images):
+            raise AgentFleetError(f"{len(labels)} labels for {len(images)} images: pass one label per image")
+        try:
+            validate_id(fleet, "fleet")
+            self.devices = device_ids(n_devices, device_prefix)
+            for d in self.devices:
+                validate_id(d, "device")
+        except ValueError as exc:
+            raise AgentFleetError(str(exc)) from None
+        if not Path(initial_bundle).exists():
+            raise AgentFleetError(f"initial bundle {initial_bundle} not found: pass a signed bundle archive")
+        keys = [trusted_keys] if isinstance(trusted_keys, (str, os.PathLike)) else list(trusted_keys)
+        self.root = Path(store_root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        inputs_path = self.root / "inputs.npz"
+        arrays = {"images": images} if labels is None else {"images": images, "labels": np.asarray(labels)}
+        np.savez(inputs_path, **arrays)
+        self.spec = FleetSpec(fleet=fleet, mqtt_url=mqtt_url, store_root=str(self.root),
+                              initial_bundle=str(Path(initial_bundle).resolve()),
+                              trusted_keys=[str(Path(k).resolve()) for k in keys], inputs_path=str(inputs_path),
+                              window_s=float(window_s), rate_hz=float(rate_hz), feedback_every=int(feedback_every),
+                              session_expiry_s=int(session_expiry_s), seed=int(seed))
+        self.processes = min(processes, n_devices)
+        self.start_timeout_s = float(start_timeout_s)
+        self.ready: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.final_reports: dict[str, dict[str, Any]] | None = None
+        self._procs: list[subprocess.Popen] = []
+        self._readers: list[threading.Thread] = []
+        self._stopped: set[int] = set()
+        self._cond = threading.Condition()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                if msg.get("event") == "ready":
+                    self.ready.add(msg["device"])
+                elif msg.get("event") == "failed":
+                    self.failed[msg["device"]] = msg.get("reason", "")
+                elif msg.get("event") == "stopped":
+                    self._stopped.add(proc.pid)
+                self._cond.notify_all()
+
+    def start(self) -> AgentFleet:
+        """Start the child processes and wait until every device runs and is subscribed to its commands."""
+        import edge_sdk
+
+        spec_path = self.root / "fleet-spec.json"
+        spec_path.write_text(json.dumps(asdict(self.spec), indent=1))
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        root = str(Path(edge_sdk.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        chunks = [self.devices[i::self.processes] for i in range(self.processes)]
+        code = "import sys; from edge_sdk.fleet.agent_fleet import _child_main; _child_main(sys.argv[1], sys.argv[2])"
+        for chunk in chunks:
+            proc = subprocess.Popen([sys.executable, "-c", code, str(spec_path), ",".join(chunk)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+            self._procs.append(proc)
+            reader = threading.Thread(target=self._read, args=(proc,), name=f"agent-fleet-{proc.pid}", daemon=True)
+            reader.start()
+            self._readers.append(reader)
+        deadline = time.monotonic() + self.start_timeout_s
+        with self._cond:
+            while len(self.ready) + len(self.failed) < len(self.devices):
+                left = deadline - time.monotonic()
+                dead = [p.pid for p in self._procs if p.poll() is not None]
+                if left <= 0 or dead:
+                    break
+                self._cond.wait(min(left, 0.5))
+        if self.failed or len(self.ready) < len(self.devices):
+            missing = sorted(set(self.devices) - self.ready - set(self.failed))
+            self.stop()
+            first = next(iter(self.failed.items()), None)
+            raise AgentFleetError(f"{len(self.ready)} of {len(self.devices)} devices started"
+                                  + (f"; {first[0]}: {first[1]}" if first else "")
+                                  + (f"; no answer from {', '.join(missing[:5])}" if missing else "")
+                                  + ": see the child processes' log above")
+        return self
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """The latest report of every device that wrote one (device -> report)."""
+        out: dict[str, dict[str, Any]] = {}
+        for d in self.devices:
+            path = self.root / d / REPORT_NAME
+            try:
+                out[d] = json.loads(path.read_text())
+            except (OSError, ValueError):  # not written yet
+                continue
+        return out
+
+    def stop(self, timeout_s: float = 60.0) -> dict[str, dict[str, Any]]:
+        """Stop every device (last windows flushed) and return the final reports (also in ``final_reports``)."""
+        if self.final_reports is not None:
+            return self.final_reports
+        for proc in self._procs:
+            try:
+                proc.stdin.write("stop\n")  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+            except (OSError, ValueError):  # the child is gone already
+                pass
+        deadline = time.monotonic() + timeout_s
+        for proc in self._procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("agent fleet process %d did not stop within %.0f s: killed", proc.pid, timeout_s)
+                proc.kill()
+                proc.wait()
+        for reader in self._readers:
+            reader.join(5.0)
+        self.final_reports = self.reports()
+        return self.final_reports
+
+    def __enter__(self) -> AgentFleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_agent_fleet(n_devices: int, *, processes: int = 2, fleet: str, mqtt_url: str,
+                    store_root: str | os.PathLike, initial_bundle: str | os.PathLike,
+                    trusted_keys: str | os.PathLike | Sequence[str | os.PathLike], inputs: np.ndarray,
+                    labels: np.ndarray | None = None, window_s: float = 1.0, rate_hz: float = 5.0,
+                    duration_s: float | None = None, stop_event: threading.Event | None = None,
+                    **options: Any) -> dict[str, dict[str, Any]]:
+    """Run ``n_devices`` real device agents (see :class:`AgentFleet`) for ``duration_s`` seconds or until
+    ``stop_event`` is set (whichever comes first; one of them is required); returns the final device reports."""
+    if duration_s is None and stop_event is None:
+        raise AgentFleetError("run_agent_fleet needs duration_s or stop_event: how long should the fleet run?")
+    with AgentFleet(n_devices, processes=processes, fleet=fleet, mqtt_url=mqtt_url, store_root=store_root,
+                    initial_bundle=initial_bundle, trusted_keys=trusted_keys, inputs=inputs, labels=labels,
+                    window_s=window_s, rate_hz=rate_hz, **options) as agents:
+        deadline = None if duration_s is None else time.monotonic() + float(duration_s)
+        while deadline is None or time.monotonic() < deadline:
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            if stop_event is not None and stop_event.wait(wait):
+                break
+            if stop_event is None:
+                time.sleep(wait)
+        return agents.stop()

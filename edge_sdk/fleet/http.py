@@ -1,0 +1,349 @@
+"""The collector's HTTP side (standard library only): the fleet dashboard, a JSON API and Prometheus metrics.
+
+Routes (GET / HEAD)::
+
+    /                                          the dashboard (edge_sdk/fleet/static/index.html; no CDN, works offline)
+    /static/<file>                             dashboard assets from edge_sdk/fleet/static/
+    /api/devices?fleet=F&since=900             fleet_status rows            {"now", "since_s", "devices": [...]}
+    /api/models?fleet=F&since=900              model_versions rows          {"now", "since_s", "models": [...]}
+    /api/devices/<fleet>/<device>/series?since=3600&max_points=300
+                                               device_series points         {"fleet", "device", "points": [...]}
+    /api/alerts?state=open&limit=200           alerts, newest first         {"alerts": [...]}
+    /api/dead_letters?limit=100                rejected messages            {"dead_letters": [...]}
+    /healthz                                   {"status": "ok", "db": dialect} (503 when the database fails)
+    /metrics                                   Prometheus text format 0.0.4 (see :func:`metrics_text`)
+
+Errors are JSON ``{"error": "<one line>"}``: 400 bad parameter, 404 unknown route or file, 405 other methods,
+500 when the database fails (the reason in one line, the traceback in the log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from edge_sdk.errors import EdgeSDKError
+from edge_sdk.fleet import views
+from edge_sdk.fleet.range_cache import RangeCache
+from edge_sdk.topics import validate_id
+
+if TYPE_CHECKING:
+    from edge_sdk.fleet.db import Database
+
+__all__ = ["STATIC_DIR", "CollectorHTTP", "metrics_text"]
+
+log = logging.getLogger("edge_sdk.fleet.http")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+_GAUGE_STATS = {"queue", "inflight", "pending", "connected_devices"}
+_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+                  ".ico": "image/x-icon", ".json": "application/json"}
+# the dashboard loads nothing from elsewhere: a browser refuses any external fetch it might try
+_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+def _one_line(msg: object) -> str:
+    return " ".join(str(msg).split()) or "error"
+
+
+def _db_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "the database failed" (psycopg only when it is loaded)."""
+    errs: list[type[BaseException]] = [EdgeSDKError, sqlite3.Error]
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None:
+        errs.append(psycopg.Error)
+    return tuple(errs)
+
+
+def _esc(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**kv: object) -> str:
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
+
+
+def _num(v: float | int | None) -> str | None:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return None
+    return repr(float(v)) if isinstance(v, float) else str(int(v))
+
+
+def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        name = "".join(c if c.isalnum() or c == "_" else "_" for c in f"{prefix}{k}")
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{name}_"))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[name] = v
+    return out
+
+
+def metrics_text(db: Database, stats: Callable[[], dict[str, Any]] | None = None, *, since_s: float = 900,
+                 cache: RangeCache | None = None) -> str:
+    """The fleet in Prometheus text format: device states, per-device latency / errors / drift / confidence,
+    open alerts per rule and, when ``stats`` is given, its numbers: integers as ``edge_collector_<key>_total``
+    counters, floats and queue/inflight/pending levels as ``edge_collector_<key>`` gauges (nested dicts are
+    flattened with ``_``; strings and booleans are left out)."""
+    rows = views.fleet_status(db, since_s=since_s, cache=cache)
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_: str, samples: list[tuple[str, str | None]]) -> None:
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples if value is not None)
+
+    states = {"online": 0, "offline": 0, "stale": 0}
+    for r in rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    family("edge_fleet_devices", "gauge", "Known devices by state.",
+           [(_labels(state=s), str(n)) for s, n in sorted(states.items())])
+    ids = [(r, _labels(fleet=r["fleet"], device=r["device"])) for r in rows]
+    family("edge_device_up", "gauge", "1 when the device is online, 0 when offline or stale.",
+           [(lab, "1" if r["state"] == "online" else "0") for r, lab in ids])
+    family("edge_device_latency_ms", "gauge", f"Inference latency percentiles over the last {since_s:g} s "
+           "(merged DDSketches).",
+           [(_labels(fleet=r["fleet"], device=r["device"], quantile=q), _num(r[f"p{p}_ms"]))
+            for r, _ in ids for q, p in (("0.5", 50), ("0.95", 95), ("0.99", 99))])
+    family("edge_device_error_rate", "gauge", "Failed inferences / attempts over the range.",
+           [(lab, _num(r["error_rate"])) for r, lab in ids])
+    family("edge_device_psi_max", "gauge", "Input drift: PSI of the worst channel in the latest window.",
+           [(lab, _num(r["psi_latest"])) for r, lab in ids])
+    family("edge_device_confidence_mean", "gauge", "Mean top-1 confidence over the range.",
+           [(lab, _num(r["confidence_mean"])) for r, lab in ids])
+    family("edge_device_accuracy", "gauge", "Correct / labelled predictions (ground-truth feedback) over the range.",
+           [(lab, _num(r["accuracy"])) for r, lab in ids])
+    family("edge_device_inferences", "gauge", "Inferences over the range.",
+           [(lab, _num(r["inferences"])) for r, lab in ids])
+    open_rows = db.query("SELECT rule, COUNT(*) AS n FROM alerts WHERE state = 'open' GROUP BY rule ORDER BY rule")
+    family("edge_alerts_open", "gauge", "Open alerts by rule.",
+           [(_labels(rule=a["rule"]), str(int(a["n"]))) for a in open_rows])
+    if stats is not None:
+        for key, value in sorted(_flat_numbers(stats()).items()):
+            if isinstance(value, float) or key in _GAUGE_STATS:  # lag seconds, queue depth: a level, not a count
+                family(f"edge_collector_{key}", "gauge", f"Collector {key}.", [("", _num(value))])
+            else:
+                name = f"edge_collector_{key}" + ("" if key.endswith("_total") else "_total")
+                family(name, "counter", f"Collector counter {key}.", [("", _num(value))])
+    return "\n".join(lines) + "\n"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edge-sdk-collector"
+    disable_nagle_algorithm = True
+    timeout = 60  # an idle keep-alive connection frees its thread after a minute
+    server: _HTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def _refuse(self) -> None:
+        self._send_json(405, {"error": f"{self.command} is not allowed: this API is read-only, use GET"},
+                        {"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
+    def _dispatch(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        try:
+            status, ctype, body, headers = self.server.owner.route(parts.path, query)
+        except _HTTPError as exc:
+            self._send_json(exc.status, {"error": _one_line(exc)}, exc.headers)
+        except _db_errors() as exc:
+            log.error("database query for %s failed: %s", parts.path, exc, exc_info=True)
+            self._send_json(500, {"error": f"database error: {type(exc).__name__}: {_one_line(exc)}"})
+        except ValueError as exc:  # a non-finite number or an undecodable row from the database
+            log.error("cannot answer %s: %s", parts.path, exc, exc_info=True)
+            self._send_json(500, {"error": f"cannot encode the answer: {_one_line(exc)}"})
+        else:
+            self._send(status, ctype, body, headers)
+
+    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._send(status, "application/json", json.dumps(payload).encode(), headers)
+
+    def _send(self, status: int, ctype: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.headers.get("Content-Length", "0").strip() not in ("", "0"):  # unread body: do not reuse
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: CollectorHTTP
+
+
+def _float(query: dict[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    text = query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise _HTTPError(400, f"{name}={text!r} is not a number: use e.g. {name}={default:g}") from None
+    if not lo <= value <= hi:
+        raise _HTTPError(400, f"{name}={text} is out of range: use {lo:g}..{hi:g}")
+    return value
+
+
+class CollectorHTTP:
+    """Serve the dashboard, the JSON API and ``/metrics`` for one fleet :class:`~edge_sdk.fleet.db.Database`.
+
+    ``port=0`` picks a free port (bound at construction; see :attr:`port` / :attr:`url`). ``stats`` is an
+    optional callable returning the collector's counters for ``/metrics``; ``since_s`` is the default range of
+    the device and model aggregates.
+    """
+
+    def __init__(self, db: Database, host: str = "127.0.0.1", port: int = 8000, *,
+                 stats: Callable[[], dict[str, Any]] | None = None, since_s: float = 900,
+                 static_dir: Path | str = STATIC_DIR) -> None:
+        self.db = db
+        self.stats = stats
+        self.cache = RangeCache()  # per-minute aggregates: a refreshing dashboard re-reads only the newest minute
+        self.since_s = float(since_s)
+        self.static_dir = Path(static_dir).resolve()
+        self.host = host
+        try:
+            self._httpd = _HTTPServer((host, port), _Handler)
+        except OSError as exc:
+            raise EdgeSDKError(f"cannot listen on {host}:{port}: {exc.strerror}: choose another host:port") from None
+        self._httpd.owner = self
+        self.port: int = self._httpd.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL (``0.0.0.0`` / ``::`` shown as the loopback address)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def start(self) -> int:
+        """Serve from a background thread; returns the bound port."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, name="edge-sdk-collector-http",
+                                            daemon=True)
+            self._thread.start()
+            log.info("dashboard on %s", self.url)
+        return self.port
+
+    def shutdown(self) -> None:
+        """Stop serving and release the port."""
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> CollectorHTTP:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- routing (HTTP threads) ---------------------------------------------------------------------------
+    def route(self, path: str, query: dict[str, str]) -> tuple[int, str, bytes, dict[str, str]]:
+        """Answer one GET: (status, content type, body, extra headers); raises _HTTPError or a DB error."""
+        if path in ("/", "/index.html"):
+            return self._static("index.html")
+        if path.startswith("/static/"):
+            return self._static(path[len("/static/"):])
+        if path == "/healthz":
+            try:
+                self.db.query("SELECT 1 AS ok")
+            except _db_errors() as exc:
+                return _json(503, {"status": "unavailable", "error": _one_line(exc)})
+            return _json(200, {"status": "ok", "db": getattr(self.db, "dialect", None)})
+        if path == "/metrics":
+            since = _float(query, "since", self.since_s, 1, 365 * 86400)
+            return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(
+                self.db, self.stats, since_s=since, cache=self.cache).encode(), {"Cache-Control": "no-store"}
+        if path.startswith("/api/"):
+            return _json(200, self._api(path[len("/api/"):].rstrip("/"), query))
+        raise _HTTPError(404, f"no route {path}: use /, /api/devices, /api/models, /api/alerts, /api/dead_letters, "
+                              "/healthz or /metrics")
+
+    def _api(self, path: str, query: dict[str, str]) -> dict[str, Any]:
+        fleet = query.get("fleet") or None
+        if fleet is not None:
+            _check_id(fleet, "fleet")
+        now = time.time()
+        if path in ("devices", "models"):
+            since = _float(query, "since", self.since_s, 1, 365 * 86400)
+            if path == "devices":
+                return {"now": now, "since_s": since, "devices": views.fleet_status(
+                self.db, fleet, since_s=since, now=now, cache=self.cache)}
+            return {"now": now, "since_s": since, "models": views.model_versions(
+                self.db, fleet, since_s=since, now=now, cache=self.cache)}
+        segs = path.split("/")
+        if len(segs) == 4 and segs[0] == "devices" and segs[3] == "series":
+            f, d = _check_id(unquote(segs[1]), "fleet"), _check_id(unquote(segs[2]), "device")
+            since = _float(query, "since", 3600, 1, 365 * 86400)
+            points = int(_float(query, "max_points", 300, 1, 5000))
+            return {"fleet": f, "device": d, "now": now, "since_s": since,
+                    "points": views.device_series(self.db, f, d, since_s=since, max_points=points, now=now)}
+        if path == "alerts":
+            state = query.get("state") or None
+            if state not in (None, "open", "resolved"):
+                raise _HTTPError(400, f"state={state!r} is not valid: use open or resolved (or leave it out)")
+            limit = int(_float(query, "limit", 200, 1, 10_000))
+            return {"alerts": views.alerts(self.db, state, limit, fleet=fleet)}
+        if path == "dead_letters":
+            return {"dead_letters": views.dead_letters(self.db, int(_float(query, "limit", 100, 1, 10_000)))}
+        raise _HTTPError(404, f"no API route /api/{path}: use devices, models, devices/<fleet>/<device>/series, "
+                              "alerts or dead_letters")
+
+    def _static(self, name: str) -> tuple[int, str, bytes, dict[str, str]]:
+        name = unquote(name)
+        target = (self.static_dir / name).resolve()
+        if ("\x00" in name or "\\" in name or not target.is_relative_to(self.static_dir) or not target.is_file()
+                or target.suffix not in _CONTENT_TYPES):
+            raise _HTTPError(404, f"no static file {name!r}")
+        headers = {"Cache-Control": "no-cache", "Content-Security-Policy": _CSP}
+        return 200, _CONTENT_TYPES[target.suffix], target.read_bytes(), headers
+
+
+def _check_id(value: str, what: str) -> str:
+    try:
+        return validate_id(value, what)
+    except ValueError as exc:
+        raise _HTTPError(400, str(exc)) from None
+
+
+def _json(status: int, payload: dict[str, Any]) -> tuple[int, str, bytes, dict[str, str]]:
+    body = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+    return status, "application/json", body, {"Cache-Control": "no-store"}
