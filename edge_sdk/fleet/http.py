@@ -170,6 +170,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         parts = urlsplit(self.path)
+        if parts.path.startswith("/bundles/"):  # registry archives with HTTP ranges, for device updates (issue 6)
+            from edge_sdk.fleet.bundle_server import handle_bundle_request
+            from edge_sdk.fleet.registry import Registry
+
+            handle_bundle_request(self, Registry(self.server.owner.db), head=self.command == "HEAD")
+            return
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         try:
             status, ctype, body, headers = self.server.owner.route(parts.path, query)
