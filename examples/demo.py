@@ -1,7 +1,9 @@
 """End-to-end demo: a real Fashion-MNIST CNN -> TFLite, Core ML, OpenVINO, ONNX (+ORT) in fp32 and int8,
-every artifact validated against the source on held-out labelled test images.
+every artifact validated against the source on held-out labelled test images; then the fleet part
+(examples/fleet_demo.py): the bundle signed, a device agent with MQTT telemetry, the collector with its
+dashboard, a drift alert when the camera's images turn dark, and the fleet status table.
 
-    python examples/demo.py [--out demo_out] [--keras] [--mobilenet]
+    python examples/demo.py [--out demo_out] [--keras] [--mobilenet] [--no-fleet]
 
 The CNN is trained once (about a minute on 2 cores) and cached under .cache/models/.
 """
@@ -98,6 +100,7 @@ def main() -> int:
     p.add_argument("--keras", action="store_true", help="also convert the Keras CNN")
     p.add_argument("--mobilenet", action="store_true", help="also convert the real ImageNet MobileNetV2")
     p.add_argument("--clean", action="store_true", help="remove --out first")
+    p.add_argument("--no-fleet", action="store_true", help="skip the telemetry / collector / drift part")
     args = p.parse_args()
     if args.clean:
         shutil.rmtree(args.out, ignore_errors=True)
@@ -108,7 +111,11 @@ def main() -> int:
         bundles.append(mobilenet(args.out))
     for b in bundles:
         _summary(b)
-    return 0
+    if args.no_fleet:
+        return 0
+    import fleet_demo
+
+    return fleet_demo.run(bundles[0].root, args.out)
 
 
 if __name__ == "__main__":
