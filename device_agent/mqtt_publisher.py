@@ -201,7 +201,9 @@ class Publisher:
     def _status(self, state: str, reason: str) -> bytes:
         body = {"schema": "edge-sdk/status", "schema_version": "1.0", "fleet": self.settings.fleet,
                 "device": self.settings.device, "state": state, "reason": reason, "ts": round(time.time(), 3),
-                "model": self.model, "agent_version": __version__, "window_s": self.window_s}
+                # the will is composed at connect time: its model may be stale by the time the broker sends it
+                "model": None if reason == "last will" else self.model, "agent_version": __version__,
+                "window_s": self.window_s}
         return json.dumps(body, separators=(",", ":")).encode()
 
     def _event(self, kind: str, data: dict[str, Any], level: str = "info") -> dict[str, Any]:

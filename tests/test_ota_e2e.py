@@ -128,6 +128,13 @@ class World:
                 out[parts[2]].append(json.loads(m.payload) if m.payload else {})
         return out
 
+    def switched_events(self, dep_id: str) -> list[tuple[str, str]]:
+        """(device, to) of the update.switched events of ``dep_id`` that the collector stored, in time order."""
+        rows = self.db.query("SELECT device, data FROM events WHERE fleet = ? AND kind = 'update.switched' ORDER BY ts",
+                             (self.fleet,))
+        return [(r["device"], json.loads(r["data"])["to"]) for r in rows
+                if json.loads(r["data"]).get("deployment_id") == dep_id]
+
     def latest_window_versions(self) -> dict[str, str]:
         rows = self.db.query("SELECT w.device, w.model_version FROM windows w JOIN (SELECT device, MAX(end_ts) AS e "
                              "FROM windows WHERE fleet = ? GROUP BY device) m ON m.device = w.device AND "
@@ -136,9 +143,14 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("cryptography")
+    return _material(tmp_path_factory.mktemp("ota_material"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, material: Material) -> Iterator[World]:
     require_system_broker()
     from edge_sdk.fleet.agent_fleet import AgentFleet, device_ids
     from edge_sdk.fleet.bundle_server import BundleHTTPServer
@@ -150,7 +162,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
     root = tmp_path_factory.mktemp("ota_e2e")
     t0 = time.monotonic()
-    material = _material(root / "material")
     fleet = unique_fleet("ota")
     db_url = f"sqlite:///{root / 'fleet.db'}"
     db = Database.connect(db_url)
@@ -189,7 +200,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                                  "model_version = '1'", (fleet, NAME))) == N_DEVICES, 60, 0.2)
             assert ok, "not every device reported telemetry on version 1 within 60 s"
             w.t_ready = time.monotonic()
-            print(f"\n[setup] material + {N_DEVICES} devices in {PROCESSES} processes running and reporting "
+            print(f"\n[setup] {N_DEVICES} devices in {PROCESSES} processes installed v1, running and reporting "
                   f"in {w.t_ready - t0:.1f} s")
             ticker.start()
             yield w
@@ -203,6 +214,92 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 for topic in (f"edge/{fleet}/{d}/cmd/update", f"edge/{fleet}/{d}/status"):
                     publish(topic, b"", True)
     db.close()
+
+
+# ---- the fleet runner itself ------------------------------------------------------------------------------------
+
+def test_agent_fleet_refuses_bad_arguments(tmp_path: Path) -> None:
+    from edge_sdk.fleet.agent_fleet import AgentFleet, AgentFleetError, run_agent_fleet
+
+    bundle = tmp_path / "b.tar.gz"
+    bundle.write_bytes(b"not checked before start")
+    images = np.zeros((3, 28, 28), np.uint8)
+    common: dict[str, Any] = {"fleet": "f", "mqtt_url": SYSTEM_BROKER, "store_root": tmp_path / "s",
+                              "initial_bundle": bundle, "trusted_keys": tmp_path}
+    cases = [
+        ({"inputs": images.astype(np.float32)}, "raw uint8 images"),
+        ({"inputs": images, "labels": np.zeros(2)}, "2 labels for 3 images"),
+        ({"inputs": images, "fleet": "a/b"}, "fleet 'a/b' is not valid"),
+        ({"inputs": images, "initial_bundle": tmp_path / "missing.tar.gz"}, "missing.tar.gz not found"),
+        ({"inputs": images, "rate_hz": 0}, "rate_hz must be > 0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(AgentFleetError) as exc:
+            AgentFleet(2, **{**common, **kwargs})
+        assert message in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(AgentFleetError, match="duration_s or stop_event"):
+        run_agent_fleet(2, inputs=images, **common)
+
+
+def test_a_device_that_cannot_install_its_first_bundle_fails_the_start(tmp_path: Path, material: Material) -> None:
+    from edge_sdk.bundle import Bundle
+    from edge_sdk.fleet.agent_fleet import AgentFleet, AgentFleetError
+    from edge_sdk.signing import generate_keypair
+
+    require_system_broker()
+    _, other = generate_keypair(tmp_path / "other", "other")
+    archive = tmp_path / "v1.tar.gz"
+    Bundle.load(material.dirs["1"]).archive(archive)
+    with pytest.raises(AgentFleetError) as exc:
+        AgentFleet(2, processes=1, fleet=unique_fleet("otabad"), mqtt_url=SYSTEM_BROKER, store_root=tmp_path / "s",
+                   initial_bundle=archive, trusted_keys=other, inputs=material.images[:20]).start()
+    assert "0 of 2 devices started" in str(exc.value) and "none of them trusted" in str(exc.value), str(exc.value)
+
+
+def test_run_agent_fleet_runs_real_agents_and_reports(tmp_path: Path, material: Material) -> None:
+    from edge_sdk.bundle import Bundle
+    from edge_sdk.fleet.agent_fleet import run_agent_fleet
+    from edge_sdk.fleet.commands import MqttCommandPublisher
+
+    require_system_broker()
+    fleet = unique_fleet("otarun")
+    archive = tmp_path / "v1.tar.gz"
+    Bundle.load(material.dirs["1"]).archive(archive)
+    with Subscriber(SYSTEM_BROKER, f"edge/{fleet}/+/#") as sub:
+        reports = run_agent_fleet(3, processes=2, fleet=fleet, mqtt_url=SYSTEM_BROKER, store_root=tmp_path / "s",
+                                  initial_bundle=archive, trusted_keys=material.public_key, inputs=material.images,
+                                  labels=material.labels, window_s=0.5, rate_hz=20, duration_s=3.0,
+                                  feedback_every=2, session_expiry_s=0)
+        assert wait_until(lambda: {m.topic.split("/")[2] for m in sub.received() if m.topic.endswith("telemetry")}
+                          == set(reports), 5)
+        windows = [m.json() for m in sub.received() if m.topic.endswith("/telemetry")]
+        statuses = [m.json() for m in sub.received() if m.topic.endswith("/status") and m.payload]
+        with MqttCommandPublisher(SYSTEM_BROKER, timeout=5.0) as publish:
+            for d in reports:
+                publish(f"edge/{fleet}/{d}/status", b"", True)
+    assert sorted(reports) == ["dev000", "dev001", "dev002"]
+    assert len({r["pid"] for r in reports.values()}) == 2  # split over two processes
+    for r in reports.values():
+        assert r["current_version"] == "1" and r["versions_run"] == ["1"] and r["errors"] == 0
+        assert r["inferences"]["1"] >= 20 and r["confidence_mean"]["1"] > 0.8
+        kinds = [e["kind"] for e in r["update_events"]]
+        assert "update.verified" in kinds and "update.switched" in kinds and "update.failed" not in kinds
+        assert r["publisher"]["acked"] >= 4 and r["publisher"]["outbox_pending"] == 0
+    assert {w["model"]["version"] for w in windows} == {"1"} and sum(w["count"] for w in windows) >= 60
+    labelled = sum((w.get("feedback") or {}).get("labelled", 0) for w in windows)
+    correct = sum((w.get("feedback") or {}).get("correct", 0) for w in windows)
+    assert labelled >= 30 and correct / labelled > 0.7  # the trained model, fed real images, through its bundle
+    assert {s["state"] for s in statuses} >= {"online", "offline"}
+    # started again on the same stores: each device starts on its verified current version, no reinstall
+    again = run_agent_fleet(3, processes=1, fleet=fleet, mqtt_url=SYSTEM_BROKER, store_root=tmp_path / "s",
+                            initial_bundle=archive, trusted_keys=material.public_key, inputs=material.images,
+                            duration_s=0.5, session_expiry_s=0)
+    for d, r in again.items():
+        assert r["versions_run"] == ["1"] and r["update_events"] == [], (d, r["update_events"])
+        assert r["publisher"]["outbox_pending"] == 0
+    with MqttCommandPublisher(SYSTEM_BROKER, timeout=5.0) as publish:
+        for d in again:
+            publish(f"edge/{fleet}/{d}/status", b"", True)
 
 
 # ---- printing ------------------------------------------------------------------------------------------------------
@@ -246,6 +343,7 @@ def test_healthy_version_rolls_out_5_25_100_to_50_real_devices(world: World) -> 
     from edge_sdk.fleet.rollout import stage_of
 
     w = world
+    assert w.registry.add(w.material.dirs["2"]).signature_verified
     promo = w.registry.promote(NAME, "2")  # the evaluation gate on the holdout set: same model, same accuracy
     assert promo.decision.accepted and not promo.forced, promo.decision.reason
     t_start = time.time()
@@ -296,6 +394,9 @@ def test_healthy_version_rolls_out_5_25_100_to_50_real_devices(world: World) -> 
         assert [u["model"]["version"] for u in updates[d]] == ["2"]
         assert r["errors"] == 0 and r["inferences"].get("2", 0) > 0
     assert w.registry.active(NAME).version == "2"
+    assert wait_until(lambda: len(w.switched_events(dep_id)) == N_DEVICES, 15)  # the devices' events, stored
+    assert sorted(d for d, to in w.switched_events(dep_id)) == w.devices
+    assert {to for _, to in w.switched_events(dep_id)} == {f"{NAME}:2"}
     delays = switch_delays(w, dep_id, "2")
     print(f"  command -> running v2 on the device: median {statistics.median(delays):.2f} s, max {max(delays):.2f} s "
           f"({len(delays)} devices); windows stored: "
@@ -364,6 +465,11 @@ def test_bad_preprocessing_is_halted_at_the_canary_and_rolled_back(world: World)
     assert v3 == canary
     assert wait_until(lambda: set(w.latest_window_versions().values()) == {"2"}, 15), w.latest_window_versions()
     assert w.registry.show(NAME, "3").state == "retired" and w.registry.active(NAME).version == "2"
+    assert wait_until(lambda: len(w.switched_events(dep_id)) == 2 * len(canary), 15)
+    events = w.switched_events(dep_id)
+    assert {d for d, _ in events} == canary
+    for d in canary:
+        assert [to for dev, to in events if dev == d] == [f"{NAME}:3", f"{NAME}:2"]
     with Subscriber(SYSTEM_BROKER, f"edge/{w.fleet}/+/cmd/update") as late:  # what a device connecting now gets
         wait_until(lambda: len(late.received()) >= N_DEVICES, 5)
         retained = {m.topic.split("/")[2]: json.loads(m.payload) for m in late.received() if m.retain}

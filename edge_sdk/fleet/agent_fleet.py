@@ -130,7 +130,11 @@ class FleetDevice:
         from edge_sdk.device_agent.telemetry import Telemetry, model_info
 
         agent = Agent(bundle_path, runtime_order=self.spec.runtime_order, threads=1)  # EdgeSDKError -> rollback
-        telemetry = Telemetry.for_agent(agent, self.settings, outbox=self.outbox, publisher=self.publisher)
+        try:
+            telemetry = Telemetry.for_agent(agent, self.settings, outbox=self.outbox, publisher=self.publisher)
+        except EdgeSDKError:
+            agent.close()
+            raise
         with self._lock:
             old_agent, old_telemetry = self.agent, self.telemetry
             self.agent, self.telemetry = agent, telemetry
@@ -234,14 +238,15 @@ class FleetDevice:
         """What the device ran and did (JSON-ready)."""
         agent = self.agent
         status = self.updater.status()
+        inferences, confidence = dict(self.inferences), dict(self.confidence_sum)  # snapshots: the loop adds keys
         return {"device": self.device, "fleet": self.spec.fleet, "pid": os.getpid(),
                 "current_version": str(agent.bundle.manifest.version) if agent is not None else None,
                 "model": agent.model_version if agent is not None else None,
                 "store": {"current": status["current"], "previous": status["previous"]},
                 "versions_run": list(self.versions_run), "switches": list(self.switches),
                 "update_events": list(self.update_events), "commands": list(self.commands),
-                "inferences": dict(self.inferences),
-                "confidence_mean": {v: self.confidence_sum.get(v, 0.0) / n for v, n in self.inferences.items() if n},
+                "inferences": inferences,
+                "confidence_mean": {v: confidence.get(v, 0.0) / n for v, n in inferences.items() if n},
                 "errors": self.errors, "publisher": self.publisher.stats(), "started_at": self.started_at,
                 "ts": time.time()}
 
@@ -282,11 +287,14 @@ def _child_main(spec_path: str, devices_csv: str) -> None:
     for name in devices_csv.split(","):
         if stop.is_set():
             break
+        dev = None
         try:
             dev = FleetDevice(name, spec, images, labels)
             dev.start()
         except EdgeSDKError as exc:
             _say(event="failed", device=name, reason=str(exc))
+            if dev is not None:
+                dev.stop(flush_s=0)
             continue
         devices.append(dev)
     deadline = time.monotonic() + 30.0
@@ -300,7 +308,10 @@ def _child_main(spec_path: str, devices_csv: str) -> None:
         _say(event="failed", device=dev.device, reason="not subscribed to its cmd/# within 30 s")
     while not stop.wait(spec.report_every_s):
         for dev in devices:
-            dev.write_report()
+            try:
+                dev.write_report()
+            except OSError as exc:  # e.g. disk full: the next round tries again
+                log.warning("%s: report not written: %s", dev.device, exc)
     stoppers = [threading.Thread(target=d.stop, daemon=True) for d in devices]
     for t in stoppers:
         t.start()
@@ -482,11 +493,8 @@ def run_agent_fleet(n_devices: int, *, processes: int = 2, fleet: str, mqtt_url:
     with AgentFleet(n_devices, processes=processes, fleet=fleet, mqtt_url=mqtt_url, store_root=store_root,
                     initial_bundle=initial_bundle, trusted_keys=trusted_keys, inputs=inputs, labels=labels,
                     window_s=window_s, rate_hz=rate_hz, **options) as agents:
-        deadline = None if duration_s is None else time.monotonic() + float(duration_s)
-        while deadline is None or time.monotonic() < deadline:
-            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
-            if stop_event is not None and stop_event.wait(wait):
-                break
-            if stop_event is None:
-                time.sleep(wait)
+        if stop_event is None:
+            time.sleep(float(duration_s))  # type: ignore[arg-type]
+        else:
+            stop_event.wait(duration_s)  # None: until it is set
         return agents.stop()

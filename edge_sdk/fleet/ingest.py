@@ -200,7 +200,10 @@ class Ingestor:
             else:
                 model = obj.get("model") or {}
                 statuses.setdefault((fleet, device), []).append((
-                    fleet, device, obj["state"], float(obj["ts"]), obj.get("reason"), m.received_at, m.received_at,
+                    # a last will carries the time the device connected, not when it vanished: use the arrival
+                    fleet, device, obj["state"],
+                    max(float(obj["ts"]), m.received_at) if obj.get("reason") == "last will" else float(obj["ts"]),
+                    obj.get("reason"), m.received_at, m.received_at,
                     model.get("name"), model.get("version"), model.get("artifact"), model.get("runtime"),
                     obj.get("agent_version"), _real(obj.get("window_s"))))
                 r.statuses += 1
