@@ -1,0 +1,4 @@
+"""Optimize without losing what the model knows: structured / magnitude pruning and knowledge distillation
+(PyTorch). torch is imported inside the functions that need it (extra ``torch``)."""
+
+__all__: list[str] = []
