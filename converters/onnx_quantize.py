@@ -28,7 +28,7 @@ __all__ = [
     "quantize_static_qdq",
 ]
 
-_ACTIVATION_TYPES = ("uint8", "int8")
+_ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")  # 16-bit: ORT quantizer only (accuracy fallback)
 _CALIBRATIONS = ("minmax-mean", "minmax", "percentile", "entropy")
 _QUANTIZERS = ("auto", "nncf", "ort")
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
@@ -228,7 +228,7 @@ def _nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], o
         quantized = nncf.quantize(
             onnx.load(str(pre)), nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
             target_device=nncf.TargetDevice.CPU, subset_size=len(data), fast_bias_correction=False,
-            ignored_scope=nncf.IgnoredScope(names=float_layers) if float_layers else None,
+            ignored_scope=nncf.IgnoredScope(names=float_layers, validate=False) if float_layers else None,
             advanced_parameters=params)
     except (RuntimeError, ValueError, KeyError, nncf.ValidationError, nncf.InternalError,
             nncf.UnsupportedModelError) as exc:
@@ -245,12 +245,16 @@ def _ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], op
     """ONNX Runtime ``quantize_static`` of the pre-processed ONNX file."""
     quant = require("onnxruntime.quantization", "onnx", "ONNX static quantization")
     calib_name, calib_method, extra = _calibration(quant, options)
+    act_types = {"uint8": quant.QuantType.QUInt8, "int8": quant.QuantType.QInt8,
+                 "uint16": quant.QuantType.QUInt16, "int16": quant.QuantType.QInt16}
+    if act.endswith("16"):  # 16-bit Q/DQ needs opset 21 or ORT's com.microsoft Q/DQ ops
+        extra = {**extra, "UseQDQContribOps": True}
     try:
         quant.quantize_static(
             str(pre), str(out_path), _reader(samples, names),
             quant_format=quant.QuantFormat.QDQ,
             per_channel=options.onnx_per_channel,
-            activation_type=quant.QuantType.QUInt8 if act == "uint8" else quant.QuantType.QInt8,
+            activation_type=act_types[act],
             weight_type=quant.QuantType.QInt8,
             calibrate_method=calib_method,
             nodes_to_exclude=float_layers,
@@ -272,13 +276,18 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
     ORT's quantizer with mean-of-per-sample min/max ranges and the input layer(s) kept in float 96.5-97.9%
     at 3.3 ms. ``options.extra['onnx_float_input_layers']`` keeps the layer(s) reading the graph inputs float
     (default: True for ORT, False for NNCF) and ``options.extra['onnx_float_outputs']`` (default True) removes
-    any Q/DQ pair on the graph outputs. The returned dict records these choices.
+    any Q/DQ pair on the graph outputs; ``options.extra['onnx_float_nodes']`` (node names of the pre-processed
+    graph, see converters/sensitivity.py) are kept in float too. The returned dict records these choices.
     """
     act = options.onnx_activation_type.strip().lower()
     if act not in _ACTIVATION_TYPES:
         raise ConversionError(f"onnx_activation_type {options.onnx_activation_type!r} is not supported: "
                               f"choose from {', '.join(_ACTIVATION_TYPES)}")
     tool = _quantizer(options)
+    if act.endswith("16") and tool == "nncf":
+        if str(options.extra.get("onnx_quantizer", "auto")).strip().lower() == "nncf":
+            raise ConversionError(f"onnx_activation_type {act} needs onnx_quantizer 'ort' (NNCF makes 8-bit only)")
+        tool = "ort"
     names = onnx_input_names(fp32_path)
     if sample_names is not None and sorted(sample_names) == sorted(names):
         names = list(sample_names)
@@ -293,6 +302,7 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
     onnx = require("onnx", "onnx", "ONNX quantization")
     float_layers = (_input_layers(onnx.load(str(pre), load_external_data=False))
                     if options.extra.get("onnx_float_input_layers", tool == "ort") else [])
+    float_layers += [n for n in options.extra.get("onnx_float_nodes", ()) if n not in float_layers]
     try:
         run = _nncf_qdq if tool == "nncf" else _ort_qdq
         info = run(pre, out_path, samples, names, options, act, float_layers)
@@ -352,7 +362,7 @@ def derive_onnx_precision(ctx: ConversionContext, precision: Precision, note: st
                      f"calibrated on {len(samples)} samples ({versions['onnx_calibration']} ranges); "
                      "inputs and outputs stay float32")
         if versions["onnx_float_layers"] != "none":
-            notes.append(f"kept in float (read the model inputs): {versions['onnx_float_layers']}")
+            notes.append(f"kept in float: {versions['onnx_float_layers']}")
         if versions["onnx_float_outputs"] != "0":
             notes.append("graph outputs are not quantized (no rounding of the final scores)")
     else:  # pragma: no cover - guarded by check_precision

@@ -10,7 +10,9 @@ The source is first exported to fp32 ONNX (``ctx.onnx``), then ``openvino.conver
   bias correction (``fast_bias_correction=False``) -- fast bias correction gave cosine 0.989 / top-1
   agreement 0.92, full bias correction 0.9999 / 0.99, for ~1 s more. Override with
   ``ConvertOptions.extra``: ``openvino_preset`` ("mixed" | "performance") and
-  ``openvino_fast_bias_correction`` (bool).
+  ``openvino_fast_bias_correction`` (bool); the accuracy-budget fallback also sets ``openvino_ignored_names``
+(node names kept in float, NNCF ``IgnoredScope``) and ``openvino_range_estimator``
+("minmax" | "mean_minmax" | "mean_quantile": how activation ranges are estimated).
 
 The artifact ``path`` is the ``.xml``; the ``.bin`` beside it is listed in ``ArtifactDraft.files``.
 """
@@ -39,6 +41,7 @@ __all__ = ["RUNTIME_HINTS", "OnnxToOpenVINO"]
 RUNTIME_HINTS: dict[str, Any] = {"device": "CPU", "precision_hint": "f32", "performance_hint": "LATENCY"}
 
 _PRESETS = ("mixed", "performance")
+_RANGES = {"minmax": "MINMAX", "mean_minmax": "MEAN_MINMAX", "mean_quantile": "MEAN_QUANTILE"}
 
 
 def _tool_version(dist: str) -> str:
@@ -121,6 +124,19 @@ class OnnxToOpenVINO:
         if preset_name not in _PRESETS:
             raise ConversionError(f"unknown openvino_preset {preset_name!r}: choose from {', '.join(_PRESETS)}")
         fast_bc = bool(extra.get("openvino_fast_bias_correction", False))
+        ignored = [str(n) for n in extra.get("openvino_ignored_names", ())]
+        kwargs: dict[str, Any] = {}
+        if ignored:
+            kwargs["ignored_scope"] = nncf.IgnoredScope(names=ignored, validate=False)
+        range_name = extra.get("openvino_range_estimator")
+        if range_name is not None:
+            if range_name not in _RANGES:
+                raise ConversionError(f"unknown openvino_range_estimator {range_name!r}: choose from "
+                                      f"{', '.join(_RANGES)}")
+            adv = require("nncf.quantization.advanced_parameters", "openvino-convert", "OpenVINO int8 quantization")
+            est = require("nncf.quantization.range_estimator", "openvino-convert", "OpenVINO int8 quantization")
+            kwargs["advanced_parameters"] = adv.AdvancedQuantizationParameters(
+                activations_range_estimator_params=getattr(est.RangeEstimatorParametersSet, _RANGES[range_name]))
         arrays = [_to_layout(a, ctx.source.layout, onnx_layout or ctx.source.layout) for a in samples.arrays]
         items = [[a[i:i + 1] for a in arrays] for i in range(len(samples))]
         nncf.set_log_level(logging.ERROR)
@@ -128,10 +144,14 @@ class OnnxToOpenVINO:
             with contextlib.redirect_stdout(io.StringIO()):
                 quantized = nncf.quantize(
                     model, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=fast_bc,
-                    preset=getattr(nncf.QuantizationPreset, preset_name.upper()))
+                    preset=getattr(nncf.QuantizationPreset, preset_name.upper()), **kwargs)
         except (RuntimeError, ValueError, nncf.ValidationError, nncf.InternalError,
                 nncf.UnsupportedModelError) as exc:
             raise ConversionError(f"NNCF int8 quantization failed ({_one_line(exc)}): check the calibration "
                                   "samples fit the model, or use fp16") from exc
         bc = "fast bias correction" if fast_bc else "full bias correction"
-        return quantized, [f"NNCF post-training int8, preset {preset_name}, {bc}, {len(items)} calibration samples"]
+        notes = [f"NNCF post-training int8, preset {preset_name}, {bc}, {len(items)} calibration samples"
+                 + (f", {range_name} activation ranges" if range_name else "")]
+        if ignored:
+            notes.append(f"kept in float (NNCF ignored scope): {', '.join(ignored)}")
+        return quantized, notes

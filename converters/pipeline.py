@@ -20,6 +20,7 @@ import numpy as np
 from edge_sdk.baseline import compute_baseline
 from edge_sdk.bundle import Artifact, Bundle, Manifest, TensorSpec, Validation, atomic_bundle_dir, sha256_path, size_of
 from edge_sdk.calibration import CalibrationSource, SampleSet, load_samples
+from edge_sdk.converters.accuracy_budget import AccuracyBudget, BudgetLadder
 from edge_sdk.converters.base import (
     ArtifactDraft,
     ConversionContext,
@@ -140,11 +141,15 @@ def convert(
     keep_failed: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    budget: AccuracyBudget | None = None,
 ) -> Bundle:
     """Convert ``source`` to each target x precision, validate each artifact, write a bundle to ``out``.
 
     ``variants`` (explicit (format, precision) pairs) replaces the ``to`` x ``precision`` product;
     ``skip_unsupported`` records variants this source cannot produce instead of refusing the request.
+    ``budget`` (an :class:`AccuracyBudget`) judges every int8 artifact and, when one is over it, runs the
+    fallback ladder of converters/accuracy_budget.py (better calibration, layers kept in float, 16-bit
+    activations, fp16); an artifact still over budget is reported as failed.
 
     Returns the :class:`Bundle`. Raises :class:`ValidationError` (with ``.bundle`` and ``.results``)
     after writing the bundle when any artifact failed; raises before writing anything for bad input
@@ -207,18 +212,22 @@ def convert(
             else Task.OTHER)
         classifier = the_task is Task.CLASSIFICATION
         return _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task,
-                      out, name, version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported)
+                      out, name, version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported,
+                      budget)
     finally:
         src.close()
 
 
 def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task, out, name,
-           version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported) -> Bundle:
+           version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported,
+           budget: AccuracyBudget | None = None) -> Bundle:
     results: list[ArtifactResult] = list(unsupported)
     artifacts: list[Artifact] = []
     workdir = Path(tempfile.mkdtemp(prefix="edge_sdk_work_"))
     try:
         ctx = ConversionContext(src, workdir, calibration=calib_set, options=options)
+        ladder = (BudgetLadder(ctx, budget, {f"{f.value}/{p.value}" for f, p, _ in plan}, report)
+                  if budget is not None else None)
         with atomic_bundle_dir(out, overwrite=overwrite) as bdir:
             for fmt, p, conv in plan:
                 key = f"{fmt.value}/{p.value}"
@@ -229,8 +238,14 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
                     results.append(ArtifactResult(fmt.value, p.value, "error", reason=str(exc)))
                     continue
                 for d in drafts:
+                    judged = None
+                    if ladder is not None and d.precision is Precision.INT8 and not d.validation_skipped:
+                        d, judged = ladder.run(fmt, conv, d, lambda dd: _validate(
+                            dd, src, val_set, ref, val_y, classifier, tols[dd.precision], report))
+                        if fmt is Format.ONNX and judged.passed and d.precision is Precision.INT8:
+                            ctx._onnx[Precision.INT8] = d  # the .ort file is made from the kept model
                     res, art = _validate_and_place(d, src, val_set, ref, val_y, classifier, tols[d.precision],
-                                                   keep_failed, bdir, report)
+                                                   keep_failed, bdir, report, judged)
                     results.append(res)
                     if art is not None:
                         artifacts.append(art)
@@ -290,8 +305,17 @@ def _summary(results: list[ArtifactResult]) -> str:
     return "; ".join(f"{r.key}: {r.reason}" for r in results)
 
 
+def _validate(d: ArtifactDraft, src, val_set, ref, val_y, classifier, tol, report) -> Validation:
+    """Run and judge one draft (used by the accuracy-budget ladder for every step it tries)."""
+    transpose = _TRANSPOSE.get((src.layout, d.input_layout)) if d.input_layout else None
+    with report.step(f"validating {d.format.value}/{d.precision.value} on {len(val_set)} inputs"):
+        v, _, _ = validate_artifact(d.path, d.format, d.precision, val_set, ref, classifier=classifier,
+                                    tolerance=tol, labels=val_y, transpose=transpose)
+    return v
+
+
 def _validate_and_place(d: ArtifactDraft, src, val_set, ref, val_y, classifier, tol, keep_failed, bdir,
-                        report) -> tuple[ArtifactResult, Artifact | None]:
+                        report, judged: Validation | None = None) -> tuple[ArtifactResult, Artifact | None]:
     key = f"{d.format.value}/{d.precision.value}"
     ins: list[TensorSpec] = []
     outs: list[TensorSpec] = []
@@ -302,9 +326,13 @@ def _validate_and_place(d: ArtifactDraft, src, val_set, ref, val_y, classifier, 
                      for k in ("inputs", "outputs"))
     else:
         transpose = _TRANSPOSE.get((src.layout, d.input_layout)) if d.input_layout else None
-        with report.step(f"validating {key} on {len(val_set)} inputs"):
-            v, ins, outs = validate_artifact(d.path, d.format, d.precision, val_set, ref, classifier=classifier,
-                                             tolerance=tol, labels=val_y, transpose=transpose)
+        if judged is not None:  # already run by the accuracy-budget ladder; the specs come from one more load
+            v = judged
+            ins, outs = _io_specs(d, val_set, transpose)
+        else:
+            with report.step(f"validating {key} on {len(val_set)} inputs"):
+                v, ins, outs = validate_artifact(d.path, d.format, d.precision, val_set, ref, classifier=classifier,
+                                                 tolerance=tol, labels=val_y, transpose=transpose)
         if d.spec_checks:
             v.checks["spec"] = d.spec_checks
         status = "passed" if v.passed else "failed"
@@ -322,6 +350,16 @@ def _validate_and_place(d: ArtifactDraft, src, val_set, ref, val_y, classifier, 
                          sha256=sha256_path(bdir / rel), size_bytes=size, inputs=ins, outputs=outs,
                          runtime=runtime, tool_versions=dict(d.tool_versions), validation=v, files=sides,
                          notes=list(d.notes))
+
+
+def _io_specs(d: ArtifactDraft, val_set: SampleSet, transpose) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    from edge_sdk.converters.validate import run_artifact
+
+    try:
+        _, ins, outs = run_artifact(d.path, d.format, val_set.take(1), transpose=transpose)
+    except EdgeSDKError:
+        return [], []
+    return ins, outs
 
 
 def _load_labels_array(value: str | Path | np.ndarray, n: int) -> np.ndarray:

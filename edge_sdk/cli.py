@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry_parsers(sub)  # registry, deploy, rollback (issue 6)
     _add_collector_parsers(sub)  # collector run (issue 5)
     _add_fleet_parsers(sub)  # fleet status, fleet simulate (issue 5)
+    _add_distill_parsers(sub)  # knowledge distillation (issue 7)
     return p
 
 
@@ -849,6 +850,71 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 # --- end fleet operators ----------------------------------------------------------------------------------------
 
 
+# --- knowledge distillation (issue 7): `distill` -----------------------------------------------------------------
+def _add_distill_parsers(sub: Any) -> None:
+    d = sub.add_parser("distill", help="train a small student on a teacher's softened outputs plus the labels")
+    d.add_argument("--teacher", required=True, help="teacher state_dict (.pt/.pth)")
+    d.add_argument("--teacher-class", required=True, help="pkg.module:Class of the teacher")
+    d.add_argument("--student-class", required=True, help="pkg.module:Class of the student (built with no arguments)")
+    tr = d.add_mutually_exclusive_group(required=True)
+    tr.add_argument("--train", nargs=2, metavar=("X.npy", "Y.npy"), help="training inputs and integer labels")
+    tr.add_argument("--train-dir", metavar="DIR", help="training images in one subfolder per class")
+    va = d.add_mutually_exclusive_group()
+    va.add_argument("--val", nargs=2, metavar=("X.npy", "Y.npy"), help="validation inputs and labels (accuracy)")
+    va.add_argument("--val-dir", metavar="DIR", help="validation images in one subfolder per class")
+    d.add_argument("--temperature", type=float, default=4.0, help="softening temperature T (default 4)")
+    d.add_argument("--alpha", type=float, default=0.7, help="weight of the soft targets, 0..1 (default 0.7)")
+    d.add_argument("--epochs", type=int, default=5)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--baseline", action="store_true", help="also train the student on labels alone and compare")
+    d.add_argument("--resize", type=_size, help="HxW for image folders (default: keep the images' size)")
+    d.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest on a busy small machine)")
+    d.add_argument("--out", required=True, help="where to write the student's state_dict (.pt)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edge_sdk._deps import require
+    from edge_sdk.errors import CalibrationError, SourceModelError
+    from edge_sdk.optimize.distill import distill, import_class
+
+    torch = require("torch", "torch", "knowledge distillation")
+    teacher = import_class(args.teacher_class)()
+    try:
+        teacher.load_state_dict(torch.load(args.teacher, map_location="cpu", weights_only=True), strict=True)
+    except (OSError, RuntimeError, TypeError, AttributeError) as exc:
+        raise SourceModelError(f"cannot load {args.teacher} into {args.teacher_class} "
+                               f"({str(exc).splitlines()[0][:160]}): give its state_dict and class") from None
+    torch.manual_seed(args.seed)  # the student's initial weights depend on the seed too
+    student = import_class(args.student_class)()
+
+    def arrays(paths: list[str]) -> tuple[Any, Any]:
+        try:
+            return np.load(paths[0]), np.load(paths[1])
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"cannot read {paths[0]} / {paths[1]} ({exc}): give two .npy files") from None
+
+    train = arrays(args.train) if args.train else args.train_dir
+    val = arrays(args.val) if args.val else args.val_dir
+    result = distill(teacher, student, train, val_data=val, temperature=args.temperature, alpha=args.alpha,
+                     epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                     baseline=args.baseline, image_size=args.resize, threads=args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result.student.state_dict(), out)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "out": str(out)}, indent=2))
+    else:
+        print(result.report())
+        print(f"student state_dict written to {out}")
+    return 0
+# --- end knowledge distillation ----------------------------------------------------------------------------------
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edge-sdk``."""
     import warnings
@@ -867,6 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers.update({"registry": _cmd_registry, "deploy": _cmd_deploy, "rollback": _cmd_rollback})  # issue 6
     handlers.update({"collector": _cmd_collector})  # fleet collector (issue 5)
     handlers.update({"fleet": _cmd_fleet})  # fleet status, fleet simulate (issue 5)
+    handlers.update({"distill": _cmd_distill})  # knowledge distillation (issue 7)
     if args.command is None:
         parser.print_help()
         return 2

@@ -8,9 +8,16 @@
     │   └── UnsupportedConversionError  the target cannot express this source / precision
     ├── ValidationError             one or more artifacts are over tolerance (lists them all)
     ├── BundleError                 a bundle or manifest is missing, malformed or tampered with
+    │   └── SignatureError          unsigned, wrong key, or changed after signing (edge_sdk.signing)
     ├── InferenceError              a runtime could not load or run an artifact
     │   └── InputError              inputs have the wrong shape, dtype or values
-    └── TelemetryError              telemetry could not be stored or sent
+    ├── TelemetryError              telemetry could not be stored or sent
+    │   └── OutboxError             the on-disk outbox is unwritable or damaged (device_agent.outbox)
+    ├── UpdateError                 an over-the-air update was refused or failed (device_agent.model_store)
+    └── fleet side (edge_sdk.fleet): DatabaseError, PayloadError, CollectorError, BrokerError, ConfigError,
+        RegistryError, GateError, RolloutError, CommandPublishError — each defined next to its code
+
+Modules that define a subclass keep it local so that importing edge_sdk.errors stays free of optional packages.
 
 Messages are one line: what is wrong, then how to fix it.
 """
