@@ -68,6 +68,19 @@ def _to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
     raise ConversionError(f"cannot move calibration samples from layout {src} to {dst}: give samples in {dst}")
 
 
+def _ov_names(model: Any, wanted: list[str]) -> list[str]:
+    """OpenVINO op names for ONNX node (or output tensor) names: the ONNX frontend names an op after its node,
+    splits Conv/Gemm into ``<node>/WithoutBiases`` + ``<node>`` (Add), and names graph-output ops after the tensor."""
+    want = set(wanted)
+    found = []
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        if (name in want or (name.endswith("/WithoutBiases") and name[: -len("/WithoutBiases")] in want)
+                or any(t in want for out in op.outputs() for t in out.get_names())):
+            found.append(name)
+    return found
+
+
 @register
 class OnnxToOpenVINO:
     """Converts any source (through its fp32 ONNX export) to OpenVINO IR."""
@@ -127,6 +140,7 @@ class OnnxToOpenVINO:
         ignored = [str(n) for n in extra.get("openvino_ignored_names", ())]
         kwargs: dict[str, Any] = {}
         if ignored:
+            ignored = _ov_names(model, ignored)
             kwargs["ignored_scope"] = nncf.IgnoredScope(names=ignored, validate=False)
         range_name = extra.get("openvino_range_estimator")
         if range_name is not None:

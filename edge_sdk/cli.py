@@ -91,6 +91,15 @@ def _add_source_args(c: argparse.ArgumentParser, *, build: bool = False) -> None
     o.add_argument("--float-io", action="store_true", help="TFLite int8 keeps float inputs/outputs")
     o.add_argument("--tolerance", action="append", default=[], metavar="PRECISION:KEY=VALUE",
                    help="override a validation limit, e.g. int8:min_cosine=0.9 (repeatable)")
+    # -- accuracy budget with automatic fallback (issue 7) --
+    ab = c.add_argument_group("accuracy budget (int8 over it falls back: calibration, layers in float, 16-bit "
+                              "activations, fp16)")
+    if not build:  # build has its own --max-accuracy-drop (also used to select the variant)
+        ab.add_argument("--max-accuracy-drop", type=float, metavar="PP",
+                        help="max accuracy drop in percentage points (top-1 disagreement without --val-labels)")
+    ab.add_argument("--min-agreement", type=float, metavar="FRAC", help="label-free: min top-1 agreement, e.g. 0.95")
+    ab.add_argument("--min-cosine", type=float, metavar="X", help="min cosine similarity of the outputs")
+    # -- end accuracy budget --
 
 
 
@@ -159,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collector_parsers(sub)  # collector run (issue 5)
     _add_fleet_parsers(sub)  # fleet status, fleet simulate (issue 5)
     _add_distill_parsers(sub)  # knowledge distillation (issue 7)
+    _add_prune_parsers(sub)  # pruning (issue 7)
     return p
 
 
@@ -236,13 +246,23 @@ def _options(args: argparse.Namespace) -> Any:
                           tflite_int8_io=not args.float_io, **_explicit_options(args))
 
 
+def _budget(args: argparse.Namespace) -> Any:
+    """The accuracy budget given on the command line, or None (no fallback ladder)."""
+    if args.max_accuracy_drop is None and args.min_agreement is None and args.min_cosine is None:
+        return None
+    from edge_sdk.converters.accuracy_budget import AccuracyBudget
+
+    return AccuracyBudget(args.max_accuracy_drop, args.min_agreement, args.min_cosine)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from edge_sdk.converters.pipeline import convert
 
     try:
         with _stdout_to_stderr(args.json):
             bundle = convert(args.source, out=args.out, to=args.to, precision=args.precision, calib=args.calib,
-                             options=_options(args), ort=not args.no_ort, **_common_kwargs(args))
+                             options=_options(args), ort=not args.no_ort, budget=_budget(args),
+                             **_common_kwargs(args))
     except ValidationError as exc:
         bundle = getattr(exc, "bundle", None)
         if args.json:
@@ -265,7 +285,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     options = replace(_options(args), **{**load_profile(args.target).convert_options(), **_explicit_options(args)})
     with _stdout_to_stderr(args.json):
         bundle = build(args.source, target=args.target, out=args.out, calib=args.calib, options=options,
-                       max_accuracy_drop=args.max_accuracy_drop, runs=args.runs, **_common_kwargs(args))
+                       max_accuracy_drop=args.max_accuracy_drop, runs=args.runs, min_agreement=args.min_agreement,
+                       min_cosine=args.min_cosine, **_common_kwargs(args))
     info = bundle.manifest.extra["build"]
     if args.json:
         print(json.dumps({"bundle": str(bundle.root), **info}, indent=2))
@@ -915,6 +936,53 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 # --- end knowledge distillation ----------------------------------------------------------------------------------
 
 
+# --- pruning (issue 7): `prune` ------------------------------------------------------------------------------------
+def _add_prune_parsers(sub: Any) -> None:
+    pr = sub.add_parser("prune", help="prune a PyTorch model (structured channels or magnitude), fine-tune, report")
+    pr.add_argument("model", help="state_dict (.pt/.pth, with --model-class), or a .pt2 torch.export program")
+    pr.add_argument("--model-class", help="pkg.module:Class for a state_dict")
+    pr.add_argument("--input-shape", type=_shape, required=True, help="e.g. 1,1,28,28")
+    pr.add_argument("--method", choices=("structured", "magnitude"), default="structured",
+                    help="structured: remove conv channels (faster on every runtime); magnitude: zero weights")
+    pr.add_argument("--amount", type=float, default=0.5, help="fraction of channels / weights to remove (0.5)")
+    pr.add_argument("--train", nargs=2, metavar=("X.npy", "Y.npy"), help="fine-tune inputs and integer labels")
+    pr.add_argument("--val", nargs=2, metavar=("X.npy", "Y.npy"), help="validation inputs and labels (accuracy)")
+    pr.add_argument("--epochs", type=int, default=2, help="fine-tune epochs (default 2)")
+    pr.add_argument("--lr", type=float, default=1e-3)
+    pr.add_argument("--max-train-samples", type=int, help="fine-tune on at most this many samples per epoch")
+    pr.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    pr.add_argument("--out", required=True, help="pruned model: .pt2 (torch.export, recommended) or TorchScript")
+    pr.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edge_sdk.converters.sources import load_source
+    from edge_sdk.errors import CalibrationError
+    from edge_sdk.optimize.prune import prune
+
+    def arrays(paths: list[str] | None) -> tuple[Any, Any] | None:
+        try:
+            return (np.load(paths[0]), np.load(paths[1])) if paths else None
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"cannot read {paths[0]} / {paths[1]} ({exc}): give two .npy files") from None
+
+    src = load_source(args.model, input_shape=args.input_shape, model_class=args.model_class)
+    result = prune(src.model, method=args.method, amount=args.amount, example_input=np.zeros(args.input_shape,
+                   np.float32), train_data=arrays(args.train), val_data=arrays(args.val), finetune_epochs=args.epochs,
+                   lr=args.lr, max_train_samples=args.max_train_samples, threads=args.threads)
+    out = result.save(args.out)
+    if args.json:
+        print(json.dumps({**result.report.to_dict(), "out": str(out)}, indent=2))
+    else:
+        print(result.report.format())
+        print(f"pruned model written to {out} (edge-sdk convert {out} --input-shape "
+              f"{','.join(map(str, args.input_shape))} ...)")
+    return 0
+# --- end pruning ---------------------------------------------------------------------------------------------------
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edge-sdk``."""
     import warnings
@@ -934,6 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers.update({"collector": _cmd_collector})  # fleet collector (issue 5)
     handlers.update({"fleet": _cmd_fleet})  # fleet status, fleet simulate (issue 5)
     handlers.update({"distill": _cmd_distill})  # knowledge distillation (issue 7)
+    handlers.update({"prune": _cmd_prune})  # pruning (issue 7)
     if args.command is None:
         parser.print_help()
         return 2
