@@ -1,0 +1,272 @@
+"""Accuracy budget with automatic fallback for int8 artifacts.
+
+When a budget is given and a plain int8 artifact is over it, the fallback ladder tries, in order, and
+reports each step (name, metric, size, pass/fail):
+
+1. ``calibration:*`` — another quantizer / activation-range calibration (ORT mean min/max and percentile ranges;
+   NNCF mean-quantile ranges for OpenVINO).
+2. ``mixed:kN`` — mixed precision: the N (1, 2, 4, 8) most sensitive layers, ranked by measured per-layer
+   error (converters/sensitivity.py), kept in float (ORT ``nodes_to_exclude``; NNCF ``IgnoredScope``).
+3. ``int16-activations`` — 16-bit activations with 8-bit weights (ONNX Runtime QDQ only; costs speed).
+4. ``fp16`` — the float16 artifact of the same format (its own ``format/fp16`` key).
+
+The first step within budget (and within the validation tolerance) is kept; the chain is recorded in the
+artifact's ``validation.checks["accuracy_budget"]`` and notes. When no step fits, the plain int8 artifact
+is reported as failed with its figures: an over-budget artifact is never written as if it were fine.
+
+Measured (tests/test_accuracy_budget.py, 1 thread). Fashion-MNIST CNN with 4 outlier channels (x1000), 0.5 pp
+budget: plain int8 drops 76 pp on ORT and OpenVINO; ``mixed:k1`` (the first Gemm and the ops in front of it in
+float) brings both back to 0.0 pp; TFLite ends at fp16. ImageNet MobileNetV2, 240 photo crops, top-1 agreement
+>= 95%: OpenVINO plain int8 93.8% -> ``mixed:k2`` 95.8% at 0.35x fp32 size and 0.48x fp32 latency. ONNX Runtime
+plain int8 (NNCF) 91.2%; ORT ranges 87.1%, percentile 82.1%, mixed k1..k8 91.7/92.1/91.2/90.8%, 16-bit
+activations 87.1% (the ORT quantizer's int8 weights, not its activations, limit it) -> only fp16 fits: 99.2%,
+0.51x size, 1.19x fp32 latency — the size and speed constraints are not met there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from edge_sdk.bundle import Validation, size_of
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, Converter, ConvertOptions
+from edge_sdk.errors import EdgeSDKError
+from edge_sdk.formats import Format, Precision
+from edge_sdk.progress import Reporter
+
+__all__ = ["FALLBACK_FORMATS", "AccuracyBudget", "BudgetLadder", "FallbackStep"]
+
+#: formats with a full ladder; other formats are judged against the budget without fallback
+FALLBACK_FORMATS = frozenset({Format.ONNX, Format.ORT, Format.OPENVINO, Format.TFLITE})
+MIXED_K = (1, 2, 4, 8)
+_NOT_OFFERED = "_not_offered"
+_OPTION_FIELDS = frozenset(f.name for f in fields(ConvertOptions))
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """How far an optimized artifact may drift from the source model. ``None`` disables a limit.
+
+    ``max_drop_pp`` is measured accuracy drop in percentage points with ``--val-labels``; without labels the
+    top-1 disagreement with the source (an upper bound on the drop) is used instead.
+    """
+
+    max_drop_pp: float | None = None
+    min_agreement: float | None = None
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_drop_pp is None and self.min_agreement is None and self.min_cosine is None:
+            raise EdgeSDKError("an accuracy budget needs --max-accuracy-drop, --min-agreement or --min-cosine")
+        if self.max_drop_pp is not None and self.max_drop_pp < 0:
+            raise EdgeSDKError(f"--max-accuracy-drop {self.max_drop_pp} must be >= 0 percentage points")
+        for name, val in (("--min-agreement", self.min_agreement), ("--min-cosine", self.min_cosine)):
+            if val is not None and not 0 <= val <= 1:
+                raise EdgeSDKError(f"{name} {val} must be a fraction between 0 and 1")
+
+    def judge(self, v: Validation) -> tuple[bool, str]:
+        """(within budget, the figures that decided it) for one validation result."""
+        ok, parts = True, []
+        if self.max_drop_pp is not None:
+            if v.accuracy is not None and v.source_accuracy is not None:
+                drop = 100 * (v.source_accuracy - v.accuracy)
+                parts.append(f"accuracy drop {drop:.2f} pp (<= {self.max_drop_pp:g})")
+            elif v.top1_agreement is not None:
+                drop = 100 * (1 - v.top1_agreement)
+                parts.append(f"top-1 disagreement {drop:.2f}% (<= {self.max_drop_pp:g} pp; no labels)")
+            else:
+                drop = 0.0 if v.passed else float("inf")
+                parts.append("no accuracy figure (not a classifier)")
+            ok &= drop <= self.max_drop_pp + 1e-9  # float noise: 0.90 - 0.89 is not over a 1 pp budget
+        if self.min_agreement is not None:
+            agree = v.top1_agreement if v.top1_agreement is not None else 0.0
+            parts.append(f"top-1 agreement {100 * agree:.1f}% (>= {100 * self.min_agreement:g}%)")
+            ok &= agree >= self.min_agreement
+        if self.min_cosine is not None:
+            cos = v.cosine if v.cosine is not None else 0.0
+            parts.append(f"cosine {cos:.4f} (>= {self.min_cosine:g})")
+            ok &= cos >= self.min_cosine
+        return ok, ", ".join(parts)
+
+    def to_dict(self) -> dict[str, float]:
+        """The limits that are set."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class FallbackStep:
+    """One rung of the ladder as measured."""
+
+    name: str
+    passed: bool | None  # None: not tried (the reason is in detail)
+    metric: str = ""
+    size_bytes: int | None = None
+    precision: str = "int8"
+    detail: str = ""
+    float_nodes: list[str] = field(default_factory=list)
+
+
+Validate = Callable[[ArtifactDraft], Validation]
+
+
+class BudgetLadder:
+    """Runs the fallback ladder for every int8 artifact of one conversion; shares work between formats
+    (the sensitivity ranking is measured once; the ORT-format steps reuse the ONNX step models)."""
+
+    def __init__(self, ctx: ConversionContext, budget: AccuracyBudget, planned: set[str], report: Reporter) -> None:
+        self.ctx = ctx
+        self.budget = budget
+        self.planned = planned  # "format/precision" keys the user asked for (fp16 fallback must not collide)
+        self.report = report
+        self._subs: dict[str, ConversionContext] = {}
+        self._ranked: list[Any] | None = None
+        self._rank_error: str | None = None
+
+    def _sub(self, name: str, extra: dict[str, Any]) -> ConversionContext:
+        key = f"{name} {sorted((k, repr(v)) for k, v in extra.items())}"  # ONNX and ORT share; OpenVINO differs
+        if key not in self._subs:
+            opt_fields = {k: v for k, v in extra.items() if k in _OPTION_FIELDS}  # e.g. onnx_activation_type
+            rest = {k: v for k, v in extra.items() if k not in _OPTION_FIELDS}
+            opts = replace(self.ctx.options, **opt_fields, extra={**self.ctx.options.extra, **rest})
+            sub = ConversionContext(self.ctx.source, self.ctx.workdir / "_budget" / f"{len(self._subs)}",
+                                    calibration=self.ctx.calibration, options=opts)
+            sub._onnx[Precision.FP32] = self.ctx.onnx(Precision.FP32)  # one fp32 export for every step
+            self._subs[key] = sub
+        return self._subs[key]
+
+    def _ranking(self) -> list[Any]:
+        if self._ranked is None and self._rank_error is None:
+            from edge_sdk.converters.onnx_common import onnx_input_names
+            from edge_sdk.converters.sensitivity import rank_onnx_layers
+
+            fp32 = self.ctx.onnx(Precision.FP32)
+            names = onnx_input_names(fp32.path)
+            src_names = list(self.ctx.source.input_names)
+            if sorted(src_names) == sorted(names):
+                names = src_names
+            try:
+                with self.report.step("ranking layers by measured int8 error"):
+                    self._ranked = rank_onnx_layers(fp32.path, self.ctx.require_calibration("sensitivity"), names,
+                                                    self.ctx.workdir / "_budget" / "sensitivity", self.ctx.options)
+            except EdgeSDKError as exc:
+                self._rank_error = str(exc)
+        return self._ranked or []
+
+    def _steps(self, fmt: Format) -> list[tuple[str, dict[str, Any], Precision, list[str]]]:
+        """(name, extra options, precision, float nodes) per rung for ``fmt``."""
+        steps: list[tuple[str, dict[str, Any], Precision, list[str]]] = []
+        if fmt in (Format.ONNX, Format.ORT):
+            if str(self.ctx.options.extra.get("onnx_quantizer", "auto")) != "ort":
+                steps.append(("calibration:ort-minmax-mean", {"onnx_quantizer": "ort"}, Precision.INT8, []))
+            steps.append(("calibration:percentile", {"onnx_quantizer": "ort", "onnx_calibration": "percentile"},
+                          Precision.INT8, []))
+        elif fmt is Format.OPENVINO:
+            steps.append(("calibration:mean-quantile", {"openvino_range_estimator": "mean_quantile"},
+                          Precision.INT8, []))
+        if fmt in (Format.ONNX, Format.ORT, Format.OPENVINO):
+            from edge_sdk.converters.sensitivity import float_nodes_for
+
+            ranked = self._ranking()
+            prev: list[str] = []
+            every_layer = {r.node for r in ranked}
+            from edge_sdk.converters.onnx_quantize import _quantizer
+
+            nncf_onnx = _quantizer(self.ctx.options) == "nncf"
+            for k in MIXED_K:
+                if k > len(ranked):
+                    break
+                if fmt is Format.OPENVINO:  # NNCF quantizes op inputs only: the layer and its feeding ops
+                    nodes = float_nodes_for(ranked, k, "input_nodes")
+                    extra = {"openvino_ignored_names": nodes + float_nodes_for(ranked, k, "outputs")}
+                elif nncf_onnx:  # same with NNCF on ONNX (ignoring the feeding Conv too made NNCF 3.4 fail)
+                    nodes = float_nodes_for(ranked, k, "input_nodes")
+                    extra = {"onnx_float_nodes": nodes}
+                else:  # ORT also rounds the outputs of quantized layers: the feeding layer stays float too
+                    nodes = float_nodes_for(ranked, k)
+                    extra = {"onnx_quantizer": "ort", "onnx_float_nodes": nodes}
+                if nodes == prev:
+                    continue
+                if every_layer <= set(nodes):
+                    break  # every weighted layer in float: that is the fp32 model, not a mixed-precision one
+                prev = nodes
+                steps.append((f"mixed:k{k}", extra, Precision.INT8, nodes))
+        if fmt in (Format.ONNX, Format.ORT):
+            steps.append(("int16-activations", {"onnx_quantizer": "ort", "onnx_activation_type": "uint16"},
+                          Precision.INT8, []))
+        elif fmt is Format.OPENVINO:
+            steps.append(("int16-activations", {_NOT_OFFERED: "NNCF/OpenVINO CPU quantize activations to 8 bits "
+                                                              "only"}, Precision.INT8, []))
+        elif fmt is Format.TFLITE:
+            steps.append(("int16-activations", {_NOT_OFFERED: "TFLite int16x8 is not wired into this ladder yet"},
+                          Precision.INT8, []))
+        steps.append(("fp16", {}, Precision.FP16, []))
+        return steps
+
+    def _make(self, fmt: Format, conv: Converter, sub: ConversionContext, precision: Precision) -> ArtifactDraft:
+        if fmt is Format.ONNX:
+            return sub.onnx(precision)
+        drafts = conv.convert(sub, precision)
+        return drafts[0]
+
+    def run(self, fmt: Format, conv: Converter, draft: ArtifactDraft, validate: Validate
+            ) -> tuple[ArtifactDraft, Validation]:
+        """Judge ``draft`` (plain int8) against the budget; fall back step by step while it is over.
+
+        Returns the kept draft and its validation (with ``checks["accuracy_budget"]`` filled in); when no step
+        fits, the plain draft with ``passed=False`` and the reason.
+        """
+        key = f"{fmt.value}/int8"
+        v = validate(draft)
+        ok, metric = self.budget.judge(v)
+        steps = [FallbackStep("int8", bool(ok and v.passed), metric, _size(draft), detail="; ".join(v.failures))]
+        kept: tuple[ArtifactDraft, Validation, FallbackStep] | None = (draft, v, steps[0]) if steps[0].passed else None
+        if kept is None and fmt in FALLBACK_FORMATS:
+            for name, extra, precision, nodes in self._steps(fmt):
+                fkey = f"{fmt.value}/{precision.value}"
+                if _NOT_OFFERED in extra:
+                    steps.append(FallbackStep(name, None, detail="not offered: " + extra[_NOT_OFFERED]))
+                    continue
+                if precision is not Precision.INT8 and fkey in self.planned:
+                    steps.append(FallbackStep(name, None, precision=precision.value,
+                                              detail=f"{fkey} is requested too: see that artifact"))
+                    continue
+                try:
+                    with self.report.step(f"{key} over budget: trying {name}"):
+                        d = self._make(fmt, conv, self._sub(name, extra), precision)
+                        sv = validate(d)
+                except EdgeSDKError as exc:
+                    steps.append(FallbackStep(name, False, precision=precision.value, detail=str(exc)[:300],
+                                              float_nodes=nodes))
+                    continue
+                s_ok, s_metric = self.budget.judge(sv)
+                step = FallbackStep(name, bool(s_ok and sv.passed), s_metric, _size(d), precision.value,
+                                    "; ".join(sv.failures), nodes)
+                steps.append(step)
+                if step.passed:
+                    kept = (d, sv, step)
+                    break
+        if self._rank_error and fmt in (Format.ONNX, Format.ORT, Format.OPENVINO):
+            steps.append(FallbackStep("mixed", None, detail=f"no layer ranking: {self._rank_error}"))
+        record = {"budget": self.budget.to_dict(), "steps": [asdict(s) for s in steps],
+                  "kept": kept[2].name if kept else None,
+                  "kept_in_float": kept[2].float_nodes if kept else []}
+        if kept is None:
+            tried = ", ".join(s.name for s in steps[1:] if s.passed is not None) or "nothing"
+            why = f"over the accuracy budget: {metric}; fallback tried {tried} — none fit"
+            v = replace(v, passed=False, failures=[*v.failures, why], checks={**v.checks, "accuracy_budget": record})
+            return draft, v
+        d, sv, step = kept
+        sv = replace(sv, checks={**sv.checks, "accuracy_budget": record})
+        notes = [f"accuracy budget {self.budget.to_dict()}: " + " -> ".join(
+            f"{s.name} {'ok' if s.passed else 'over' if s.passed is False else 'n/a'}" for s in steps)
+            + f"; kept {step.name} ({step.metric})"]
+        if step.float_nodes:
+            notes.append(f"kept in float by the accuracy budget ({len(step.float_nodes)} nodes): "
+                         + ", ".join(step.float_nodes))
+        d = replace(d, notes=[*d.notes, *notes])
+        return d, sv
+
+
+def _size(d: ArtifactDraft) -> int:
+    return size_of(d.path) + sum(size_of(f) for f in d.files)

@@ -1,0 +1,203 @@
+"""Accuracy budget with automatic fallback (issue 7): a Fashion-MNIST CNN made fragile on purpose breaks a
+0.5 pp budget with plain int8 and the fallback brings it back (ORT and OpenVINO); the manifest says what was kept
+in float. The slow test measures the same on the real ImageNet MobileNetV2 (label-free agreement budget)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_sdk.bundle import Bundle, Validation
+from edge_sdk.cli import main
+from edge_sdk.converters.accuracy_budget import AccuracyBudget
+from edge_sdk.errors import EdgeSDKError, ValidationError
+
+torch = pytest.importorskip("torch")
+
+OUTLIER_CHANNELS = (0, 1, 2, 3)
+OUTLIER_FACTOR = 1000.0
+
+
+def make_fragile(model: Any) -> Any:
+    """The same function, fragile under int8: four channels of the second conv block come out x1000 (BN scale
+    and shift), and the first linear layer reads them /1000, so fp32 outputs are unchanged but a per-tensor
+    activation range is set by the outliers and every other channel is rounded to a few levels."""
+    m = copy.deepcopy(model).eval()
+    bn, fc = m.features[5], m.classifier[1]
+    with torch.no_grad():
+        for c in OUTLIER_CHANNELS:
+            bn.weight[c] *= OUTLIER_FACTOR
+            bn.bias[c] *= OUTLIER_FACTOR
+            fc.weight[:, c * 49:(c + 1) * 49] /= OUTLIER_FACTOR
+    return m
+
+
+def test_budget_judge_and_input_checks() -> None:
+    v = Validation(passed=True, top1_agreement=0.96, cosine=0.99, accuracy=0.89, source_accuracy=0.9)
+    assert AccuracyBudget(max_drop_pp=1.0).judge(v)[0]
+    ok, why = AccuracyBudget(max_drop_pp=0.5).judge(v)
+    assert not ok and "accuracy drop 1.00 pp" in why
+    assert not AccuracyBudget(min_agreement=0.97).judge(v)[0]
+    assert AccuracyBudget(min_agreement=0.95, min_cosine=0.98).judge(v)[0]
+    unlabeled = Validation(passed=True, top1_agreement=0.994)
+    ok, why = AccuracyBudget(max_drop_pp=0.5).judge(unlabeled)
+    assert not ok and "no labels" in why
+    for bad in ({}, {"max_drop_pp": -1.0}, {"min_agreement": 1.5}, {"min_cosine": -0.1}):
+        with pytest.raises(EdgeSDKError):
+            AccuracyBudget(**bad)
+
+
+@pytest.fixture(scope="module")
+def fragile_onnx(tmp_path_factory: pytest.TempPathFactory, fashion_torch_cnn: Any, fashion_test: tuple,
+                 fashion_calibration: np.ndarray) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("fragile")
+    model = make_fragile(fashion_torch_cnn)
+    x, y = fashion_test
+    with torch.no_grad():
+        a = fashion_torch_cnn(torch.from_numpy(x[:256])).numpy()
+        b = model(torch.from_numpy(x[:256])).numpy()
+    assert np.abs(a - b).max() < 1e-3 and (a.argmax(1) == b.argmax(1)).all()  # fp32 function unchanged
+    torch.onnx.export(model, torch.zeros(1, 1, 28, 28), d / "fragile.onnx", input_names=["x"], output_names=["y"],
+                      opset_version=18, dynamo=False)
+    np.save(d / "calib.npy", fashion_calibration[:200])
+    np.save(d / "val.npy", x[:1000])
+    np.save(d / "val_labels.npy", y[:1000])
+    return {"onnx": d / "fragile.onnx", "calib": d / "calib.npy", "val": d / "val.npy",
+            "labels": d / "val_labels.npy"}
+
+
+def _cli(capsys: pytest.CaptureFixture, *args: Any) -> tuple[int, dict]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def test_fragile_cnn_fallback_ort_and_openvino(fragile_onnx: dict, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("openvino")
+    out = tmp_path / "bundle"
+    code, summary = _cli(capsys, "convert", fragile_onnx["onnx"], "--to", "onnx,openvino", "--precision", "int8",
+                         "--calib", fragile_onnx["calib"], "--val", fragile_onnx["val"], "--val-labels",
+                         fragile_onnx["labels"], "--max-accuracy-drop", "0.5", "--out", out, "--json")
+    assert code == 0, summary
+    bundle = Bundle.load(out)
+    bundle.verify()
+    for key in ("onnx/int8", "ort/int8", "openvino/int8"):
+        art = next(a for a in bundle.artifacts if a.key == key)
+        v = art.validation
+        assert v.passed and 100 * (v.source_accuracy - v.accuracy) <= 0.5, (key, v)
+        record = v.checks["accuracy_budget"]
+        assert record["budget"] == {"max_drop_pp": 0.5}
+        if key == "ort/int8":  # made from the ONNX model the ladder kept: within budget at once
+            assert record["kept"] == "int8"
+            continue
+        plain = record["steps"][0]
+        assert plain["name"] == "int8" and plain["passed"] is False
+        drop = float(plain["metric"].split("accuracy drop ")[1].split(" pp")[0])
+        assert drop > 0.5  # plain int8 really breaks the budget
+        assert record["kept"].startswith("mixed:k"), record
+        assert record["kept_in_float"] and any("Gemm" in n or "classifier.1" in n for n in record["kept_in_float"])
+        assert any("kept in float by the accuracy budget" in n for n in art.notes)
+        assert all(s["size_bytes"] for s in record["steps"] if s["passed"] is not None)
+    assert (out / "manifest.json").read_text().count("kept_in_float") >= 3
+
+
+def test_over_budget_is_reported_failed_not_shipped(fragile_onnx: dict, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bundle"
+    # cosine 1.0 is out of reach for any lossy step; fp16 is requested itself, so the ladder does not end there
+    code, summary = _cli(capsys, "convert", fragile_onnx["onnx"], "--to", "onnx", "--no-ort", "--precision",
+                         "fp32,fp16,int8", "--calib", fragile_onnx["calib"], "--val", fragile_onnx["val"],
+                         "--min-cosine", "1.0", "--out", out, "--json")
+    assert code == 1
+    keys = {a.key for a in Bundle.load(out).artifacts}
+    assert keys == {"onnx/fp32", "onnx/fp16"}  # the over-budget int8 model is not written as if it were fine
+    failed = [r for r in summary["results"] if r["status"] == "failed"]
+    assert [r["format"] + "/" + r["precision"] for r in failed] == ["onnx/int8"]
+    assert "over the accuracy budget" in failed[0]["reason"]
+    steps = failed[0]["validation"]["checks"]["accuracy_budget"]["steps"]
+    names = [s["name"] for s in steps]
+    assert names[0] == "int8" and "calibration:percentile" in names and "mixed:k1" in names
+    assert "int16-activations" in names
+    assert all(s["passed"] is False for s in steps if s["name"] != "fp16")
+    assert next(s for s in steps if s["name"] == "fp16")["passed"] is None  # requested itself: not a fallback
+
+
+def test_default_convert_has_no_ladder(fragile_onnx: dict, tmp_path: Path) -> None:
+    from edge_sdk.converters.pipeline import convert
+
+    with pytest.raises(ValidationError) as exc:  # plain int8 fails its tolerance; nothing falls back silently
+        convert(fragile_onnx["onnx"], out=tmp_path / "b", to="onnx", precision="fp32,int8", ort=False,
+                calib=np.load(fragile_onnx["calib"]), val=np.load(fragile_onnx["val"])[:200], quiet=True)
+    assert "onnx/int8" in str(exc.value)
+    assert not any("accuracy_budget" in r.validation.checks for r in exc.value.results)
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_agreement_budget(mobilenet_v2: Any, photo_crops: np.ndarray, tmp_path: Path) -> None:
+    """Real ImageNet MobileNetV2, 240 real photo crops, label-free budget top-1 agreement >= 95%."""
+    pytest.importorskip("openvino")
+    from data import photo_crops as make_crops
+
+    from edge_sdk.converters.pipeline import convert
+    from edge_sdk.device_agent.runtimes import runtime_for
+    from edge_sdk.formats import Format
+
+    torch.set_num_threads(1)
+    bundle = convert(mobilenet_v2, out=tmp_path / "b", to="onnx,openvino", precision="fp32,int8", ort=False,
+                     calib=make_crops(n=200, seed=1), val=photo_crops, input_shape=(1, 3, 224, 224), quiet=True,
+                     budget=AccuracyBudget(min_agreement=0.95))
+    x = photo_crops[:1]
+    figures = {}
+    for fmt in ("onnx", "openvino"):
+        fp32 = next(a for a in bundle.artifacts if a.key == f"{fmt}/fp32")
+        kept = next(a for a in bundle.artifacts if a.format == fmt and "accuracy_budget" in a.validation.checks)
+        record = kept.validation.checks["accuracy_budget"]
+        assert record["steps"][0]["name"] == "int8" and record["steps"][0]["passed"] is False  # plain int8 < 95%
+        assert kept.validation.top1_agreement >= 0.95, record
+        rt = runtime_for(Format(fmt))
+        sessions = [rt.load(bundle.root / a.path, threads=1) for a in (fp32, kept)]
+        times: list[list[float]] = [[], []]
+        for _ in range(3):
+            for s in sessions:
+                s.run([x])
+        for _ in range(20):  # interleaved so machine load hits both alike
+            for i, s in enumerate(sessions):
+                t = time.perf_counter()
+                s.run([x])
+                times[i].append(time.perf_counter() - t)
+        for s in sessions:
+            s.close()
+        figures[fmt] = (kept.size_bytes / fp32.size_bytes, float(np.median(times[1]) / np.median(times[0])))
+        print(f"{fmt}: kept {kept.key} by {record['kept']}, agreement {kept.validation.top1_agreement:.3f}, size "
+              f"{figures[fmt][0]:.3f}x fp32, latency {figures[fmt][1]:.2f}x fp32; steps "
+              + "; ".join(f"{s['name']}={s['metric'] or s['detail'][:60]}" for s in record["steps"]))
+    # OpenVINO meets every constraint (mixed precision); ONNX Runtime reaches the budget only through fp16 here,
+    # which is larger than 0.45x fp32 and slower: measured and printed, see the report in accuracy_budget.py
+    assert figures["openvino"][0] <= 0.45 and figures["openvino"][1] < 1.0, figures
+
+
+def test_fragile_cnn_tflite_falls_back_to_fp16(fashion_torch_cnn: Any, fashion_test: tuple,
+                                               fashion_calibration: np.ndarray, tmp_path: Path) -> None:
+    """TFLite has no mixed-precision rung here yet: the ladder ends at fp16, shipped as tflite/fp16."""
+    pytest.importorskip("litert_torch")
+    from edge_sdk.converters.pipeline import convert
+
+    torch.set_num_threads(1)
+    x, y = fashion_test
+    bundle = convert(make_fragile(fashion_torch_cnn), out=tmp_path / "b", to="tflite", precision="int8",
+                     calib=fashion_calibration[:200], val=x[:1000], val_labels=y[:1000], input_shape=(1, 1, 28, 28),
+                     quiet=True, budget=AccuracyBudget(max_drop_pp=0.5))
+    (art,) = bundle.artifacts
+    record = art.validation.checks["accuracy_budget"]
+    assert art.key == "tflite/fp16" and record["kept"] == "fp16"
+    assert record["steps"][0]["name"] == "int8" and record["steps"][0]["passed"] is False
+    v = art.validation
+    assert 100 * (v.source_accuracy - v.accuracy) <= 0.5
