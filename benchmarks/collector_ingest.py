@@ -30,7 +30,7 @@ from edge_sdk.fleet.collector import Collector
 from edge_sdk.fleet.synthetic import make_window
 
 
-def _client(client_id: str, receive_maximum: int = 1000):  # noqa: ANN202
+def _client(client_id: str, receive_maximum: int = 1000) -> tuple:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes

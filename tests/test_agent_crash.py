@@ -57,7 +57,7 @@ def test_agent_kill_9_mid_stream_then_restart_loses_nothing(tiny_bundle: Path, t
         for run in range(3):  # two kills mid-stream, then a clean stop
             proc = _agent(tiny_bundle, fleet, outbox)
             before = stored()
-            assert wait_until(lambda: stored() >= before + 20, timeout=60), f"run {run}: windows do not flow"
+            assert wait_until(lambda b=before: stored() >= b + 20, timeout=60), f"run {run}: windows do not flow"
             if run < 2:
                 proc.send_signal(signal.SIGKILL)
             else:

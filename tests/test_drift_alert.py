@@ -34,8 +34,8 @@ def photo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(make_tiny().state_dict(), d / "tiny.pt")
     np.save(d / "calib.npy", photo_crops(120, seed=0, size=32))
     edge_sdk.convert(d / "tiny.pt", model_class="tiny_models:TinyCNN", input_shape=[1, 3, 32, 32], to="onnx",
-                     precision="fp32", ort=False, calib=d / "calib.npy", val=d / "calib.npy", out=d / "bundle", name="daycam",
-                     version="1", quiet=True)
+                     precision="fp32", ort=False, calib=d / "calib.npy", val=d / "calib.npy", out=d / "bundle",
+                     name="daycam", version="1", quiet=True)
     return d / "bundle"
 
 
