@@ -90,12 +90,12 @@ def run(bundle_dir: Path, out: Path, windows: int = 6) -> int:
                 agent.predict(images[rng.integers(len(images))][None] * factor)
                 time.sleep(0.02)
             time.sleep(1.5)
-            open_drift = [a for a in alerts(collector.db, state="open") if a["rule"] == "drift"]
+            open_drift = [a for a in alerts(collector.db, state="open", fleet=fleet) if a["rule"] == "drift"]
             print(f"after {n_windows} s of {phase} images: {len(open_drift)} drift alert(s) open")
             raised = bool(open_drift)
         print()
         print_status(fleet_status(collector.db, fleet=fleet))
-        for a in alerts(collector.db, state="open"):
+        for a in alerts(collector.db, state="open", fleet=fleet):
             print(f"ALERT {a['rule']}: {a['message']}")
     finally:
         telemetry.stop()
