@@ -82,14 +82,10 @@ def payload_bytes(obj: dict[str, Any]) -> bytes:
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:
-    """Poll ``condition`` until it is true or ``timeout`` seconds passed; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            return bool(condition())
-        time.sleep(interval)
+    """:func:`mqtt_helpers.wait_until` with the collector tests' longer default timeout."""
+    from mqtt_helpers import wait_until as _wait_until
+
+    return _wait_until(condition, timeout, interval)
 
 
 @contextlib.contextmanager
