@@ -25,7 +25,7 @@ from edge_sdk.bundle import sha256_path
 from edge_sdk.errors import SourceModelError
 from edge_sdk.formats import Framework
 
-__all__ = ["KerasSource", "OnnxSource", "TorchSource", "load_source"]
+__all__ = ["KerasSource", "OnnxSource", "TorchSource", "import_class", "load_source"]
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".jit")
 _KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -234,19 +234,20 @@ class OnnxSource(_Base):
         return list(self._session.run(None, feeds))
 
 
-def _import_class(spec: str) -> Any:
+def import_class(spec: str, what: str = "--model-class") -> Any:
+    """Import ``package.module:Class``; raise SourceModelError naming ``what`` (the flag it came from) on failure."""
     mod_name, _, cls_name = spec.partition(":")
     if not mod_name or not cls_name:
-        raise SourceModelError(f"--model-class {spec!r} must look like package.module:ClassName")
+        raise SourceModelError(f"{what} {spec!r} must look like package.module:ClassName")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise SourceModelError(f"cannot import {mod_name!r} for --model-class ({exc}): make sure it is on "
+        raise SourceModelError(f"cannot import {mod_name!r} for {what} ({exc}): make sure it is on "
                                "PYTHONPATH") from None
     try:
         return getattr(module, cls_name)
     except AttributeError:
-        raise SourceModelError(f"module {mod_name!r} has no class {cls_name!r} (--model-class)") from None
+        raise SourceModelError(f"module {mod_name!r} has no class {cls_name!r} ({what})") from None
 
 
 def _load_torch_file(path: Path, input_shape: list[int] | None, model_class: str | None) -> TorchSource:
@@ -287,7 +288,7 @@ def _load_torch_file(path: Path, input_shape: list[int] | None, model_class: str
     if not model_class:
         raise SourceModelError(f"{path} is a state_dict: pass --model-class package.module:Class to rebuild "
                                "the model")
-    cls = _import_class(model_class)
+    cls = import_class(model_class)
     try:
         module = cls()
         module.load_state_dict(obj, strict=True)

@@ -16,7 +16,6 @@ torch is imported inside the functions (extra ``torch``).
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -115,17 +114,9 @@ def count_parameters(model: Any) -> int:
 
 def import_class(spec: str) -> Any:
     """Import ``package.module:Class``; raise SourceModelError naming what is wrong."""
-    mod_name, _, cls_name = spec.partition(":")
-    if not mod_name or not cls_name:
-        raise SourceModelError(f"model class {spec!r} must look like package.module:ClassName")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise SourceModelError(f"cannot import {mod_name!r} ({exc}): make sure it is on PYTHONPATH") from None
-    try:
-        return getattr(module, cls_name)
-    except AttributeError:
-        raise SourceModelError(f"module {mod_name!r} has no class {cls_name!r}") from None
+    from edge_sdk.converters.sources import import_class as _import_class
+
+    return _import_class(spec, "model class")
 
 
 def _first_conv_channels(model: Any) -> int | None:
