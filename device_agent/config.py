@@ -170,9 +170,14 @@ def _bool(path: Path, key: str, value: Any) -> bool:
     return value
 
 
-def _file(path: Path, key: str, value: Any) -> str:
+def _path(path: Path, key: str, value: Any) -> Path:
+    """A path value, ``~`` expanded, relative ones resolved against the config file's directory."""
     p = Path(_str(path, key, value)).expanduser()
-    p = p if p.is_absolute() else path.resolve().parent / p
+    return p if p.is_absolute() else path.resolve().parent / p
+
+
+def _file(path: Path, key: str, value: Any) -> str:
+    p = _path(path, key, value)
     if not p.is_file():
         raise _bad(path, key, f"names {p}, which is not a readable file")
     return str(p)
@@ -200,8 +205,7 @@ def _telemetry_table(path: Path, table: Any) -> dict[str, Any]:
             except ValueError as exc:
                 raise _bad(path, name, str(exc).replace(f"{key} {value!r} ", "")) from None
         elif key == "outbox":
-            p = Path(_str(path, name, value)).expanduser()
-            out["outbox_path"] = str(p if p.is_absolute() else path.resolve().parent / p)
+            out["outbox_path"] = str(_path(path, name, value))
         else:
             out["input_sample_every"] = _int(path, name, value, 1)
     return out
