@@ -62,6 +62,7 @@ class SourceModel(Protocol):
     input_shapes: list[list[int]]
     output_names: list[str]
     layout: str  # "NCHW" for PyTorch-style image inputs, "NHWC" for Keras-style, "" when not an image
+    input_dtypes: list[str]  # numpy dtype name per input ("float32", or "int64" for token ids and masks)
 
     def predict(self, inputs: list[Any]) -> list[Any]:
         """Run the source model on batch-1 float32 numpy inputs; return numpy outputs."""
@@ -82,6 +83,7 @@ class ArtifactDraft:
     validation_skipped: str | None = None  # numeric validation impossible on this host, and why
     spec_checks: dict[str, Any] = field(default_factory=dict)  # structural checks done instead
     files: list[Path] = field(default_factory=list)  # side files (e.g. required_operators.config)
+    route: str = ""  # the route (converters/routes.py) that produced it; set by the pipeline
 
 
 class ConversionContext:
@@ -98,6 +100,17 @@ class ConversionContext:
         self.calibration = calibration
         self.options = options or ConvertOptions()
         self._onnx: dict[Precision, ArtifactDraft] = {}
+        self._onnx_errors: dict[Precision, Exception] = {}
+        self.derived: dict[Format, ConversionContext] = {}  # contexts of routes via an intermediate format
+
+    def close(self) -> None:
+        """Close the sources of derived contexts (their temporary files)."""
+        for sub in self.derived.values():
+            sub.close()
+            close = getattr(sub.source, "close", None)
+            if close is not None:
+                close()
+        self.derived.clear()
 
     def require_calibration(self, purpose: str) -> SampleSet:
         """The calibration samples, or a CalibrationError saying how to provide them."""
@@ -114,8 +127,14 @@ class ConversionContext:
 
     def onnx(self, precision: Precision = Precision.FP32) -> ArtifactDraft:
         """The ONNX artifact of this precision for the current source, converted once and cached."""
+        if precision in self._onnx_errors:  # a failed export is not retried by every target that needs it
+            raise self._onnx_errors[precision]
         if precision not in self._onnx:
-            drafts = get_converter(self.source.framework, Format.ONNX).convert(self, precision)
+            try:
+                drafts = get_converter(self.source.framework, Format.ONNX).convert(self, precision)
+            except Exception as exc:
+                self._onnx_errors[precision] = exc
+                raise
             self._onnx[precision] = drafts[0]
         return self._onnx[precision]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,18 +37,30 @@ _WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def _pre_process(fp32_path: Path, out_path: Path) -> Path:
-    """Run ``quant_pre_process`` (shape inference + graph optimization) into a sibling file."""
+    """Run ``quant_pre_process`` (shape inference + graph optimization) into a sibling file.
+
+    Symbolic shape inference gives up on many real graphs (``Exception: Incomplete symbolic shape inference``,
+    a bare Exception, on detectors with dynamic H/W): then ONNX shape inference only, then no pre-processing at
+    all (the quantizers still work, with fewer fusions) — never a crash.
+    """
     shape_inference = require("onnxruntime.quantization.shape_inference", "onnx", "ONNX quantization")
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
-    try:
-        shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
-    except (RuntimeError, ValueError) as exc:  # symbolic shape inference gives up on some graphs
+    for skip_symbolic in (False, True):
         try:
-            shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        except (RuntimeError, ValueError) as exc2:
-            raise ConversionError(f"ONNX quantization pre-processing failed ({exc2}; first attempt: {exc}): "
-                                  "simplify the model or export it with another opset") from exc2
+            shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=skip_symbolic)
+            return pre
+        except Exception as exc:  # any failure of the optional pre-processing falls back to the next option
+            logging.getLogger(__name__).info("quant_pre_process (skip_symbolic_shape=%s) failed: %s",
+                                             skip_symbolic, str(exc).splitlines()[:1])
+            pre.unlink(missing_ok=True)
+    shutil.copyfile(fp32_path, pre)
     return pre
+
+
+def _feed_array(x: np.ndarray) -> np.ndarray:
+    """A calibration sample as the model takes it: integers (token ids, masks) stay integers, the rest float32."""
+    x = np.asarray(x)
+    return np.ascontiguousarray(x) if x.dtype.kind in "iub" else np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _reader(samples: SampleSet, names: list[str]) -> Any:
@@ -62,7 +75,7 @@ def _reader(samples: SampleSet, names: list[str]) -> Any:
             item = next(self._it, None)
             if item is None:
                 return None
-            return {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, item, strict=True)}
+            return {n: _feed_array(x) for n, x in zip(names, item, strict=True)}
 
         def rewind(self) -> None:
             self._it = iter(samples)
@@ -221,8 +234,7 @@ def _nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], o
         activations_quantization_params=adv.QuantizationParameters(per_channel=False),
         weights_quantization_params=adv.QuantizationParameters(per_channel=options.onnx_per_channel),
         activations_range_estimator_params=getattr(estimators.RangeEstimatorParametersSet, ranges[calib]))
-    data = [{n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, item, strict=True)}
-            for item in samples]
+    data = [{n: _feed_array(x) for n, x in zip(names, item, strict=True)} for item in samples]
     nncf.set_log_level(logging.ERROR)
     try:
         quantized = nncf.quantize(
@@ -303,9 +315,21 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
     float_layers = (_input_layers(onnx.load(str(pre), load_external_data=False))
                     if options.extra.get("onnx_float_input_layers", tool == "ort") else [])
     float_layers += [n for n in options.extra.get("onnx_float_nodes", ()) if n not in float_layers]
+    auto = str(options.extra.get("onnx_quantizer", "auto")).strip().lower() == "auto"
     try:
         run = _nncf_qdq if tool == "nncf" else _ort_qdq
-        info = run(pre, out_path, samples, names, options, act, float_layers)
+        try:
+            info = run(pre, out_path, samples, names, options, act, float_layers)
+        except Exception as exc:
+            if not (auto and tool == "nncf"):
+                raise
+            # NNCF's graph analysis fails on some real graphs (If/Loop, custom domains): ONNX Runtime's own
+            # quantizer is the next choice, and the manifest records why
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            out_path.unlink(missing_ok=True)
+            tool = "ort"
+            info = {**_ort_qdq(pre, out_path, samples, names, options, act, float_layers),
+                    "onnx_quantizer_fallback": f"nncf failed ({first})"}
     finally:
         pre.unlink(missing_ok=True)
     floats = _float_outputs(out_path) if options.extra.get("onnx_float_outputs", True) else 0

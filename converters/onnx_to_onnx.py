@@ -52,8 +52,14 @@ class OnnxToOnnx(OnnxExporter):
 
     def export_fp32(self, ctx: ConversionContext, out: Path) -> ArtifactDraft:
         """Write the fp32 ONNX file."""
-        src_path = Path(ctx.source.model if ctx.source.model is not None else ctx.source.path)
+        src = ctx.source
+        src_path = Path(getattr(src, "dynamic_model", None) or (src.model if src.model is not None else src.path))
         inlined = copy_onnx(src_path, out)
+        pinned = list(getattr(src, "pin_notes", []))
         notes = ["the source ONNX file, checked with onnx.checker"
-                 + ("; external weight data inlined into one file" if inlined else ", copied unchanged")]
+                 + ("; external weight data inlined into one file" if inlined else
+                    ", with its symbolic input axes pinned" if pinned else ", copied unchanged")]
+        notes += pinned
+        if src_path != Path(src.model):
+            notes.append("axes kept dynamic as asked (--dynamic); validated at the pinned shape")
         return fp32_onnx_draft(out, onnx_versions(), notes, extra="onnx")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,13 @@ def _run_onnx2tf(model: Path, workdir: Path, flags: list[str]) -> Path:
     try:
         subprocess.run(cmd, cwd=workdir, check=True, capture_output=True, text=True, timeout=_TIMEOUT_S)
     except subprocess.CalledProcessError as exc:
+        if exc.returncode < 0:  # killed by a signal: a crash inside TensorFlow / onnx2tf, not a Python error
+            try:
+                sig = signal.Signals(-exc.returncode).name
+            except ValueError:
+                sig = f"signal {-exc.returncode}"
+            raise ConversionError(f"onnx2tf crashed ({sig}) converting the model: {_tail(exc.stderr + exc.stdout, 2)}"
+                                  ": use another target or --route") from None
         raise ConversionError(f"onnx2tf failed (exit {exc.returncode}): {_tail(exc.stderr + exc.stdout)}: "
                               "check the model with onnx.checker, or use another target") from None
     except subprocess.TimeoutExpired:

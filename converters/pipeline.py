@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,11 @@ from edge_sdk.converters.base import (
     check_precision,
     get_converter,
 )
-from edge_sdk.converters.sources import load_source
+from edge_sdk.converters.routes import Route, candidate_routes, failure_reason, parse_forced_routes, route_context
+from edge_sdk.converters.sources import InputDtypes, ShapeSpec, load_source
 from edge_sdk.converters.validate import DEFAULT_TOLERANCES, Tolerance, reference_outputs, validate_artifact
 from edge_sdk.errors import CalibrationError, EdgeSDKError, UnsupportedConversionError, ValidationError
-from edge_sdk.formats import Format, Precision, Task, parse_list
+from edge_sdk.formats import Format, Framework, Precision, Task, parse_list
 from edge_sdk.preprocessing import Preprocessing
 from edge_sdk.progress import Reporter
 from edge_sdk.schema import validate_manifest
@@ -43,6 +45,7 @@ BUILTIN_CONVERTERS = (
     "torch_to_onnx", "keras_to_onnx", "onnx_to_onnx", "onnx_to_ort", "onnx_to_openvino",
     "keras_to_tflite", "torch_to_tflite", "onnx_to_tflite", "torch_to_coreml", "keras_to_coreml",
 )
+_QUANTIZED = (Precision.INT8, Precision.DYNAMIC, Precision.PALETTIZED)
 _TRANSPOSE = {("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2)}
 
 
@@ -63,6 +66,9 @@ class ArtifactResult:
     size_bytes: int | None = None
     shipped: bool = False
     reason: str = ""
+    route: str = ""  # the route that produced the artifact (converters/routes.py)
+    attempts: list[str] = field(default_factory=list)  # routes tried before it, each "name: one-line reason"
+    seconds: float | None = None  # conversion + validation time over every route tried
 
     @property
     def key(self) -> str:
@@ -75,11 +81,30 @@ def _as_list(value: str | Iterable[Any], enum: type) -> list:
     return parse_list(",".join(str(v) for v in value), enum)
 
 
+def _prebuilt(src: Any) -> bool:
+    return src.framework in (Framework.TFLITE, Framework.OPENVINO)
+
+
 def _needs_calibration(fmt: Format, precision: Precision) -> bool:
     return precision is Precision.INT8 and fmt is not Format.COREML
 
 
-def _split(calib: SampleSet | None, val: SampleSet | None, rng_shape: list[list[int]]) -> tuple[
+def _routes_with_precision(src: Any, fmt: Format, p: Precision, routes: list[Route]) -> list[Route]:
+    """The routes whose converter can produce ``p``; UnsupportedConversionError (the first route's) when none."""
+    ok, first = [], None
+    for r in routes:
+        try:
+            check_precision(get_converter(src.framework if r.via is None else Framework.ONNX, fmt), p)
+            ok.append(r)
+        except UnsupportedConversionError as exc:
+            first = first or exc
+    if not ok:
+        raise first or UnsupportedConversionError(f"{fmt.value} cannot be produced in {p.value}")
+    return ok
+
+
+def _split(calib: SampleSet | None, val: SampleSet | None, rng_shape: list[list[int]],
+           dtypes: list[str] | None = None) -> tuple[
         SampleSet | None, SampleSet, str]:
     """Choose calibration and held-out validation samples; say where validation data came from."""
     if val is not None:
@@ -93,7 +118,9 @@ def _split(calib: SampleSet | None, val: SampleSet | None, rng_shape: list[list[
     if calib is not None:
         return calib, calib, "the calibration data itself (pass --val for held-out inputs)"
     rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal((16, *s[1:])).astype(np.float32) for s in rng_shape]
+    dtypes = dtypes or ["float32"] * len(rng_shape)
+    arrays = [rng.standard_normal((16, *s[1:])).astype(np.float32) if dt.startswith("float")
+              else np.zeros((16, *s[1:]), dt) for s, dt in zip(rng_shape, dtypes, strict=True)]
     return None, SampleSet(arrays, None, "random"), "16 random normal inputs (pass --val for real inputs)"
 
 
@@ -121,12 +148,16 @@ def convert(
     *,
     out: str | Path,
     to: str | Sequence[str | Format] = "onnx",
-    precision: str | Sequence[str | Precision] = "fp32",
+    precision: str | Sequence[str | Precision] | None = "fp32",
     calib: CalibrationSource | None = None,
     val: CalibrationSource | None = None,
     val_labels: str | Path | np.ndarray | None = None,
     labels: str | Path | Sequence[str] | None = None,
-    input_shape: Sequence[int] | None = None,
+    input_shape: ShapeSpec | None = None,
+    input_dtypes: InputDtypes | None = None,
+    dynamic: str | Sequence[str] = (),
+    custom_objects: Sequence[str] | None = None,
+    route: str | Sequence[str] | dict[str, str] | None = None,
     model_class: str | None = None,
     framework: str | None = None,
     name: str | None = None,
@@ -145,6 +176,14 @@ def convert(
 ) -> Bundle:
     """Convert ``source`` to each target x precision, validate each artifact, write a bundle to ``out``.
 
+    ``input_shape`` is one shape or ``{input name: shape}``; it pins symbolic axes of ONNX / SavedModel / Keras
+    sources before any static-shape tool runs. ``dynamic`` (e.g. ``"batch,height,width"``) keeps those axes
+    symbolic in the ONNX and OpenVINO artifacts of an ONNX source. ``input_dtypes`` gives integer inputs
+    (``{"input_ids": "int64"}``); ``custom_objects`` the ``module:name`` of custom Keras layers. ``route``
+    forces one route (``"onnx2tf"`` or ``{"tflite": "onnx2tf"}``; see converters/routes.py); otherwise the routes
+    of each target are tried in order until one gives a passing artifact. ``precision=None`` means fp32, or for an
+    existing .tflite / OpenVINO IR source, the precision the file already has.
+
     ``variants`` (explicit (format, precision) pairs) replaces the ``to`` x ``precision`` product;
     ``skip_unsupported`` records variants this source cannot produce instead of refusing the request.
     ``budget`` (an :class:`AccuracyBudget`) judges every int8 artifact and, when one is over it, runs the
@@ -156,14 +195,8 @@ def convert(
     (unknown target/precision, unreadable source, missing calibration data, wrong shapes).
     """
     load_builtin_converters()
-    if variants is not None:
-        pairs = [(Format.parse(str(f)), Precision.parse(str(p))) for f, p in variants]
-    else:
-        targets: list[Format] = _as_list(to, Format)
-        precisions: list[Precision] = _as_list(precision, Precision)
-        if Format.ONNX in targets and ort and Format.ORT not in targets:
-            targets.insert(targets.index(Format.ONNX) + 1, Format.ORT)
-        pairs = [(f, p) for f in targets for p in precisions]
+    forced = parse_forced_routes(route)
+    dyn = [d for d in (dynamic.split(",") if isinstance(dynamic, str) else dynamic) if str(d).strip()]
     out = Path(out)
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise EdgeSDKError(f"{out} already exists: choose another --out or pass --overwrite")
@@ -172,24 +205,36 @@ def convert(
     tols = {**DEFAULT_TOLERANCES, **(tolerances or {})}
 
     with report.step("loading source model"):
-        src = load_source(source, input_shape=list(input_shape) if input_shape else None,
-                          model_class=model_class, framework=framework)
+        src = load_source(source, input_shape=input_shape if input_shape else None, model_class=model_class,
+                          framework=framework, input_dtypes=input_dtypes, custom_objects=custom_objects,
+                          dynamic=dyn)
     try:
+        if variants is not None:
+            pairs = [(Format.parse(str(f)), Precision.parse(str(p))) for f, p in variants]
+        else:
+            targets: list[Format] = _as_list(to, Format)
+            own = getattr(src, "precision", None)  # an existing .tflite / IR is bundled in its own precision
+            precisions: list[Precision] = ([own or Precision.FP32] if precision is None
+                                           else _as_list(precision, Precision))
+            if Format.ONNX in targets and ort and Format.ORT not in targets:
+                targets.insert(targets.index(Format.ONNX) + 1, Format.ORT)
+            pairs = [(f, p) for f in targets for p in precisions]
         plan, unsupported = [], []
         for fmt, p in pairs:
             try:
-                conv = get_converter(src.framework, fmt)
-                check_precision(conv, p)
+                routes, skipped = candidate_routes(src, fmt, forced)
+                routes = _routes_with_precision(src, fmt, p, routes)
             except UnsupportedConversionError as exc:
                 if not skip_unsupported:
                     raise
                 unsupported.append(ArtifactResult(fmt.value, p.value, "unsupported", reason=str(exc)))
                 continue
-            plan.append((fmt, p, conv))
+            plan.append((fmt, p, (routes, skipped)))
         if not plan:
             raise UnsupportedConversionError("none of the requested variants can be produced from a "
                                              f"{src.framework.value} source: " + _summary(unsupported))
-        if calib is None and any(_needs_calibration(f, p) for f, p, _ in plan):
+        if calib is None and any(_needs_calibration(f, p) and not (_prebuilt(src) and f.value == src.framework.value)
+                                 for f, p, _ in plan):
             raise CalibrationError("int8 needs calibration data: pass --calib FILE.npy (or an image folder "
                                    "with preprocessing flags), 100-500 representative inputs")
         with report.step("loading calibration / validation data"):
@@ -202,7 +247,8 @@ def convert(
                 val_set = load_samples(val, input_shapes=src.input_shapes, input_names=src.input_names,
                                        preprocessing=preprocessing, what="validation")
                 val_set.check(src.input_shapes, "validation")
-            calib_set, val_set, val_origin = _split(calib_set, val_set, src.input_shapes)
+            calib_set, val_set, val_origin = _split(calib_set, val_set, src.input_shapes,
+                                                    list(getattr(src, "input_dtypes", [])) or None)
             val_y = _load_labels_array(val_labels, len(val_set)) if val_labels is not None else None
             label_names = _load_label_names(labels)
         with report.step(f"running the source model on {len(val_set)} validation inputs"):
@@ -224,31 +270,24 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
     results: list[ArtifactResult] = list(unsupported)
     artifacts: list[Artifact] = []
     workdir = Path(tempfile.mkdtemp(prefix="edge_sdk_work_"))
+    ctx = ConversionContext(src, workdir, calibration=calib_set, options=options)
     try:
-        ctx = ConversionContext(src, workdir, calibration=calib_set, options=options)
-        ladder = (BudgetLadder(ctx, budget, {f"{f.value}/{p.value}" for f, p, _ in plan}, report)
-                  if budget is not None else None)
+        ladders: dict[int, BudgetLadder] = {}
+
+        def ladder_for(c: ConversionContext) -> BudgetLadder | None:
+            if budget is None:
+                return None
+            if id(c) not in ladders:
+                ladders[id(c)] = BudgetLadder(c, budget, {f"{f.value}/{p.value}" for f, p, _ in plan}, report)
+            return ladders[id(c)]
+
+        judge = _Judge(src, val_set, ref, val_y, classifier, tols, report)
         with atomic_bundle_dir(out, overwrite=overwrite) as bdir:
-            for fmt, p, conv in plan:
-                key = f"{fmt.value}/{p.value}"
-                try:
-                    with report.step(f"converting {key}"):
-                        drafts = [ctx.onnx(p)] if fmt is Format.ONNX else conv.convert(ctx, p)
-                except EdgeSDKError as exc:
-                    results.append(ArtifactResult(fmt.value, p.value, "error", reason=str(exc)))
-                    continue
-                for d in drafts:
-                    judged = None
-                    if ladder is not None and d.precision is Precision.INT8 and not d.validation_skipped:
-                        d, judged = ladder.run(fmt, conv, d, lambda dd: _validate(
-                            dd, src, val_set, ref, val_y, classifier, tols[dd.precision], report))
-                        if fmt is Format.ONNX and judged.passed and d.precision is Precision.INT8:
-                            ctx._onnx[Precision.INT8] = d  # the .ort file is made from the kept model
-                    res, art = _validate_and_place(d, src, val_set, ref, val_y, classifier, tols[d.precision],
-                                                   keep_failed, bdir, report, judged)
+            for fmt, p, (routes, skipped) in plan:
+                for res, d in _produce(ctx, fmt, p, routes, skipped, judge, ladder_for, report):
                     results.append(res)
-                    if art is not None:
-                        artifacts.append(art)
+                    if d is not None and (res.status != "failed" or keep_failed):
+                        artifacts.append(_place(d, res, bdir))
             if not artifacts:
                 raise ValidationError("no artifact passed: nothing was written; " + _summary(results),
                                       [f"{r.key}: {r.reason}" for r in results])
@@ -264,8 +303,8 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
                 labels=label_names,
                 baseline=compute_baseline(val_set.arrays[0], src.layout, ref[0], classifier=classifier),
                 artifacts=artifacts,
-                inputs=[TensorSpec(n, list(s), "float32", layout=src.layout or None)
-                        for n, s in zip(src.input_names, src.input_shapes, strict=True)],
+                inputs=[TensorSpec(n, list(s), dt, layout=src.layout or None)
+                        for n, s, dt in zip(src.input_names, src.input_shapes, _dtypes_of(src), strict=True)],
                 outputs=[TensorSpec(n, [int(d) for d in (1, *r.shape[1:])], "float32")
                          for n, r in zip(src.output_names, ref, strict=False)],
                 extra={"validation_data": val_origin,
@@ -276,6 +315,7 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
             validate_manifest(manifest.to_dict())
             bundle.save()
     finally:
+        ctx.close()
         shutil.rmtree(workdir, ignore_errors=True)
     bundle = Bundle.load(out)
     report.table(results, label_names is not None or val_y is not None)
@@ -292,6 +332,10 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
     return bundle
 
 
+def _dtypes_of(src: Any) -> list[str]:
+    return list(getattr(src, "input_dtypes", None) or ["float32"] * len(src.input_names))
+
+
 def _write_smoke(bdir: Path, val_set: SampleSet, ref: list[np.ndarray], tols: dict[Precision, Tolerance],
                  origin: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Validation sample 0 and the source model's outputs for it: the device's smoke test (edge_sdk.smoke)."""
@@ -305,51 +349,129 @@ def _summary(results: list[ArtifactResult]) -> str:
     return "; ".join(f"{r.key}: {r.reason}" for r in results)
 
 
-def _validate(d: ArtifactDraft, src, val_set, ref, val_y, classifier, tol, report) -> Validation:
-    """Run and judge one draft (used by the accuracy-budget ladder for every step it tries)."""
-    transpose = _TRANSPOSE.get((src.layout, d.input_layout)) if d.input_layout else None
-    with report.step(f"validating {d.format.value}/{d.precision.value} on {len(val_set)} inputs"):
-        v, _, _ = validate_artifact(d.path, d.format, d.precision, val_set, ref, classifier=classifier,
-                                    tolerance=tol, labels=val_y, transpose=transpose)
-    return v
+class _Judge:
+    """Runs a draft in its runtime on the validation inputs and compares it with the source's outputs."""
 
+    def __init__(self, src, val_set: SampleSet, ref, val_y, classifier: bool, tols, report: Reporter) -> None:
+        self.src, self.val_set, self.ref, self.val_y = src, val_set, ref, val_y
+        self.classifier, self.tols, self.report = classifier, tols, report
 
-def _validate_and_place(d: ArtifactDraft, src, val_set, ref, val_y, classifier, tol, keep_failed, bdir,
-                        report, judged: Validation | None = None) -> tuple[ArtifactResult, Artifact | None]:
-    key = f"{d.format.value}/{d.precision.value}"
-    ins: list[TensorSpec] = []
-    outs: list[TensorSpec] = []
-    if d.validation_skipped:
-        v = Validation(passed=None, samples=0, skipped_reason=d.validation_skipped, checks=dict(d.spec_checks))
-        status = "skipped-validation"
-        ins, outs = ([TensorSpec(t["name"], list(t["shape"]), t["dtype"]) for t in d.spec_checks.get(k, [])]
-                     for k in ("inputs", "outputs"))
-    else:
-        transpose = _TRANSPOSE.get((src.layout, d.input_layout)) if d.input_layout else None
-        if judged is not None:  # already run by the accuracy-budget ladder; the specs come from one more load
-            v = judged
-            ins, outs = _io_specs(d, val_set, transpose)
+    def transpose(self, d: ArtifactDraft) -> tuple[int, ...] | None:
+        return _TRANSPOSE.get((self.src.layout, d.input_layout)) if d.input_layout else None
+
+    def validate(self, d: ArtifactDraft) -> Validation:
+        """Run and judge one draft (also used by the accuracy-budget ladder for every step it tries)."""
+        with self.report.step(f"validating {d.format.value}/{d.precision.value} on {len(self.val_set)} inputs"):
+            v, _, _ = validate_artifact(d.path, d.format, d.precision, self.val_set, self.ref,
+                                        classifier=self.classifier, tolerance=self.tols[d.precision],
+                                        labels=self.val_y, transpose=self.transpose(d))
+        return v
+
+    def judge(self, d: ArtifactDraft, judged: Validation | None = None) -> ArtifactResult:
+        """The result for one draft (validation, specs, size); ``judged`` when the budget ladder already ran it."""
+        if d.validation_skipped:
+            v = Validation(passed=None, samples=0, skipped_reason=d.validation_skipped, checks=dict(d.spec_checks))
+            ins, outs = ([TensorSpec(t["name"], list(t["shape"]), t["dtype"]) for t in d.spec_checks.get(k, [])]
+                         for k in ("inputs", "outputs"))
+            status = "skipped-validation"
         else:
-            with report.step(f"validating {key} on {len(val_set)} inputs"):
-                v, ins, outs = validate_artifact(d.path, d.format, d.precision, val_set, ref, classifier=classifier,
-                                                 tolerance=tol, labels=val_y, transpose=transpose)
-        if d.spec_checks:
-            v.checks["spec"] = d.spec_checks
-        status = "passed" if v.passed else "failed"
-    size = size_of(d.path) + sum(size_of(f) for f in d.files)
-    res = ArtifactResult(d.format.value, d.precision.value, status, v, size,
-                         reason="; ".join(v.failures) if v.failures else (v.skipped_reason or ""))
-    if status == "failed" and not keep_failed:
-        return res, None
+            if judged is not None:  # already run by the accuracy-budget ladder; the specs come from one more load
+                v = judged
+                ins, outs = _io_specs(d, self.val_set, self.transpose(d))
+            else:
+                with self.report.step(f"validating {d.format.value}/{d.precision.value} on {len(self.val_set)} "
+                                      "inputs"):
+                    v, ins, outs = validate_artifact(d.path, d.format, d.precision, self.val_set, self.ref,
+                                                     classifier=self.classifier, tolerance=self.tols[d.precision],
+                                                     labels=self.val_y, transpose=self.transpose(d))
+            if d.spec_checks:
+                v.checks["spec"] = d.spec_checks
+            status = "passed" if v.passed else "failed"
+        size = size_of(d.path) + sum(size_of(f) for f in d.files)
+        reason = "; ".join(v.failures) if v.failures else (v.skipped_reason or "")
+        if status == "failed" and d.precision in _QUANTIZED and v.cosine is not None:
+            reason = (f"plain {d.precision.value} loses too much on this model: {reason} — pass --min-cosine / "
+                      "--min-agreement for the fallback ladder (layers in float, 16-bit activations, fp16)")
+        res = ArtifactResult(d.format.value, d.precision.value, status, v, size, reason=reason, route=d.route)
+        res._specs = (ins, outs)  # type: ignore[attr-defined]
+        return res
+
+
+def _produce(ctx: ConversionContext, fmt: Format, p: Precision, routes: list[Route], skipped: list[str],
+             judge: _Judge, ladder_for, report: Reporter) -> list[tuple[ArtifactResult, ArtifactDraft | None]]:
+    """Try the routes of one (format, precision) in order until one gives artifacts that pass validation.
+
+    Whatever a tool raises in a route (any exception type) becomes that attempt's one-line reason and the next
+    route is tried; a route whose artifact converts but fails validation is kept as the answer unless a later
+    route passes. Returns (result, draft) pairs — draft None when nothing could be produced.
+    """
+    key = f"{fmt.value}/{p.value}"
+    attempts = list(skipped)
+    failed: list[tuple[ArtifactResult, ArtifactDraft | None]] | None = None
+    t0 = time.perf_counter()
+
+    def timed(out: list[tuple[ArtifactResult, ArtifactDraft | None]]) -> list[tuple[ArtifactResult,
+                                                                                 ArtifactDraft | None]]:
+        for r, _ in out:
+            r.seconds = round(time.perf_counter() - t0, 2)
+        return out
+
+    for route in routes:
+        label = f"converting {key}" + (f" via {route.name}" if len(routes) > 1 else "")
+        try:
+            with report.step(label):
+                rctx, conv = route_context(ctx, route, fmt, p)
+                drafts = [rctx.onnx(p)] if fmt is Format.ONNX else conv.convert(rctx, p)
+        except (Exception, SystemExit) as exc:  # any vendor failure is this attempt's reason, never the run's end
+            attempts.append(f"{route.name}: {failure_reason(exc, route, 'converting')}")
+            continue
+        outcome: list[tuple[ArtifactResult, ArtifactDraft | None]] = []
+        try:
+            for d in drafts:
+                d.route = route.name
+                judged = None
+                ladder = ladder_for(rctx)
+                if ladder is not None and d.precision is Precision.INT8 and not d.validation_skipped:
+                    d, judged = ladder.run(fmt, conv, d, judge.validate)
+                    d.route = route.name
+                    if fmt is Format.ONNX and judged.passed and d.precision is Precision.INT8:
+                        rctx._onnx[Precision.INT8] = d  # the .ort file is made from the kept model
+                outcome.append((judge.judge(d, judged), d))
+        except (Exception, SystemExit) as exc:
+            attempts.append(f"{route.name}: {failure_reason(exc, route, 'validating')}")
+            continue
+        if all(r.status != "failed" for r, _ in outcome):
+            for r, d in outcome:
+                r.attempts = list(attempts)
+                if d is not None and attempts:
+                    d.notes.append("route " + route.name + " used after: " + "; ".join(attempts))
+            return timed(outcome)
+        attempts.append(f"{route.name}: converted but failed validation ("
+                        + "; ".join(r.reason for r, _ in outcome if r.status == "failed") + ")")
+        failed = failed or outcome
+    if failed is not None:
+        for r, _ in failed:
+            r.attempts = list(attempts)
+            others = [a for a in attempts if not a.startswith(f"{r.route}: converted but failed")]
+            if others:
+                r.reason += " [other routes: " + "; ".join(others) + "]"
+        return timed(failed)
+    reason = ("every route failed: " if len(attempts) > 1 else "") + "; ".join(attempts)
+    return timed([(ArtifactResult(fmt.value, p.value, "error", reason=reason, attempts=attempts), None)])
+
+
+def _place(d: ArtifactDraft, res: ArtifactResult, bdir: Path) -> Artifact:
+    """Copy a judged draft into the bundle and describe it for the manifest."""
     rel, sides = _copy_draft(d, bdir)
     runtime = dict(d.runtime)
     if d.input_layout:
         runtime.setdefault("input_layout", d.input_layout)
     res.shipped = True
-    return res, Artifact(format=d.format.value, precision=d.precision.value, path=rel,
-                         sha256=sha256_path(bdir / rel), size_bytes=size, inputs=ins, outputs=outs,
-                         runtime=runtime, tool_versions=dict(d.tool_versions), validation=v, files=sides,
-                         notes=list(d.notes))
+    ins, outs = getattr(res, "_specs", ([], []))
+    return Artifact(format=d.format.value, precision=d.precision.value, path=rel, sha256=sha256_path(bdir / rel),
+                    size_bytes=res.size_bytes or 0, inputs=ins, outputs=outs, runtime=runtime,
+                    tool_versions=dict(d.tool_versions), validation=res.validation, files=sides,
+                    notes=list(d.notes), route=d.route)
 
 
 def _io_specs(d: ArtifactDraft, val_set: SampleSet, transpose) -> tuple[list[TensorSpec], list[TensorSpec]]:

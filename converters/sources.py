@@ -4,7 +4,11 @@ Accepted sources:
 - PyTorch: an ``nn.Module``; a TorchScript file; a ``torch.export`` program (``.pt2``); a state_dict
   (``.pt``/``.pth``) together with ``model_class="pkg.module:Class"``.
 - Keras / TensorFlow: a ``keras.Model``; ``.keras``; ``.h5``; a SavedModel directory.
-- ONNX: a ``.onnx`` file.
+- ONNX: a ``.onnx`` file; symbolic axes are pinned from ``input_shape`` (converters/onnx_shapes.py).
+- An existing ``.tflite`` or OpenVINO IR ``.xml``: bundled as it is (converters/prebuilt.py).
+
+``input_shape`` is one shape (the first input) or a mapping ``{input name: shape}`` for multi-input
+models; ``input_dtypes`` a mapping ``{input name: "int64"}`` for integer inputs (token ids, masks).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,12 @@ from edge_sdk.bundle import sha256_path
 from edge_sdk.errors import SourceModelError
 from edge_sdk.formats import Framework
 
-__all__ = ["KerasSource", "OnnxSource", "TorchSource", "import_class", "load_source"]
+__all__ = ["InputDtypes", "KerasSource", "OnnxSource", "ShapeSpec", "TorchSource", "import_class", "load_source"]
+
+#: One shape (the first input's) or ``{input name: shape}``.
+ShapeSpec = Sequence[int] | Mapping[str, Sequence[int]]
+#: ``{input name: numpy dtype name}`` or one dtype name per input, in order.
+InputDtypes = Mapping[str, str] | Sequence[str]
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".jit")
 _KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -50,6 +60,41 @@ def _check_shape(shape: Any) -> list[int]:
     return out
 
 
+def _given(spec: ShapeSpec | None, k: int, name: str) -> list[int] | None:
+    """The shape the user gave for input ``k`` called ``name`` (None when none was given for it)."""
+    if spec is None:
+        return None
+    if isinstance(spec, Mapping):
+        return _check_shape(spec[name]) if name in spec else None
+    return _check_shape(spec) if k == 0 else None
+
+
+def _check_names(spec: ShapeSpec | Mapping[str, Any] | None, names: list[str], what: str) -> None:
+    if isinstance(spec, Mapping):
+        unknown = [n for n in spec if n not in names]
+        if unknown:
+            raise SourceModelError(f"{what} names {unknown} that the model does not have: its inputs are "
+                                   f"{names}")
+
+
+def _dtypes(spec: InputDtypes | None, names: list[str], default: list[str] | None = None) -> list[str]:
+    """numpy dtype names per input (float32 unless given)."""
+    out = list(default or ["float32"] * len(names))
+    if spec is None:
+        return out
+    if isinstance(spec, str):
+        spec = [spec]
+    _check_names(spec, names, "--input-dtype")
+    items = spec.items() if isinstance(spec, Mapping) else zip(names, spec, strict=False)
+    for name, dt in items:
+        try:
+            out[names.index(name)] = np.dtype(str(dt)).name
+        except TypeError:
+            raise SourceModelError(f"--input-dtype {dt!r} for {name!r} is not a numpy dtype: use e.g. int64, "
+                                   "int32, float32") from None
+    return out
+
+
 class _Base:
     framework: Framework
     path: Path | None = None
@@ -57,6 +102,7 @@ class _Base:
     input_names: list[str]
     input_shapes: list[list[int]]
     output_names: list[str]
+    input_dtypes: list[str]
     layout: str = ""
 
     def describe(self) -> dict[str, Any]:
@@ -73,39 +119,62 @@ class TorchSource(_Base):
 
     framework = Framework.PYTORCH
 
-    def __init__(self, model: Any, input_shapes: list[list[int]], path: Path | None = None, kind: str = "module"):
+    def __init__(self, model: Any, input_shapes: list[list[int]], path: Path | None = None, kind: str = "module",
+                 input_names: list[str] | None = None, input_dtypes: InputDtypes | None = None):
         self.model = model
         self.path = path
         self.sha256 = sha256_path(path) if path else None
         self.kind = kind
         self.input_shapes = input_shapes
-        self.input_names = ["input"] if len(input_shapes) == 1 else [f"input_{i}" for i in range(len(input_shapes))]
-        self.layout = _guess_layout(input_shapes[0])
-        outs = self.predict([np.zeros(s, np.float32) for s in input_shapes])
-        self.output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        self.input_names = input_names or (["input"] if len(input_shapes) == 1
+                                           else [f"input_{i}" for i in range(len(input_shapes))])
+        self.input_dtypes = _dtypes(input_dtypes, self.input_names)
+        self.layout = _guess_layout(input_shapes[0]) if self.input_dtypes[0].startswith("float") else ""
+        outs = self.predict([np.zeros(s, dt) for s, dt in zip(input_shapes, self.input_dtypes, strict=True)])
+        self.output_names = _output_names(self._raw_out) or (
+            ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))])
 
     def example_inputs(self) -> tuple[Any, ...]:
         """Zero tensors of the input shapes."""
         torch = require("torch", "torch")
-        return tuple(torch.zeros(s) for s in self.input_shapes)
+        return tuple(torch.from_numpy(np.zeros(s, dt)) for s, dt in zip(self.input_shapes, self.input_dtypes,
+                                                                         strict=True))
 
     def predict(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Run the model (no grad) and return numpy outputs, flattened from tuples/lists/dicts."""
         torch = require("torch", "torch")
         with torch.no_grad():
             try:
-                out = self.model(*[torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in inputs])
+                out = self.model(*[torch.from_numpy(np.ascontiguousarray(x, dt))
+                                   for x, dt in zip(inputs, self.input_dtypes, strict=True)])
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 shapes = [list(x.shape) for x in inputs]
                 first = str(exc).strip().splitlines()[0][:200]
                 raise SourceModelError(f"the PyTorch model rejects inputs of shape {shapes} ({first}): "
                                        "pass the --input-shape the model was built for") from None
+        self._raw_out = out
         return [t.detach().cpu().numpy() for t in _flatten(out)]
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["kind"] = self.kind
         return d
+
+
+def _output_names(out: Any, prefix: str = "") -> list[str] | None:
+    """Names for outputs returned as a dict (its keys, nested keys joined with '.'); None otherwise."""
+    if not isinstance(out, dict):
+        return None
+    names: list[str] = []
+    for k, v in out.items():
+        sub = _output_names(v, f"{prefix}{k}.")
+        if sub is not None:
+            names += sub
+        elif isinstance(v, (list, tuple)):
+            names += [f"{prefix}{k}_{i}" for i in range(len(_flatten(v)))]
+        else:
+            names.append(f"{prefix}{k}")
+    return names
 
 
 def _flatten(out: Any) -> list[Any]:
@@ -139,7 +208,10 @@ class KerasSource(_Base):
             self.input_names = sorted(kwargs)
             self.output_names = sorted(sig.structured_outputs)
         self.signature_input_names = list(self.input_names)
-        self.layout = _guess_layout(input_shapes[0])
+        dts = [str(getattr(t, "dtype", "float32")).replace("tf.", "") for t in model.inputs] if model is not None \
+            else ["float32"] * len(self.input_names)
+        self.input_dtypes = _dtypes(None, self.input_names, [np.dtype(d).name if d != "string" else d for d in dts])
+        self.layout = _guess_layout(input_shapes[0]) if self.input_dtypes[0].startswith("float") else ""
 
     def _serving_signature(self) -> Any:
         if self._signature is None:
@@ -183,14 +255,25 @@ class KerasSource(_Base):
 
 
 class OnnxSource(_Base):
-    """An ONNX file, run with ONNX Runtime for reference outputs."""
+    """An ONNX file, run with ONNX Runtime for reference outputs.
+
+    Symbolic input axes are pinned to ``input_shape`` (batch alone defaults to 1) in a copy
+    (``self.model``) that every converter reads; ``dynamic`` names axes the ONNX / OpenVINO artifacts keep
+    symbolic (``self.dynamic_model``). ``self.path`` stays the user's file (its name and sha256 go in the
+    manifest).
+    """
 
     framework = Framework.ONNX
 
-    def __init__(self, path: Path, input_shape: list[int] | None = None) -> None:
+    def __init__(self, path: Path, input_shape: ShapeSpec | None = None, dynamic: Sequence[str] = (),
+                 input_dtypes: InputDtypes | None = None) -> None:
         onnx = require("onnx", "onnx", "reading ONNX models")
         from google.protobuf.message import DecodeError
-        self.path = self.model = path
+
+        from edge_sdk.converters.onnx_shapes import input_dims, pin_onnx, resolve_dynamic_axes
+
+        self.path = self.model = self.dynamic_model = path
+        self._tmp: Path | None = None
         try:
             proto = onnx.load(str(path), load_external_data=False)
             onnx.checker.check_model(str(path))  # by path: also checks external data files
@@ -201,37 +284,78 @@ class OnnxSource(_Base):
             raise SourceModelError(f"{path} is not a valid ONNX model (protobuf decode failed): "
                                    "re-export it, the file may be truncated or corrupt") from None
         self.sha256 = sha256_path(path)
-        inits = {i.name for i in proto.graph.initializer}
-        graph_inputs = [i for i in proto.graph.input if i.name not in inits]
-        self.input_names = [i.name for i in graph_inputs]
+        inputs = input_dims(proto)
+        self.input_names = [n for n, _, _ in inputs]
         self.output_names = [o.name for o in proto.graph.output]
-        shapes = []
-        for k, inp in enumerate(graph_inputs):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-            if input_shape is not None and k == 0:
-                given = _check_shape(input_shape)
-                if len(given) != len(dims) or any(d not in (None, g) for d, g in zip(dims, given, strict=True)):
-                    raise SourceModelError(f"--input-shape {given} does not fit the ONNX input "
-                                           f"{inp.name!r} {['?' if d is None else d for d in dims]}: "
-                                           "pass a shape that matches the model")
-                dims = given
-            if dims and dims[0] is None:
-                dims[0] = 1
-            if any(d is None for d in dims):
-                raise SourceModelError(f"ONNX input {inp.name!r} has dynamic dimensions {dims}: pass "
-                                       "--input-shape with concrete sizes")
-            shapes.append([int(d) for d in dims])
+        _check_names(input_shape, self.input_names, "--input-shape")
+        helper = onnx.helper
+        self.input_dtypes = _dtypes(input_dtypes, self.input_names,
+                                    [np.dtype(helper.tensor_dtype_to_np_dtype(t)).name if t else "float32"
+                                     for _, _, t in inputs])
+        shapes, symbolic = [], False
+        for k, (name, dims, _) in enumerate(inputs):
+            given = _given(input_shape, k, name)
+            if given is not None:
+                if len(given) != len(dims) or any(isinstance(d, int) and d != g
+                                                  for d, g in zip(dims, given, strict=True)):
+                    raise SourceModelError(f"--input-shape {given} does not fit the ONNX input {name!r} "
+                                           f"{[d if isinstance(d, int) else '?' for d in dims]}: pass a shape "
+                                           "that matches the model")
+                dims_out = given
+            else:
+                dims_out = [d if isinstance(d, int) else None for d in dims]
+                if dims_out and dims_out[0] is None:
+                    dims_out[0] = 1
+                if any(d is None for d in dims_out):
+                    shown = [d if isinstance(d, int) else (d or "?") for d in dims]
+                    raise SourceModelError(f"ONNX input {name!r} has dynamic dimensions {shown}: pass --input-shape "
+                                           f"{name}={','.join(str(d) if isinstance(d, int) else 'N' for d in dims)}"
+                                           " with concrete sizes")
+            symbolic = symbolic or any(not isinstance(d, int) for d in dims)
+            shapes.append([int(d) for d in dims_out])
         self.input_shapes = shapes
-        self.layout = _guess_layout(shapes[0]) if shapes else ""
+        self.layout = _guess_layout(shapes[0]) if shapes and self.input_dtypes[0].startswith("float") else ""
+        self.pin_notes: list[str] = []
+        if symbolic:
+            self._tmp = Path(tempfile.mkdtemp(prefix="edge_sdk_onnx_"))
+            pinned = self._tmp / path.name
+            by_name = dict(zip(self.input_names, shapes, strict=True))
+            try:
+                self.pin_notes = pin_onnx(path, pinned, by_name)
+                self.model = self.dynamic_model = pinned
+                keep = {n: resolve_dynamic_axes(dynamic, s, self.layout) for n, s in by_name.items()} if dynamic else {}
+                if any(keep.values()):
+                    self.dynamic_model = self._tmp / f"dynamic_{path.name}"
+                    pin_onnx(path, self.dynamic_model, by_name, keep)
+            except (ValueError, OSError, DecodeError) as exc:
+                raise SourceModelError(f"could not pin the input shapes of {path.name} "
+                                       f"({str(exc).splitlines()[0][:160]}): re-export it with static shapes") from None
         self._session: Any = None
 
     def predict(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Run with ONNX Runtime (CPU, fp32)."""
+        """Run with ONNX Runtime (CPU, fp32) on the pinned model."""
         if self._session is None:
             ort = require("onnxruntime", "onnx", "running the ONNX source")
-            self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
-        feeds = {n: np.ascontiguousarray(x) for n, x in zip(self.input_names, inputs, strict=True)}
-        return list(self._session.run(None, feeds))
+            try:
+                self._session = ort.InferenceSession(str(self.model), providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own non-Python-standard types
+                raise SourceModelError(f"ONNX Runtime cannot load {self.path.name} "
+                                       f"({str(exc).strip().splitlines()[0][:200]}): the source must run in "
+                                       "ONNX Runtime to be the reference") from None
+        feeds = {n: np.ascontiguousarray(x, dt) for n, x, dt in zip(self.input_names, inputs, self.input_dtypes,
+                                                                     strict=True)}
+        try:
+            return list(self._session.run(None, feeds))
+        except Exception as exc:  # onnxruntime's Fail/InvalidArgument derive from RuntimeError only
+            shapes = [list(x.shape) for x in inputs]
+            raise SourceModelError(f"the ONNX model rejects inputs of shape {shapes} "
+                                   f"({str(exc).strip().splitlines()[0][:200]}): pass the --input-shape the "
+                                   "model was built for") from None
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
 
 def import_class(spec: str, what: str = "--model-class") -> Any:
@@ -250,7 +374,18 @@ def import_class(spec: str, what: str = "--model-class") -> Any:
         raise SourceModelError(f"module {mod_name!r} has no class {cls_name!r} ({what})") from None
 
 
-def _load_torch_file(path: Path, input_shape: list[int] | None, model_class: str | None) -> TorchSource:
+def _torch_shapes(input_shape: ShapeSpec | None, what: str) -> tuple[list[list[int]], list[str] | None]:
+    """Shapes (and names, for a mapping) of a PyTorch source's inputs; they cannot be read from the file."""
+    if input_shape is None:
+        raise SourceModelError(f"{what} sources need --input-shape (e.g. 1,3,224,224; for several inputs "
+                               "--input-shape input_ids=1,128 --input-shape attention_mask=1,128)")
+    if isinstance(input_shape, Mapping):
+        return [_check_shape(v) for v in input_shape.values()], [str(k) for k in input_shape]
+    return [_check_shape(input_shape)], None
+
+
+def _load_torch_file(path: Path, input_shape: ShapeSpec | None, model_class: str | None,
+                     input_dtypes: InputDtypes | None = None) -> TorchSource:
     torch = require("torch", "torch", "loading PyTorch models")
     if path.suffix == ".pt2":
         try:
@@ -258,8 +393,11 @@ def _load_torch_file(path: Path, input_shape: list[int] | None, model_class: str
         except (RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
             raise SourceModelError(f"{path} is not a readable torch.export program ({str(exc)[:120]}): "
                                    "re-save it with torch.export.save") from None
-        shapes = [list(t.shape) for t in _flatten(program.example_inputs[0])]
-        return TorchSource(program.module(), [_check_shape(input_shape)] if input_shape else shapes, path, "export")
+        shapes, names = ([[int(d) for d in t.shape] for t in _flatten(program.example_inputs[0])], None)
+        if input_shape is not None:
+            shapes, names = _torch_shapes(input_shape, "torch.export")
+        dts = input_dtypes or [str(t.dtype).replace("torch.", "") for t in _flatten(program.example_inputs[0])]
+        return TorchSource(program.module(), shapes, path, "export", names, dts)
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
         with zipfile.ZipFile(path) as z:
@@ -270,9 +408,8 @@ def _load_torch_file(path: Path, input_shape: list[int] | None, model_class: str
                 module = torch.jit.load(str(path), map_location="cpu")
             except RuntimeError as exc:
                 raise SourceModelError(f"{path} is not a loadable TorchScript file ({str(exc)[:120]})") from None
-            if input_shape is None:
-                raise SourceModelError("TorchScript sources need --input-shape (e.g. 1,3,224,224)")
-            return TorchSource(module.eval(), [_check_shape(input_shape)], path, "torchscript")
+            shapes, names = _torch_shapes(input_shape, "TorchScript")
+            return TorchSource(module.eval(), shapes, path, "torchscript", names, input_dtypes)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -295,69 +432,99 @@ def _load_torch_file(path: Path, input_shape: list[int] | None, model_class: str
     except (RuntimeError, TypeError) as exc:
         raise SourceModelError(f"state_dict {path.name} does not fit {model_class} "
                                f"({str(exc).splitlines()[0][:160]}): check --model-class") from None
-    if input_shape is None:
-        raise SourceModelError("state_dict sources need --input-shape (e.g. 1,3,224,224)")
-    return TorchSource(module.eval(), [_check_shape(input_shape)], path, "state_dict")
+    shapes, names = _torch_shapes(input_shape, "state_dict")
+    return TorchSource(module.eval(), shapes, path, "state_dict", names, input_dtypes)
 
 
-def _load_keras(path: Path | None, model: Any, input_shape: list[int] | None) -> KerasSource:
+def _custom_objects(specs: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``module:name`` strings (or a ready mapping) -> the ``custom_objects`` Keras needs for custom layers."""
+    if not specs:
+        return {}
+    if isinstance(specs, Mapping):
+        return dict(specs)
+    out: dict[str, Any] = {}
+    for spec in specs:
+        obj = import_class(spec, "--custom-objects")
+        out[spec.partition(":")[2]] = obj
+    return out
+
+
+def _saved_model_source(path: Path, input_shape: ShapeSpec | None) -> KerasSource:
+    tf = require("tensorflow", "keras")
+    try:
+        loaded = tf.saved_model.load(str(path))
+        sig = loaded.signatures["serving_default"]
+    except Exception as exc:  # TF raises many types for a broken SavedModel
+        raise SourceModelError(f"{path} is not a loadable SavedModel with a serving_default signature "
+                               f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]})") from None
+    _, kwargs = sig.structured_input_signature
+    names = sorted(kwargs)
+    _check_names(input_shape, names, "--input-shape")
+    shapes = []
+    for k, name in enumerate(names):
+        dims = list(kwargs[name].shape)
+        given = _given(input_shape, k, name)
+        if given is not None:
+            if len(given) != len(dims) or any(d not in (None, g) for d, g in zip(dims, given, strict=True)):
+                raise SourceModelError(f"--input-shape {given} does not fit the SavedModel input {name!r} {dims}")
+            dims = given
+        if dims and dims[0] is None:
+            dims[0] = 1
+        if any(d is None for d in dims):
+            raise SourceModelError(f"SavedModel input {name!r} has dynamic dimensions {dims}: pass --input-shape "
+                                   f"{name}=...")
+        shapes.append([int(d) for d in dims])
+    src = KerasSource(None, shapes, path, saved_model=path)
+    src.input_dtypes = [kwargs[n].dtype.as_numpy_dtype().dtype.name if kwargs[n].dtype.is_numpy_compatible
+                        else "float32" for n in names]
+    return src
+
+
+def _load_keras(path: Path | None, model: Any, input_shape: ShapeSpec | None,
+                custom_objects: Sequence[str] | Mapping[str, Any] | None = None) -> KerasSource:
     if model is None:
         keras = require("keras", "keras", "loading Keras models")
         require("tensorflow", "keras", "loading Keras models")
         if path is not None and path.is_dir():
-            tf = require("tensorflow", "keras")
-            try:
-                loaded = tf.saved_model.load(str(path))
-                sig = loaded.signatures["serving_default"]
-            except (OSError, ValueError, KeyError, tf.errors.OpError) as exc:
-                raise SourceModelError(f"{path} is not a loadable SavedModel with a serving_default signature "
-                                       f"({str(exc).splitlines()[0][:120]})") from None
-            _, kwargs = sig.structured_input_signature
-            shapes = []
-            for name in sorted(kwargs):
-                dims = list(kwargs[name].shape)
-                if dims and dims[0] is None:
-                    dims[0] = 1
-                shapes.append(dims)
-            if input_shape:
-                shapes[0] = _check_shape(input_shape)
-            if any(d is None for s in shapes for d in s):
-                raise SourceModelError("SavedModel inputs have dynamic dimensions: pass --input-shape")
-            if any(d is None for s in shapes for d in s) or any(
-                    len(s) != len(kwargs[n].shape) for s, n in zip(shapes, sorted(kwargs), strict=True)):
-                raise SourceModelError(f"--input-shape {input_shape} does not fit the SavedModel inputs")
-            return KerasSource(None, [[int(d) for d in s] for s in shapes], path, saved_model=path)
+            return _saved_model_source(path, input_shape)
+        objects = _custom_objects(custom_objects)
         try:
-            model = keras.models.load_model(str(path), compile=False)
-        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
-            raise SourceModelError(f"{path} is not a loadable Keras model ({str(exc).splitlines()[0][:120]}): "
-                                   "the file may be truncated or corrupt") from None
+            model = keras.models.load_model(str(path), compile=False, custom_objects=objects or None)
+        except Exception as exc:  # Keras raises anything from a deserialization failure
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            hint = ("if it uses custom layers, pass --custom-objects module:ClassName" if
+                    any(w in str(exc) for w in ("Unknown", "custom", "not found", "Could not locate"))
+                    else "the file may be truncated or corrupt")
+            raise SourceModelError(f"{path} is not a loadable Keras model ({first}): {hint}") from None
+    names = [t.name.split(":")[0] for t in model.inputs]
+    _check_names(input_shape, names, "--input-shape")
     shapes = []
     for k, t in enumerate(model.inputs):
         dims = list(t.shape)
-        if dims and dims[0] is None:
-            dims[0] = 1
-        if input_shape and k == 0:
-            given = _check_shape(input_shape)
+        given = _given(input_shape, k, names[k])
+        if given is not None:
             if len(given) != len(dims) or any(d not in (None, g) for d, g in zip(dims, given, strict=True)):
                 raise SourceModelError(f"--input-shape {given} does not fit the Keras input "
                                        f"{['?' if d is None else d for d in dims]}: pass a matching shape")
             dims = given
+        if dims and dims[0] is None:
+            dims[0] = 1
         if any(d is None for d in dims):
             raise SourceModelError(f"Keras input {t.name!r} has dynamic dimensions {dims}: pass --input-shape")
         shapes.append([int(d) for d in dims])
     return KerasSource(model, shapes, path)
 
 
-def load_source(source: Any, *, input_shape: list[int] | None = None, model_class: str | None = None,
-                framework: str | None = None) -> TorchSource | KerasSource | OnnxSource:
+def load_source(source: Any, *, input_shape: ShapeSpec | None = None, model_class: str | None = None,
+                framework: str | None = None, input_dtypes: InputDtypes | None = None,
+                custom_objects: Sequence[str] | Mapping[str, Any] | None = None,
+                dynamic: Sequence[str] = ()) -> Any:
     """Load any supported source into a SourceModel; raise SourceModelError with a fix on failure."""
     if not isinstance(source, (str, Path)):
         mod = type(source).__module__
         if "torch" in sys.modules and isinstance(source, sys.modules["torch"].nn.Module):
-            if input_shape is None:
-                raise SourceModelError("an nn.Module source needs input_shape (e.g. [1, 3, 224, 224])")
-            return TorchSource(source.eval(), [_check_shape(input_shape)])
+            shapes, names = _torch_shapes(input_shape, "an nn.Module")
+            return TorchSource(source.eval(), shapes, None, "module", names, input_dtypes)
         if mod.startswith(("keras", "tf_keras", "tensorflow")):
             return _load_keras(None, source, input_shape)
         raise SourceModelError(f"unsupported source object {type(source).__name__}: pass an nn.Module, a "
@@ -374,12 +541,19 @@ def load_source(source: Any, *, input_shape: list[int] | None = None, model_clas
         raise SourceModelError(f"source model {path} is empty (0 bytes): re-export it")
     suffix = path.suffix.lower()
     kind = framework or ("onnx" if suffix == ".onnx" else "pytorch" if suffix in _TORCH_SUFFIXES
-                         else "keras" if suffix in _KERAS_SUFFIXES else None)
+                         else "keras" if suffix in _KERAS_SUFFIXES
+                         else "tflite" if suffix == ".tflite" else "openvino" if suffix == ".xml" else None)
     if kind == "onnx":
-        return OnnxSource(path, input_shape)
+        return OnnxSource(path, input_shape, dynamic, input_dtypes)
     if kind == "pytorch":
-        return _load_torch_file(path, input_shape, model_class)
+        return _load_torch_file(path, input_shape, model_class, input_dtypes)
     if kind == "keras":
-        return _load_keras(path, None, input_shape)
-    raise SourceModelError(f"cannot tell the framework of {path.name}: use .onnx, .pt/.pth/.pt2, .keras/.h5 "
-                           "or a SavedModel directory (or pass --framework)")
+        return _load_keras(path, None, input_shape, custom_objects)
+    if kind in ("tflite", "openvino"):
+        from edge_sdk.converters.prebuilt import load_prebuilt
+
+        if isinstance(input_shape, Mapping) or input_shape is None:
+            return load_prebuilt(path, input_shape)
+        return load_prebuilt(path, list(input_shape))
+    raise SourceModelError(f"cannot tell the framework of {path.name}: use .onnx, .pt/.pth/.pt2, .keras/.h5, "
+                           ".tflite, an OpenVINO .xml or a SavedModel directory (or pass --framework)")

@@ -1,8 +1,9 @@
 """PyTorch -> ONNX: ``torch.onnx.export`` for fp32, the shared ONNX quantizers for other precisions.
 
 ``torch.nn.Module`` sources (including ``torch.export`` program modules) go through the dynamo exporter.
-TorchScript ``ScriptModule`` sources cannot be traced by dynamo, so they use the TorchScript exporter;
-that choice is made from the kind of source, never as a fallback after an error.
+TorchScript ``ScriptModule`` sources cannot be traced by dynamo, so they use the TorchScript exporter.
+When dynamo fails on an ``nn.Module`` (data-dependent control flow, in-place state as in recurrent models),
+the TorchScript exporter is tried next, and the notes say so (the artifact is validated like any other).
 """
 
 from __future__ import annotations
@@ -57,21 +58,32 @@ def export_torch(model: Any, args: tuple, out: Path, *, input_names: list[str], 
     if not script:
         onnxscript = require("onnxscript", "torch", "PyTorch dynamo export to ONNX")
         versions["onnxscript"] = getattr(onnxscript, "__version__", "unknown")
-    log = io.StringIO()
-    try:
-        with torch.no_grad(), redirect_stdout(log), redirect_stderr(log), warnings.catch_warnings():
-            if script:  # the TorchScript exporter is chosen on purpose for ScriptModules: no deprecation noise
-                warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, args, str(out), input_names=list(input_names), output_names=names,
-                              opset_version=opset, dynamo=not script, external_data=False)
-    except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
-        tail = " | ".join(ln.strip() for ln in str(exc).strip().splitlines()[-3:])[-500:]
-        how = "TorchScript exporter" if script else "dynamo exporter"
-        raise ConversionError(f"torch.onnx.export ({how}, opset {opset}) failed: {tail}: check the model runs on "
-                              "the given input shape, or try another --onnx-opset") from exc
+    attempts: list[str] = []
+    for use_dynamo in ([False] if script else [True, False]):
+        how = "dynamo exporter" if use_dynamo else "TorchScript exporter"
+        log = io.StringIO()
+        try:
+            with torch.no_grad(), redirect_stdout(log), redirect_stderr(log), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.onnx.export(model, args, str(out), input_names=list(input_names), output_names=names,
+                                  opset_version=opset, dynamo=use_dynamo, external_data=False)
+            attempts.append("")
+            break
+        except Exception as exc:  # any failure of one exporter (dynamo raises many types): try the other one
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            tail = " | ".join(lines[-3:])[-400:] or type(exc).__name__
+            attempts.append(f"{how} ({type(exc).__name__}: {tail})")
+            out.unlink(missing_ok=True)
+    else:
+        raise ConversionError(f"torch.onnx.export (opset {opset}) failed with every exporter: "
+                              + "; ".join(attempts) + ": check the model runs on the given input shape, or try "
+                              "another --opset")
+    versions["exporter"] = "dynamo" if (not script and len(attempts) == 1) else "torchscript"
+    if len(attempts) > 1:
+        versions["exporter_fallback"] = attempts[0][:300]
     if not out.exists():
         raise ConversionError(f"torch.onnx.export wrote no file at {out}: check the model and the opset")
-    versions["exporter"] = "torchscript" if script else "dynamo"
     return versions
 
 
@@ -88,4 +100,7 @@ class TorchToOnnx(OnnxExporter):
         versions = export_torch(src.model, args, out, input_names=list(src.input_names),
                                 output_names=list(src.output_names or []), opset=ctx.options.onnx_opset)
         notes = [f"exported with the {versions['exporter']} exporter, opset {ctx.options.onnx_opset}"]
+        if "exporter_fallback" in versions:
+            notes.append("the dynamo exporter failed, the TorchScript exporter was used: "
+                         + versions.pop("exporter_fallback"))
         return fp32_onnx_draft(out, versions, notes, extra="torch")

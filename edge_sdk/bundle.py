@@ -128,6 +128,7 @@ class Artifact:
     validation: Validation = field(default_factory=Validation)
     files: list[dict[str, Any]] = field(default_factory=list)  # side files: {path, sha256, size_bytes}
     notes: list[str] = field(default_factory=list)
+    route: str = ""  # which converter route produced it (edge_sdk.converters.routes), e.g. "onnx2tf"
 
     @property
     def key(self) -> str:
@@ -149,6 +150,7 @@ class Artifact:
             validation=Validation.from_dict(d.get("validation", {})),
             files=list(d.get("files", [])),
             notes=list(d.get("notes", [])),
+            route=str(d.get("route", "")),
         )
 
 

@@ -32,6 +32,39 @@ def _shape(text: str) -> list[int]:
     return dims
 
 
+def _named_shape(text: str) -> tuple[str | None, list[int]]:
+    """``1,3,224,224`` (the first input) or ``NAME=1,3,224,224`` (one input of a multi-input model)."""
+    name, sep, dims = text.rpartition("=") if "=" in text else ("", "", text)
+    return (name.strip() or None) if sep else None, _shape(dims)
+
+
+def _shape_spec(items: list[tuple[str | None, list[int]]] | None) -> Any:
+    """Repeated --input-shape values -> one shape, or {input name: shape}."""
+    if not items:
+        return None
+    if len(items) == 1 and items[0][0] is None:
+        return items[0][1]
+    if any(name is None for name, _ in items):
+        raise EdgeSDKError("--input-shape: name every input when giving several (--input-shape input_ids=1,128 "
+                           "--input-shape attention_mask=1,128)")
+    return {name: dims for name, dims in items}
+
+
+def _named_values(items: list[str] | None, flag: str) -> Any:
+    """Repeated NAME=VALUE (or one bare VALUE for the first input) -> {name: value} or [value]."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return [items[0].strip()]
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise EdgeSDKError(f"{flag} {item!r} must look like NAME=VALUE when giving several")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
@@ -53,12 +86,24 @@ def _add_source_args(c: argparse.ArgumentParser, *, build: bool = False) -> None
     c.add_argument("source", help="model file (.pt/.pth/.pt2/TorchScript, .keras/.h5, SavedModel dir, .onnx)")
     if not build:
         c.add_argument("--to", default="onnx", help="targets: tflite,coreml,openvino,onnx (onnx also writes .ort)")
-        c.add_argument("--precision", default="fp32", help="fp32,fp16,dynamic,int8,palettized")
+        c.add_argument("--precision", help="fp32,fp16,dynamic,int8,palettized (default fp32; an existing .tflite or "
+                       "OpenVINO IR: its own precision)")
     c.add_argument("--calib", help="calibration data: .npy/.npz of ready tensors or an image folder")
     c.add_argument("--out", required=True, help="bundle directory to create")
-    c.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224 (needed for state_dict/TorchScript)")
+    c.add_argument("--input-shape", type=_named_shape, action="append", metavar="[NAME=]DIMS",
+                   help="e.g. 1,3,224,224; pins dynamic axes; NAME=DIMS per input for multi-input models (repeatable)")
+    c.add_argument("--input-dtype", action="append", metavar="[NAME=]DTYPE",
+                   help="integer inputs, e.g. input_ids=int64 (repeatable; default float32)")
+    c.add_argument("--dynamic", default="", metavar="AXES",
+                   help="keep these axes dynamic in ONNX/OpenVINO artifacts of an ONNX source: batch,height,width,"
+                        "sequence or indices")
     c.add_argument("--model-class", help="pkg.module:Class for state_dict sources")
-    c.add_argument("--framework", choices=["pytorch", "keras", "onnx"], help="override framework detection")
+    c.add_argument("--custom-objects", action="append", metavar="MODULE:NAME",
+                   help="custom Keras layers/functions the model needs (repeatable)")
+    c.add_argument("--route", action="append", metavar="[TARGET=]NAME",
+                   help="force a conversion route, e.g. tflite=onnx2tf (default: try each route in order)")
+    c.add_argument("--framework", choices=["pytorch", "keras", "onnx", "tflite", "openvino"],
+                   help="override framework detection")
     c.add_argument("--val", help="held-out validation inputs (.npy/.npz or image folder)")
     c.add_argument("--val-labels", help=".npy of integer labels for --val (reports accuracy)")
     c.add_argument("--labels", help="text file with one class label per line")
@@ -226,7 +271,10 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     elif args.resize or args.layout:
         pre = Preprocessing(size=args.resize, color=args.color, layout=args.layout or "NCHW", scale=args.scale,
                             mean=args.mean, std=args.std, resize_mode=args.resize_mode)
-    return dict(val=args.val, val_labels=args.val_labels, labels=args.labels, input_shape=args.input_shape,
+    return dict(val=args.val, val_labels=args.val_labels, labels=args.labels,
+                input_shape=_shape_spec(args.input_shape),
+                input_dtypes=_named_values(args.input_dtype, "--input-dtype"),
+                dynamic=args.dynamic, custom_objects=args.custom_objects, route=args.route,
                 model_class=args.model_class, framework=args.framework, name=args.name, version=args.model_version,
                 task=args.task, preprocessing=pre, tolerances=_tolerances(args.tolerance),
                 keep_failed=args.keep_failed, overwrite=args.overwrite, quiet=args.json)

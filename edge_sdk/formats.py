@@ -53,6 +53,8 @@ class Framework(_Choice):
     PYTORCH = "pytorch"
     KERAS = "keras"
     ONNX = "onnx"
+    TFLITE = "tflite"  # an existing .tflite, bundled as it is (validated against itself)
+    OPENVINO = "openvino"  # an existing OpenVINO IR (.xml + .bin), bundled as it is
 
 
 class Task(_Choice):

@@ -60,9 +60,9 @@ class Reporter:
         from rich.table import Table
 
         t = Table(title="validation against the source model")
-        for col in ("artifact", "status", "size", "cosine", "max abs err", "top-1 agree", "top-1 (conf.)",
+        for col in ("artifact", "status", "route", "size", "cosine", "max abs err", "top-1 agree", "top-1 (conf.)",
                     "top-5 cont."):
-            t.add_column(col, justify="right" if col not in ("artifact", "status") else "left")
+            t.add_column(col, justify="right" if col not in ("artifact", "status", "route") else "left")
         if with_accuracy:
             t.add_column("accuracy (source)", justify="right")
         t.add_column("notes", overflow="fold", max_width=60)
@@ -70,12 +70,13 @@ class Reporter:
                   "unsupported": "yellow"}
         for r in results:
             v = r.validation
-            row = [r.key, f"[{colour.get(r.status, 'white')}]{r.status}[/]", fmt_bytes(r.size_bytes),
+            row = [r.key, f"[{colour.get(r.status, 'white')}]{r.status}[/]", getattr(r, "route", "") or "-",
+                   fmt_bytes(r.size_bytes),
                    _num(v.cosine, 5), _num(v.max_abs_error, 3, sci=True), _pct(v.top1_agreement),
                    _pct(v.top1_agreement_confident), _pct(v.top5_containment)]
             if with_accuracy:
                 row.append(f"{_pct(v.accuracy)} ({_pct(v.source_accuracy)})")
-            row.append(r.reason.split(" (")[0][:200] if r.status == "skipped-validation" else r.reason[:300])
+            row.append(r.reason.split(" (")[0][:200] if r.status == "skipped-validation" else r.reason[:600])
             t.add_row(*row)
         self._console.print(t)
 

@@ -1,0 +1,172 @@
+"""Routes: the ordered ways to reach one target from one kind of source, tried until one works.
+
+A route is either *direct* (the converter registered for (source framework, target)) or goes *via ONNX*:
+the source is exported to fp32 ONNX once (``ctx.onnx``), loaded as an ONNX source, and the converter
+registered for (onnx, target) takes it from there. For example TorchScript -> tflite: litert-torch needs
+``torch.export`` (a ScriptModule has none), so the route is TorchScript -> ONNX -> onnx2tf.
+
+The route that produced an artifact is recorded in the manifest (``route``, per artifact) and in the table;
+when every route fails, the artifact's reason lists each attempt with its one-line cause. ``--route NAME``
+(or ``--route TARGET=NAME``) forces one.
+
+Every exception a vendor tool raises inside a route (any type) becomes that attempt's one-line reason —
+tool, stage, what to try — so one failing artifact never takes the others down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge_sdk.converters.base import ConversionContext, Converter, check_precision, get_converter
+from edge_sdk.errors import EdgeSDKError, UnsupportedConversionError
+from edge_sdk.formats import Format, Framework, Precision
+
+__all__ = ["ROUTES", "Route", "failure_reason", "parse_forced_routes", "route_context", "routes_for"]
+
+
+def _not_torchscript(src: Any) -> str | None:
+    if getattr(src, "kind", "") == "torchscript":
+        return "litert-torch needs torch.export, which a TorchScript module does not support"
+    return None
+
+
+def _always(src: Any) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way to a target. ``tool`` names what does the work (for messages); ``via`` the intermediate format."""
+
+    name: str
+    tool: str
+    via: Format | None = None
+    applies: Callable[[Any], str | None] = _always  # None when it applies to this source, else why not
+
+
+#: Ordered routes per (source framework, target). Pairs not listed have one direct route named after the tool
+#: of their registered converter (see :func:`routes_for`).
+ROUTES: dict[tuple[Framework, Format], tuple[Route, ...]] = {
+    (Framework.PYTORCH, Format.TFLITE): (
+        Route("litert-torch", "litert-torch", applies=_not_torchscript),
+        Route("onnx2tf", "torch.onnx + onnx2tf", via=Format.ONNX),
+    ),
+    (Framework.KERAS, Format.TFLITE): (
+        Route("tflite-converter", "tf.lite.TFLiteConverter"),
+        Route("onnx2tf", "tf2onnx + onnx2tf", via=Format.ONNX),
+    ),
+    (Framework.ONNX, Format.TFLITE): (Route("onnx2tf", "onnx2tf"),),
+    (Framework.PYTORCH, Format.COREML): (Route("coremltools", "coremltools"),),
+    (Framework.KERAS, Format.COREML): (Route("coremltools", "coremltools"),),
+    (Framework.PYTORCH, Format.ONNX): (Route("torch.onnx", "torch.onnx.export"),),
+    (Framework.KERAS, Format.ONNX): (Route("tf2onnx", "tf2onnx"),),
+    (Framework.ONNX, Format.ONNX): (Route("as-is", "onnx"),),
+    (Framework.PYTORCH, Format.OPENVINO): (Route("onnx+openvino", "torch.onnx + openvino.convert_model"),),
+    (Framework.KERAS, Format.OPENVINO): (Route("onnx+openvino", "tf2onnx + openvino.convert_model"),),
+    (Framework.ONNX, Format.OPENVINO): (Route("openvino", "openvino.convert_model"),),
+    **{(fw, Format.ORT): (Route("ort-tools", "onnxruntime.tools.convert_onnx_models_to_ort"),)
+       for fw in (Framework.PYTORCH, Framework.KERAS, Framework.ONNX)},
+    (Framework.TFLITE, Format.TFLITE): (Route("as-is", "the existing .tflite"),),
+    (Framework.OPENVINO, Format.OPENVINO): (Route("as-is", "the existing OpenVINO IR"),),
+}
+
+
+def routes_for(framework: Framework, target: Format) -> tuple[Route, ...]:
+    """The ordered routes for (framework, target); a registered converter without an entry is one direct route."""
+    if (framework, target) in ROUTES:
+        return ROUTES[(framework, target)]
+    get_converter(framework, target)  # raises UnsupportedConversionError naming what exists
+    return (Route("direct", f"{framework.value} -> {target.value}"),)
+
+
+def parse_forced_routes(items: Sequence[str] | Mapping[str, str] | str | None) -> dict[str, str]:
+    """``--route NAME`` / ``--route TARGET=NAME`` (repeatable) -> {target or '*': name}."""
+    if not items:
+        return {}
+    if isinstance(items, Mapping):
+        return {str(k): str(v) for k, v in items.items()}
+    if isinstance(items, str):
+        items = [items]
+    out: dict[str, str] = {}
+    for item in items:
+        target, sep, name = item.partition("=")
+        key = target.strip().lower() if sep else "*"
+        if key != "*":
+            Format.parse(key)  # ValueError naming the choices
+        out[key] = (name if sep else target).strip()
+    return out
+
+
+def candidate_routes(src: Any, target: Format, forced: Mapping[str, str]) -> tuple[list[Route], list[str]]:
+    """Routes to try in order, and the routes skipped with their reason (``name: why``)."""
+    routes = routes_for(src.framework, target)
+    want = forced.get(target.value, forced.get("*"))
+    if want is not None:
+        chosen = [r for r in routes if r.name == want]
+        if not chosen:
+            if target.value in forced:  # asked for this target by name: a wrong name is the user's mistake
+                raise UnsupportedConversionError(
+                    f"--route {target.value}={want} is not a route from {src.framework.value} to {target.value}: "
+                    f"choose from {', '.join(r.name for r in routes)}")
+        else:
+            routes = tuple(chosen)
+    usable, skipped = [], []
+    for r in routes:
+        why = r.applies(src)
+        if why is None:
+            usable.append(r)
+        else:
+            skipped.append(f"{r.name}: {why}")
+    if not usable:
+        raise UnsupportedConversionError(f"no route from this {src.framework.value} source to {target.value}: "
+                                         + "; ".join(skipped))
+    return usable, skipped
+
+
+def route_context(ctx: ConversionContext, route: Route, target: Format,
+                  precision: Precision) -> tuple[ConversionContext, Converter]:
+    """The context and converter that run ``route``: the given ones for a direct route; for a route via ONNX, a
+    context whose source is the fp32 ONNX export of ``ctx.source`` (made once per conversion and shared)."""
+    if route.via is None:
+        conv = get_converter(ctx.source.framework, target)
+        check_precision(conv, precision)
+        return ctx, conv
+    sub = ctx.derived.get(route.via)
+    if sub is None:
+        from edge_sdk.converters.sources import OnnxSource
+
+        onnx_draft = ctx.onnx(Precision.FP32)
+        shapes = dict(zip(ctx.source.input_names, ctx.source.input_shapes, strict=True))
+        names = _onnx_names(onnx_draft.path)
+        src = OnnxSource(onnx_draft.path, dict(zip(names, shapes.values(), strict=False)),
+                         input_dtypes=dict(zip(names, ctx.source.input_dtypes, strict=False)))
+        src.layout = ctx.source.layout  # the export keeps the source's layout; never guess it again
+        sub = ConversionContext(src, ctx.workdir / f"via_{route.via.value}", calibration=ctx.calibration,
+                                options=ctx.options)
+        ctx.derived[route.via] = sub
+    conv = get_converter(Framework.ONNX, target)
+    check_precision(conv, precision)
+    return sub, conv
+
+
+def _onnx_names(path: Any) -> list[str]:
+    from edge_sdk.converters.onnx_common import onnx_input_names
+
+    return onnx_input_names(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:240]
+
+
+def failure_reason(exc: BaseException, route: Route, stage: str) -> str:
+    """One line for an attempt that raised: the SDK's own message as it is, anything else as tool + stage + fix."""
+    if isinstance(exc, EdgeSDKError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, MemoryError):
+        return f"{route.tool} ran out of memory while {stage}: try a smaller --calib-limit or another route"
+    return (f"{route.tool} failed while {stage} ({type(exc).__name__}: {_first_line(exc)}): a bug or limit of "
+            "that tool on this model; try another --route or target, or report it with the model")
