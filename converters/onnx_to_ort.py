@@ -64,7 +64,7 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, target_platform: str) -> tupl
 class OnnxToOrt:
     """ONNX artifact (any source) -> ``.ort`` with its reduced-build operator config."""
 
-    sources = (Framework.PYTORCH, Framework.KERAS, Framework.ONNX)
+    sources = (Framework.PYTORCH, Framework.KERAS, Framework.ONNX, Framework.TFLITE)
     target = Format.ORT
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
 

@@ -44,6 +44,7 @@ __all__ = ["BUILTIN_CONVERTERS", "ArtifactResult", "convert", "load_builtin_conv
 BUILTIN_CONVERTERS = (
     "torch_to_onnx", "keras_to_onnx", "onnx_to_onnx", "onnx_to_ort", "onnx_to_openvino",
     "keras_to_tflite", "torch_to_tflite", "onnx_to_tflite", "torch_to_coreml", "keras_to_coreml",
+    "prebuilt", "tflite_to_onnx", "tflite_to_openvino",
 )
 _QUANTIZED = (Precision.INT8, Precision.DYNAMIC, Precision.PALETTIZED)
 _TRANSPOSE = {("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2)}

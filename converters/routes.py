@@ -69,6 +69,9 @@ ROUTES: dict[tuple[Framework, Format], tuple[Route, ...]] = {
     **{(fw, Format.ORT): (Route("ort-tools", "onnxruntime.tools.convert_onnx_models_to_ort"),)
        for fw in (Framework.PYTORCH, Framework.KERAS, Framework.ONNX)},
     (Framework.TFLITE, Format.TFLITE): (Route("as-is", "the existing .tflite"),),
+    (Framework.TFLITE, Format.ONNX): (Route("tf2onnx", "tf2onnx --tflite"),),
+    (Framework.TFLITE, Format.OPENVINO): (Route("openvino", "openvino.convert_model (TFLite frontend)"),),
+    (Framework.TFLITE, Format.ORT): (Route("ort-tools", "tf2onnx + onnxruntime.tools"),),
     (Framework.OPENVINO, Format.OPENVINO): (Route("as-is", "the existing OpenVINO IR"),),
 }
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk._deps import require
+from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import sha256_path
 from edge_sdk.errors import SourceModelError
 from edge_sdk.formats import Framework
@@ -208,8 +208,8 @@ class KerasSource(_Base):
             self.input_names = sorted(kwargs)
             self.output_names = sorted(sig.structured_outputs)
         self.signature_input_names = list(self.input_names)
-        dts = [str(getattr(t, "dtype", "float32")).replace("tf.", "") for t in model.inputs] if model is not None \
-            else ["float32"] * len(self.input_names)
+        dts = [str(getattr(getattr(t, "dtype", "float32"), "name", getattr(t, "dtype", "float32")))
+               for t in model.inputs] if model is not None else ["float32"] * len(self.input_names)
         self.input_dtypes = _dtypes(None, self.input_names, [np.dtype(d).name if d != "string" else d for d in dts])
         self.layout = _guess_layout(input_shapes[0]) if self.input_dtypes[0].startswith("float") else ""
 
@@ -230,9 +230,14 @@ class KerasSource(_Base):
             tf = require("tensorflow", "keras")
             self._tmp = Path(tempfile.mkdtemp(prefix="edge_sdk_savedmodel_"))
             out = self._tmp / "saved_model"
-            specs = [tf.TensorSpec(s, tf.float32, name=n) for s, n in zip(self.input_shapes, self.input_names,
-                                                                             strict=True)]
-            self.model.export(str(out), format="tf_saved_model", input_signature=specs, verbose=False)
+            specs = [tf.TensorSpec(s, tf.as_dtype(dt), name=n) for s, n, dt in zip(
+                self.input_shapes, self.input_names, self.input_dtypes, strict=True)]
+            if type(self.model).__module__.startswith("tf_keras"):  # a legacy Keras 2 model (see _load_keras)
+                model = self.model
+                fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False))
+                tf.saved_model.save(model, str(out), signatures=fn.get_concrete_function(*specs))
+            else:
+                self.model.export(str(out), format="tf_saved_model", input_signature=specs, verbose=False)
             self._saved_model = out
             self.signature_input_names = sorted(self._serving_signature().structured_input_signature[1])
         return self._saved_model
@@ -480,6 +485,19 @@ def _saved_model_source(path: Path, input_shape: ShapeSpec | None) -> KerasSourc
     return src
 
 
+def _load_legacy_h5(path: Path, objects: dict[str, Any]) -> Any:
+    """A Keras 2 ``.h5`` that Keras 3 cannot read (old recurrent layer configs), loaded with ``tf_keras`` — the
+    Keras 2 that TensorFlow still ships for exactly this; None when tf_keras is absent or fails too."""
+    if not has_module("tf_keras"):
+        return None
+    import tf_keras
+
+    try:
+        return tf_keras.models.load_model(str(path), compile=False, custom_objects=objects or None)
+    except Exception:  # the Keras 3 error is the one reported to the user
+        return None
+
+
 def _load_keras(path: Path | None, model: Any, input_shape: ShapeSpec | None,
                 custom_objects: Sequence[str] | Mapping[str, Any] | None = None) -> KerasSource:
     if model is None:
@@ -491,6 +509,10 @@ def _load_keras(path: Path | None, model: Any, input_shape: ShapeSpec | None,
         try:
             model = keras.models.load_model(str(path), compile=False, custom_objects=objects or None)
         except Exception as exc:  # Keras raises anything from a deserialization failure
+            legacy = _load_legacy_h5(path, objects) if path is not None and path.suffix.lower() in (".h5", ".hdf5") \
+                else None
+            if legacy is not None:
+                return _load_keras(path, legacy, input_shape)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             hint = ("if it uses custom layers, pass --custom-objects module:ClassName" if
                     any(w in str(exc) for w in ("Unknown", "custom", "not found", "Could not locate"))
@@ -552,8 +574,6 @@ def load_source(source: Any, *, input_shape: ShapeSpec | None = None, model_clas
     if kind in ("tflite", "openvino"):
         from edge_sdk.converters.prebuilt import load_prebuilt
 
-        if isinstance(input_shape, Mapping) or input_shape is None:
-            return load_prebuilt(path, input_shape)
-        return load_prebuilt(path, list(input_shape))
+        return load_prebuilt(path, input_shape, framework=kind)
     raise SourceModelError(f"cannot tell the framework of {path.name}: use .onnx, .pt/.pth/.pt2, .keras/.h5, "
                            ".tflite, an OpenVINO .xml or a SavedModel directory (or pass --framework)")

@@ -164,5 +164,9 @@ def validate_artifact(path: Path, fmt: Format, precision: Precision, samples: Sa
         got, ins, outs = run_artifact(path, fmt, samples, transpose=transpose, runtime_options=runtime_options)
     except EdgeSDKError as exc:
         return Validation(passed=False, samples=len(samples), failures=[f"could not run: {exc}"]), [], []
+    except Exception as exc:  # a runtime rejecting a broken artifact raises its own types: the artifact failed
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        return Validation(passed=False, samples=len(samples),
+                          failures=[f"could not run in {fmt.value}'s runtime ({type(exc).__name__}: {first})"]), [], []
     v = compare_outputs(list(reference), got, classifier=classifier, labels=labels)
     return apply_tolerance(v, tolerance), ins, outs

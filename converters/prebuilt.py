@@ -1,0 +1,296 @@
+"""Existing deployment files as sources: a ``.tflite`` or an OpenVINO IR (``.xml`` + ``.bin``) bundled as it is.
+
+The source runs in the device runtimes of :mod:`edge_sdk.device_agent.runtimes` (LiteRT, OpenVINO with the
+faithful f32 hint), so the as-is artifact is validated against itself and the baseline is measured on the
+very model that ships. A full-integer ``.tflite`` takes float32 inputs and returns float32 outputs here:
+the LiteRT session quantizes and dequantizes with each tensor's scale / zero-point.
+
+The file's own precision is detected (:func:`tflite_precision`, :func:`openvino_precision`) and is the only
+precision the as-is converters produce; onward routes (tflite -> onnx / ort / openvino) live in
+``tflite_to_onnx.py`` and ``tflite_to_openvino.py`` and are registered when this module is imported.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.bundle import sha256_path
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.errors import InferenceError, SourceModelError, UnsupportedConversionError
+from edge_sdk.formats import Format, Framework, Precision
+
+__all__ = ["OpenVINOSource", "OpenVINOToOpenVINO", "TFLiteSource", "TFLiteToTFLite", "load_prebuilt",
+           "openvino_precision", "tflite_precision"]
+
+_INT_ACTIVATIONS = ("int8", "uint8", "int16")
+_OV_INT_WEIGHTS = ("i8", "u8", "i4", "u4")
+
+
+def _layout(shape: list[int]) -> str:
+    if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        return "NHWC"
+    if len(shape) == 4 and shape[1] in (1, 3, 4):
+        return "NCHW"
+    return ""
+
+
+def _given(spec: Any, k: int, name: str) -> list[int] | None:
+    """The shape given for input ``k`` called ``name``: ``spec`` is one shape (the first input) or {name: shape}."""
+    if spec is None:
+        return None
+    shape = spec.get(name) if isinstance(spec, Mapping) else (spec if k == 0 else None)
+    if shape is None:
+        return None
+    try:
+        return [int(d) for d in shape]
+    except (TypeError, ValueError):
+        raise SourceModelError(f"--input-shape {shape!r} is not a list of integers: use e.g. 1,224,224,3") from None
+
+
+def _pin_shapes(shapes: list[list[int | None]], names: list[str], given: Any, what: str) -> list[list[int]]:
+    """Concrete input shapes: the given ones, batch 1 for a dynamic batch, else a SourceModelError."""
+    if isinstance(given, Mapping) and (unknown := [n for n in given if n not in names]):
+        raise SourceModelError(f"--input-shape names {unknown} that the model does not have: its inputs are {names}")
+    out = []
+    for k, (dims, name) in enumerate(zip(shapes, names, strict=True)):
+        want = _given(given, k, name)
+        if want is not None:
+            if len(want) != len(dims) or min(want) <= 0 or any(
+                    d not in (None, w) for d, w in zip(dims, want, strict=True)):
+                raise SourceModelError(f"--input-shape {want} does not fit the {what} input {name!r} "
+                                       f"{['?' if d is None else d for d in dims]}: pass a shape that matches it")
+            dims = want
+        dims = [1 if d is None and i == 0 else d for i, d in enumerate(dims)]
+        if any(d is None for d in dims):
+            raise SourceModelError(f"{what} input {name!r} has dynamic dimensions "
+                                   f"{['?' if d is None else d for d in dims]}: pass --input-shape with concrete sizes")
+        out.append([int(d) for d in dims])
+    return out
+
+
+class _Prebuilt:
+    """What both prebuilt sources share: a runtime session, pinned shapes, the detected precision."""
+
+    framework: Framework
+    kind: str
+    what: str
+
+    def __init__(self, path: Path, session: Any, precision: Precision, input_shape: Any) -> None:
+        self.path = path
+        self.model = path  # the file is the model; converters read it from disk
+        self.sha256 = sha256_path(path)
+        self.precision = precision
+        self._session = session
+        self.input_names = [s.name for s in session.inputs]
+        self.output_names = [s.name for s in session.outputs]
+        #: the dtypes ``predict`` takes: float32 for quantized (scale / zero-point) inputs, which the runtime
+        #: session quantizes itself, else the file's own dtype (int64 token ids stay int64)
+        self.input_dtypes: list[str] = ["float32" if getattr(s, "scale", None) is not None else s.dtype
+                                        for s in session.inputs]
+        self.raw_input_dtypes: list[str] = [s.dtype for s in session.inputs]  # as stored in the file
+        self.input_shapes = _pin_shapes([list(s.shape) for s in session.inputs], self.input_names, input_shape,
+                                        self.what)
+        self.layout = _layout(self.input_shapes[0]) if self.input_shapes else ""
+
+    def predict(self, inputs: list[Any]) -> list[np.ndarray]:
+        """Run the file in its device runtime; float32 in, float32 out (int8 I/O is (de)quantized)."""
+        feed = []
+        for x, dtype, name in zip(inputs, self.input_dtypes, self.input_names, strict=True):
+            x = np.asarray(x)
+            if np.dtype(dtype).kind in "iu" and x.dtype.kind == "f":
+                if not np.array_equal(x, np.rint(x)):
+                    raise SourceModelError(f"{self.path.name} input {name!r} takes {dtype} values, got non-integer "
+                                           "floats: give integer validation data (--val FILE.npy)")
+                x = x.astype(dtype)
+            feed.append(x)
+        try:
+            return [np.asarray(o, np.float32) if np.asarray(o).dtype.kind == "f" else np.asarray(o)
+                    for o in self._session.run(feed)]
+        except InferenceError as exc:
+            raise SourceModelError(f"{self.path.name} cannot run on inputs of shape "
+                                   f"{[list(np.shape(x)) for x in feed]} ({exc})") from None
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``source`` entry."""
+        return {"framework": self.framework.value, "file": self.path.name, "sha256": self.sha256,
+                "kind": self.kind, "precision": self.precision.value}
+
+    def close(self) -> None:
+        """Release the runtime session."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+class TFLiteSource(_Prebuilt):
+    """An existing ``.tflite`` file, run with the LiteRT interpreter."""
+
+    framework = Framework.TFLITE
+    kind = "tflite"
+    what = "TFLite"
+
+    def __init__(self, path: Path, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> None:
+        from edge_sdk.device_agent.runtimes.litert import LiteRTRuntime
+
+        try:
+            session = LiteRTRuntime().load(path)
+        except InferenceError as exc:
+            raise SourceModelError(str(exc)) from None  # names the file, the reason and the likely fixes
+        super().__init__(path, session, tflite_precision(path), input_shape)
+
+
+class OpenVINOSource(_Prebuilt):
+    """An existing OpenVINO IR (``.xml`` with its ``.bin`` beside it), run on the CPU with the f32 hint."""
+
+    framework = Framework.OPENVINO
+    kind = "openvino-ir"
+    what = "OpenVINO"
+
+    def __init__(self, path: Path, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> None:
+        from edge_sdk.device_agent.runtimes.openvino import OpenVINORuntime
+
+        try:
+            session = OpenVINORuntime().load(path, precision_hint="f32")
+        except InferenceError as exc:
+            raise SourceModelError(str(exc)) from None
+        self.weights = path.with_suffix(".bin")
+        super().__init__(path, session, openvino_precision(path), input_shape)
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``source`` entry, with the weights file's hash."""
+        return {**super().describe(), "weights_sha256": sha256_path(self.weights)}
+
+
+def _interpreter(path: Path) -> Any:
+    from edge_sdk.device_agent.runtimes.litert import _interpreter_module
+
+    try:
+        return _interpreter_module().Interpreter(model_path=str(path))
+    except (ValueError, RuntimeError) as exc:
+        raise SourceModelError(f"{path.name} is not a readable .tflite model ({str(exc).strip()[:160]})") from None
+
+
+def tflite_precision(path: Path) -> Precision:
+    """int8 (integer I/O or activations), dynamic (int8 weights, float activations), fp16 (float16 weights +
+    DEQUANTIZE) or fp32, read from the flatbuffer's tensor types."""
+    interp = _interpreter(path)
+    ops = interp._get_ops_details()  # the public API has no op listing
+    types = {d["index"]: np.dtype(d["dtype"]).name for d in interp.get_tensor_details()}
+    produced = {int(i) for o in ops for i in o["outputs"]}
+    graph_in = {int(d["index"]) for d in interp.get_input_details()}
+    consumed = {int(i) for o in ops for i in o["inputs"] if int(i) >= 0}
+    weights = {types.get(i) for i in consumed - produced - graph_in}
+    io = [np.dtype(d["dtype"]).name for d in interp.get_input_details() + interp.get_output_details()
+          if d["quantization"][0]]
+    if any(t in _INT_ACTIVATIONS for t in io) or any(types.get(i) in _INT_ACTIVATIONS for i in produced):
+        return Precision.INT8
+    if weights & {"int8", "uint8", "int4"}:
+        return Precision.DYNAMIC
+    if "float16" in weights:
+        return Precision.FP16
+    return Precision.FP32
+
+
+def openvino_precision(xml: Path) -> Precision:
+    """int8 when FakeQuantize or int8/int4 compressed weights are present, fp16 for f16 weights, else fp32."""
+    from edge_sdk._deps import require
+
+    ov = require("openvino", "openvino", "reading OpenVINO IR")
+    model = ov.Core().read_model(str(xml))
+    consts = set()
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind == "FakeQuantize":
+            return Precision.INT8
+        if kind == "Constant":
+            consts.add(op.get_output_element_type(0).get_type_name())
+    if consts & set(_OV_INT_WEIGHTS):
+        return Precision.INT8
+    return Precision.FP16 if "f16" in consts else Precision.FP32
+
+
+def load_prebuilt(path: Path, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None,
+                  framework: str | None = None) -> TFLiteSource | OpenVINOSource | None:
+    """A prebuilt source for a ``.tflite`` file or an OpenVINO ``.xml`` (or any file ``framework`` names as one
+    of them); None for any other file. ``input_shape`` is one shape (the first input) or {input name: shape}."""
+    path = Path(path)
+    kind = framework or {".tflite": "tflite", ".xml": "openvino"}.get(path.suffix.lower())
+    if kind == "tflite":
+        return TFLiteSource(path, input_shape)
+    if kind == "openvino":
+        if not path.with_suffix(".bin").is_file():
+            raise SourceModelError(f"OpenVINO weights {path.with_suffix('.bin').name} are missing: put the .bin "
+                                   f"next to {path.name}")
+        return OpenVINOSource(path, input_shape)
+    return None
+
+
+def _refuse_other_precision(ctx: ConversionContext, precision: Precision) -> Precision:
+    own = getattr(ctx.source, "precision", None)
+    if own is not precision:
+        name = ctx.source.path.name if ctx.source.path else "the model"
+        raise UnsupportedConversionError(
+            f"{name} is {own.value if own else 'of unknown precision'} already: an existing model is bundled as it "
+            f"is; pass --precision {own.value if own else precision.value}, or convert from the training framework "
+            "for other precisions")
+    return precision
+
+
+@register
+class TFLiteToTFLite:
+    """An existing ``.tflite`` -> the same bytes, in its own precision only."""
+
+    sources = (Framework.TFLITE,)
+    target = Format.TFLITE
+    precisions = tuple(Precision)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Copy the file unchanged; refuse any precision other than the file's own."""
+        from edge_sdk.converters.keras_to_tflite import tflite_draft, tflite_summary, version_of
+
+        check_precision(self, precision)
+        _refuse_other_precision(ctx, precision)
+        out = ctx.path_for(Format.TFLITE, precision, ".tflite")
+        shutil.copyfile(ctx.source.path, out)
+        summary = tflite_summary(out)
+        notes = [f"the existing {ctx.source.path.name}, bundled unchanged (detected precision {precision.value})"]
+        custom = [o for o in summary["ops"] if not o.isupper()]
+        if custom:
+            notes.append(f"needs custom ops {', '.join(custom)}: they ran here in ai-edge-litert; check the "
+                         "device's LiteRT build provides them")
+        return [tflite_draft(out, precision, summary, ctx.source.input_names, notes,
+                             {"ai-edge-litert": version_of("ai-edge-litert", "tflite-runtime")})]
+
+
+@register
+class OpenVINOToOpenVINO:
+    """An existing OpenVINO IR -> the same ``.xml`` + ``.bin``, in its own precision only."""
+
+    sources = (Framework.OPENVINO,)
+    target = Format.OPENVINO
+    precisions = tuple(Precision)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Copy both files unchanged; refuse any precision other than the IR's own."""
+        from edge_sdk.converters.keras_to_tflite import version_of
+        from edge_sdk.converters.onnx_to_openvino import RUNTIME_HINTS
+
+        check_precision(self, precision)
+        _refuse_other_precision(ctx, precision)
+        xml = ctx.path_for(Format.OPENVINO, precision, ".xml")
+        shutil.copyfile(ctx.source.path, xml)
+        shutil.copyfile(ctx.source.path.with_suffix(".bin"), xml.with_suffix(".bin"))
+        notes = [f"the existing {ctx.source.path.name} + .bin, bundled unchanged (detected precision "
+                 f"{precision.value})"]
+        return [ArtifactDraft(format=Format.OPENVINO, precision=precision, path=xml,
+                              tool_versions={"openvino": version_of("openvino")}, runtime=dict(RUNTIME_HINTS),
+                              notes=notes, files=[xml.with_suffix(".bin")])]
+
+
+# the onward routes from a .tflite source register themselves on import (no framework is imported)
+from edge_sdk.converters import tflite_to_onnx, tflite_to_openvino  # noqa: E402, F401
