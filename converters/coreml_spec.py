@@ -24,6 +24,7 @@ from typing import Any
 from edge_sdk._deps import require
 from edge_sdk.bundle import size_of
 from edge_sdk.converters.base import ArtifactDraft
+from edge_sdk.converters.shims import SHIMS, apply_shims
 from edge_sdk.errors import ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Precision
 
@@ -38,6 +39,7 @@ __all__ = [
     "import_coremltools",
     "inspect_package",
     "numeric_validation_skip_reason",
+    "shim_notes",
 ]
 
 LINUX_SKIP_REASON = ("Core ML numeric validation needs macOS (coremltools predict is macOS-only); "
@@ -57,8 +59,12 @@ _MIN_WEIGHT_SHARE = 0.5  # int8 / palettized: at least half of the weight elemen
 
 
 def import_coremltools() -> Any:
-    """Import coremltools with its import-time chatter (untested-version warnings, macOS-only libs) silenced."""
+    """Import coremltools (import-time chatter silenced) with the known-bug shims of ``shims.py`` applied.
+
+    Every Core ML path imports coremltools through here, so no conversion runs on an unshimmed tool.
+    """
     if "coremltools" in sys.modules:
+        apply_shims("coremltools")
         return sys.modules["coremltools"]
     log = io.StringIO()
     logger = logging.getLogger("coremltools")
@@ -67,9 +73,20 @@ def import_coremltools() -> Any:
     try:
         with redirect_stdout(log), redirect_stderr(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return require("coremltools", "coreml", "Core ML conversion")
+            ct = require("coremltools", "coreml", "Core ML conversion")
+            apply_shims("coremltools")
+            return ct
     finally:
         logger.setLevel(level)
+
+
+def shim_notes(frontend: str) -> list[str]:
+    """Artifact notes naming the coremltools shims in effect for ``frontend`` ("pytorch", "tensorflow")."""
+    names = apply_shims("coremltools", frontend=frontend)
+    if not names:
+        return []
+    issues = {s.name: s.issue for s in SHIMS}
+    return ["coremltools shims applied: " + ", ".join(f"{n} ({issues[n]})" for n in names)]
 
 
 def deployment_target(name: str) -> Any:

@@ -28,6 +28,7 @@ from edge_sdk.converters.coreml_spec import (
     deployment_target,
     finish_draft,
     import_coremltools,
+    shim_notes,
 )
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
@@ -101,6 +102,7 @@ class KerasToCoreML:
         out = ctx.path_for(Format.COREML, precision, ".mlpackage")
         notes = [f"converted from the SavedModel serving_default signature; float32 NHWC inputs/outputs; "
                  f"minimum deployment target {target.name}"]
+        notes += shim_notes("tensorflow")
         notes += compress_and_save(mlmodel, precision, out, palette_bits=ctx.options.coreml_palette_bits)
         checks = check_package(out, precision, input_names=names, input_shapes=src.input_shapes,
                                output_shapes=out_shapes, output_names=src.output_names, target=target_name)

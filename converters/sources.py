@@ -537,6 +537,21 @@ def _load_keras(path: Path | None, model: Any, input_shape: ShapeSpec | None,
     return KerasSource(model, shapes, path)
 
 
+def _no_dynamic(dynamic: Sequence[str], what: str) -> None:
+    if dynamic:
+        raise SourceModelError(f"--dynamic applies to ONNX and PyTorch sources, not {what}: the artifacts keep the "
+                               "static --input-shape")
+
+
+def _with_dynamic(src: TorchSource, dynamic: Sequence[str]) -> TorchSource:
+    """Record the axes ``--dynamic`` names (the ONNX export keeps them symbolic; static tools get them pinned)."""
+    from edge_sdk.converters.onnx_shapes import resolve_dynamic_axes
+
+    src.dynamic_axes = {n: resolve_dynamic_axes(dynamic, s, src.layout)
+                        for n, s in zip(src.input_names, src.input_shapes, strict=True)} if dynamic else {}
+    return src
+
+
 def load_source(source: Any, *, input_shape: ShapeSpec | None = None, model_class: str | None = None,
                 framework: str | None = None, input_dtypes: InputDtypes | None = None,
                 custom_objects: Sequence[str] | Mapping[str, Any] | None = None,
@@ -546,7 +561,7 @@ def load_source(source: Any, *, input_shape: ShapeSpec | None = None, model_clas
         mod = type(source).__module__
         if "torch" in sys.modules and isinstance(source, sys.modules["torch"].nn.Module):
             shapes, names = _torch_shapes(input_shape, "an nn.Module")
-            return TorchSource(source.eval(), shapes, None, "module", names, input_dtypes)
+            return _with_dynamic(TorchSource(source.eval(), shapes, None, "module", names, input_dtypes), dynamic)
         if mod.startswith(("keras", "tf_keras", "tensorflow")):
             return _load_keras(None, source, input_shape)
         raise SourceModelError(f"unsupported source object {type(source).__name__}: pass an nn.Module, a "
@@ -568,10 +583,12 @@ def load_source(source: Any, *, input_shape: ShapeSpec | None = None, model_clas
     if kind == "onnx":
         return OnnxSource(path, input_shape, dynamic, input_dtypes)
     if kind == "pytorch":
-        return _load_torch_file(path, input_shape, model_class, input_dtypes)
+        return _with_dynamic(_load_torch_file(path, input_shape, model_class, input_dtypes), dynamic)
     if kind == "keras":
+        _no_dynamic(dynamic, "Keras")
         return _load_keras(path, None, input_shape, custom_objects)
     if kind in ("tflite", "openvino"):
+        _no_dynamic(dynamic, "an existing .tflite / IR")
         from edge_sdk.converters.prebuilt import load_prebuilt
 
         return load_prebuilt(path, input_shape, framework=kind)

@@ -4,6 +4,8 @@ The module is captured with ``torch.export.export(...).run_decompositions({})`` 
 example inputs (coremltools 9 takes ATEN-dialect programs; ``torch.jit.trace`` still works but is
 deprecated in torch 2.13 and gave the same ML program op for op). A TorchScript ``ScriptModule``
 source is passed to coremltools as is; the choice is made from the kind of source, not as a fallback.
+Traced TorchScript that computes sizes (``x.view(x.size(0), -1)``) needs the ``coreml-torch-int-cast``
+shim under NumPy >= 2.4 (see ``shims.py``; applied by ``import_coremltools``, named in the notes).
 Inputs and outputs are kept float32 at the model boundary whatever the compute precision, so every
 Core ML artifact takes the same tensors.
 
@@ -29,7 +31,9 @@ from edge_sdk.converters.coreml_spec import (
     deployment_target,
     finish_draft,
     import_coremltools,
+    shim_notes,
 )
+from edge_sdk.converters.shims import explain
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -84,11 +88,14 @@ class TorchToCoreML:
                                      minimum_deployment_target=target)
         except (RuntimeError, ValueError, TypeError, NotImplementedError, KeyError) as exc:
             tail = " | ".join(str(exc).strip().splitlines()[-2:])[:300]
+            known = explain("coremltools", str(exc))
+            hint = (f"{known} (see converters/shims.py)" if known else
+                    "an op may be unsupported by Core ML; see coremltools' composite operators to register one")
             raise ConversionError(f"coremltools could not convert the PyTorch model ({type(exc).__name__}: {tail}): "
-                                  "an op may be unsupported by Core ML; see coremltools' composite operators "
-                                  "to register one") from exc
+                                  + hint) from exc
         out = ctx.path_for(Format.COREML, precision, ".mlpackage")
         notes = [f"captured with {how}; float32 inputs/outputs; minimum deployment target {target.name}"]
+        notes += shim_notes("pytorch")
         notes += compress_and_save(mlmodel, precision, out, palette_bits=ctx.options.coreml_palette_bits)
         checks = check_package(out, precision, input_names=src.input_names, input_shapes=src.input_shapes,
                                output_shapes=out_shapes, output_names=src.output_names, target=target_name)

@@ -48,7 +48,7 @@ def _count_outputs(model: Any, args: tuple) -> int:
 
 
 def export_torch(model: Any, args: tuple, out: Path, *, input_names: list[str], output_names: list[str] | None,
-                 opset: int) -> dict[str, str]:
+                 opset: int, dynamic_axes: dict[str, set[int]] | None = None) -> dict[str, str]:
     """Export ``model`` to a single-file ONNX at ``out``; return tool versions."""
     torch = require("torch", "torch", "PyTorch export")
     require("onnx", "torch", "PyTorch export to ONNX")
@@ -58,6 +58,7 @@ def export_torch(model: Any, args: tuple, out: Path, *, input_names: list[str], 
     if not script:
         onnxscript = require("onnxscript", "torch", "PyTorch dynamo export to ONNX")
         versions["onnxscript"] = getattr(onnxscript, "__version__", "unknown")
+    axes = {n: {a: f"{n}_{a}" for a in sorted(ax)} for n, ax in (dynamic_axes or {}).items() if ax}
     attempts: list[str] = []
     for use_dynamo in ([False] if script else [True, False]):
         how = "dynamo exporter" if use_dynamo else "TorchScript exporter"
@@ -67,7 +68,8 @@ def export_torch(model: Any, args: tuple, out: Path, *, input_names: list[str], 
                 warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
                 warnings.simplefilter("ignore", FutureWarning)
                 torch.onnx.export(model, args, str(out), input_names=list(input_names), output_names=names,
-                                  opset_version=opset, dynamo=use_dynamo, external_data=False)
+                                  opset_version=opset, dynamo=use_dynamo, external_data=False,
+                                  dynamic_axes=axes or None)
             attempts.append("")
             break
         except Exception as exc:  # any failure of one exporter (dynamo raises many types): try the other one
@@ -97,9 +99,14 @@ class TorchToOnnx(OnnxExporter):
         """Write the fp32 ONNX file."""
         src = ctx.source
         args = tuple(src.example_inputs())
+        dynamic = getattr(src, "dynamic_axes", None) or {}
         versions = export_torch(src.model, args, out, input_names=list(src.input_names),
-                                output_names=list(src.output_names or []), opset=ctx.options.onnx_opset)
+                                output_names=list(src.output_names or []), opset=ctx.options.onnx_opset,
+                                dynamic_axes=dynamic)
         notes = [f"exported with the {versions['exporter']} exporter, opset {ctx.options.onnx_opset}"]
+        if any(dynamic.values()):
+            notes.append("dynamic axes kept as asked (--dynamic): " + ", ".join(
+                f"{n}{sorted(a)}" for n, a in dynamic.items() if a) + "; validated at the pinned shape")
         if "exporter_fallback" in versions:
             notes.append("the dynamo exporter failed, the TorchScript exporter was used: "
                          + versions.pop("exporter_fallback"))

@@ -128,7 +128,7 @@ def test_failed_validation_left_out_unless_keep_failed(tiny: dict, tmp_path: Pat
     code, _, err = _run(capsys, "convert", tiny["pt"], *BASE, "--to", "onnx", "--no-ort", "--precision",
                         "fp32,int8", "--calib", tiny["calib"], "--out", out, *strict)
     assert code == 1
-    assert "onnx/int8: cosine" in err and "left out of the bundle" in err
+    assert "onnx/int8: plain int8 loses too much on this model: cosine" in err and "left out of the bundle" in err
     assert {a.key for a in Bundle.load(out).artifacts} == {"onnx/fp32"}
     out2 = tmp_path / "b2"
     code, _, _ = _run(capsys, "convert", tiny["pt"], *BASE, "--to", "onnx", "--no-ort", "--precision",
