@@ -115,6 +115,15 @@ def explain(tool: str, message: str) -> str | None:
 
 # ---------------------------------------------------------------- coremltools: torch frontend int cast
 
+def _torch_op_is(*, op: str, shim: str) -> bool:
+    """True when coremltools' torch op ``op`` is already the one ``shim`` registered (apply() is idempotent)."""
+    registry_mod = sys.modules.get("coremltools.converters.mil.frontend.torch.torch_op_registry")
+    if registry_mod is None:
+        return False
+    current = registry_mod._TORCH_OPS_REGISTRY.name_to_func_mapping.get(op)
+    return getattr(current, "_edge_sdk_shim", None) == shim
+
+
 def _coreml_torch_int_cast() -> None:
     """Re-register the torch frontend's ``int`` op with the scalar taken by ``.item()``.
 
@@ -123,11 +132,8 @@ def _coreml_torch_int_cast() -> None:
     1-element array there, and NumPy 2.4 made ``int()`` of a non-0-d array a TypeError. Everything
     else is coremltools' own conversion, unchanged.
     """
-    registry_mod = sys.modules.get("coremltools.converters.mil.frontend.torch.torch_op_registry")
-    if registry_mod is not None:
-        current = registry_mod._TORCH_OPS_REGISTRY.name_to_func_mapping.get("int")
-        if getattr(current, "_edge_sdk_shim", None) == "coreml-torch-int-cast":
-            return
+    if _torch_op_is(op="int", shim="coreml-torch-int-cast"):
+        return
     import numpy as np
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.torch import ops
@@ -163,11 +169,8 @@ def _coreml_torch_prelu_rank() -> None:
     (apple/coremltools#2781) expands rank 2-3 inputs to rank 4, which is what this does; a rank-5 input with
     per-channel alphas is computed as relu(x) + alpha * min(x, 0).
     """
-    registry_mod = sys.modules.get("coremltools.converters.mil.frontend.torch.torch_op_registry")
-    if registry_mod is not None:
-        current = registry_mod._TORCH_OPS_REGISTRY.name_to_func_mapping.get("prelu")
-        if getattr(current, "_edge_sdk_shim", None) == "coreml-torch-prelu-rank":
-            return
+    if _torch_op_is(op="prelu", shim="coreml-torch-prelu-rank"):
+        return
     import numpy as np
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.torch import ops
