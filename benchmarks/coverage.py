@@ -13,7 +13,10 @@ A cell is one of:
 - ``spec``: Core ML on Linux — converted and the package spec checked; numbers need macOS;
 - ``refused``: converted but over the precision's tolerance, with the measured figures (int8 that breaks the model);
 - ``error``: no artifact; the one-line reason of every route tried;
-- ``n/a``: the target cannot represent this source (e.g. ONNX -> Core ML: coremltools 9 has no ONNX frontend);
+- ``n/a``: no converter from this kind of source to the target (e.g. ONNX -> Core ML: coremltools 9 has no ONNX
+  frontend);
+- ``n/r``: the target cannot represent the model: its op set lacks an op the model needs (TFLite builtins have no
+  3-D max pooling: only the Flex delegate, which LiteRT does not ship), reason listed;
 - ``crash``: the child process died or ``convert`` raised something that is not an edge_sdk error (a bug here).
 """
 
@@ -84,10 +87,17 @@ def run_one(name: str, targets: list[str], precisions: list[str], n_calib: int, 
         v = r.validation
         state = {"passed": "pass", "skipped-validation": "spec", "failed": "refused", "error": "error",
                  "unsupported": "n/a"}.get(r.status, r.status)
+        if state == "error" and _unrepresentable(r.reason):
+            state = "n/r"
         row["cells"][r.key] = {"state": state, "reason": r.reason, "route": r.route, "attempts": r.attempts,
                                "cosine": v.cosine, "top1": v.top1_agreement, "seconds": getattr(r, "seconds", None),
                                "size": r.size_bytes}
     return row
+
+
+def _unrepresentable(reason: str) -> bool:
+    """An error whose cause is the target's op set, not a tool failure: TFLite builtins have no such op (Flex)."""
+    return "Flex (select TF) ops" in reason
 
 
 def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -120,7 +130,7 @@ def _cell_text(c: dict[str, Any]) -> str:
         return f"✓ {fig}"
     if s == "refused":
         return "✗ " + (f"cos {c['cosine']:.3f}" if c.get("cosine") is not None else "refused")
-    return {"spec": "spec", "error": "E", "n/a": "–", "crash": "CRASH"}.get(s, s)
+    return {"spec": "spec", "error": "E", "n/a": "–", "n/r": "n/r", "crash": "CRASH"}.get(s, s)
 
 
 def summarize(rows: list[dict[str, Any]], precisions: list[str]) -> dict[str, Any]:
@@ -128,13 +138,14 @@ def summarize(rows: list[dict[str, Any]], precisions: list[str]) -> dict[str, An
     out: dict[str, Any] = {}
     for p in precisions:
         cells = [c for r in rows for k, c in r["cells"].items() if k.endswith("/" + p)]
-        reachable = [c for c in cells if c["state"] not in ("n/a", "spec")]
+        reachable = [c for c in cells if c["state"] not in ("n/a", "n/r", "spec")]
         passed = sum(c["state"] == "pass" for c in reachable)
         honest = sum(c["state"] == "refused" for c in reachable)
         out[p] = {"reachable": len(reachable), "pass": passed, "refused": honest,
                   "error": sum(c["state"] == "error" for c in reachable),
                   "crash": sum(c["state"] == "crash" for c in cells),
                   "spec_only": sum(c["state"] == "spec" for c in cells),
+                  "unrepresentable": sum(c["state"] == "n/r" for c in cells),
                   "pass_rate": passed / len(reachable) if reachable else None,
                   "pass_or_refused_rate": (passed + honest) / len(reachable) if reachable else None}
     return out
@@ -164,15 +175,15 @@ def print_matrix(rows: list[dict[str, Any]], targets: list[str], precisions: lis
                 extra = f" after {len(c['attempts'])} other(s)" if c.get("attempts") else ""
                 secs = f", {c['seconds']:.0f} s" if c.get("seconds") else ""
                 print(f"  {r['model']} {k}: {c['state']} via {c['route']}{extra}{secs}")
-            elif c and c["state"] in ("refused", "error", "crash"):
+            elif c and c["state"] in ("refused", "error", "crash", "n/r"):
                 print(f"  {r['model']} {k}: {c['state']}: {c['reason'][:400]}")
     print()
     for p, s in summarize(rows, precisions).items():
         rate = f"{100 * s['pass_rate']:.1f}%" if s["pass_rate"] is not None else "-"
         honest = f"{100 * s['pass_or_refused_rate']:.1f}%" if s["pass_or_refused_rate"] is not None else "-"
         print(f"{p}: {s['pass']}/{s['reachable']} cells pass ({rate}); pass or honest refusal {honest}; "
-              f"errors {s['error']}; crashes {s['crash']}; Core ML spec-checked only (macOS for numbers) "
-              f"{s['spec_only']}")
+              f"errors {s['error']}; crashes {s['crash']}; target cannot represent {s['unrepresentable']}; "
+              f"Core ML spec-checked only (macOS for numbers) {s['spec_only']}")
 
 
 def main() -> int:

@@ -101,14 +101,15 @@ class ConversionContext:
         self.options = options or ConvertOptions()
         self._onnx: dict[Precision, ArtifactDraft] = {}
         self._onnx_errors: dict[Precision, Exception] = {}
-        self.derived: dict[Format, ConversionContext] = {}  # contexts of routes via an intermediate format
+        self.derived: dict[Any, ConversionContext] = {}  # contexts of other routes (via ONNX, other options)
+        self.owns_source = True  # False for a context sharing its parent's source
 
     def close(self) -> None:
-        """Close the sources of derived contexts (their temporary files)."""
+        """Close the sources of derived contexts (their temporary files); the parent's source is the caller's."""
         for sub in self.derived.values():
             sub.close()
             close = getattr(sub.source, "close", None)
-            if close is not None:
+            if close is not None and sub.owns_source:
                 close()
         self.derived.clear()
 

@@ -16,7 +16,7 @@ tool, stage, what to try — so one failing artifact never takes the others down
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edge_sdk.converters.base import ConversionContext, Converter, check_precision, get_converter
@@ -32,6 +32,12 @@ def _not_torchscript(src: Any) -> str | None:
     return None
 
 
+def _not_torchscript_given(src: Any) -> str | None:
+    if getattr(src, "kind", "") == "torchscript":
+        return "the source is TorchScript already (the first route converts it as it is)"
+    return None
+
+
 def _always(src: Any) -> str | None:
     return None
 
@@ -44,6 +50,7 @@ class Route:
     tool: str
     via: Format | None = None
     applies: Callable[[Any], str | None] = _always  # None when it applies to this source, else why not
+    options: tuple[tuple[str, Any], ...] = ()  # ConvertOptions.extra entries this route sets for its converter
 
 
 #: Ordered routes per (source framework, target). Pairs not listed have one direct route named after the tool
@@ -58,7 +65,11 @@ ROUTES: dict[tuple[Framework, Format], tuple[Route, ...]] = {
         Route("onnx2tf", "tf2onnx + onnx2tf", via=Format.ONNX),
     ),
     (Framework.ONNX, Format.TFLITE): (Route("onnx2tf", "onnx2tf"),),
-    (Framework.PYTORCH, Format.COREML): (Route("coremltools", "coremltools"),),
+    (Framework.PYTORCH, Format.COREML): (
+        Route("coremltools", "coremltools (torch.export)"),
+        Route("coremltools-trace", "coremltools (torch.jit.trace)", applies=_not_torchscript_given,
+              options=(("coreml_capture", "trace"),)),
+    ),
     (Framework.KERAS, Format.COREML): (Route("coremltools", "coremltools"),),
     (Framework.PYTORCH, Format.ONNX): (Route("torch.onnx", "torch.onnx.export"),),
     (Framework.KERAS, Format.ONNX): (Route("tf2onnx", "tf2onnx"),),
@@ -135,7 +146,7 @@ def route_context(ctx: ConversionContext, route: Route, target: Format,
     if route.via is None:
         conv = get_converter(ctx.source.framework, target)
         check_precision(conv, precision)
-        return ctx, conv
+        return (_with_options(ctx, route) if route.options else ctx), conv
     sub = ctx.derived.get(route.via)
     if sub is None:
         from edge_sdk.converters.sources import OnnxSource
@@ -152,6 +163,20 @@ def route_context(ctx: ConversionContext, route: Route, target: Format,
     conv = get_converter(Framework.ONNX, target)
     check_precision(conv, precision)
     return sub, conv
+
+
+def _with_options(ctx: ConversionContext, route: Route) -> ConversionContext:
+    """A context for ``route`` with its option overrides, sharing the source and the ONNX exports (made once)."""
+    key = f"options:{route.name}"
+    sub = ctx.derived.get(key)
+    if sub is None:
+        opts = replace(ctx.options, extra={**ctx.options.extra, **dict(route.options)})
+        sub = ConversionContext(ctx.source, ctx.workdir / f"route_{route.name}", calibration=ctx.calibration,
+                                options=opts)
+        sub._onnx, sub._onnx_errors = ctx._onnx, ctx._onnx_errors
+        sub.owns_source = False
+        ctx.derived[key] = sub
+    return sub
 
 
 def _onnx_names(path: Any) -> list[str]:

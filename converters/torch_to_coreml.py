@@ -16,6 +16,7 @@ symmetric per-channel int8 weights) and palettized (fp16 model with k-means pale
 from __future__ import annotations
 
 import io
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
@@ -40,11 +41,21 @@ from edge_sdk.formats import Format, Framework, Precision
 __all__ = ["TorchToCoreML"]
 
 
-def _capture(model: Any, example: tuple[Any, ...]) -> tuple[Any, str]:
-    """The object handed to ``ct.convert``: a TorchScript module as given, else an ATEN-dialect export."""
+def _capture(model: Any, example: tuple[Any, ...], how: str = "export") -> tuple[Any, str]:
+    """The object handed to ``ct.convert``: a TorchScript module as given, else an ATEN-dialect export, or with
+    ``how="trace"`` (the route ``coremltools-trace``) a ``torch.jit.trace``: coremltools' TorchScript frontend
+    still covers ops its torch.export frontend does not (``lstm``: "Unsupported fx node lstm")."""
     torch = require("torch", "torch", "PyTorch to Core ML conversion")
     if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
         return model, "torchscript (given)"
+    if how == "trace":
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.trace is deprecated in torch 2.13 but still works
+                return torch.jit.trace(model, example, strict=False), "torch.jit.trace"
+        except Exception as exc:  # tracing raises many types: this route's reason
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConversionError(f"torch.jit.trace failed before Core ML conversion ({first})") from exc
     try:
         with torch.no_grad():
             program = torch.export.export(model, example, strict=False).run_decompositions({})
@@ -76,7 +87,7 @@ class TorchToCoreML:
         target_name = ctx.options.coreml_minimum_deployment_target
         target = deployment_target(target_name)
         out_shapes = [list(o.shape) for o in src.predict([np.zeros(s, np.float32) for s in src.input_shapes])]
-        traced, how = _capture(src.model, example)
+        traced, how = _capture(src.model, example, str(ctx.options.extra.get("coreml_capture", "export")))
         inputs = [ct.TensorType(name=n, shape=tuple(s), dtype=np.float32)
                   for n, s in zip(src.input_names, src.input_shapes, strict=True)]
         outputs = [ct.TensorType(name=n, dtype=np.float32) for n in src.output_names]
