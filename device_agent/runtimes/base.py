@@ -17,7 +17,7 @@ from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import InputError
 from edge_sdk.formats import Format
 
-__all__ = ["Runtime", "Session", "check_inputs", "dequantize", "quantize"]
+__all__ = ["Runtime", "Session", "cast_integers", "check_inputs", "dequantize", "quantize"]
 
 
 @runtime_checkable
@@ -66,6 +66,18 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """The spec's integer dtype -> float32."""
     return ((q.astype(np.float32) - np.float32(spec.zero_point or 0)) * np.float32(spec.scale)).astype(np.float32)
+
+
+def cast_integers(x: np.ndarray, want: np.dtype, name: str) -> np.ndarray:
+    """An integer array (token ids, masks) as the integer dtype the model takes — TFLite converters turn int64
+    inputs into int32 — refusing values the narrower type cannot hold instead of wrapping them."""
+    if x.size:
+        info = np.iinfo(want)
+        lo, hi = int(x.min()), int(x.max())
+        if lo < info.min or hi > info.max:
+            raise InputError(f"input {name!r} holds values {lo}..{hi} that {want} cannot represent: the model "
+                             f"takes {want}")
+    return x.astype(want)
 
 
 def check_inputs(inputs: list[np.ndarray], specs: list[TensorSpec]) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
-from edge_sdk.device_agent.runtimes.base import check_inputs, quantize
+from edge_sdk.device_agent.runtimes.base import cast_integers, check_inputs, quantize
 from edge_sdk.errors import InferenceError, InputError
 from edge_sdk.formats import Format
 
@@ -121,6 +121,8 @@ class LiteRTSession:
             return out  # set_tensor copies it into the interpreter
         if want.kind == "f" and x.dtype.kind in "fiu":
             return x.astype(want)
+        if want.kind in "iu" and x.dtype.kind in "iu" and not self._in_quant[k]:
+            return cast_integers(x, want, self.input_names[k])
         raise InputError(f"input {self.input_names[k]!r} has dtype {x.dtype}, the model expects {want}: "
                          "convert the array (or pass float32 and let the session quantize it)")
 

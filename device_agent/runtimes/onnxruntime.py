@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
-from edge_sdk.device_agent.runtimes.base import check_inputs, dequantize, quantize
+from edge_sdk.device_agent.runtimes.base import cast_integers, check_inputs, dequantize, quantize
 from edge_sdk.errors import InferenceError, InputError
 from edge_sdk.formats import Format
 
@@ -101,6 +101,8 @@ class OnnxRuntimeSession:
                     x = quantize(x, self.inputs[k])
                 elif x.dtype.kind in "fiu" and want.kind == "f":
                     x = x.astype(want)
+                elif x.dtype.kind in "iu" and want.kind in "iu" and not self._in_quant[k]:
+                    x = cast_integers(x, want, self._in_names[k])
                 else:
                     raise InputError(f"input {self._in_names[k]!r} has dtype {x.dtype}, the model expects "
                                      f"{want}: convert the array (or pass float32 to let the runtime quantize)")
