@@ -96,17 +96,10 @@ class OnnxToOpenVINO:
         ovc_error = require("openvino.tools.ovc.error", "openvino-convert", "OpenVINO conversion").Error
         if precision is Precision.INT8:  # fail before the (slow) ONNX export when data is missing
             ctx.require_calibration("OpenVINO int8 (NNCF) quantization")
-        onnx_draft = ctx.onnx(Precision.FP32)
-        try:
-            model = ov.convert_model(str(onnx_draft.path))
-        except (RuntimeError, ovc_error) as exc:
-            raise ConversionError(f"OpenVINO could not read the ONNX export {onnx_draft.path} "
-                                  f"({_one_line(exc)}): check that the model's operators are supported by "
-                                  "OpenVINO's ONNX frontend") from exc
+        model, input_layout, notes = self.read_model(ctx, ov, ovc_error)
         tool_versions = {"openvino": _tool_version("openvino")}
-        notes: list[str] = []
         if precision is Precision.INT8:
-            model, quant_notes = self._quantize(ctx, model, onnx_draft.input_layout)
+            model, quant_notes = self._quantize(ctx, model, input_layout)
             tool_versions["nncf"] = _tool_version("nncf")
             notes += quant_notes
         elif precision is Precision.FP16:
@@ -125,7 +118,19 @@ class OnnxToOpenVINO:
                      "drop it (precision_hint=None) for speed once validated that way")
         return [ArtifactDraft(format=Format.OPENVINO, precision=precision, path=xml,
                               tool_versions=tool_versions, runtime=dict(RUNTIME_HINTS), notes=notes,
-                              input_layout=onnx_draft.input_layout, files=[bin_path])]
+                              input_layout=input_layout, files=[bin_path])]
+
+    def read_model(self, ctx: ConversionContext, ov: Any, ovc_error: type[Exception]) -> tuple[Any, str | None,
+                                                                                                 list[str]]:
+        """The source as an ``openvino.Model`` (here: from its fp32 ONNX export), its input layout, and notes."""
+        onnx_draft = ctx.onnx(Precision.FP32)
+        try:
+            model = ov.convert_model(str(onnx_draft.path))
+        except (RuntimeError, ovc_error) as exc:
+            raise ConversionError(f"OpenVINO could not read the ONNX export {onnx_draft.path} "
+                                  f"({_one_line(exc)}): check that the model's operators are supported by "
+                                  "OpenVINO's ONNX frontend") from exc
+        return model, onnx_draft.input_layout, []
 
     def _quantize(self, ctx: ConversionContext, model: Any, onnx_layout: str | None) -> tuple[Any, list[str]]:
         """NNCF post-training quantization of an OpenVINO model on the calibration samples."""

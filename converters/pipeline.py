@@ -29,7 +29,14 @@ from edge_sdk.converters.base import (
     check_precision,
     get_converter,
 )
-from edge_sdk.converters.routes import Route, candidate_routes, failure_reason, parse_forced_routes, route_context
+from edge_sdk.converters.routes import (
+    Route,
+    candidate_routes,
+    failure_reason,
+    parse_forced_routes,
+    route_context,
+    route_converter,
+)
 from edge_sdk.converters.sources import InputDtypes, ShapeSpec, load_source
 from edge_sdk.converters.validate import DEFAULT_TOLERANCES, Tolerance, reference_outputs, validate_artifact
 from edge_sdk.errors import CalibrationError, EdgeSDKError, UnsupportedConversionError, ValidationError
@@ -95,7 +102,8 @@ def _routes_with_precision(src: Any, fmt: Format, p: Precision, routes: list[Rou
     ok, first = [], None
     for r in routes:
         try:
-            check_precision(get_converter(src.framework if r.via is None else Framework.ONNX, fmt), p)
+            check_precision(route_converter(r) or get_converter(src.framework if r.via is None else Framework.ONNX,
+                                                                fmt), p)
             ok.append(r)
         except UnsupportedConversionError as exc:
             first = first or exc
@@ -290,8 +298,10 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
                     if d is not None and (res.status != "failed" or keep_failed):
                         artifacts.append(_place(d, res, bdir))
             if not artifacts:
-                raise ValidationError("no artifact passed: nothing was written; " + _summary(results),
+                err = ValidationError("no artifact passed: nothing was written; " + _summary(results),
                                       [f"{r.key}: {r.reason}" for r in results])
+                err.results = results  # type: ignore[attr-defined]
+                raise err
             smoke_extra, smoke_files = _write_smoke(bdir, val_set, ref, tols, val_origin)
             for art in artifacts:  # listed with every artifact so Bundle.verify and the signature cover them
                 art.files.extend(dict(f) for f in smoke_files)

@@ -23,7 +23,8 @@ from edge_sdk.converters.base import ConversionContext, Converter, check_precisi
 from edge_sdk.errors import EdgeSDKError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
-__all__ = ["ROUTES", "Route", "failure_reason", "parse_forced_routes", "route_context", "routes_for"]
+__all__ = ["ROUTES", "Route", "failure_reason", "parse_forced_routes", "route_context", "route_converter",
+           "routes_for"]
 
 
 def _not_torchscript(src: Any) -> str | None:
@@ -51,6 +52,7 @@ class Route:
     via: Format | None = None
     applies: Callable[[Any], str | None] = _always  # None when it applies to this source, else why not
     options: tuple[tuple[str, Any], ...] = ()  # ConvertOptions.extra entries this route sets for its converter
+    converter: str = ""  # "module:Class" of an unregistered converter this route uses instead of the registry's
 
 
 #: Ordered routes per (source framework, target). Pairs not listed have one direct route named after the tool
@@ -74,7 +76,11 @@ ROUTES: dict[tuple[Framework, Format], tuple[Route, ...]] = {
     (Framework.PYTORCH, Format.ONNX): (Route("torch.onnx", "torch.onnx.export"),),
     (Framework.KERAS, Format.ONNX): (Route("tf2onnx", "tf2onnx"),),
     (Framework.ONNX, Format.ONNX): (Route("as-is", "onnx"),),
-    (Framework.PYTORCH, Format.OPENVINO): (Route("onnx+openvino", "torch.onnx + openvino.convert_model"),),
+    (Framework.PYTORCH, Format.OPENVINO): (
+        Route("onnx+openvino", "torch.onnx + openvino.convert_model"),
+        Route("openvino-pytorch", "openvino.convert_model (PyTorch frontend)",
+              converter="edge_sdk.converters.torch_to_openvino:TorchToOpenVINO"),
+    ),
     (Framework.KERAS, Format.OPENVINO): (Route("onnx+openvino", "tf2onnx + openvino.convert_model"),),
     (Framework.ONNX, Format.OPENVINO): (Route("openvino", "openvino.convert_model"),),
     **{(fw, Format.ORT): (Route("ort-tools", "onnxruntime.tools.convert_onnx_models_to_ort"),)
@@ -144,7 +150,7 @@ def route_context(ctx: ConversionContext, route: Route, target: Format,
     """The context and converter that run ``route``: the given ones for a direct route; for a route via ONNX, a
     context whose source is the fp32 ONNX export of ``ctx.source`` (made once per conversion and shared)."""
     if route.via is None:
-        conv = get_converter(ctx.source.framework, target)
+        conv = route_converter(route) or get_converter(ctx.source.framework, target)
         check_precision(conv, precision)
         return (_with_options(ctx, route) if route.options else ctx), conv
     sub = ctx.derived.get(route.via)
@@ -163,6 +169,16 @@ def route_context(ctx: ConversionContext, route: Route, target: Format,
     conv = get_converter(Framework.ONNX, target)
     check_precision(conv, precision)
     return sub, conv
+
+
+def route_converter(route: Route) -> Converter | None:
+    """The converter a route names explicitly (imported on first use), or None for the registry's."""
+    if not route.converter:
+        return None
+    import importlib
+
+    module, _, cls = route.converter.partition(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
 def _with_options(ctx: ConversionContext, route: Route) -> ConversionContext:

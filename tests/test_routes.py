@@ -194,3 +194,17 @@ def test_cli_named_input_shapes(tmp_path: Path, capsys: pytest.CaptureFixture) -
     code = main(["convert", str(path), "--input-shape", "y=1,3,64,48", "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == 2 and "['y']" in err and "['x']" in err
+
+
+def test_openvino_pytorch_frontend_route(tmp_path: Path) -> None:
+    """The second route to OpenVINO (no ONNX step) gives the same numbers as the source; forced by name."""
+    pytest.importorskip("openvino")
+    from tiny_models import make_tiny
+
+    calib = np.random.default_rng(0).random((48, 3, 32, 32), dtype=np.float32)
+    b = convert(make_tiny(), out=tmp_path / "b", input_shape=[1, 3, 32, 32], to="openvino", precision="fp32,int8",
+                calib=calib, quiet=True, route="openvino-pytorch")
+    res = {r.key: r for r in b.results}
+    assert res["openvino/fp32"].route == "openvino-pytorch" and res["openvino/fp32"].validation.cosine > 0.9999
+    assert res["openvino/int8"].status == "passed" and res["openvino/int8"].validation.cosine > 0.99
+    assert "PyTorch frontend" in b.artifact("openvino", "fp32").notes[0]
