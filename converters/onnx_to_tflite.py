@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -42,9 +43,25 @@ _OUTPUT = {
 }
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_HELP = ("Read this and deal with it", "Alternatively, if the input OP", "If the input OP of ONNX",
+         "Also, for models that include", "The trace log is below", "input_onnx_file_path")
+
+
 def _tail(text: str, n: int = 6) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "I0000" not in ln and "W0000" not in ln]
-    return " | ".join(lines[-n:])[-600:] or "no output"
+    """The useful part of onnx2tf's output: the node it failed on and the exception, not its generic advice."""
+    lines = [_ANSI.sub("", ln).strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and "I0000" not in ln and "W0000" not in ln and not any(h in ln for h in _HELP)]
+    node = next((ln.split("onnx_op_name:", 1)[1].strip() for ln in lines if "onnx_op_name:" in ln), None)
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
+    detail = errors[-1] if errors else " | ".join(lines[-n:])
+    if errors and "Exception encountered when calling layer" in detail:  # Keras wraps the real message: add it
+        after = lines[lines.index(errors[-1]) + 1:]
+        if after and not after[0].startswith("Call arguments"):
+            detail = f"{detail} {after[0]}"
+    if node:
+        detail = f"at node {node}: {detail}"
+    return detail[-500:] or "no output"
 
 
 def _run_onnx2tf(model: Path, workdir: Path, flags: list[str]) -> Path:
