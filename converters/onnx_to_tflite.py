@@ -59,9 +59,10 @@ def _tail(text: str, n: int = 6) -> str:
         after = lines[lines.index(errors[-1]) + 1:]
         if after and not after[0].startswith("Call arguments"):
             detail = f"{detail} {after[0]}"
+    detail = detail[:400]
     if node:
         detail = f"at node {node}: {detail}"
-    return detail[-500:] or "no output"
+    return detail or "no output"
 
 
 def _run_onnx2tf(model: Path, workdir: Path, flags: list[str]) -> Path:
