@@ -187,7 +187,7 @@ def convert(
 
     ``input_shape`` is one shape or ``{input name: shape}``; it pins symbolic axes of ONNX / SavedModel / Keras
     sources before any static-shape tool runs. ``dynamic`` (e.g. ``"batch,height,width"``) keeps those axes
-    symbolic in the ONNX and OpenVINO artifacts of an ONNX source. ``input_dtypes`` gives integer inputs
+    symbolic in the ONNX and OpenVINO artifacts of an ONNX or PyTorch source. ``input_dtypes`` gives integer inputs
     (``{"input_ids": "int64"}``); ``custom_objects`` the ``module:name`` of custom Keras layers. ``route``
     forces one route (``"onnx2tf"`` or ``{"tflite": "onnx2tf"}``; see converters/routes.py); otherwise the routes
     of each target are tried in order until one gives a passing artifact. ``precision=None`` means fp32, or for an
