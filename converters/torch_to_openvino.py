@@ -18,6 +18,15 @@ from edge_sdk.formats import Format, Framework, Precision
 __all__ = ["TorchToOpenVINO"]
 
 
+def _summary(exc: BaseException) -> str:
+    """The frontend's own summary ("No conversion rule found for operations: ...") when it gives one, else the
+    first line: its full message is a multi-line trace of every op it visited."""
+    text = str(exc)
+    if "Summary:" in text:
+        return _one_line(Exception(text.split("Summary:", 1)[1]))[:300]
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 class TorchToOpenVINO(OnnxToOpenVINO):
     """PyTorch module (eager, ``.pt2`` or TorchScript) -> OpenVINO IR, no ONNX step. Not registered: a route."""
 
@@ -34,7 +43,7 @@ class TorchToOpenVINO(OnnxToOpenVINO):
             model = ov.convert_model(src.model, example_input=example if len(example) > 1 else example[0],
                                      input=[tuple(s) for s in src.input_shapes])
         except Exception as exc:  # the frontend raises its own failure types and torch errors alike
-            raise ConversionError(f"OpenVINO's PyTorch frontend could not convert the model ({_one_line(exc)[:300]})"
+            raise ConversionError(f"OpenVINO's PyTorch frontend could not convert the model ({_summary(exc)})"
                                   ": an op may be unsupported by OpenVINO") from None
         for port, name in zip(model.inputs, src.input_names, strict=False):
             port.get_tensor().set_names({name})
