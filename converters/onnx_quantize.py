@@ -278,6 +278,17 @@ def _ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], op
     return {"onnx_calibration": calib_name}
 
 
+def _check_loads(path: Path) -> None:
+    """Raise ConversionError when ONNX Runtime refuses the quantized graph (NNCF's Q/DQ placement can break a
+    Concat's rank on some real graphs: "All inputs to Concat must have same rank")."""
+    ort = require("onnxruntime", "onnx", "ONNX quantization")
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConversionError(f"the quantized model does not load in ONNX Runtime ({first})") from None
+
+
 def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, options: ConvertOptions,
                         sample_names: list[str] | None = None) -> dict[str, str]:
     """Static int8 QDQ quantization: per-channel int8 weights, uint8 (default) or int8 activations.
@@ -320,6 +331,8 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
         run = _nncf_qdq if tool == "nncf" else _ort_qdq
         try:
             info = run(pre, out_path, samples, names, options, act, float_layers)
+            if auto and tool == "nncf":
+                _check_loads(out_path)
         except Exception as exc:
             if not (auto and tool == "nncf"):
                 raise
@@ -330,6 +343,11 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
             tool = "ort"
             info = {**_ort_qdq(pre, out_path, samples, names, options, act, float_layers),
                     "onnx_quantizer_fallback": f"nncf failed ({first})"}
+        try:
+            _check_loads(out_path)
+        except ConversionError as exc:
+            raise ConversionError(f"{exc} after {tool} quantization: a quantizer bug on this graph; ship fp16 or "
+                                  "another target's int8 (openvino)") from None
     finally:
         pre.unlink(missing_ok=True)
     floats = _float_outputs(out_path) if options.extra.get("onnx_float_outputs", True) else 0
