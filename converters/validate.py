@@ -79,25 +79,36 @@ def run_artifact(path: Path, fmt: Format, samples: SampleSet, *, transpose: tupl
         session.close()
 
 
-def _match_outputs(ref: list[np.ndarray], got: list[np.ndarray]) -> list[np.ndarray]:
-    """Order ``got`` like ``ref`` (runtimes may reorder outputs): by shape where that is unambiguous."""
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    d = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / d) if d > 0 else 0.0
+
+
+def _match_outputs(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[list[np.ndarray], list[int] | None]:
+    """Order ``got`` like ``ref`` (converters may reorder outputs, e.g. TFLite sorts signature outputs): by shape,
+    and among outputs of the same shape by closeness to the source's. Returns the reordered list and the
+    permutation (artifact output index for each source output) when it is not the identity."""
     if len(ref) != len(got) or len(ref) == 1:
-        return got
-    out, used = [], set()
+        return got, None
+    order: list[int] = []
     for r in ref:
-        k = next((i for i, g in enumerate(got) if i not in used and g.shape == r.shape), None)
-        if k is None:
-            return got
-        used.add(k)
-        out.append(got[k])
-    return out
+        free = [i for i, g in enumerate(got) if i not in order and g.shape == r.shape]
+        if not free:
+            return got, None
+        order.append(max(free, key=lambda i: _cos(r, got[i])) if len(free) > 1 else free[0])
+    if order == list(range(len(got))):
+        return got, None
+    return [got[i] for i in order], order
 
 
 def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray], *, classifier: bool,
                     labels: np.ndarray | None = None) -> Validation:
     """Metrics of ``got`` against the reference ``ref`` (both stacked per output)."""
     v = Validation(samples=int(ref[0].shape[0]))
-    got = _match_outputs(ref, got)
+    got, order = _match_outputs(ref, got)
+    if order is not None:
+        v.checks["output_order"] = order  # artifact output index of each source output
     if len(ref) != len(got):
         v.failures.append(f"artifact has {len(got)} outputs, source has {len(ref)}")
         return v

@@ -249,7 +249,9 @@ class Agent:
         self.output_names = [s.name for s in out_specs]
         self._out_order: list[int] | None = None
         if len(m.outputs) == len(out_specs):
-            order = self._match_outputs(m.outputs, out_specs)
+            measured = (self.artifact.validation.checks or {}).get("output_order")  # found by validation
+            order = (list(measured) if isinstance(measured, list) and sorted(measured) == list(range(len(out_specs)))
+                     else self._match_outputs(m.outputs, out_specs))
             if order is not None:
                 self.output_names = [s.name for s in m.outputs]
                 self._out_order = None if order == list(range(len(order))) else order

@@ -208,3 +208,19 @@ def test_openvino_pytorch_frontend_route(tmp_path: Path) -> None:
     assert res["openvino/fp32"].route == "openvino-pytorch" and res["openvino/fp32"].validation.cosine > 0.9999
     assert res["openvino/int8"].status == "passed" and res["openvino/int8"].validation.cosine > 0.99
     assert "PyTorch frontend" in b.artifact("openvino", "fp32").notes[0]
+
+
+def test_validation_matches_reordered_same_shape_outputs() -> None:
+    """TFLite returns a SavedModel's outputs in its own order (basic-pitch: onset, note, contour vs contour, note,
+    onset): same-shape outputs are matched by closeness and the order is recorded for the device."""
+    from edge_sdk.converters.validate import compare_outputs
+
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal((6, 4, 8)).astype(np.float32) for _ in range(3))
+    wide = rng.standard_normal((6, 4, 24)).astype(np.float32)
+    v = compare_outputs([wide, a, b], [b, a, wide], classifier=False)
+    assert v.cosine == pytest.approx(1.0) and v.checks["output_order"] == [2, 1, 0]
+    v = compare_outputs([a, b], [a, b], classifier=False)
+    assert "output_order" not in v.checks
+    v = compare_outputs([a, b], [c, a], classifier=False)  # a real mismatch still shows
+    assert v.cosine < 0.9
