@@ -44,7 +44,7 @@ demo: install
 
 # PASSIVE: idle OpenMP threads sleep instead of spinning, so a shared 2-core box does not collapse
 test: install
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
