@@ -224,3 +224,51 @@ def test_validation_matches_reordered_same_shape_outputs() -> None:
     assert "output_order" not in v.checks
     v = compare_outputs([a, b], [c, a], classifier=False)  # a real mismatch still shows
     assert v.cosine < 0.9
+
+
+def test_keras_custom_layer_needs_and_takes_custom_objects(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A .keras model with a custom layer: without --custom-objects a one-line error says to pass it; with it the
+    model converts (in a fresh process, so the class is not already registered by an import)."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+import keras, numpy as np
+from keras_custom_layer import ScaledTanh
+inp = keras.Input((12,)); x = keras.layers.Dense(8)(inp); out = keras.layers.Dense(3)(ScaledTanh(0.7)(x))
+m = keras.Model(inp, out); m.save({str(tmp_path / "custom.keras")!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    run = [sys.executable, "-m", "edge_sdk.cli", "convert", str(tmp_path / "custom.keras"), "--to", "onnx", "--no-ort",
+           "--out"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    bad = subprocess.run([*run, str(tmp_path / "b1")], capture_output=True, text=True, timeout=300, env=env)
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and "--custom-objects" in errors[0], bad.stderr[-2000:]
+    good = subprocess.run([*run, str(tmp_path / "b2"), "--custom-objects", "keras_custom_layer:ScaledTanh"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert Bundle.load(tmp_path / "b2").artifact("onnx", "fp32").validation.cosine > 0.9999
+
+
+def test_a_crash_of_a_child_tool_is_that_artifacts_reason(tiny_torchscript, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnx2tf runs in a child process; a segfault there (signal 11) is the tflite artifact's one-line reason."""
+    import signal
+    import subprocess
+
+    from edge_sdk.converters import onnx_to_tflite
+
+    def crash(cmd, **kwargs):
+        raise subprocess.CalledProcessError(-signal.SIGSEGV, cmd, output="", stderr="Fatal Python error: ...")
+
+    monkeypatch.setattr(onnx_to_tflite.subprocess, "run", crash)
+    path, calib = tiny_torchscript
+    with pytest.raises(ValidationError) as info:
+        convert(str(path), out=tmp_path / "b", input_shape=[1, 3, 32, 32], to="tflite,onnx", precision="fp32",
+                calib=calib, ort=False, quiet=True)
+    res = {r.key: r for r in info.value.results}
+    assert res["onnx/fp32"].status == "passed"
+    assert res["tflite/fp32"].status == "error" and "onnx2tf crashed (SIGSEGV)" in res["tflite/fp32"].reason
