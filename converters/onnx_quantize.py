@@ -19,7 +19,7 @@ from edge_sdk._deps import has_module, require
 from edge_sdk.calibration import SampleSet
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions, check_precision
 from edge_sdk.converters.onnx_common import onnx_input_names, onnx_versions
-from edge_sdk.errors import CalibrationError, ConversionError
+from edge_sdk.errors import CalibrationError, ConversionError, first_line
 from edge_sdk.formats import Format, Precision
 
 __all__ = [
@@ -285,7 +285,7 @@ def _check_loads(path: Path) -> None:
     try:
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         raise ConversionError(f"the quantized model does not load in ONNX Runtime ({first})") from None
 
 
@@ -338,7 +338,7 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
                 raise
             # NNCF's graph analysis fails on some real graphs (If/Loop, custom domains): ONNX Runtime's own
             # quantizer is the next choice, and the manifest records why
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc, 200)
             out_path.unlink(missing_ok=True)
             tool = "ort"
             info = {**_ort_qdq(pre, out_path, samples, names, options, act, float_layers),

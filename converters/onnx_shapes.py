@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk._deps import require
+from edge_sdk.errors import first_line
 
 __all__ = ["AXIS_NAMES", "dynamic_axes", "input_dims", "pin_onnx", "resolve_dynamic_axes"]
 
@@ -107,7 +108,7 @@ def pin_onnx(src: Path, out: Path, shapes: Mapping[str, Sequence[int]],
     except Exception as exc:  # any failure of the inference falls back to the pinned inputs only
         model.graph.value_info.extend(v for v in stale if all(d.HasField("dim_value") for d in
                                                               v.type.tensor_type.shape.dim))
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc, 160)
         notes.append(f"shape inference failed after pinning ({first}): inputs pinned only")
     onnx.save_model(model, str(out))
     return notes

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edge_sdk.converters.base import ConversionContext, Converter, check_precision, get_converter
-from edge_sdk.errors import EdgeSDKError, UnsupportedConversionError
+from edge_sdk.errors import EdgeSDKError, UnsupportedConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 
 __all__ = ["ROUTES", "Route", "failure_reason", "parse_forced_routes", "route_context", "route_converter",
@@ -201,16 +201,11 @@ def _onnx_names(path: Any) -> list[str]:
     return onnx_input_names(path)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:240]
-
-
 def failure_reason(exc: BaseException, route: Route, stage: str) -> str:
     """One line for an attempt that raised: the SDK's own message as it is, anything else as tool + stage + fix."""
     if isinstance(exc, EdgeSDKError):
         return " ".join(str(exc).split())
     if isinstance(exc, MemoryError):
         return f"{route.tool} ran out of memory while {stage}: try a smaller --calib-limit or another route"
-    return (f"{route.tool} failed while {stage} ({type(exc).__name__}: {_first_line(exc)}): a bug or limit of "
+    return (f"{route.tool} failed while {stage} ({type(exc).__name__}: {first_line(exc)}): a bug or limit of "
             "that tool on this model; try another --route or target, or report it with the model")

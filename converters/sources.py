@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import sha256_path
-from edge_sdk.errors import SourceModelError
+from edge_sdk.errors import SourceModelError, first_line
 from edge_sdk.formats import Framework
 
 __all__ = ["InputDtypes", "KerasSource", "OnnxSource", "ShapeSpec", "TorchSource", "import_class", "load_source"]
@@ -461,7 +461,7 @@ def _saved_model_source(path: Path, input_shape: ShapeSpec | None) -> KerasSourc
         sig = loaded.signatures["serving_default"]
     except Exception as exc:  # TF raises many types for a broken SavedModel
         raise SourceModelError(f"{path} is not a loadable SavedModel with a serving_default signature "
-                               f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]})") from None
+                               f"({first_line(exc, 120)})") from None
     _, kwargs = sig.structured_input_signature
     names = sorted(kwargs)
     _check_names(input_shape, names, "--input-shape")
@@ -513,7 +513,7 @@ def _load_keras(path: Path | None, model: Any, input_shape: ShapeSpec | None,
                 else None
             if legacy is not None:
                 return _load_keras(path, legacy, input_shape)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            first = first_line(exc, 160)
             hint = ("if it uses custom layers, pass --custom-objects module:ClassName" if
                     any(w in str(exc) for w in ("Unknown", "custom", "not found", "Could not locate"))
                     else "the file may be truncated or corrupt")

@@ -35,7 +35,7 @@ from edge_sdk.converters.coreml_spec import (
     shim_notes,
 )
 from edge_sdk.converters.shims import explain
-from edge_sdk.errors import ConversionError
+from edge_sdk.errors import ConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 
 __all__ = ["TorchToCoreML"]
@@ -54,7 +54,7 @@ def _capture(model: Any, example: tuple[Any, ...], how: str = "export") -> tuple
                 warnings.simplefilter("ignore")  # torch.jit.trace is deprecated in torch 2.13 but still works
                 return torch.jit.trace(model, example, strict=False), "torch.jit.trace"
         except Exception as exc:  # tracing raises many types: this route's reason
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc, 200)
             raise ConversionError(f"torch.jit.trace failed before Core ML conversion ({first})") from exc
     try:
         with torch.no_grad():

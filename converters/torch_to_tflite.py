@@ -20,15 +20,10 @@ from typing import Any
 from edge_sdk._deps import require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
-from edge_sdk.errors import ConversionError, UnsupportedConversionError
+from edge_sdk.errors import ConversionError, UnsupportedConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 
 __all__ = ["TorchToTFLite"]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _annotate_conv_clamp(torch: Any, utils: Any, gm: Any, config: Any) -> None:
@@ -168,7 +163,7 @@ class TorchToTFLite:
             edge_model = litert_torch.convert(model, example, quant_config=quant_config)
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
             raise ConversionError(f"litert-torch could not convert the model to {precision.value} tflite "
-                                  f"({type(exc).__name__}: {_first_line(exc)}): check the model passes "
+                                  f"({type(exc).__name__}: {first_line(exc)}): check the model passes "
                                   "torch.export.export(model, example_inputs), or use --format onnx") from None
         out = ctx.path_for(Format.TFLITE, precision, ".tflite")
         edge_model.export(str(out))

@@ -15,7 +15,7 @@ import numpy as np
 from edge_sdk.bundle import TensorSpec, Validation
 from edge_sdk.calibration import SampleSet
 from edge_sdk.device_agent.runtimes import runtime_for
-from edge_sdk.errors import EdgeSDKError, InferenceError
+from edge_sdk.errors import EdgeSDKError, InferenceError, first_line
 from edge_sdk.formats import Format, Precision
 
 __all__ = ["DEFAULT_TOLERANCES", "Tolerance", "compare_outputs", "reference_outputs", "run_artifact",
@@ -176,7 +176,7 @@ def validate_artifact(path: Path, fmt: Format, precision: Precision, samples: Sa
     except EdgeSDKError as exc:
         return Validation(passed=False, samples=len(samples), failures=[f"could not run: {exc}"]), [], []
     except Exception as exc:  # a runtime rejecting a broken artifact raises its own types: the artifact failed
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        first = first_line(exc, 240)
         return Validation(passed=False, samples=len(samples),
                           failures=[f"could not run in {fmt.value}'s runtime ({type(exc).__name__}: {first})"]), [], []
     v = compare_outputs(list(reference), got, classifier=classifier, labels=labels)

@@ -36,7 +36,15 @@ __all__ = [
     "TelemetryError",
     "UnsupportedConversionError",
     "ValidationError",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), at most ``limit``
+    characters: what a one-line error quotes from a tool that raised."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
 class EdgeSDKError(Exception):

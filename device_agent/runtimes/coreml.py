@@ -18,18 +18,13 @@ import numpy as np
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.device_agent.runtimes.base import check_inputs
-from edge_sdk.errors import InferenceError, InputError
+from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
 
 __all__ = ["RUNTIME", "CoreMLRuntime", "CoreMLSession", "package_io"]
 
 # FeatureTypes.proto ArrayFeatureType.ArrayDataType
 _ARRAY_DTYPES = {65568: "float32", 65552: "float16", 65600: "float64", 131104: "int32", 131080: "int8"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:240] if text else type(exc).__name__
 
 
 def _specs(features: Any) -> list[TensorSpec]:
@@ -59,7 +54,7 @@ def package_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     try:
         spec = ct.utils.load_spec(str(path))
     except _load_errors() as exc:
-        raise InferenceError(f"cannot read Core ML package {path.name} ({_first_line(exc)}): the package may be "
+        raise InferenceError(f"cannot read Core ML package {path.name} ({first_line(exc)}): the package may be "
                              "truncated or corrupt; re-copy the bundle") from None
     return _specs(spec.description.input), _specs(spec.description.output)
 
@@ -92,7 +87,7 @@ class CoreMLSession:
         try:
             result = self._model.predict(feed)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise InferenceError(f"Core ML failed to run {self.path.name} ({_first_line(exc)}): check the inputs "
+            raise InferenceError(f"Core ML failed to run {self.path.name} ({first_line(exc)}): check the inputs "
                                  "match the model's inputs") from None
         outs = [np.asarray(result[n]) for n in self._out_names]
         return outs if raw else [o.astype(np.float32, copy=False) for o in outs]
@@ -133,7 +128,7 @@ class CoreMLRuntime:
         try:
             model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
         except _load_errors() as exc:
-            raise InferenceError(f"Core ML cannot load {path.name} ({_first_line(exc)}): the package may be "
+            raise InferenceError(f"Core ML cannot load {path.name} ({first_line(exc)}): the package may be "
                                  "truncated or corrupt, or need a newer macOS") from None
         return CoreMLSession(model, path, inputs, outputs)
 

@@ -19,7 +19,7 @@ import numpy as np
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.device_agent.runtimes.base import cast_integers, check_inputs, quantize
-from edge_sdk.errors import InferenceError, InputError
+from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
 
 __all__ = ["EDGETPU_LIBRARY", "RUNTIME", "LiteRTRuntime", "LiteRTSession"]
@@ -35,11 +35,6 @@ def _interpreter_module() -> ModuleType:
     if has_module("tflite_runtime"):
         return require("tflite_runtime.interpreter", "litert", "running .tflite models")
     return require("ai_edge_litert.interpreter", "litert", "running .tflite models")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return text[0][:240] if text else type(exc).__name__
 
 
 def _spec(detail: dict[str, Any]) -> TensorSpec:
@@ -65,7 +60,7 @@ def _edgetpu_delegate(mod: ModuleType) -> Any:
     try:
         return mod.load_delegate(EDGETPU_LIBRARY)
     except (ValueError, RuntimeError, OSError) as exc:
-        raise InferenceError(f"cannot load the Edge TPU delegate {EDGETPU_LIBRARY} ({_first_line(exc)}): "
+        raise InferenceError(f"cannot load the Edge TPU delegate {EDGETPU_LIBRARY} ({first_line(exc)}): "
                              "check the accelerator is connected and the runtime version matches") from None
 
 
@@ -151,7 +146,7 @@ class LiteRTSession:
             interp.invoke()
             outs = [interp.get_tensor(i) for i in self._out_idx]  # get_tensor returns a copy
         except (ValueError, RuntimeError) as exc:
-            raise InferenceError(f"LiteRT failed to run {self.path.name} ({_first_line(exc)}): check the inputs "
+            raise InferenceError(f"LiteRT failed to run {self.path.name} ({first_line(exc)}): check the inputs "
                                  "match the model's inputs") from None
         if raw or not self._any_out_quant:
             return outs
@@ -206,7 +201,7 @@ class LiteRTRuntime:
                                      experimental_delegates=delegates or None)
             interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise InferenceError(f"LiteRT cannot load {path.name} ({_first_line(exc)}): the file may be truncated "
+            raise InferenceError(f"LiteRT cannot load {path.name} ({first_line(exc)}): the file may be truncated "
                                  "or corrupt, need Flex (select TF) ops, or need a newer ai-edge-litert") from None
         return LiteRTSession(interp, path, delegate)
 

@@ -16,7 +16,7 @@ import numpy as np
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.device_agent.runtimes.base import cast_integers, check_inputs, dequantize, quantize
-from edge_sdk.errors import InferenceError, InputError
+from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
 
 __all__ = ["RUNTIME", "OnnxRuntime", "OnnxRuntimeSession"]
@@ -34,11 +34,6 @@ def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:
     state = ort.capi.onnxruntime_pybind11_state
     found = tuple(o for o in vars(state).values() if isinstance(o, type) and issubclass(o, Exception))
     return (*found, RuntimeError)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:240] if text else type(exc).__name__
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -118,7 +113,7 @@ class OnnxRuntimeSession:
         try:
             outs = self._session.run(self._out_names, feed)
         except self._errors as exc:
-            raise InferenceError(f"ONNX Runtime failed to run {self.path.name} ({_first_line(exc)}): "
+            raise InferenceError(f"ONNX Runtime failed to run {self.path.name} ({first_line(exc)}): "
                                  "check the inputs match the model's inputs") from None
         if raw or not self._any_out_quant:
             return outs
@@ -170,7 +165,7 @@ class OnnxRuntime:
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         except errors as exc:
-            raise InferenceError(f"ONNX Runtime {ort.__version__} cannot load {path.name} ({_first_line(exc)}): "
+            raise InferenceError(f"ONNX Runtime {ort.__version__} cannot load {path.name} ({first_line(exc)}): "
                                  "the file may be truncated or corrupt, or need a newer onnxruntime") from None
         return OnnxRuntimeSession(session, path, errors)
 
