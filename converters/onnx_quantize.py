@@ -45,6 +45,7 @@ def _pre_process(fp32_path: Path, out_path: Path) -> Path:
     """
     shape_inference = require("onnxruntime.quantization.shape_inference", "onnx", "ONNX quantization")
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
+    fp32_path = _at_least_opset(fp32_path, out_path.with_name(out_path.stem + ".opset.onnx"))
     for skip_symbolic in (False, True):
         try:
             shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=skip_symbolic)
@@ -55,6 +56,27 @@ def _pre_process(fp32_path: Path, out_path: Path) -> Path:
             pre.unlink(missing_ok=True)
     shutil.copyfile(fp32_path, pre)
     return pre
+
+
+_MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the axis attribute) needs opset 13
+
+
+def _at_least_opset(path: Path, out: Path) -> Path:
+    """``path`` upgraded to opset 13 when it is older (ddddocr's detector is opset 11: per-channel Q/DQ in it is
+    an invalid graph); ``path`` itself when it is new enough or the upgrade fails (then quantizers may refuse)."""
+    onnx = require("onnx", "onnx", "ONNX quantization")
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _MIN_QDQ_OPSET)
+    if opset >= _MIN_QDQ_OPSET:
+        return path
+    try:
+        upgraded = onnx.version_converter.convert_version(model, _MIN_QDQ_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the version converter lacks adapters for some ops: quantize the original
+        logging.getLogger(__name__).info("opset %d -> %d upgrade failed: %s", opset, _MIN_QDQ_OPSET, first_line(exc))
+        return path
+    onnx.save_model(upgraded, str(out))
+    return out
 
 
 def _feed_array(x: np.ndarray) -> np.ndarray:
