@@ -33,7 +33,7 @@ from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_pre
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
-__all__ = ["RUNTIME_HINTS", "OnnxToOpenVINO"]
+__all__ = ["RUNTIME_HINTS", "OnnxToOpenVINO", "ov_error_summary"]
 
 #: Runtime hints written into every OpenVINO artifact; the keys are keyword arguments of
 #: ``OpenVINORuntime.load``. "f32" keeps results faithful to the source (validation needs it: AMX /
@@ -55,6 +55,16 @@ def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines()]
     useful = [ln for ln in lines if ln and not ln.startswith(("Exception from", "Check '"))]
     return "; ".join(useful or [ln for ln in lines if ln][-1:])[-400:] or type(exc).__name__
+
+
+def ov_error_summary(exc: BaseException) -> str:
+    """An OpenVINO frontend error in one line: its own summary ("No conversion rule found for operations: ...")
+    when it gives one — the full message is a trace of every op it visited — else its useful lines."""
+    text = str(exc)
+    for marker in ("Summary:", "No conversion rule found for operations:"):
+        if marker in text:
+            return _one_line(Exception(marker + text.split(marker, 1)[1]))[:300]
+    return _one_line(exc)[:300]
 
 
 def _to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
@@ -93,10 +103,9 @@ class OnnxToOpenVINO:
         """Write ``<workdir>/openvino/<precision>.xml`` (+ ``.bin``) and describe it."""
         check_precision(self, precision)
         ov = require("openvino", "openvino-convert", "OpenVINO conversion")
-        ovc_error = require("openvino.tools.ovc.error", "openvino-convert", "OpenVINO conversion").Error
         if precision is Precision.INT8:  # fail before the (slow) ONNX export when data is missing
             ctx.require_calibration("OpenVINO int8 (NNCF) quantization")
-        model, input_layout, notes = self.read_model(ctx, ov, ovc_error)
+        model, input_layout, notes = self.read_model(ctx, ov)
         tool_versions = {"openvino": _tool_version("openvino")}
         if precision is Precision.INT8:
             model, quant_notes = self._quantize(ctx, model, input_layout)
@@ -120,16 +129,15 @@ class OnnxToOpenVINO:
                               tool_versions=tool_versions, runtime=dict(RUNTIME_HINTS), notes=notes,
                               input_layout=input_layout, files=[bin_path])]
 
-    def read_model(self, ctx: ConversionContext, ov: Any, ovc_error: type[Exception]) -> tuple[Any, str | None,
-                                                                                                 list[str]]:
+    def read_model(self, ctx: ConversionContext, ov: Any) -> tuple[Any, str | None, list[str]]:
         """The source as an ``openvino.Model`` (here: from its fp32 ONNX export), its input layout, and notes."""
         onnx_draft = ctx.onnx(Precision.FP32)
         try:
             model = ov.convert_model(str(onnx_draft.path))
-        except (RuntimeError, ovc_error) as exc:
-            raise ConversionError(f"OpenVINO could not read the ONNX export {onnx_draft.path} "
-                                  f"({_one_line(exc)}): check that the model's operators are supported by "
-                                  "OpenVINO's ONNX frontend") from exc
+        except Exception as exc:  # the frontends raise OpConversionFailure etc., not RuntimeError subclasses
+            raise ConversionError(f"OpenVINO could not read the ONNX export {onnx_draft.path.name} "
+                                  f"({ov_error_summary(exc)}): check that the model's operators are supported by "
+                                  "OpenVINO's ONNX frontend") from None
         return model, onnx_draft.input_layout, []
 
     def _quantize(self, ctx: ConversionContext, model: Any, onnx_layout: str | None) -> tuple[Any, list[str]]:

@@ -81,7 +81,11 @@ ROUTES: dict[tuple[Framework, Format], tuple[Route, ...]] = {
         Route("openvino-pytorch", "openvino.convert_model (PyTorch frontend)",
               converter="edge_sdk.converters.torch_to_openvino:TorchToOpenVINO"),
     ),
-    (Framework.KERAS, Format.OPENVINO): (Route("onnx+openvino", "tf2onnx + openvino.convert_model"),),
+    (Framework.KERAS, Format.OPENVINO): (
+        Route("onnx+openvino", "tf2onnx + openvino.convert_model"),
+        Route("openvino-tf", "openvino.convert_model (TensorFlow frontend)",
+              converter="edge_sdk.converters.keras_to_openvino:KerasToOpenVINO"),
+    ),
     (Framework.ONNX, Format.OPENVINO): (Route("openvino", "openvino.convert_model"),),
     **{(fw, Format.ORT): (Route("ort-tools", "onnxruntime.tools.convert_onnx_models_to_ort"),)
        for fw in (Framework.PYTORCH, Framework.KERAS, Framework.ONNX)},

@@ -202,6 +202,9 @@ class KerasSource(_Base):
         if model is not None:
             self.input_names = [t.name.split(":")[0] for t in model.inputs]
             self.output_names = [t.name.split(":")[0] for t in model.outputs]
+            if type(model).__module__.startswith("tf_keras") and len(getattr(model, "output_names", [])) == len(
+                    self.output_names):  # Keras 2 tensors are named "dense_7/Softmax": use the layer names
+                self.output_names = list(model.output_names)
         else:
             sig = self._serving_signature()
             _, kwargs = sig.structured_input_signature

@@ -11,20 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from edge_sdk.converters.base import ConversionContext
-from edge_sdk.converters.onnx_to_openvino import OnnxToOpenVINO, _one_line
+from edge_sdk.converters.onnx_to_openvino import OnnxToOpenVINO, ov_error_summary
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
 __all__ = ["TorchToOpenVINO"]
-
-
-def _summary(exc: BaseException) -> str:
-    """The frontend's own summary ("No conversion rule found for operations: ...") when it gives one, else the
-    first line: its full message is a multi-line trace of every op it visited."""
-    text = str(exc)
-    if "Summary:" in text:
-        return _one_line(Exception(text.split("Summary:", 1)[1]))[:300]
-    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 class TorchToOpenVINO(OnnxToOpenVINO):
@@ -34,8 +25,7 @@ class TorchToOpenVINO(OnnxToOpenVINO):
     target = Format.OPENVINO
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
 
-    def read_model(self, ctx: ConversionContext, ov: Any, ovc_error: type[Exception]) -> tuple[Any, str | None,
-                                                                                                 list[str]]:
+    def read_model(self, ctx: ConversionContext, ov: Any) -> tuple[Any, str | None, list[str]]:
         """``openvino.convert_model`` on the module with the source's example inputs and their shapes."""
         src = ctx.source
         example = tuple(src.example_inputs())
@@ -43,7 +33,7 @@ class TorchToOpenVINO(OnnxToOpenVINO):
             model = ov.convert_model(src.model, example_input=example if len(example) > 1 else example[0],
                                      input=[tuple(s) for s in src.input_shapes])
         except Exception as exc:  # the frontend raises its own failure types and torch errors alike
-            raise ConversionError(f"OpenVINO's PyTorch frontend could not convert the model ({_summary(exc)})"
+            raise ConversionError(f"OpenVINO's PyTorch frontend could not convert the model ({ov_error_summary(exc)})"
                                   ": an op may be unsupported by OpenVINO") from None
         for port, name in zip(model.inputs, src.input_names, strict=False):
             port.get_tensor().set_names({name})

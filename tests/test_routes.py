@@ -272,3 +272,18 @@ def test_a_crash_of_a_child_tool_is_that_artifacts_reason(tiny_torchscript, tmp_
     res = {r.key: r for r in info.value.results}
     assert res["onnx/fp32"].status == "passed"
     assert res["tflite/fp32"].status == "error" and "onnx2tf crashed (SIGSEGV)" in res["tflite/fp32"].reason
+
+
+def test_openvino_tensorflow_frontend_route_for_keras(tmp_path: Path) -> None:
+    """Keras -> OpenVINO without the tf2onnx step (the route Keras 2 recurrent models need), forced by name."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("tensorflow")
+    from keras_models import build_keras_fashion_cnn
+
+    model = build_keras_fashion_cnn()
+    calib = np.random.default_rng(0).random((40, 28, 28, 1), dtype=np.float32)
+    b = convert(model, out=tmp_path / "b", to="openvino", precision="fp32", calib=calib, quiet=True,
+                route="openvino-tf")
+    (res,) = b.results
+    assert res.route == "openvino-tf" and res.status == "passed" and res.validation.cosine > 0.9999
+    assert b.artifact("openvino", "fp32").inputs[0].shape == [1, 28, 28, 1]  # the Keras layout, kept
