@@ -89,12 +89,15 @@ def run_one(name: str, targets: list[str], precisions: list[str], n_calib: int, 
                  "unsupported": "n/a"}.get(r.status, r.status)
         if state == "error" and _unrepresentable(r.reason):
             state = "n/r"
-        elif state == "error" and "an existing model is bundled as it is" in r.reason:
-            state = "n/a"  # an existing .tflite / IR ships in its own precision only
+        elif state == "error" and any(m in r.reason for m in _NO_CONVERTER):
+            state = "n/a"  # an existing .tflite / IR ships in its own precision; int8-I/O files go nowhere else
         row["cells"][r.key] = {"state": state, "reason": r.reason, "route": r.route, "attempts": r.attempts,
                                "cosine": v.cosine, "top1": v.top1_agreement, "seconds": getattr(r, "seconds", None),
                                "size": r.size_bytes}
     return row
+
+
+_NO_CONVERTER = ("an existing model is bundled as it is", "is a full-integer model with int8 inputs/outputs")
 
 
 def _unrepresentable(reason: str) -> bool:
