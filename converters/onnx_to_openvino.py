@@ -30,7 +30,7 @@ import numpy as np
 from edge_sdk._deps import require
 from edge_sdk.calibration import SampleSet
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
-from edge_sdk.errors import ConversionError
+from edge_sdk.errors import ConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 
 __all__ = ["RUNTIME_HINTS", "OnnxToOpenVINO", "ov_error_summary"]
@@ -167,16 +167,28 @@ class OnnxToOpenVINO:
         arrays = [_to_layout(a, ctx.source.layout, onnx_layout or ctx.source.layout) for a in samples.arrays]
         items = [[a[i:i + 1] for a in arrays] for i in range(len(samples))]
         nncf.set_log_level(logging.ERROR)
-        try:  # NNCF draws rich progress bars on stdout; the pipeline reports progress itself
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantized = nncf.quantize(
-                    model, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=fast_bc,
-                    preset=getattr(nncf.QuantizationPreset, preset_name.upper()), **kwargs)
-        except (RuntimeError, ValueError, nncf.ValidationError, nncf.InternalError,
-                nncf.UnsupportedModelError) as exc:
-            raise ConversionError(f"NNCF int8 quantization failed ({_one_line(exc)}): check the calibration "
-                                  "samples fit the model, or use fp16") from exc
+        failures = (RuntimeError, ValueError, nncf.ValidationError, nncf.InternalError, nncf.UnsupportedModelError)
+
+        def run(fast: bool = fast_bc, **extra: Any) -> Any:
+            with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars; the pipeline reports itself
+                return nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=fast,
+                                     preset=getattr(nncf.QuantizationPreset, preset_name.upper()), **kwargs, **extra)
+
         bc = "fast bias correction" if fast_bc else "full bias correction"
+        try:
+            quantized = run()
+        except failures as exc:
+            if "BiasCorrection" not in str(exc) or "advanced_parameters" in kwargs:
+                raise ConversionError(f"NNCF int8 quantization failed ({_one_line(exc)}): check the calibration "
+                                      "samples fit the model, or use fp16") from exc
+            # bias correction cannot run through If/Loop operations (recurrent models): quantize without it
+            adv = require("nncf.quantization.advanced_parameters", "openvino-convert", "OpenVINO int8 quantization")
+            try:
+                quantized = run(True, advanced_parameters=adv.AdvancedQuantizationParameters(
+                    disable_bias_correction=True))
+            except failures as exc2:
+                raise ConversionError(f"NNCF int8 quantization failed ({_one_line(exc2)}): use fp16") from exc2
+            bc = f"no bias correction ({first_line(exc, 120)})"
         notes = [f"NNCF post-training int8, preset {preset_name}, {bc}, {len(items)} calibration samples"
                  + (f", {range_name} activation ranges" if range_name else "")]
         if ignored:

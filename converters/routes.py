@@ -33,12 +33,6 @@ def _not_torchscript(src: Any) -> str | None:
     return None
 
 
-def _not_torchscript_given(src: Any) -> str | None:
-    if getattr(src, "kind", "") == "torchscript":
-        return "the source is TorchScript already (the first route converts it as it is)"
-    return None
-
-
 def _always(src: Any) -> str | None:
     return None
 
@@ -69,8 +63,7 @@ ROUTES: dict[tuple[Framework, Format], tuple[Route, ...]] = {
     (Framework.ONNX, Format.TFLITE): (Route("onnx2tf", "onnx2tf"),),
     (Framework.PYTORCH, Format.COREML): (
         Route("coremltools", "coremltools (torch.export)"),
-        Route("coremltools-trace", "coremltools (torch.jit.trace)", applies=_not_torchscript_given,
-              options=(("coreml_capture", "trace"),)),
+        Route("coremltools-trace", "coremltools (torch.jit.trace)", options=(("coreml_capture", "trace"),)),
     ),
     (Framework.KERAS, Format.COREML): (Route("coremltools", "coremltools"),),
     (Framework.PYTORCH, Format.ONNX): (Route("torch.onnx", "torch.onnx.export"),),

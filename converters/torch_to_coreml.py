@@ -46,10 +46,15 @@ def _capture(model: Any, example: tuple[Any, ...], how: str = "export") -> tuple
     ``how="trace"`` (the route ``coremltools-trace``) a ``torch.jit.trace``: coremltools' TorchScript frontend
     still covers ops its torch.export frontend does not (``lstm``: "Unsupported fx node lstm")."""
     torch = require("torch", "torch", "PyTorch to Core ML conversion")
-    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+    script = isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
+    if script and how != "trace":
         return model, "torchscript (given)"
     if how == "trace":
         try:
+            if script:  # optional parameters and control flow coremltools cannot follow: trace the one call
+                from edge_sdk.converters.torch_to_onnx import retraced
+
+                return retraced(model, example), "torch.jit.trace of the TorchScript call"
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit.trace is deprecated in torch 2.13 but still works
                 return torch.jit.trace(model, example, strict=False), "torch.jit.trace"

@@ -21,7 +21,7 @@ from edge_sdk.converters.onnx_quantize import OnnxExporter
 from edge_sdk.errors import ConversionError
 from edge_sdk.formats import Framework
 
-__all__ = ["TorchToOnnx", "output_names_for"]
+__all__ = ["TorchToOnnx", "output_names_for", "retraced"]
 
 
 def output_names_for(names: list[str] | None, count: int | None = None) -> list[str]:
@@ -36,6 +36,25 @@ def output_names_for(names: list[str] | None, count: int | None = None) -> list[
 def _is_script_module(model: Any) -> bool:
     torch = require("torch", "torch", "PyTorch export")
     return isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
+
+
+def retraced(model: Any, args: tuple) -> Any:
+    """A scripted module called with exactly ``args``, traced: ``torch.jit.trace`` of a wrapper records the one
+    path these inputs take, dropping optional parameters (silero-vad's ``forward(x, state=None)``) and the control
+    flow around them that the TorchScript exporter and coremltools cannot follow."""
+    torch = require("torch", "torch", "PyTorch export")
+
+    class _Call(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *xs: Any) -> Any:
+            return self.inner(*xs)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(_Call(model).eval(), args, check_trace=False)
 
 
 def _count_outputs(model: Any, args: tuple) -> int:
@@ -59,20 +78,24 @@ def export_torch(model: Any, args: tuple, out: Path, *, input_names: list[str], 
         onnxscript = require("onnxscript", "torch", "PyTorch dynamo export to ONNX")
         versions["onnxscript"] = getattr(onnxscript, "__version__", "unknown")
     axes = {n: {a: f"{n}_{a}" for a in sorted(ax)} for n, ax in (dynamic_axes or {}).items() if ax}
+    strategies = ([("TorchScript exporter", "torchscript", False), ("TorchScript exporter on a traced call",
+                                                                     "torchscript-retraced", False)] if script
+                  else [("dynamo exporter", "dynamo", True), ("TorchScript exporter", "torchscript", False)])
     attempts: list[str] = []
-    for use_dynamo in ([False] if script else [True, False]):
-        how = "dynamo exporter" if use_dynamo else "TorchScript exporter"
+    for how, tag, use_dynamo in strategies:
         log = io.StringIO()
         try:
             with torch.no_grad(), redirect_stdout(log), redirect_stderr(log), warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
                 warnings.simplefilter("ignore", FutureWarning)
-                torch.onnx.export(model, args, str(out), input_names=list(input_names), output_names=names,
+                warnings.simplefilter("ignore", UserWarning)
+                subject = retraced(model, args) if tag == "torchscript-retraced" else model
+                torch.onnx.export(subject, args, str(out), input_names=list(input_names), output_names=names,
                                   opset_version=opset, dynamo=use_dynamo, external_data=False,
                                   dynamic_axes=axes or None)
-            attempts.append("")
+            versions["exporter"] = tag
             break
-        except Exception as exc:  # any failure of one exporter (dynamo raises many types): try the other one
+        except Exception as exc:  # any failure of one exporter (dynamo raises many types): try the next one
             lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
             tail = " | ".join(lines[-3:])[-400:] or type(exc).__name__
             attempts.append(f"{how} ({type(exc).__name__}: {tail})")
@@ -81,8 +104,7 @@ def export_torch(model: Any, args: tuple, out: Path, *, input_names: list[str], 
         raise ConversionError(f"torch.onnx.export (opset {opset}) failed with every exporter: "
                               + "; ".join(attempts) + ": check the model runs on the given input shape, or try "
                               "another --opset")
-    versions["exporter"] = "dynamo" if (not script and len(attempts) == 1) else "torchscript"
-    if len(attempts) > 1:
+    if attempts:
         versions["exporter_fallback"] = attempts[0][:300]
     if not out.exists():
         raise ConversionError(f"torch.onnx.export wrote no file at {out}: check the model and the opset")
@@ -108,6 +130,5 @@ class TorchToOnnx(OnnxExporter):
             notes.append("dynamic axes kept as asked (--dynamic): " + ", ".join(
                 f"{n}{sorted(a)}" for n, a in dynamic.items() if a) + "; validated at the pinned shape")
         if "exporter_fallback" in versions:
-            notes.append("the dynamo exporter failed, the TorchScript exporter was used: "
-                         + versions.pop("exporter_fallback"))
+            notes.append(f"{versions['exporter']} used after: " + versions.pop("exporter_fallback"))
         return fp32_onnx_draft(out, versions, notes, extra="torch")
