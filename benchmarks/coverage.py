@@ -83,6 +83,7 @@ def run_one(name: str, targets: list[str], precisions: list[str], n_calib: int, 
             for p in precisions:
                 row["cells"][f"{t}/{p}"] = {"state": "crash", "reason": f"{type(exc).__name__}: {exc}"[:400]}
     row["seconds"] = round(time.perf_counter() - t0, 1)
+    _same_cause_as_fp32(row)
     for r in results:
         v = r.validation
         state = {"passed": "pass", "skipped-validation": "spec", "failed": "refused", "error": "error",
@@ -98,6 +99,16 @@ def run_one(name: str, targets: list[str], precisions: list[str], n_calib: int, 
 
 
 _NO_CONVERTER = ("an existing model is bundled as it is", "is a full-integer model with int8 inputs/outputs")
+
+
+def _same_cause_as_fp32(row: dict[str, Any]) -> None:
+    """A target that cannot represent the model in fp32 cannot in int8 either: those int8 errors are n/r too."""
+    for key, cell in row["cells"].items():
+        target, _, precision = key.partition("/")
+        fp32 = row["cells"].get(f"{target}/fp32", {})
+        if precision != "fp32" and cell["state"] == "error" and fp32.get("state") == "n/r":
+            cell["state"] = "n/r"
+            cell["reason"] = f"as fp32 ({fp32['reason'][:200]}); " + cell["reason"]
 
 
 def _unrepresentable(reason: str) -> bool:
