@@ -206,6 +206,11 @@ def convert(
     load_builtin_converters()
     forced = parse_forced_routes(route)
     dyn = [d for d in (dynamic.split(",") if isinstance(dynamic, str) else dynamic) if str(d).strip()]
+    # bad names are refused before the (possibly slow) model load
+    fixed_pairs = [(Format.parse(str(f)), Precision.parse(str(p))) for f, p in variants] if variants is not None \
+        else None
+    targets: list[Format] = _as_list(to, Format)
+    asked: list[Precision] | None = None if precision is None else _as_list(precision, Precision)
     out = Path(out)
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise EdgeSDKError(f"{out} already exists: choose another --out or pass --overwrite")
@@ -218,13 +223,11 @@ def convert(
                           framework=framework, input_dtypes=input_dtypes, custom_objects=custom_objects,
                           dynamic=dyn)
     try:
-        if variants is not None:
-            pairs = [(Format.parse(str(f)), Precision.parse(str(p))) for f, p in variants]
+        if fixed_pairs is not None:
+            pairs = fixed_pairs
         else:
-            targets: list[Format] = _as_list(to, Format)
             own = getattr(src, "precision", None)  # an existing .tflite / IR is bundled in its own precision
-            precisions: list[Precision] = ([own or Precision.FP32] if precision is None
-                                           else _as_list(precision, Precision))
+            precisions = asked if asked is not None else [own or Precision.FP32]
             if Format.ONNX in targets and ort and Format.ORT not in targets:
                 targets.insert(targets.index(Format.ONNX) + 1, Format.ORT)
             pairs = [(f, p) for f in targets for p in precisions]
