@@ -137,13 +137,13 @@ def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"model": name, "kind": "?", "what": "", "requirement": "", "cells": cells}
 
 
-def _cell_text(c: dict[str, Any]) -> str:
+def _cell_text(c: dict[str, Any], with_route: bool = False) -> str:
     s = c["state"]
     if s == "pass":
         fig = f"{c['cosine']:.4f}" if c.get("cosine") is not None else ""
         if c.get("top1") is not None:
             fig += f" / {100 * c['top1']:.0f}%"
-        return f"✓ {fig}"
+        return f"✓ {fig}" + (f" `{c['route']}`" if with_route and c.get("route") else "")
     if s == "refused":
         return "✗ " + (f"cos {c['cosine']:.3f}" if c.get("cosine") is not None else "refused")
     return {"spec": "spec", "error": "E", "n/a": "–", "n/r": "n/r", "crash": "CRASH"}.get(s, s)
@@ -170,7 +170,7 @@ def summarize(rows: list[dict[str, Any]], precisions: list[str]) -> dict[str, An
 def print_matrix(rows: list[dict[str, Any]], targets: list[str], precisions: list[str], markdown: bool) -> None:
     keys = [f"{t}/{p}" for t in targets for p in precisions]
     head = ["model", "kind", *keys, "s"]
-    lines = [[r["model"], r["kind"], *[_cell_text(r["cells"].get(k, {"state": "n/a"})) for k in keys],
+    lines = [[r["model"], r["kind"], *[_cell_text(r["cells"].get(k, {"state": "n/a"}), markdown) for k in keys],
               str(r.get("seconds", ""))] for r in rows]
     if markdown:
         print("| " + " | ".join(head) + " |")
@@ -183,7 +183,7 @@ def print_matrix(rows: list[dict[str, Any]], targets: list[str], precisions: lis
         for ln in lines:
             print("  ".join(x.ljust(w) for x, w in zip(ln, widths, strict=True)))
     print()
-    print("routes and reasons:")
+    print("routes, times and reasons:")
     for r in rows:
         for k in keys:
             c = r["cells"].get(k)
@@ -212,10 +212,15 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     ap.add_argument("--json", help="write every cell here")
     ap.add_argument("--markdown", action="store_true", help="print the matrix as a Markdown table (README)")
+    ap.add_argument("--from-json", help="print the matrix of a stored --json run instead of converting")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     targets, precisions = args.targets.split(","), args.precisions.split(",")
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        print_matrix(rows, targets, precisions, args.markdown)
+        return 0
     if args.one:
         row = run_one(args.one, targets, precisions, args.n_calib, args.n_val)
         Path(args.result).write_text(json.dumps(row, default=str))
