@@ -12,9 +12,15 @@ LiteRT runtime, so it is rejected with the op names. The helpers :func:`tflite_s
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edge_sdk._deps import require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
@@ -117,9 +123,41 @@ def _describe_ops(flex: list[str], custom: list[str]) -> str:
     return " and ".join(parts)
 
 
-def _tail(exc: BaseException, n: int = 300) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:n]
+_TIMEOUT_S = 1800
+
+
+def _run_converter(req: dict[str, Any], precision: Precision) -> None:
+    """Run the TFLite converter in a child process (converters/tflite_converter_child.py); raise the artifact's
+    one-line error when it fails or crashes."""
+    work = Path(req["out"])
+    request = work.with_suffix(".request.json")
+    request.write_text(json.dumps(req))
+    cmd = [sys.executable, "-m", "edge_sdk.converters.tflite_converter_child", str(request)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise ConversionError(f"the TFLite converter did not finish in {_TIMEOUT_S} s: use another target") from None
+    if proc.returncode != 0:
+        how = (f"crashed ({signal.Signals(-proc.returncode).name})" if proc.returncode < 0
+               else f"ended with exit {proc.returncode}")
+        tail = [ln.strip() for ln in proc.stderr.splitlines()
+                if ln.strip() and not re.match(r"^[IWE]\d{4} ", ln.strip())][-1:]
+        raise ConversionError(f"the TFLite converter {how} converting the model to {precision.value}"
+                              + (f" ({tail[0][:200]})" if tail else "") + ": use another --route or target") from None
+    error = Path(req["error"])
+    if not error.exists():
+        return
+    err = json.loads(error.read_text())
+    if err["flex"] or err["custom"]:
+        raise UnsupportedConversionError(
+            f"the model needs {_describe_ops(err['flex'], err['custom'])} that LiteRT builtins do not provide and the "
+            "plain LiteRT runtime cannot run: replace those operations or choose another target (onnx, openvino)")
+    if precision is Precision.INT8:
+        raise UnsupportedConversionError(
+            f"TFLite full-integer quantization failed ({err['message']}): some op has no int8 kernel; "
+            "use --precision dynamic or fp16 for tflite")
+    raise ConversionError(f"TFLite conversion failed ({err['message']}): check the model exports with "
+                          "model.export() and uses standard Keras layers")
 
 
 @register
@@ -137,54 +175,24 @@ class KerasToTFLite:
         samples = ctx.require_calibration("TFLite full-integer (int8) quantization") \
             if precision is Precision.INT8 else ctx.calibration
         tf = require("tensorflow", "tflite", "converting Keras models to TFLite")
-        saved_model = str(src.saved_model_dir())
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         notes: list[str] = []
         int8_io = bool(ctx.options.tflite_int8_io)
+        out = ctx.path_for(Format.TFLITE, precision, ".tflite")
+        req: dict[str, Any] = {"saved_model": str(src.saved_model_dir()), "precision": precision.value,
+                               "out": str(out), "error": str(out.with_suffix(".error.json")), "int8_io": int8_io}
         if precision is Precision.FP16:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.target_spec.supported_types = [tf.float16]
             notes.append("float16 weights; CPU kernels dequantize them to float32, GPU delegates run fp16")
         elif precision is Precision.DYNAMIC:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
             notes.append("dynamic range: int8 weights, activations quantized at run time, float32 I/O")
         elif precision is Precision.INT8:
             samples.check(src.input_shapes, "calibration")
             names = list(getattr(src, "signature_input_names", src.input_names))
-            by_name = set(names) == set(src.input_names) and len(names) > 1
-
-            def representative() -> Any:
-                for sample in samples:
-                    if by_name:
-                        yield {n: x for n, x in zip(src.input_names, sample, strict=True)}
-                    else:
-                        yield list(sample)
-
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = representative
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            if int8_io:
-                converter.inference_input_type = tf.int8
-                converter.inference_output_type = tf.int8
+            req["samples"] = str(out.with_suffix(".calib.npz"))
+            np.savez(req["samples"], **{f"input_{k}": a for k, a in enumerate(samples.arrays)})
+            req.update(input_names=list(src.input_names), by_name=set(names) == set(src.input_names) and len(names) > 1)
             notes.append(f"full integer, calibrated on {len(samples)} samples; "
                          + ("int8 inputs/outputs" if int8_io else "float32 inputs/outputs"))
-        try:
-            blob = converter.convert()
-        except _converter_errors() as exc:
-            flex, custom = _unsupported_ops(exc)
-            if flex or custom:
-                raise UnsupportedConversionError(
-                    f"the model needs {_describe_ops(flex, custom)} that LiteRT builtins do not provide and the plain "
-                    "LiteRT runtime cannot run: replace those operations or choose another target "
-                    "(onnx, openvino)") from None
-            if precision is Precision.INT8:
-                raise UnsupportedConversionError(
-                    f"TFLite full-integer quantization failed ({_tail(exc)}): some op has no int8 kernel; "
-                    "use --precision dynamic or fp16 for tflite") from None
-            raise ConversionError(f"TFLite conversion failed ({_tail(exc)}): check the model exports with "
-                                  "model.export() and uses standard Keras layers") from None
-        out = ctx.path_for(Format.TFLITE, precision, ".tflite")
-        out.write_bytes(blob)
+        _run_converter(req, precision)
         summary = tflite_summary(out)
         check_builtin_ops(summary, "the TFLite converter")
         return [tflite_draft(out, precision, summary, src.input_names, notes,
