@@ -120,17 +120,16 @@ def _split(calib: SampleSet | None, val: SampleSet | None, rng_shape: list[list[
         return calib, val, "--val data"
     if calib is not None and len(calib) >= 40:
         k = max(20, len(calib) // 4)
-        n = len(calib) - k
-        return (SampleSet([a[:n] for a in calib.arrays], calib.names, calib.origin),
-                SampleSet([a[n:] for a in calib.arrays], calib.names, calib.origin),
-                f"{k} samples held out from the calibration data")
+        first, rest = calib.split(len(calib) - k)
+        return first, rest, f"{k} samples held out from the calibration data"
     if calib is not None:
         return calib, calib, "the calibration data itself (pass --val for held-out inputs)"
     rng = np.random.default_rng(0)
     dtypes = dtypes or ["float32"] * len(rng_shape)
-    arrays = [rng.standard_normal((16, *s[1:])).astype(np.float32) if dt.startswith("float")
-              else np.zeros((16, *s[1:]), dt) for s, dt in zip(rng_shape, dtypes, strict=True)]
-    return None, SampleSet(arrays, None, "random"), "16 random normal inputs (pass --val for real inputs)"
+    b = max(1, rng_shape[0][0]) if rng_shape and rng_shape[0] else 1
+    arrays = [rng.standard_normal((16 * b, *s[1:])).astype(np.float32) if dt.startswith("float")
+              else np.zeros((16 * b, *s[1:]), dt) for s, dt in zip(rng_shape, dtypes, strict=True)]
+    return None, SampleSet(arrays, None, "random", b), "16 random normal inputs (pass --val for real inputs)"
 
 
 def _copy_draft(draft: ArtifactDraft, bundle_dir: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -259,6 +258,10 @@ def convert(
                 val_set = load_samples(val, input_shapes=src.input_shapes, input_names=src.input_names,
                                        preprocessing=preprocessing, what="validation")
                 val_set.check(src.input_shapes, "validation")
+            fixed = src.input_shapes[0][0] if src.input_shapes and src.input_shapes[0] else 1
+            if fixed > 1:  # a model with a fixed batch size: each call takes that many rows
+                calib_set = calib_set.with_batch(fixed) if calib_set is not None else None
+                val_set = val_set.with_batch(fixed) if val_set is not None else None
             calib_set, val_set, val_origin = _split(calib_set, val_set, src.input_shapes,
                                                     list(getattr(src, "input_dtypes", [])) or None)
             val_y = _load_labels_array(val_labels, len(val_set)) if val_labels is not None else None
@@ -355,7 +358,8 @@ def _write_smoke(bdir: Path, val_set: SampleSet, ref: list[np.ndarray], tols: di
     """Validation sample 0 and the source model's outputs for it: the device's smoke test (edge_sdk.smoke)."""
     scale = max((float(np.abs(r).max()) for r in ref if r.size), default=1.0) or 1.0
     limits = {p.value: {"min_cosine": t.min_cosine, "max_rel_error": t.max_rel_error} for p, t in tols.items()}
-    return write_smoke_sample(bdir, [a[:1] for a in val_set.arrays], [r[:1] for r in ref], limits,
+    b = val_set.batch
+    return write_smoke_sample(bdir, [a[:b] for a in val_set.arrays], [r[:b] for r in ref], limits,
                               output_scale=scale, origin=f"validation sample 0 of {origin}")
 
 

@@ -294,7 +294,9 @@ class OnnxSource(_Base):
         self.sha256 = sha256_path(path)
         inputs = input_dims(proto)
         self.input_names = [n for n, _, _ in inputs]
-        self.output_names = [o.name for o in proto.graph.output]
+        # sequence / map outputs (ONNX-ML ZipMap "probabilities") are not tensors: no target or check uses them
+        self.output_names = [o.name for o in proto.graph.output if o.type.HasField("tensor_type")]
+        self.dropped_outputs = [o.name for o in proto.graph.output if not o.type.HasField("tensor_type")]
         _check_names(input_shape, self.input_names, "--input-shape")
         helper = onnx.helper
         self.input_dtypes = _dtypes(input_dtypes, self.input_names,
@@ -353,7 +355,7 @@ class OnnxSource(_Base):
         feeds = {n: np.ascontiguousarray(x, dt) for n, x, dt in zip(self.input_names, inputs, self.input_dtypes,
                                                                      strict=True)}
         try:
-            return list(self._session.run(None, feeds))
+            return list(self._session.run(self.output_names, feeds))
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument derive from RuntimeError only
             shapes = [list(x.shape) for x in inputs]
             raise SourceModelError(f"the ONNX model rejects inputs of shape {shapes} "

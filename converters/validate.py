@@ -73,8 +73,9 @@ def run_artifact(path: Path, fmt: Format, samples: SampleSet, *, transpose: tupl
             xs = [np.ascontiguousarray(x.transpose(transpose)) if transpose and x.ndim == len(transpose) else x
                   for x in s]
             outs.append(session.run(xs))
-        stacked = [np.concatenate([np.asarray(o[k], np.float32) for o in outs]) for k in range(len(outs[0]))]
-        return stacked, list(session.inputs), list(session.outputs)
+        tensors = [k for k in range(len(outs[0])) if isinstance(outs[0][k], np.ndarray)]  # not ZipMap dicts
+        stacked = [np.concatenate([np.asarray(o[k], np.float32) for o in outs]) for k in tensors]
+        return stacked, list(session.inputs), [session.outputs[k] for k in tensors]
     finally:
         session.close()
 

@@ -28,13 +28,15 @@ class SampleSet:
     arrays: list[np.ndarray]
     names: list[str] | None = None
     origin: str = "python"
+    batch: int = 1  # rows per model call: > 1 only for models with a fixed batch size (logreg_iris takes [3, 2])
 
     def __len__(self) -> int:
-        return int(self.arrays[0].shape[0]) if self.arrays else 0
+        return int(self.arrays[0].shape[0]) // self.batch if self.arrays else 0
 
     def sample(self, i: int) -> list[np.ndarray]:
-        """Sample ``i`` as a list of batch-1 arrays, one per input."""
-        return [a[i:i + 1] for a in self.arrays]
+        """Sample ``i`` as a list of arrays of ``batch`` rows (batch-1 for almost every model), one per input."""
+        b = self.batch
+        return [a[i * b:(i + 1) * b] for a in self.arrays]
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         for i in range(len(self)):
@@ -44,7 +46,17 @@ class SampleSet:
         """The first ``n`` samples (all when ``n`` is None)."""
         if n is None or n >= len(self):
             return self
-        return SampleSet([a[:n] for a in self.arrays], self.names, self.origin)
+        return SampleSet([a[:n * self.batch] for a in self.arrays], self.names, self.origin, self.batch)
+
+    def split(self, n: int) -> tuple[SampleSet, SampleSet]:
+        """The first ``n`` samples and the rest."""
+        k = n * self.batch
+        return (SampleSet([a[:k] for a in self.arrays], self.names, self.origin, self.batch),
+                SampleSet([a[k:] for a in self.arrays], self.names, self.origin, self.batch))
+
+    def with_batch(self, batch: int) -> SampleSet:
+        """The same rows grouped ``batch`` per model call (a model whose batch size is fixed above 1)."""
+        return SampleSet(self.arrays, self.names, self.origin, max(1, int(batch)))
 
     def check(self, input_shapes: list[list[int | None]], what: str) -> None:
         """Raise CalibrationError unless the samples fit the model's inputs."""
