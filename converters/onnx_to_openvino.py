@@ -64,7 +64,7 @@ def ov_error_summary(exc: BaseException) -> str:
     for marker in ("Summary:", "No conversion rule found for operations:"):
         if marker in text:
             return _one_line(Exception(marker + text.split(marker, 1)[1]))[:300]
-    return _one_line(exc)[:300]
+    return _one_line(exc).split("; ")[0][:300]
 
 
 def _to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
