@@ -112,8 +112,9 @@ def _same_cause_as_fp32(row: dict[str, Any]) -> None:
 
 
 def _unrepresentable(reason: str) -> bool:
-    """An error whose cause is the target's op set, not a tool failure: TFLite builtins have no such op (Flex)."""
-    return "Flex (select TF) ops" in reason
+    """An error whose cause is the target's op set, not a tool failure: TFLite builtins have no such op (Flex), or
+    the model uses a runtime's custom op (MediaPipe's Convolution2DTransposeBias) that other targets lack."""
+    return "Flex (select TF) ops" in reason or "needs custom ops" in reason
 
 
 def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from edge_sdk._deps import has_module
 from edge_sdk.calibration import SampleSet
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
 from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
+from edge_sdk.converters.shims import apply_shims, explain, tf_safe_node_names
 from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -68,6 +69,8 @@ def _tail(text: str, n: int = 6) -> str:
 def _run_onnx2tf(model: Path, workdir: Path, flags: list[str]) -> Path:
     """Run onnx2tf on a copy of ``model`` in ``workdir``; return its output folder."""
     shutil.copyfile(model, workdir / "model.onnx")
+    if "onnx2tf-scope-names" in apply_shims("onnx2tf"):
+        tf_safe_node_names(workdir / "model.onnx")
     # onnx2tf loads this file from its cwd instead of downloading it (RGB inputs): give it harmless data
     if not (workdir / _SAMPLE_NPY).exists():
         np.save(workdir / _SAMPLE_NPY, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
@@ -82,8 +85,10 @@ def _run_onnx2tf(model: Path, workdir: Path, flags: list[str]) -> Path:
                 sig = f"signal {-exc.returncode}"
             raise ConversionError(f"onnx2tf crashed ({sig}) converting the model: {_tail(exc.stderr + exc.stdout, 2)}"
                                   ": use another target or --route") from None
+        known = explain("onnx2tf", exc.stderr + exc.stdout)
         raise ConversionError(f"onnx2tf failed (exit {exc.returncode}): {_tail(exc.stderr + exc.stdout)}: "
-                              "check the model with onnx.checker, or use another target") from None
+                              + (f"{known}" if known else "check the model with onnx.checker, or use another target")
+                              ) from None
     except subprocess.TimeoutExpired:
         raise ConversionError(f"onnx2tf did not finish in {_TIMEOUT_S} s: the model may be too large for "
                               "onnx2tf; use another target") from None

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DISABLE_ENV", "SHIMS", "Shim", "applicable", "apply_shims", "disabled_names", "explain"]
+__all__ = ["DISABLE_ENV", "SHIMS", "Shim", "applicable", "apply_shims", "disabled_names", "explain",
+           "tf_safe_node_names"]
 
 DISABLE_ENV = "EDGE_SDK_DISABLE_SHIMS"
 
@@ -199,6 +201,38 @@ def _coreml_torch_prelu_rank() -> None:
     register_torch_op(prelu, override=True)
 
 
+# ---------------------------------------------------------------- onnx2tf: TensorFlow scope names from ONNX node names
+
+_SCOPE_OK = re.compile(r"[^A-Za-z0-9_./>-]")
+
+
+def _onnx2tf_scope_names() -> None:
+    """Nothing to patch in-process: onnx2tf runs in a child. The workaround is :func:`tf_safe_node_names`, applied
+    to the copy of the model onnx2tf gets, when this shim is enabled."""
+
+
+def tf_safe_node_names(path: Any) -> int:
+    """Rename the ONNX nodes whose names TensorFlow refuses as scope names (``Softmax@0`` in PaddleOCR exports:
+    "'Softmax@0' is not a valid scope name"). Only node names change — tensor names, and so the model's inputs,
+    outputs and numbers, do not. Returns how many nodes were renamed; the file is rewritten only when any was."""
+    import onnx
+
+    model = onnx.load(str(path))
+    taken = {n.name for n in model.graph.node}
+    renamed = 0
+    for node in model.graph.node:
+        if node.name and (_SCOPE_OK.search(node.name) or node.name[0] in "_-/."):
+            new = "n_" + _SCOPE_OK.sub("_", node.name).lstrip("_-/.")
+            while new in taken:
+                new += "_"
+            taken.add(new)
+            node.name = new
+            renamed += 1
+    if renamed:
+        onnx.save_model(model, str(path))
+    return renamed
+
+
 SHIMS: tuple[Shim, ...] = (
     Shim(
         name="coreml-torch-int-cast",
@@ -223,5 +257,16 @@ SHIMS: tuple[Shim, ...] = (
         apply=_coreml_torch_prelu_rank,
         signature="rank 3 or rank 5 input is only supported when all the values of alpha are same",
         frontends=("pytorch",),
+    ),
+    Shim(
+        name="onnx2tf-scope-names",
+        tool="onnx2tf",
+        versions=">=1.0",  # TensorFlow's scope-name rule; onnx2tf passes ONNX node names through as they are
+        issue="https://github.com/onnx/onnx-tensorflow/issues/821",
+        summary="ONNX node names with characters TensorFlow refuses in scope names ('Softmax@0' in PaddleOCR "
+                "exports) stop onnx2tf: \"... is not a valid scope name\"",
+        apply=_onnx2tf_scope_names,
+        signature="is not a valid scope name",
+        frontends=("onnx",),
     ),
 )

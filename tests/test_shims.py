@@ -26,12 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 INT_CAST = "coreml-torch-int-cast"
 INT_CAST_ERROR = "only 0-dimensional arrays can be converted to Python scalars"
 PRELU = "coreml-torch-prelu-rank"
+SCOPE = "onnx2tf-scope-names"
 needs_coreml_torch = pytest.mark.skipif(not (has_module("coremltools") and has_module("torch")),
                                         reason="coremltools and torch are needed")
 
 # shim name -> the test below that reproduces its bug (checked by test_every_shim_has_a_reproduction)
 REPRODUCTIONS = {INT_CAST: "test_int_cast_bug_is_real_without_the_shim",
-                  PRELU: "test_prelu_bug_is_real_without_the_shim"}
+                  PRELU: "test_prelu_bug_is_real_without_the_shim",
+                  SCOPE: "test_onnx2tf_scope_name_bug_is_real_and_the_shim_fixes_it"}
 
 
 # ---------------------------------------------------------------- registry rules (no heavy import)
@@ -281,3 +283,39 @@ def test_prelu_shim_converts_rnet_keeping_per_channel_alphas(rnet_torchscript, t
     sizes = [[d.constant.size for d in consts[op.inputs["alpha"].arguments[0].name].attributes["val"].type
               .tensorType.dimensions] for op in prelus]
     assert [128] in sizes  # one alpha per channel of the Linear's output, not a single shared value
+
+
+# ---------------------------------------------------------------- onnx2tf: node names TensorFlow refuses (PaddleOCR)
+
+_ONNX2TF = """
+import json, sys
+sys.path.insert(0, "examples")
+import corpus
+from edge_sdk.converters.pipeline import convert
+from edge_sdk.errors import ValidationError
+m = corpus.get("ppocr-cls")
+kw = m.source()
+try:
+    res = convert(kw.pop("source"), out=sys.argv[1], to="tflite", precision="fp32", val=m.inputs(4, seed=2),
+                  quiet=True, **kw).results
+except ValidationError as exc:
+    res = exc.results
+print("RESULT " + json.dumps({"status": res[0].status, "reason": res[0].reason}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_module("onnx2tf"), reason="onnx2tf is needed")
+def test_onnx2tf_scope_name_bug_is_real_and_the_shim_fixes_it(tmp_path):
+    """PP-OCR's text-angle classifier names a node 'Softmax@0': onnx2tf stops on it unless the shim renames it."""
+    got = {}
+    for disable in (SCOPE, ""):
+        proc = subprocess.run([sys.executable, "-c", _ONNX2TF, str(tmp_path / f"b{len(got)}")], capture_output=True,
+                              text=True, cwd=ROOT, timeout=600, env={**os.environ, "EDGE_SDK_DISABLE_SHIMS": disable})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert lines, proc.stderr[-2000:]
+        got[disable] = json.loads(lines[-1].removeprefix("RESULT "))
+    if got[SCOPE]["status"] == "passed":
+        pytest.fail("onnx2tf converted 'Softmax@0' without the shim: drop onnx2tf-scope-names")
+    assert "is not a valid scope name" in got[SCOPE]["reason"] and "onnx-tensorflow/issues/821" in got[SCOPE]["reason"]
+    assert got[""]["status"] == "passed", got[""]["reason"]
