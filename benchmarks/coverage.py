@@ -88,17 +88,22 @@ def run_one(name: str, targets: list[str], precisions: list[str], n_calib: int, 
         v = r.validation
         state = {"passed": "pass", "skipped-validation": "spec", "failed": "refused", "error": "error",
                  "unsupported": "n/a"}.get(r.status, r.status)
-        if state == "error" and _unrepresentable(r.reason):
-            state = "n/r"
-        elif state == "error" and any(m in r.reason for m in _NO_CONVERTER):
-            state = "n/a"  # an existing .tflite / IR ships in its own precision; int8-I/O files go nowhere else
-        row["cells"][r.key] = {"state": state, "reason": r.reason, "route": r.route, "attempts": r.attempts,
+        row["cells"][r.key] = {"state": _classify(state, r.reason), "reason": r.reason, "route": r.route, "attempts": r.attempts,
                                "cosine": v.cosine, "top1": v.top1_agreement, "seconds": getattr(r, "seconds", None),
                                "size": r.size_bytes}
     return row
 
 
 _NO_CONVERTER = ("an existing model is bundled as it is", "is a full-integer model with int8 inputs/outputs")
+
+
+def _classify(state: str, reason: str) -> str:
+    """An error caused by the target's op set is n/r; one with no converter for this kind of source is n/a."""
+    if state == "error" and _unrepresentable(reason):
+        return "n/r"
+    if state == "error" and any(m in reason for m in _NO_CONVERTER):
+        return "n/a"  # an existing .tflite / IR ships in its own precision; int8-I/O files go nowhere else
+    return state
 
 
 def _same_cause_as_fp32(row: dict[str, Any]) -> None:
@@ -213,14 +218,21 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     ap.add_argument("--json", help="write every cell here")
     ap.add_argument("--markdown", action="store_true", help="print the matrix as a Markdown table (README)")
-    ap.add_argument("--from-json", help="print the matrix of a stored --json run instead of converting")
+    ap.add_argument("--from-json", nargs="+", help="print the matrix of stored --json runs instead of converting "
+                    "(a model in several files: the last one's row)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     targets, precisions = args.targets.split(","), args.precisions.split(",")
     if args.from_json:
-        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        by_model: dict[str, dict[str, Any]] = {}
+        for path in args.from_json:
+            for row in json.loads(Path(path).read_text())["rows"]:
+                by_model[row["model"]] = row
+        rows = list(by_model.values())
         for row in rows:  # a run stored before a classification rule existed reads the same as a new one
+            for cell in row["cells"].values():
+                cell["state"] = _classify(cell["state"], cell.get("reason") or "")
             _same_cause_as_fp32(row)
         print_matrix(rows, targets, precisions, args.markdown)
         return 0
