@@ -89,8 +89,8 @@ def run_one(name: str, targets: list[str], precisions: list[str], n_calib: int, 
         state = {"passed": "pass", "skipped-validation": "spec", "failed": "refused", "error": "error",
                  "unsupported": "n/a"}.get(r.status, r.status)
         row["cells"][r.key] = {"state": _classify(state, r.reason), "reason": r.reason, "route": r.route,
-                               "attempts": r.attempts, "cosine": v.cosine, "top1": v.top1_agreement, "seconds": getattr(r, "seconds", None),
-                               "size": r.size_bytes}
+                               "attempts": r.attempts, "cosine": v.cosine, "top1": v.top1_agreement,
+                               "seconds": getattr(r, "seconds", None), "size": r.size_bytes}
     return row
 
 
