@@ -140,8 +140,8 @@ def _run_converter(req: dict[str, Any], precision: Precision) -> None:
     if proc.returncode != 0:
         how = (f"crashed ({signal.Signals(-proc.returncode).name})" if proc.returncode < 0
                else f"ended with exit {proc.returncode}")
-        tail = [ln.strip() for ln in proc.stderr.splitlines()
-                if ln.strip() and not re.match(r"^[IWE]\d{4} ", ln.strip())][-1:]
+        tail = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not re.match(
+            r"^([IWE]\d{4} |WARNING: All log messages)", ln.strip())][-1:]
         raise ConversionError(f"the TFLite converter {how} converting the model to {precision.value}"
                               + (f" ({tail[0][:200]})" if tail else "") + ": use another --route or target") from None
     error = Path(req["error"])
