@@ -6,6 +6,7 @@ tools it used (for ``ArtifactDraft.tool_versions``). Frameworks are imported ins
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import shutil
@@ -48,7 +49,11 @@ def _pre_process(fp32_path: Path, out_path: Path) -> Path:
     fp32_path = _at_least_opset(fp32_path, out_path.with_name(out_path.stem + ".opset.onnx"))
     for skip_symbolic in (False, True):
         try:
-            shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=skip_symbolic)
+            # when symbolic inference gives up, ORT saves sym_shape_infer_temp.onnx + <uuid>.data into the current
+            # directory: keep that litter in the work directory, never in the user's
+            with contextlib.chdir(out_path.parent):
+                shape_inference.quant_pre_process(str(fp32_path.resolve()), str(pre.resolve()),
+                                                  skip_symbolic_shape=skip_symbolic)
             return pre
         except Exception as exc:  # any failure of the optional pre-processing falls back to the next option
             logging.getLogger(__name__).info("quant_pre_process (skip_symbolic_shape=%s) failed: %s",
