@@ -118,7 +118,7 @@ def p50(xs: list[float]) -> float:
 
 def part_a(bundle: Path, x: np.ndarray, iters: int) -> list[tuple[str, float, float, float, float]]:
     from edge_sdk.device_agent.agent import Agent
-    from edge_sdk.device_agent.runtimes import get_runtime
+    from edge_sdk.runtimes import get_runtime
 
     rows = []
     for runtime, key in ARTIFACTS.items():

@@ -25,9 +25,9 @@ import time
 import uuid
 from pathlib import Path
 
-from edge_sdk.fleet.broker import start_mosquitto
-from edge_sdk.fleet.collector import Collector
-from edge_sdk.fleet.synthetic import make_window
+from edge_sdk.fleet.collector.service import Collector
+from edge_sdk.testing.broker import start_mosquitto
+from edge_sdk.testing.synthetic import make_window
 
 
 def _client(client_id: str, receive_maximum: int = 1000) -> tuple:

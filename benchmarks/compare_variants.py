@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge_sdk.device_agent.benchmark import OK, BenchmarkReport, BenchmarkResult, benchmark_bundle
+from edge_sdk.benchmark import OK, BenchmarkReport, BenchmarkResult, benchmark_bundle
 from edge_sdk.errors import EdgeSDKError
 
 __all__ = ["compare_table", "main"]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.fleet.collector import Collector
-from edge_sdk.fleet.simulate import SimulationSettings, run_simulation
+from edge_sdk.fleet.collector.service import Collector
+from edge_sdk.testing.simulate import SimulationSettings, run_simulation
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
 """`edge-sdk fleet simulate` transports side by side (issue 5): what N simulated devices at one window per second
-cost on this host, with the pooled loop (one epoll thread per process, ``edge_sdk.fleet.mqtt_pool``) and with one
+cost on this host, with the pooled loop (one epoll thread per process, ``edge_sdk.testing.mqtt_pool``) and with one
 real ``Publisher`` per device (3 threads each).
 
 A raw paho subscriber on the same broker measures the delivery lag (arrival - window end) and counts what arrives.
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk.fleet.simulate import SimulationSettings, run_simulation
+from edge_sdk.testing.simulate import SimulationSettings, run_simulation
 
 
 def _children_cpu() -> float:

@@ -30,7 +30,7 @@ from mqtt_helpers import Subscriber, seqs, wait_until  # noqa: E402
 
 from edge_sdk.device_agent.mqtt_publisher import MqttSettings, Publisher  # noqa: E402
 from edge_sdk.device_agent.outbox import Outbox  # noqa: E402
-from edge_sdk.fleet.broker import MosquittoProcess, start_mosquitto  # noqa: E402
+from edge_sdk.testing.broker import MosquittoProcess, start_mosquitto  # noqa: E402
 
 
 def _window(i: int, pad: int) -> dict[str, Any]:

@@ -84,8 +84,8 @@ def main() -> int:
     bundle = ensure_bundle(args.bundle)
     from edge_sdk.device_agent.agent import Agent
     from edge_sdk.device_agent.aggregates import WindowAggregator
-    from edge_sdk.device_agent.runtimes import get_runtime
     from edge_sdk.preprocessing import Preprocessing, decode_image
+    from edge_sdk.runtimes import get_runtime
 
     x = Preprocessing.imagenet().apply(decode_image(photo_jpeg()))
     print(f"MobileNetV2 bundle {bundle}; {platform.machine()} {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}; "

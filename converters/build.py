@@ -121,7 +121,7 @@ def select_for_target(bundle: Bundle, profile: Any, budget: float, *, runs: int 
         cands.append(c)
     selection: dict[str, Any]
     if profile.benchmark_on_host:
-        from edge_sdk.device_agent.benchmark import benchmark_bundle, store_in_manifest
+        from edge_sdk.benchmark import benchmark_bundle, store_in_manifest
 
         threads = profile.threads or 1
         with report.step(f"benchmarking {len(cands)} candidates ({rounds} rounds x {runs} runs, {threads} thread)"):

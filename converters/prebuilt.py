@@ -1,6 +1,6 @@
 """Existing deployment files as sources: a ``.tflite`` or an OpenVINO IR (``.xml`` + ``.bin``) bundled as it is.
 
-The source runs in the device runtimes of :mod:`edge_sdk.device_agent.runtimes` (LiteRT, OpenVINO with the
+The source runs in the device runtimes of :mod:`edge_sdk.runtimes` (LiteRT, OpenVINO with the
 faithful f32 hint), so the as-is artifact is validated against itself and the baseline is measured on the
 very model that ships. A full-integer ``.tflite`` takes float32 inputs and returns float32 outputs here:
 the LiteRT session quantizes and dequantizes with each tensor's scale / zero-point.
@@ -135,7 +135,7 @@ class TFLiteSource(_Prebuilt):
     what = "TFLite"
 
     def __init__(self, path: Path, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> None:
-        from edge_sdk.device_agent.runtimes.litert import LiteRTRuntime
+        from edge_sdk.runtimes.litert import LiteRTRuntime
 
         try:
             session = LiteRTRuntime().load(path)
@@ -152,7 +152,7 @@ class OpenVINOSource(_Prebuilt):
     what = "OpenVINO"
 
     def __init__(self, path: Path, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> None:
-        from edge_sdk.device_agent.runtimes.openvino import OpenVINORuntime
+        from edge_sdk.runtimes.openvino import OpenVINORuntime
 
         try:
             session = OpenVINORuntime().load(path, precision_hint="f32")
@@ -167,7 +167,7 @@ class OpenVINOSource(_Prebuilt):
 
 
 def _interpreter(path: Path) -> Any:
-    from edge_sdk.device_agent.runtimes.litert import _interpreter_module
+    from edge_sdk.runtimes.litert import _interpreter_module
 
     try:
         return _interpreter_module().Interpreter(model_path=str(path))

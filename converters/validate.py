@@ -14,9 +14,9 @@ import numpy as np
 
 from edge_sdk.bundle import TensorSpec, Validation
 from edge_sdk.calibration import SampleSet
-from edge_sdk.device_agent.runtimes import runtime_for
 from edge_sdk.errors import EdgeSDKError, InferenceError, first_line
 from edge_sdk.formats import Format, Precision
+from edge_sdk.runtimes import runtime_for
 
 __all__ = ["DEFAULT_TOLERANCES", "Tolerance", "compare_outputs", "reference_outputs", "run_artifact",
            "validate_artifact"]

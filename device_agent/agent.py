@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_sdk.bundle import Artifact, Bundle, TensorSpec
-from edge_sdk.device_agent.runtimes import RUNTIMES, Runtime, get_runtime
 from edge_sdk.errors import BundleError, InferenceError, InputError, MissingDependencyError
 from edge_sdk.preprocessing import Preprocessing, decode_image
+from edge_sdk.runtimes import RUNTIMES, Runtime, get_runtime
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.aggregates import WindowAggregator

@@ -52,9 +52,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.device_agent.agent import DEFAULT_RUNTIME_ORDER
-from edge_sdk.device_agent.runtimes import RUNTIMES
 from edge_sdk.device_agent.telemetry import TelemetrySettings
 from edge_sdk.errors import EdgeSDKError, TelemetryError
+from edge_sdk.runtimes import RUNTIMES
 from edge_sdk.topics import validate_id
 
 __all__ = ["DEFAULT_RUNTIME_ORDER", "MQTT_KEYS", "TELEMETRY_KEYS", "AgentConfig", "ConfigError", "load_config"]

@@ -285,7 +285,7 @@ class Updater:
         return verify_bundle(bundle_dir, self.trusted_keys)
 
     def _smoke(self, bundle: Bundle, ctx: dict[str, Any]) -> dict[str, Any] | None:
-        from edge_sdk.smoke import run_smoke_test
+        from edge_sdk.device_agent.smoke import run_smoke_test
 
         if not self.require_smoke_test and not bundle.manifest.extra.get("smoke_test"):
             self._emit("update.smoke_test", {**ctx, "passed": None, "reason": "bundle has no smoke sample"},

@@ -344,8 +344,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from edge_sdk.benchmark import benchmark_bundle, store_in_manifest
     from edge_sdk.bundle import Bundle
-    from edge_sdk.device_agent.benchmark import benchmark_bundle, store_in_manifest
 
     try:
         threads = tuple(int(t) for t in args.threads.split(","))
@@ -706,7 +706,7 @@ def _add_registry_parsers(sub: Any) -> None:
 
 def _cmd_registry(args: argparse.Namespace) -> int:
     from edge_sdk.fleet.db import Database
-    from edge_sdk.fleet.registry import Registry, parse_model_ref
+    from edge_sdk.fleet.lifecycle.registry import Registry, parse_model_ref
     from edge_sdk.progress import fmt_bytes
 
     action = args.registry_command
@@ -744,7 +744,7 @@ def _cmd_registry(args: argparse.Namespace) -> int:
             h = reg.register_holdout(args.name, args.file)
             print(f"holdout for {h.name}: {h.samples} samples, sha256 {h.sha256}")
         elif action == "serve":
-            from edge_sdk.fleet.bundle_server import BundleHTTPServer
+            from edge_sdk.fleet.lifecycle.bundle_server import BundleHTTPServer
 
             host, port = _host_port(args.http)
             with BundleHTTPServer(reg, host, port) as srv:
@@ -759,9 +759,9 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 def _cmd_deploy(args: argparse.Namespace) -> int:
     import time
 
-    from edge_sdk.fleet.commands import MqttCommandPublisher
     from edge_sdk.fleet.db import Database
-    from edge_sdk.fleet.rollout import Rollout, parse_duration
+    from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
+    from edge_sdk.fleet.lifecycle.rollout import Rollout, parse_duration
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     with Database.connect(args.db) as db, MqttCommandPublisher(args.mqtt) as publish:
@@ -784,9 +784,9 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from edge_sdk.fleet.commands import MqttCommandPublisher
     from edge_sdk.fleet.db import Database
-    from edge_sdk.fleet.rollout import Rollout
+    from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
+    from edge_sdk.fleet.lifecycle.rollout import Rollout
 
     with Database.connect(args.db) as db, MqttCommandPublisher(args.mqtt) as publish:
         db.migrate()
@@ -806,7 +806,7 @@ def _add_collector_parsers(sub: Any) -> None:
                      help="sqlite:///fleet.db (default, or $EDGE_SDK_DB) or postgresql://USER@HOST:5432/DB")
     run.add_argument("--http", metavar="HOST:PORT", help="also serve the dashboard, JSON API and /metrics here")
     run.add_argument("--fleet", default="+", help="only this fleet (default: every fleet)")
-    run.add_argument("--rules", help="alert rules TOML overriding the shipped edge_sdk/fleet/alerts.toml")
+    run.add_argument("--rules", help="alert rules TOML overriding the shipped edge_sdk/fleet/collector/alerts.toml")
     run.add_argument("--webhook", help="POST opened/resolved alerts as JSON to this URL")
     run.add_argument("--bundle", action="append", default=[], help="bundle whose manifest baseline the drift rule "
                      "pools windows against (repeatable; registered models are found in the database)")
@@ -830,7 +830,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
     import logging
 
     from edge_sdk.bundle import Bundle
-    from edge_sdk.fleet.collector import Collector
+    from edge_sdk.fleet.collector.service import Collector
 
     if args.collector_command != "run":
         raise EdgeSDKError("usage: edge-sdk collector run [--mqtt URL] [--db URL] [--http HOST:PORT] ...")
@@ -849,7 +849,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
                     session_expiry_s=args.session_expiry)
     http = None
     if host_port is not None:
-        from edge_sdk.fleet.http import CollectorHTTP  # the dashboard (loaded only when asked for)
+        from edge_sdk.fleet.dashboard.server import CollectorHTTP  # the dashboard (loaded only when asked for)
 
         http = CollectorHTTP(col.db, host_port[0], host_port[1], stats=col.stats)
         http.start()
@@ -890,9 +890,9 @@ def _add_fleet_parsers(sub: Any) -> None:
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
     if args.fleet_command == "status":
+        from edge_sdk.fleet.dashboard.status_table import print_status
+        from edge_sdk.fleet.dashboard.views import fleet_status
         from edge_sdk.fleet.db import Database
-        from edge_sdk.fleet.status_table import print_status
-        from edge_sdk.fleet.views import fleet_status
 
         if args.db.startswith("sqlite:///") and not Path(args.db[len("sqlite:///"):]).exists():
             raise EdgeSDKError(f"no fleet database at {args.db}: start `edge-sdk collector run --db {args.db}` first")
@@ -904,7 +904,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
             print_status(rows)
         return 0
     if args.fleet_command == "simulate":
-        from edge_sdk.fleet.simulate import SimulationSettings, run_simulation
+        from edge_sdk.testing.simulate import SimulationSettings, run_simulation
 
         settings = SimulationSettings(
             devices=args.devices, mqtt_url=args.mqtt, fleet=args.fleet, processes=args.processes,

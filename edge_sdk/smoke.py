@@ -11,8 +11,8 @@ and in ``manifest.extra["smoke_test"]``::
      "tolerances": {"fp32": {"min_cosine": 0.9999, "atol": 0.0042}, "int8": {"min_cosine": 0.95, "atol": null}, ...}}
 
 The smoke files are also listed (with their sha256) among every artifact's side ``files``, so
-``Bundle.verify`` and the bundle signature cover them. :func:`run_smoke_test` loads the bundle with the
-device :class:`~edge_sdk.device_agent.agent.Agent` (the artifact and runtime this device would really use),
+``Bundle.verify`` and the bundle signature cover them. :func:`edge_sdk.device_agent.smoke.run_smoke_test` loads the
+bundle with the device Agent (the artifact and runtime this device would really use),
 runs the sample and compares with the reference using the limits of the artifact's precision — the same
 limits ``converters/validate.py`` applied at build time (cosine, and max abs error = max relative error x the
 largest reference value over the validation set). Numpy only; no converter or framework is imported.
@@ -21,48 +21,23 @@ largest reference value over the validation set). Numpy only; no converter or fr
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from edge_sdk.bundle import Bundle, sha256_file
 from edge_sdk.errors import BundleError
 
-if TYPE_CHECKING:
-    from edge_sdk.device_agent.agent import Agent
-
-__all__ = ["SMOKE_DIR", "SmokeResult", "compare_smoke", "load_smoke_sample", "run_smoke_test", "write_smoke_sample"]
+__all__ = [
+    "FALLBACK_MIN_COSINE", "SMOKE_DIR", "compare_smoke", "load_smoke_sample", "smoke_limits", "write_smoke_sample",
+]
 
 SMOKE_DIR = "smoke"
 # used only when a manifest's smoke_test has no limits for a precision (mirrors converters/validate.py)
-_FALLBACK_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
-_FALLBACK_MIN_COSINE_OTHER = 0.95
-
-
-@dataclass
-class SmokeResult:
-    """The outcome of one smoke test: ``passed`` and, when it failed, ``reason`` (one line)."""
-
-    passed: bool
-    model_version: str
-    artifact: str
-    runtime: str
-    cosine: float | None = None
-    max_abs_error: float | None = None
-    min_cosine: float | None = None
-    atol: float | None = None
-    latency_ms: float | None = None
-    reason: str = ""
-    failures: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (for events and state files)."""
-        return {k: getattr(self, k) for k in ("passed", "model_version", "artifact", "runtime", "cosine",
-                                               "max_abs_error", "min_cosine", "atol", "latency_ms", "reason")}
+FALLBACK_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+FALLBACK_MIN_COSINE_OTHER = 0.95
 
 
 def write_smoke_sample(bundle_dir: str | os.PathLike, inputs: Sequence[np.ndarray],
@@ -126,10 +101,11 @@ def load_smoke_sample(bundle: Bundle) -> tuple[list[np.ndarray], list[np.ndarray
     return arrays["inputs"], arrays["reference_outputs"]
 
 
-def _limits(bundle: Bundle, precision: str) -> tuple[float, float | None]:
+def smoke_limits(bundle: Bundle, precision: str) -> tuple[float, float | None]:
+    """The (min cosine, max abs error) a smoke test of ``precision`` must meet: the manifest's, else defaults."""
     tols = (bundle.manifest.extra.get("smoke_test") or {}).get("tolerances") or {}
     tol = tols.get(precision) or {}
-    fallback = _FALLBACK_MIN_COSINE.get(precision, _FALLBACK_MIN_COSINE_OTHER)
+    fallback = FALLBACK_MIN_COSINE.get(precision, FALLBACK_MIN_COSINE_OTHER)
     min_cos = tol.get("min_cosine")
     atol = tol.get("atol")
     return (fallback if min_cos is None else float(min_cos)), (None if atol is None else float(atol))
@@ -156,42 +132,3 @@ def compare_smoke(reference: Sequence[np.ndarray], got: Sequence[np.ndarray], *,
     if atol is not None and max_abs > atol:
         failures.append(f"max abs error {max_abs:.4g} > {atol:.4g}")
     return cosine, max_abs, failures
-
-
-def run_smoke_test(agent_or_bundle: Agent | Bundle | str | os.PathLike, *, runtime_order: Sequence[str] | None = None,
-                   artifact: str | None = None, threads: int | None = 1) -> SmokeResult:
-    """Run the bundle's smoke sample through the device Agent and compare with the recorded reference output.
-
-    ``agent_or_bundle`` is a loaded Agent (used as is) or a bundle / directory (loaded with an Agent built from
-    ``runtime_order``, ``artifact``, ``threads`` — the settings the device runs with — and closed afterwards).
-    Returns a :class:`SmokeResult`; raises BundleError when there is no usable smoke sample and
-    InferenceError / MissingDependencyError when the artifact cannot be loaded or run here.
-    """
-    from edge_sdk.device_agent.agent import Agent
-
-    own = not isinstance(agent_or_bundle, Agent)
-    if own:
-        bundle = agent_or_bundle if isinstance(agent_or_bundle, Bundle) else Bundle.load(agent_or_bundle)
-        inputs, reference = load_smoke_sample(bundle)  # before loading a runtime: a bundle without a sample fails fast
-        agent = Agent(bundle, runtime_order=list(runtime_order) if runtime_order else None, artifact=artifact,
-                      threads=threads)
-    else:
-        agent = agent_or_bundle
-        inputs, reference = load_smoke_sample(agent.bundle)
-    try:
-        min_cos, atol = _limits(agent.bundle, agent.artifact.precision)
-        t0 = time.perf_counter()
-        pred = agent.predict(list(inputs))
-        latency = (time.perf_counter() - t0) * 1000.0
-        cosine, max_abs, failures = compare_smoke(reference, list(pred.outputs.values()), min_cosine=min_cos,
-                                                  atol=atol)
-        res = SmokeResult(passed=not failures, model_version=agent.model_version, artifact=agent.artifact.key,
-                          runtime=agent.runtime_name, cosine=cosine, max_abs_error=max_abs, min_cosine=min_cos,
-                          atol=atol, latency_ms=latency, failures=failures)
-        if failures:
-            res.reason = (f"smoke test of {agent.model_version} ({agent.artifact.key} on {agent.runtime_name}) "
-                          f"failed: {'; '.join(failures)}")
-        return res
-    finally:
-        if own:
-            agent.close()

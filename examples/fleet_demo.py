@@ -31,7 +31,7 @@ def _broker() -> tuple[str, object | None]:
         socket.create_connection(("127.0.0.1", 1883), timeout=1.0).close()
         return "mqtt://127.0.0.1:1883", None
     except OSError:
-        from edge_sdk.fleet.broker import start_embedded_broker
+        from edge_sdk.testing.broker import start_embedded_broker
 
         broker = start_embedded_broker("127.0.0.1", 0)
         print(f"no broker on 127.0.0.1:1883: started an embedded one at {broker.url}")
@@ -48,10 +48,10 @@ def run(bundle_dir: Path, out: Path, windows: int = 6) -> int:
     from edge_sdk.device_agent.mqtt_publisher import MqttSettings, Publisher
     from edge_sdk.device_agent.outbox import Outbox
     from edge_sdk.device_agent.telemetry import Telemetry, TelemetrySettings, model_info
-    from edge_sdk.fleet.collector import Collector
-    from edge_sdk.fleet.http import CollectorHTTP
-    from edge_sdk.fleet.status_table import print_status
-    from edge_sdk.fleet.views import alerts, fleet_status
+    from edge_sdk.fleet.collector.service import Collector
+    from edge_sdk.fleet.dashboard.server import CollectorHTTP
+    from edge_sdk.fleet.dashboard.status_table import print_status
+    from edge_sdk.fleet.dashboard.views import alerts, fleet_status
     from edge_sdk.signing import generate_keypair, sign_bundle, verify_bundle
 
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     python tests/burst_device.py OUTBOX MQTT_URL FLEET DEVICE N [--batch 1000] [--rate WINDOWS_PER_S]
 
-Windows are schema-valid (``edge_sdk.fleet.synthetic.make_window``) and go through the real ``Outbox`` and
+Windows are schema-valid (``edge_sdk.testing.synthetic.make_window``) and go through the real ``Outbox`` and
 ``Publisher``. Already-queued windows are not queued again after a restart (the outbox's ``next_seq`` says how
 many were), so a killed and restarted device continues where it stopped. Prints ``queued N`` when all windows
 are in the outbox; then keeps running like an agent (one window every ``--tail-interval`` seconds, answering
@@ -20,7 +20,7 @@ import uuid
 
 from edge_sdk.device_agent.mqtt_publisher import MqttSettings, Publisher
 from edge_sdk.device_agent.outbox import Outbox
-from edge_sdk.fleet.synthetic import make_window
+from edge_sdk.testing.synthetic import make_window
 from edge_sdk.topics import device_topic
 
 

@@ -107,7 +107,7 @@ def add_alert(db: Any, fleet: str, device: str | None, rule: str, *, opened_at: 
 def fill_demo_fleet(db: Any, fleet: str, now: float, *, windows: int = 60, window_s: float = 10.0) -> dict[str, Any]:
     """Three devices with ``windows`` windows each ending at ``now``: cam-01 healthy, cam-02 drifting and
     slow (one open drift alert), cam-03 offline since half-way. Returns {"devices": [...], "windows": n}."""
-    from edge_sdk.fleet.synthetic import DeviceProfile, SimulatedDevice
+    from edge_sdk.testing.synthetic import DeviceProfile, SimulatedDevice
 
     profiles = [DeviceProfile(fleet, "cam-01", latency_ms=11.0),
                 DeviceProfile(fleet, "cam-02", latency_ms=14.0, slow_factor=1.6, error_rate=0.02),

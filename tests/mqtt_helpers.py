@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from edge_sdk.fleet.broker import MosquittoProcess, free_port, start_mosquitto
+from edge_sdk.testing.broker import MosquittoProcess, free_port, start_mosquitto
 
 __all__ = [
     "SYSTEM_BROKER", "Received", "Subscriber", "free_port", "mosquitto", "own_mosquitto", "require_system_broker",
@@ -59,7 +59,7 @@ def require_system_broker(host: str = "127.0.0.1", port: int = 1883) -> None:
 
 
 def own_mosquitto(tmpdir: Path, **kwargs: Any) -> MosquittoProcess:
-    """Start a private Mosquitto (see :func:`edge_sdk.fleet.broker.start_mosquitto` for the keyword arguments)."""
+    """Start a private Mosquitto (see :func:`edge_sdk.testing.broker.start_mosquitto` for the keyword arguments)."""
     return start_mosquitto(tmpdir, **kwargs)
 
 

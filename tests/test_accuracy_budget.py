@@ -147,8 +147,8 @@ def test_mobilenet_v2_agreement_budget(mobilenet_v2: Any, photo_crops: np.ndarra
     from data import photo_crops as make_crops
 
     from edge_sdk.converters.pipeline import convert
-    from edge_sdk.device_agent.runtimes import runtime_for
     from edge_sdk.formats import Format
+    from edge_sdk.runtimes import runtime_for
 
     torch.set_num_threads(1)
     bundle = convert(mobilenet_v2, out=tmp_path / "b", to="onnx,openvino", precision="fp32,int8", ort=False,

@@ -26,9 +26,9 @@ from edge_sdk.bundle import Artifact, Bundle, Manifest, TensorSpec, sha256_path
 from edge_sdk.device_agent.agent import Agent, Prediction
 from edge_sdk.device_agent.config import AgentConfig, ConfigError, load_config
 from edge_sdk.device_agent.inputs import iter_source, parse_source, run_source
-from edge_sdk.device_agent.runtimes import get_runtime
 from edge_sdk.errors import BundleError, InferenceError, InputError
 from edge_sdk.preprocessing import Preprocessing
+from edge_sdk.runtimes import get_runtime
 
 torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")

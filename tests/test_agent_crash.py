@@ -20,7 +20,7 @@ from collector_helpers import wait_until
 from mqtt_helpers import require_system_broker, unique_fleet
 
 from edge_sdk.device_agent.outbox import Outbox
-from edge_sdk.fleet.collector import Collector
+from edge_sdk.fleet.collector.service import Collector
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from collector_helpers import payload_bytes, pg_url, status, wait_until, window
 
-from edge_sdk.fleet.alerts import AlertEngine, ConfigError, load_rules
+from edge_sdk.fleet.collector.alerts import AlertEngine, ConfigError, load_rules
+from edge_sdk.fleet.collector.ingest import Ingestor, Message
 from edge_sdk.fleet.db import Database
-from edge_sdk.fleet.ingest import Ingestor, Message
 
 FLEET, DEV = "fa", "cam1"
 STREAM = "ab" * 16

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_sdk.bundle import Bundle
-from edge_sdk.device_agent.benchmark import (
+from edge_sdk.benchmark import (
     ERROR,
     NOT_RUN,
     OK,
@@ -26,6 +25,7 @@ from edge_sdk.device_agent.benchmark import (
     rank,
     store_in_manifest,
 )
+from edge_sdk.bundle import Bundle
 from edge_sdk.errors import BundleError
 
 torch = pytest.importorskip("torch")

@@ -17,7 +17,7 @@ from mqtt_helpers import Subscriber, seqs, unique_fleet, wait_until, window
 
 from edge_sdk.device_agent.mqtt_publisher import MqttSettings, Publisher
 from edge_sdk.device_agent.outbox import Outbox
-from edge_sdk.fleet.broker import MosquittoProcess, start_mosquitto
+from edge_sdk.testing.broker import MosquittoProcess, start_mosquitto
 
 USERS = {"devA": "secret-a", "devB": "secret-b", "collector": "secret-c"}
 NOT_AUTHORIZED = 0x87

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from collector_helpers import MQTT_URL, MqttPeer, event, payload_bytes, pg_url, status, wait_until, window
 
-from edge_sdk.fleet.collector import Collector, CollectorError
+from edge_sdk.fleet.collector.service import Collector, CollectorError
+from edge_sdk.fleet.collector.validate import SCHEMA_DIR
 from edge_sdk.fleet.db import Database
-from edge_sdk.fleet.validate import SCHEMA_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -257,7 +257,7 @@ def test_alerts_are_evaluated_by_the_running_collector(sqlite_url: str, fleet: s
 
 
 def test_embedded_broker_without_v5_gets_mqtt_311(sqlite_url: str, fleet: str) -> None:
-    from edge_sdk.fleet.broker import start_embedded_broker
+    from edge_sdk.testing.broker import start_embedded_broker
 
     broker = start_embedded_broker()
     try:
@@ -327,7 +327,7 @@ def test_two_collectors_share_the_load_and_agree_on_streams(db_url: str, fleet: 
 
 def test_a_collector_started_before_its_broker_connects_with_v5_and_survives_a_broker_restart(
         sqlite_url: str, fleet: str, tmp_path: Path) -> None:
-    from edge_sdk.fleet.broker import free_port, start_mosquitto
+    from edge_sdk.testing.broker import free_port, start_mosquitto
 
     port = free_port()
     col = Collector(sqlite_url, f"mqtt://127.0.0.1:{port}", fleet=fleet, client_id=f"col-{fleet}",

@@ -61,7 +61,7 @@ def test_convert_onnx_fp32_int8_bundle(tiny: dict, tmp_path: Path, capsys: pytes
     # the bundle's own copy runs and agrees with torch
     from tiny_models import make_tiny
 
-    from edge_sdk.device_agent.runtimes import get_runtime
+    from edge_sdk.runtimes import get_runtime
 
     x = np.random.default_rng(5).random((1, 3, 32, 32), dtype=np.float32)
     sess = get_runtime("onnxruntime").load(b.path_of(fp32))

@@ -30,7 +30,7 @@ def _import_check(code: str) -> list[str]:
 
 
 def test_import_edge_sdk_loads_no_heavy_framework() -> None:
-    code = ("import edge_sdk, edge_sdk.converters, edge_sdk.device_agent.runtimes as r\n"
+    code = ("import edge_sdk, edge_sdk.converters, edge_sdk.runtimes as r\n"
             "from edge_sdk.converters.pipeline import load_builtin_converters\nload_builtin_converters()\n"
             "r.all_runtimes()")
     assert _import_check(code) == []

@@ -298,7 +298,7 @@ def test_keras_savedmodel_directory_source(keras_source, tmp_path):
 # ---------------------------------------------------------------- runtime
 
 def test_runtime_reads_io_anywhere(torch_packages):
-    from edge_sdk.device_agent.runtimes.coreml import package_io
+    from edge_sdk.runtimes.coreml import package_io
 
     inputs, outputs = package_io(torch_packages[Precision.INT8].path)
     assert [(t.name, t.shape, t.dtype) for t in inputs] == [("input", [1, 3, 32, 32], "float32")]
@@ -307,7 +307,7 @@ def test_runtime_reads_io_anywhere(torch_packages):
 
 @pytest.mark.skipif(ON_MAC, reason="checks the refusal on hosts without Core ML")
 def test_runtime_refuses_off_macos(torch_packages):
-    from edge_sdk.device_agent.runtimes.coreml import CoreMLRuntime
+    from edge_sdk.runtimes.coreml import CoreMLRuntime
 
     rt = CoreMLRuntime()
     assert rt.name == "coreml" and rt.formats == (Format.COREML,) and rt.extra == "coreml"
@@ -322,8 +322,8 @@ def test_runtime_refuses_off_macos(torch_packages):
     (Precision.FP32, 0.99999, 1e-3), (Precision.FP16, 0.999, 5e-2),
     (Precision.INT8, 0.995, 0.2), (Precision.PALETTIZED, 0.99, 0.3)], ids=str)
 def test_runtime_matches_torch_source_on_macos(torch_source, torch_packages, precision, min_cos, max_abs):
-    from edge_sdk.device_agent.runtimes.coreml import CoreMLRuntime
     from edge_sdk.errors import InputError
+    from edge_sdk.runtimes.coreml import CoreMLRuntime
 
     session = CoreMLRuntime().load(torch_packages[precision].path)
     rng = np.random.default_rng(0)
@@ -341,7 +341,7 @@ def test_runtime_matches_torch_source_on_macos(torch_source, torch_packages, pre
 @pytest.mark.skipif(not ON_MAC, reason=NOT_MAC)
 @pytest.mark.parametrize("precision", PRECISIONS, ids=str)
 def test_runtime_matches_keras_source_on_macos(keras_source, keras_packages, precision):
-    from edge_sdk.device_agent.runtimes.coreml import CoreMLRuntime
+    from edge_sdk.runtimes.coreml import CoreMLRuntime
 
     session = CoreMLRuntime().load(keras_packages[precision].path)
     rng = np.random.default_rng(1)
@@ -355,7 +355,7 @@ def test_runtime_matches_keras_source_on_macos(keras_source, keras_packages, pre
 
 @pytest.mark.skipif(not ON_MAC, reason=NOT_MAC)
 def test_runtime_rejects_a_corrupt_package_on_macos(torch_packages, tmp_path):
-    from edge_sdk.device_agent.runtimes.coreml import CoreMLRuntime
+    from edge_sdk.runtimes.coreml import CoreMLRuntime
 
     broken = tmp_path / "broken.mlpackage"
     shutil.copytree(torch_packages[Precision.FP16].path, broken)

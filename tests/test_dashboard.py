@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fleet_helpers import fill_demo_fleet, sqlite_db
 
-from edge_sdk.fleet.http import CollectorHTTP
+from edge_sdk.fleet.dashboard.server import CollectorHTTP
 
 FLEET = "plant-7"
 ARTIFACTS = Path(__file__).resolve().parent / "_artifacts"

@@ -54,7 +54,7 @@ def test_darkened_inputs_alert_within_3_windows_and_daylight_never(photo_bundle:
     from edge_sdk.device_agent.mqtt_publisher import MqttSettings, Publisher
     from edge_sdk.device_agent.outbox import Outbox
     from edge_sdk.device_agent.telemetry import Telemetry, TelemetrySettings, model_info
-    from edge_sdk.fleet.collector import Collector
+    from edge_sdk.fleet.collector.service import Collector
 
     live = photo_crops(200, seed=1, size=32).astype(np.float32)
     fleet = unique_fleet("drift")

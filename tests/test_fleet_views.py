@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from fleet_helpers import add_alert, fill_demo_fleet, postgres_db, sqlite_db, store_window, upsert_device
 
-from edge_sdk.fleet import views
-from edge_sdk.fleet.range_cache import RangeCache
-from edge_sdk.fleet.synthetic import make_window, synthetic_baseline
+from edge_sdk.fleet.dashboard import views
+from edge_sdk.fleet.dashboard.range_cache import RangeCache
+from edge_sdk.testing.synthetic import make_window, synthetic_baseline
 
 NOW = 1_760_000_000.0
 WIN = 10.0

@@ -19,8 +19,8 @@ from fleet_helpers import sqlite_db
 from edge_sdk.bundle import Bundle
 from edge_sdk.cli import main
 from edge_sdk.errors import EdgeSDKError
-from edge_sdk.fleet.gate import GateError, evaluate_on_holdout, gate
-from edge_sdk.fleet.registry import Registry, RegistryError
+from edge_sdk.fleet.lifecycle.gate import GateError, evaluate_on_holdout, gate
+from edge_sdk.fleet.lifecycle.registry import Registry, RegistryError
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

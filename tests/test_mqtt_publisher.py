@@ -30,7 +30,7 @@ from mqtt_helpers import (
 from edge_sdk.device_agent.mqtt_publisher import MqttSettings, Publisher
 from edge_sdk.device_agent.outbox import Outbox
 from edge_sdk.errors import TelemetryError
-from edge_sdk.fleet.broker import MosquittoProcess, start_embedded_broker
+from edge_sdk.testing.broker import MosquittoProcess, start_embedded_broker
 
 
 def _validator(name: str) -> Any:

@@ -21,8 +21,8 @@ import pytest
 from collector_helpers import wait_until
 from mqtt_helpers import unique_fleet
 
-from edge_sdk.fleet.broker import start_mosquitto
-from edge_sdk.fleet.collector import Collector
+from edge_sdk.fleet.collector.service import Collector
+from edge_sdk.testing.broker import start_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 

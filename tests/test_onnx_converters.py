@@ -26,7 +26,7 @@ import edge_sdk.converters.onnx_to_ort  # noqa: E402
 import edge_sdk.converters.torch_to_onnx  # noqa: E402,F401
 from edge_sdk.converters.onnx_to_onnx import copy_onnx  # noqa: E402
 from edge_sdk.converters.sources import load_source  # noqa: E402
-from edge_sdk.device_agent.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
+from edge_sdk.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
 
 SHAPE = [1, 3, 32, 32]
 RT = OnnxRuntime()

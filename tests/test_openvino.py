@@ -25,7 +25,7 @@ pytest.importorskip("sklearn")
 
 from edge_sdk.converters.pipeline import load_builtin_converters  # noqa: E402
 from edge_sdk.converters.sources import load_source  # noqa: E402
-from edge_sdk.device_agent.runtimes.openvino import OpenVINORuntime  # noqa: E402
+from edge_sdk.runtimes.openvino import OpenVINORuntime  # noqa: E402
 
 SHAPE = [1, 3, 32, 32]
 

@@ -1,6 +1,6 @@
 """Issue 6, acceptance 1 and 2, end to end with 50 REAL device agents (nothing simulated but the images' source).
 
-50 devices (``edge_sdk.fleet.agent_fleet``: a ModelStore, the Updater, an onnxruntime Agent, an outbox, the MQTT
+50 devices (``edge_sdk.testing.agent_fleet``: a ModelStore, the Updater, an onnxruntime Agent, an outbox, the MQTT
 publisher and telemetry each) run a trained Fashion-MNIST CNN on real Fashion-MNIST images at 10 Hz, through
 the bundle's own preprocessing. The machine's Mosquitto carries telemetry and commands; the real Collector stores
 the windows in a SQLite fleet database; the Registry serves signed archives over HTTP; the Rollout judges each
@@ -152,13 +152,13 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, material: Material) -> Iterator[World]:
     require_system_broker()
-    from edge_sdk.fleet.agent_fleet import AgentFleet, device_ids
-    from edge_sdk.fleet.bundle_server import BundleHTTPServer
-    from edge_sdk.fleet.collector import Collector
-    from edge_sdk.fleet.commands import MqttCommandPublisher
+    from edge_sdk.fleet.collector.service import Collector
     from edge_sdk.fleet.db import Database
-    from edge_sdk.fleet.registry import Registry
-    from edge_sdk.fleet.rollout import Rollout
+    from edge_sdk.fleet.lifecycle.bundle_server import BundleHTTPServer
+    from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
+    from edge_sdk.fleet.lifecycle.registry import Registry
+    from edge_sdk.fleet.lifecycle.rollout import Rollout
+    from edge_sdk.testing.agent_fleet import AgentFleet, device_ids
 
     root = tmp_path_factory.mktemp("ota_e2e")
     t0 = time.monotonic()
@@ -219,7 +219,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, material: Material) -> Itera
 # ---- the fleet runner itself ------------------------------------------------------------------------------------
 
 def test_agent_fleet_refuses_bad_arguments(tmp_path: Path) -> None:
-    from edge_sdk.fleet.agent_fleet import AgentFleet, AgentFleetError, run_agent_fleet
+    from edge_sdk.testing.agent_fleet import AgentFleet, AgentFleetError, run_agent_fleet
 
     bundle = tmp_path / "b.tar.gz"
     bundle.write_bytes(b"not checked before start")
@@ -243,8 +243,8 @@ def test_agent_fleet_refuses_bad_arguments(tmp_path: Path) -> None:
 
 def test_a_device_that_cannot_install_its_first_bundle_fails_the_start(tmp_path: Path, material: Material) -> None:
     from edge_sdk.bundle import Bundle
-    from edge_sdk.fleet.agent_fleet import AgentFleet, AgentFleetError
     from edge_sdk.signing import generate_keypair
+    from edge_sdk.testing.agent_fleet import AgentFleet, AgentFleetError
 
     require_system_broker()
     _, other = generate_keypair(tmp_path / "other", "other")
@@ -258,8 +258,8 @@ def test_a_device_that_cannot_install_its_first_bundle_fails_the_start(tmp_path:
 
 def test_run_agent_fleet_runs_real_agents_and_reports(tmp_path: Path, material: Material) -> None:
     from edge_sdk.bundle import Bundle
-    from edge_sdk.fleet.agent_fleet import run_agent_fleet
-    from edge_sdk.fleet.commands import MqttCommandPublisher
+    from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
+    from edge_sdk.testing.agent_fleet import run_agent_fleet
 
     require_system_broker()
     fleet = unique_fleet("otarun")
@@ -340,7 +340,7 @@ def switch_delays(w: World, dep_id: str, version: str) -> list[float]:
 # ---- acceptance 1 --------------------------------------------------------------------------------------------------
 
 def test_healthy_version_rolls_out_5_25_100_to_50_real_devices(world: World) -> None:
-    from edge_sdk.fleet.rollout import stage_of
+    from edge_sdk.fleet.lifecycle.rollout import stage_of
 
     w = world
     assert w.registry.add(w.material.dirs["2"]).signature_verified
@@ -407,8 +407,8 @@ def test_healthy_version_rolls_out_5_25_100_to_50_real_devices(world: World) -> 
 
 def test_bad_preprocessing_is_halted_at_the_canary_and_rolled_back(world: World) -> None:
     from edge_sdk.bundle import Bundle
-    from edge_sdk.fleet.rollout import stage_of
-    from edge_sdk.smoke import run_smoke_test
+    from edge_sdk.device_agent.smoke import run_smoke_test
+    from edge_sdk.fleet.lifecycle.rollout import stage_of
 
     w = world
     if w.registry.active(NAME) is None or w.registry.active(NAME).version != "2":

@@ -18,7 +18,7 @@ from mqtt_helpers import (
 )
 
 from edge_sdk.device_agent.outbox import Outbox
-from edge_sdk.fleet.broker import MosquittoProcess
+from edge_sdk.testing.broker import MosquittoProcess
 
 DEVICE = r"""
 import sys, time, uuid

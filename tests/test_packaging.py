@@ -37,7 +37,7 @@ def test_wheel_contains_and_imports_every_subpackage(tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    code = ("import edge_sdk, edge_sdk.converters.pipeline as p, edge_sdk.device_agent.runtimes as r\n"
+    code = ("import edge_sdk, edge_sdk.converters.pipeline as p, edge_sdk.runtimes as r\n"
             "from edge_sdk.schema import load_schema\n"
             "p.load_builtin_converters(); r.all_runtimes(); load_schema()\n"
             "print(edge_sdk.__file__); print(p.__file__)")

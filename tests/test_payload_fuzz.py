@@ -27,9 +27,15 @@ from collector_helpers import event, payload_bytes, status, window
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge_sdk.fleet.collector.ingest import Ingestor, Message
+from edge_sdk.fleet.collector.validate import (
+    MAX_PAYLOAD_BYTES,
+    SCHEMA_DIR,
+    PayloadError,
+    schema_backend,
+    validate_message,
+)
 from edge_sdk.fleet.db import Database
-from edge_sdk.fleet.ingest import Ingestor, Message
-from edge_sdk.fleet.validate import MAX_PAYLOAD_BYTES, SCHEMA_DIR, PayloadError, schema_backend, validate_message
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -15,8 +15,8 @@ from fleet_helpers import postgres_db, sqlite_db
 
 from edge_sdk.bundle import Bundle, sha256_file
 from edge_sdk.cli import main
-from edge_sdk.fleet.bundle_server import BundleHTTPServer, RangeNotSatisfiable, bundle_path, parse_range
-from edge_sdk.fleet.registry import Registry, RegistryError, parse_model_ref
+from edge_sdk.fleet.lifecycle.bundle_server import BundleHTTPServer, RangeNotSatisfiable, bundle_path, parse_range
+from edge_sdk.fleet.lifecycle.registry import Registry, RegistryError, parse_model_ref
 
 
 @pytest.fixture(scope="module")

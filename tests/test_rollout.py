@@ -1,6 +1,6 @@
 """Staged rollout (issue 6): deterministic stages, and deployments judged from real telemetry windows.
 
-Windows are schema-valid synthetic windows (``edge_sdk.fleet.synthetic``) stored through the collector's own
+Windows are schema-valid synthetic windows (``edge_sdk.testing.synthetic``) stored through the collector's own
 ingest path (``Ingestor``) into a real SQLite (and PostgreSQL) database; commands go over the machine's real
 Mosquitto, and a subscriber on the test's unique fleet checks who received what, retained or not.
 """
@@ -31,12 +31,12 @@ from mqtt_helpers import (
 
 from edge_sdk.bundle import Bundle
 from edge_sdk.cli import main
-from edge_sdk.fleet.bundle_server import BundleHTTPServer
-from edge_sdk.fleet.commands import MqttCommandPublisher
-from edge_sdk.fleet.ingest import Ingestor, Message
-from edge_sdk.fleet.registry import Registry
-from edge_sdk.fleet.rollout import Rollout, RolloutError, Thresholds, parse_duration, parse_stages, stage_of
-from edge_sdk.fleet.synthetic import make_window, synthetic_baseline
+from edge_sdk.fleet.collector.ingest import Ingestor, Message
+from edge_sdk.fleet.lifecycle.bundle_server import BundleHTTPServer
+from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
+from edge_sdk.fleet.lifecycle.registry import Registry
+from edge_sdk.fleet.lifecycle.rollout import Rollout, RolloutError, Thresholds, parse_duration, parse_stages, stage_of
+from edge_sdk.testing.synthetic import make_window, synthetic_baseline
 from edge_sdk.topics import device_topic
 
 T0 = 1_790_000_000.0  # windows and ticks use explicit times; the hold is 60 s
@@ -447,7 +447,7 @@ def test_healthy_rollout_on_postgresql(tmp_path: Path, bundles: tuple[Path, Path
 def test_sub_millisecond_p95_jitter_is_not_a_latency_regression() -> None:
     """A healthy canary measured 0.81 ms p95 against 0.47 ms on a shared CPU (1.7x): within the 1 ms slack. A real
     regression is still caught, at sub-ms and at tens of ms."""
-    from edge_sdk.fleet.canary import Thresholds, health_checks
+    from edge_sdk.fleet.lifecycle.canary import Thresholds, health_checks
 
     def p95(canary: float, ref: float) -> bool:
         figs = {"error_rate": None, "p95_ms": None, "conf_mean": None, "psi_mean": None}

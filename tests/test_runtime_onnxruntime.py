@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edge_sdk.device_agent.runtimes.onnxruntime import RUNTIME, OnnxRuntime  # noqa: E402
+from edge_sdk.runtimes.onnxruntime import RUNTIME, OnnxRuntime  # noqa: E402
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((8, 4)).astype(np.float32)

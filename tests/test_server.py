@@ -22,9 +22,9 @@ torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
 from edge_sdk.device_agent.agent import Agent  # noqa: E402
-from edge_sdk.device_agent.runtimes import get_runtime  # noqa: E402
 from edge_sdk.device_agent.server import AgentServer, parse_multipart  # noqa: E402
 from edge_sdk.preprocessing import Preprocessing, decode_image  # noqa: E402
+from edge_sdk.runtimes import get_runtime  # noqa: E402
 
 LABELS = [f"class-{i}" for i in range(10)]
 MAX_BODY = 256 * 1024

@@ -17,12 +17,12 @@ import pytest
 from fleet_helpers import validate_window
 from mqtt_helpers import SYSTEM_BROKER, Subscriber, own_mosquitto, require_system_broker, unique_fleet, wait_until
 
-from edge_sdk.fleet import views
-from edge_sdk.fleet.simulate import SimulationSettings, run_simulation
+from edge_sdk.fleet.dashboard import views
+from edge_sdk.testing.simulate import SimulationSettings, run_simulation
 
 
 def _simulate_and_collect(tmp_path: Path, transport: str) -> tuple[str, Any, list[dict[str, Any]], list[Any], Any]:
-    from edge_sdk.fleet.collector import Collector
+    from edge_sdk.fleet.collector.service import Collector
 
     require_system_broker()
     fleet = unique_fleet("sim")
@@ -127,8 +127,8 @@ def test_device_pool_answers_resend_and_survives_a_broker_restart(tmp_path: Path
     and every window delivered across a broker restart (in order per device, maybe twice, never lost)."""
     from edge_sdk.device_agent.mqtt_publisher import MqttSettings
     from edge_sdk.device_agent.outbox import Outbox
-    from edge_sdk.fleet.mqtt_pool import DevicePool
-    from edge_sdk.fleet.synthetic import DeviceProfile, SimulatedDevice
+    from edge_sdk.testing.mqtt_pool import DevicePool
+    from edge_sdk.testing.synthetic import DeviceProfile, SimulatedDevice
 
     fleet = unique_fleet("pool")
     pool = DevicePool()

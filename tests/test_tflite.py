@@ -19,7 +19,7 @@ from edge_sdk.formats import Format, Precision
 
 pytest.importorskip("ai_edge_litert")
 
-from edge_sdk.device_agent.runtimes.litert import LiteRTRuntime
+from edge_sdk.runtimes.litert import LiteRTRuntime
 
 N_VAL = 100
 

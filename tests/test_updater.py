@@ -32,9 +32,10 @@ import pytest
 
 from edge_sdk.bundle import Bundle, sha256_file
 from edge_sdk.device_agent.agent import Agent
+from edge_sdk.device_agent.smoke import run_smoke_test
 from edge_sdk.device_agent.updater import ModelStore, UpdateError, Updater
 from edge_sdk.errors import BundleError
-from edge_sdk.smoke import load_smoke_sample, run_smoke_test
+from edge_sdk.smoke import load_smoke_sample
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -558,7 +559,7 @@ _RECOVER = '''
 import json, sys
 from edge_sdk.device_agent.agent import Agent
 from edge_sdk.device_agent.updater import ModelStore, Updater
-from edge_sdk.smoke import run_smoke_test
+from edge_sdk.device_agent.smoke import run_smoke_test
 up = Updater(ModelStore(sys.argv[1]), trusted_keys=sys.argv[2])
 res = up.recover()
 out = {"label": res.version.label if res.version else None, "reason": res.reason, "changed": res.changed}

@@ -6,7 +6,7 @@
 * every message moves its device's ``last_seen``;
 * anything that fails validation goes to ``dead_letters`` with its reason;
 * per outbox stream the ``streams`` row keeps ``contiguous_seq`` (every seq up to it is stored or declared
-  lost) and ``max_seq``; gap repair (:mod:`edge_sdk.fleet.collector`) asks devices for the missing seqs.
+  lost) and ``max_seq``; gap repair (:mod:`edge_sdk.fleet.collector.service`) asks devices for the missing seqs.
 
 The stream state is kept in the database, not in memory, so several collectors sharing one subscription
 (each sees part of every stream) agree; PostgreSQL locks the stream row (``FOR UPDATE``) while advancing.
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_sdk.errors import EdgeSDKError
+from edge_sdk.fleet.collector.validate import MAX_PAYLOAD_BYTES, PayloadError, validate_message
 from edge_sdk.fleet.db import Database
-from edge_sdk.fleet.validate import MAX_PAYLOAD_BYTES, PayloadError, validate_message
 from edge_sdk.topics import parse_topic
 
 __all__ = ["BatchResult", "Ingestor", "Message", "StoreUnavailable", "StreamGap"]
 
-log = logging.getLogger("edge_sdk.fleet.ingest")
+log = logging.getLogger("edge_sdk.fleet.collector.ingest")
 
 _INSERT_WINDOW = (
     "INSERT INTO windows (window_id, fleet, device, stream, seq, model_name, model_version, start_ts, end_ts, "

@@ -4,7 +4,7 @@ Each simulated device is what a real agent is on the wire: its own client id (``
 persistent session, QoS 1, retained birth / last will, ``cmd/resend`` answered from its own durable
 :class:`~edge_sdk.device_agent.outbox.Outbox` (one SQLite file and stream per device, ``synchronous=NORMAL``:
 a window is committed before it is published and acked only on PUBACK), and schema-valid windows from
-:class:`~edge_sdk.fleet.synthetic.SimulatedDevice`. Devices are split evenly over ``processes`` spawned
+:class:`~edge_sdk.testing.synthetic.SimulatedDevice`. Devices are split evenly over ``processes`` spawned
 processes; in each, one scheduler emits every device's windows, phase-shifted so that the fleet's load is spread
 over the window instead of arriving in bursts. The first window of each device goes out one window after the start.
 
@@ -15,7 +15,7 @@ inferences (the groups wrap around when they add up to more than N).
 Two transports, same wire behaviour:
 
 * ``pooled`` (default): the devices of a process share ONE thread, an epoll loop driving their paho clients
-  (:class:`~edge_sdk.fleet.mqtt_pool.DevicePool`);
+  (:class:`~edge_sdk.testing.mqtt_pool.DevicePool`);
 * ``publisher``: one real :class:`~edge_sdk.device_agent.mqtt_publisher.Publisher` per device (3 threads each;
   at most 150 per process, because paho's threaded loop uses ``select()``).
 
@@ -47,7 +47,7 @@ from edge_sdk.topics import device_topic, validate_id
 
 __all__ = ["SimulationResult", "SimulationSettings", "device_profiles", "run_simulation"]
 
-log = logging.getLogger("edge_sdk.fleet.simulate")
+log = logging.getLogger("edge_sdk.testing.simulate")
 _CONNECT_BATCH = 25
 TRANSPORTS = ("pooled", "publisher")
 # "publisher": each device holds 6 file descriptors (MQTT socket + paho's wake-up socket pair, outbox db + WAL + shm)
@@ -152,8 +152,8 @@ class SimulationResult:
 
 
 def device_profiles(settings: SimulationSettings, indices: list[int]) -> list[Any]:
-    """The :class:`~edge_sdk.fleet.synthetic.DeviceProfile` of each device index (knobs applied)."""
-    from edge_sdk.fleet.synthetic import DeviceProfile
+    """The :class:`~edge_sdk.testing.synthetic.DeviceProfile` of each device index (knobs applied)."""
+    from edge_sdk.testing.synthetic import DeviceProfile
 
     n = settings.devices
     groups = [("drift", settings.drift_devices), ("slow", settings.slow_devices), ("error", settings.error_devices)]
@@ -181,7 +181,7 @@ class _Devices:
     def __init__(self, settings: SimulationSettings, indices: list[int], outbox_dir: Path) -> None:
         from edge_sdk.device_agent.mqtt_publisher import MqttSettings
         from edge_sdk.device_agent.outbox import Outbox
-        from edge_sdk.fleet.synthetic import SimulatedDevice
+        from edge_sdk.testing.synthetic import SimulatedDevice
 
         self.settings = settings
         self.sims = [SimulatedDevice(p, seed=settings.seed * 1_000_003 + i)
@@ -196,7 +196,7 @@ class _Devices:
         mqtt = [MqttSettings(settings.mqtt_url, settings.fleet, sim.profile.device, username=settings.username,
                              password=settings.password) for sim in self.sims]
         if settings.transport == "pooled":
-            from edge_sdk.fleet.mqtt_pool import DevicePool
+            from edge_sdk.testing.mqtt_pool import DevicePool
 
             self.pool = DevicePool()
             self.pooled = [self.pool.add(m, o, model=sim.model, window_s=settings.window_s)

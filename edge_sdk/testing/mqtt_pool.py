@@ -7,7 +7,7 @@ What differs from :class:`~edge_sdk.device_agent.mqtt_publisher.Publisher` is th
 API (``loop_read`` / ``loop_write`` / ``loop_misc``) is driven from ONE ``selectors`` (epoll) loop for all the
 devices of a process, instead of three threads per device. Measured on a 2-core host, 1,000 Publishers (3,000
 threads) at one window per second cost 3.1x the CPU per window and fell 21 s behind; this loop kept up
-(figures in :mod:`edge_sdk.fleet.simulate`). epoll also has no 1024-descriptor limit.
+(figures in :mod:`edge_sdk.testing.simulate`). epoll also has no 1024-descriptor limit.
 
 Delivery is the Publisher's contract: a window is committed to the outbox before it is published, acked in the
 outbox only on a PUBACK with a reason code below 0x80, published again from the outbox after every reconnect
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DevicePool", "PooledDevice"]
 
-log = logging.getLogger("edge_sdk.fleet.mqtt_pool")
+log = logging.getLogger("edge_sdk.testing.mqtt_pool")
 _MAX_BACKOFF_S = 30.0
 
 

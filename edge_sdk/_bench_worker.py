@@ -1,9 +1,9 @@
 """Measure one artifact with one runtime: the code a fresh benchmark process runs, and how it is started.
 
-``python -m edge_sdk.device_agent._bench_worker '<json job>'`` loads the artifact, runs it
+``python -m edge_sdk._bench_worker '<json job>'`` loads the artifact, runs it
 ``warmup + runs`` times on seeded random inputs and prints one JSON object on stdout (native
 libraries' own prints are diverted to stderr so they cannot corrupt it). The parent
-(:mod:`edge_sdk.device_agent.benchmark`) starts one such process per artifact and thread count, so
+(:mod:`edge_sdk.benchmark`) starts one such process per artifact and thread count, so
 the memory high-water mark belongs to that artifact alone; :func:`run_job` starts such a process
 and turns every failure (known error, crash, timeout) into ``{"ok": False, "error": ...}``.
 
@@ -29,8 +29,8 @@ import numpy as np
 
 from edge_sdk._deps import has_module
 from edge_sdk.bundle import TensorSpec
-from edge_sdk.device_agent.runtimes import all_runtimes, get_runtime
 from edge_sdk.errors import EdgeSDKError
+from edge_sdk.runtimes import all_runtimes, get_runtime
 
 __all__ = ["RUNTIME_MODULES", "host_info", "main", "make_inputs", "measure", "rss_bytes", "run_job"]
 
@@ -172,7 +172,7 @@ def run_job(job: dict[str, Any], *, isolate: bool = True, timeout: float | None 
             return measure(job)
         except EdgeSDKError as exc:
             return {"ok": False, "error": str(exc).splitlines()[0]}
-    cmd = [sys.executable, "-m", "edge_sdk.device_agent._bench_worker", json.dumps(job)]
+    cmd = [sys.executable, "-m", "edge_sdk._bench_worker", json.dumps(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
         stdout = proc.stdout

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import EdgeSDKError
+from edge_sdk.fleet.collector.ingest import BatchResult, Ingestor, Message, StoreUnavailable
 from edge_sdk.fleet.db import Database
-from edge_sdk.fleet.ingest import BatchResult, Ingestor, Message, StoreUnavailable
 
 __all__ = ["StoreProcess", "recv_frame", "send_frame", "serve_store"]
 
@@ -111,7 +111,7 @@ class StoreProcess:
         env = dict(os.environ)
         root = str(Path(edge_sdk.__file__).resolve().parent.parent)  # the child imports this same edge_sdk
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        code = f"from edge_sdk.fleet.store_process import serve_store; serve_store({theirs.fileno()})"
+        code = f"from edge_sdk.fleet.collector.store_process import serve_store; serve_store({theirs.fileno()})"
         proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()], env=env,
                                 stdin=subprocess.DEVNULL)
         theirs.close()

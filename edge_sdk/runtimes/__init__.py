@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-from edge_sdk.device_agent.runtimes.base import Runtime, Session, check_inputs, dequantize, quantize
 from edge_sdk.errors import InferenceError
 from edge_sdk.formats import Format
+from edge_sdk.runtimes.base import Runtime, Session, check_inputs, dequantize, quantize
 
 __all__ = [
     "RUNTIMES",
@@ -26,10 +26,10 @@ __all__ = [
 
 # name -> "module:Class", in default preference order
 RUNTIMES: dict[str, str] = {
-    "onnxruntime": "edge_sdk.device_agent.runtimes.onnxruntime:OnnxRuntime",
-    "openvino": "edge_sdk.device_agent.runtimes.openvino:OpenVINORuntime",
-    "litert": "edge_sdk.device_agent.runtimes.litert:LiteRTRuntime",
-    "coreml": "edge_sdk.device_agent.runtimes.coreml:CoreMLRuntime",
+    "onnxruntime": "edge_sdk.runtimes.onnxruntime:OnnxRuntime",
+    "openvino": "edge_sdk.runtimes.openvino:OpenVINORuntime",
+    "litert": "edge_sdk.runtimes.litert:LiteRTRuntime",
+    "coreml": "edge_sdk.runtimes.coreml:CoreMLRuntime",
 }
 
 

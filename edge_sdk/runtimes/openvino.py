@@ -20,9 +20,9 @@ import numpy as np
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
-from edge_sdk.device_agent.runtimes.base import check_inputs
 from edge_sdk.errors import InferenceError, InputError
 from edge_sdk.formats import Format
+from edge_sdk.runtimes.base import check_inputs
 
 __all__ = ["PRECISION_HINTS", "OpenVINORuntime", "OpenVINOSession", "runtime"]
 

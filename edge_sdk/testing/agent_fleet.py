@@ -41,7 +41,7 @@ from edge_sdk.errors import EdgeSDKError
 
 __all__ = ["AgentFleet", "AgentFleetError", "FleetDevice", "FleetSpec", "device_ids", "run_agent_fleet"]
 
-log = logging.getLogger("edge_sdk.fleet.agent_fleet")
+log = logging.getLogger("edge_sdk.testing.agent_fleet")
 
 REPORT_NAME = "report.json"
 _EVENT_FIELDS = ("version", "from", "to", "step", "reason", "deployment_id", "source", "passed", "cached")
@@ -413,7 +413,7 @@ class AgentFleet:
         root = str(Path(edge_sdk.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         chunks = [self.devices[i::self.processes] for i in range(self.processes)]
-        code = "import sys; from edge_sdk.fleet.agent_fleet import _child_main; _child_main(sys.argv[1], sys.argv[2])"
+        code = "import sys; from edge_sdk.testing.agent_fleet import _child_main; _child_main(sys.argv[1], sys.argv[2])"
         for chunk in chunks:
             proc = subprocess.Popen([sys.executable, "-c", code, str(spec_path), ",".join(chunk)],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)

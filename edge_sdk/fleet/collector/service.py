@@ -4,7 +4,7 @@ Threads (and one child process)::
 
     paho network thread   on_message only parses the topic and enqueues (payload, topic, ack token)
     writer                takes up to ``batch_max`` messages (waits at most ``batch_ms``), has them stored in ONE
-                          transaction (:class:`~edge_sdk.fleet.ingest.Ingestor`), then acknowledges them (PUBACK)
+                          transaction (``collector.ingest.Ingestor``), then acknowledges them (PUBACK)
     storing process       (``store_process=True``, the default) validates and writes the batches the writer sends
                           it: JSON parsing, schema checks and SQL then do not hold this process's interpreter lock,
                           which the MQTT receive loop needs (measured: ~105 us of CPU per window in one process,
@@ -53,14 +53,14 @@ from urllib.parse import unquote, urlsplit
 
 from edge_sdk._deps import require
 from edge_sdk.errors import EdgeSDKError
+from edge_sdk.fleet.collector.ingest import BatchResult, Ingestor, Message, StoreUnavailable
+from edge_sdk.fleet.collector.store_process import StoreProcess
 from edge_sdk.fleet.db import Database
-from edge_sdk.fleet.ingest import BatchResult, Ingestor, Message, StoreUnavailable
-from edge_sdk.fleet.store_process import StoreProcess
 from edge_sdk.topics import cmd_topic, collector_subscriptions
 
 __all__ = ["Collector", "CollectorError", "parse_mqtt_url"]
 
-log = logging.getLogger("edge_sdk.fleet.collector")
+log = logging.getLogger("edge_sdk.fleet.collector.service")
 _CONNACK_TIMEOUT_S = 5.0
 _UNSUPPORTED_PROTOCOL = 0x84
 _MQTT_FORMS = "mqtt://HOST[:1883] or mqtts://HOST[:8883] (optionally mqtt://USER:PASSWORD@HOST)"
@@ -88,11 +88,11 @@ def parse_mqtt_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
 class Collector:
     """Subscribe to a fleet's telemetry, events and status and store them; see the module docstring.
 
-    ``rules`` is an alert rules file (TOML), an :class:`~edge_sdk.fleet.alerts.AlertRules`, or None for the
-    shipped defaults (``edge_sdk/fleet/alerts.toml``); ``webhook`` a URL that alerts are POSTed to;
+    ``rules`` is an alert rules file (TOML), an :class:`~edge_sdk.fleet.collector.alerts.AlertRules`, or None for the
+    shipped defaults (``edge_sdk/fleet/collector/alerts.toml``); ``webhook`` a URL that alerts are POSTed to;
     ``baselines`` maps ``(model name, version)`` to a bundle manifest's ``baseline`` for pooled drift checks;
     ``alert_interval_s`` defaults to the rules' ``interval_s``; every ``rollout_interval_s`` the staged
-    deployments (``edge_sdk.fleet.rollout``) are judged and advanced, halted or rolled back.
+    deployments (``edge_sdk.fleet.lifecycle.rollout``) are judged and advanced, halted or rolled back.
     """
 
     def __init__(self, db_url: str, mqtt_url: str, *, fleet: str = "+", client_id: str | None = None,
@@ -133,7 +133,7 @@ class Collector:
         self.session_expiry_s, self.receive_maximum, self.keepalive = session_expiry_s, receive_maximum, keepalive
         if webhook is not None and not webhook.startswith(("http://", "https://")):
             raise CollectorError(f"webhook {webhook!r} must be an http:// or https:// URL")
-        from edge_sdk.fleet.alerts import AlertEngine, load_rules
+        from edge_sdk.fleet.collector.alerts import AlertEngine, load_rules
 
         rule_set = rules if rules is not None and not isinstance(rules, (str, Path)) else load_rules(rules)
         self.db = Database.connect(db_url)
@@ -148,7 +148,7 @@ class Collector:
                 raise CollectorError(str(exc)) from None
         self.alerts = AlertEngine(self.db, rule_set, webhook=webhook, baselines=baselines, fleet=fleet)
         self.alert_interval_s = float(alert_interval_s if alert_interval_s is not None else rule_set.interval_s)
-        from edge_sdk.fleet.rollout import Rollout
+        from edge_sdk.fleet.lifecycle.rollout import Rollout
 
         self.rollout = Rollout(self.db, self._publish_command)  # staged deployments (issue 6), judged here
         self.rollout_interval_s = float(rollout_interval_s)

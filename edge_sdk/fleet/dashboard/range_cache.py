@@ -5,7 +5,7 @@ A window's latency sketch and confidence histogram live in its JSON payload; :fu
 those parts inside the database (SQLite ``json_extract``, PostgreSQL ``->``), which is cheaper than shipping and
 parsing whole payloads, yet still the cost of every fleet-wide view: about 30 µs per window here.
 
-:class:`RangeCache` keeps one :class:`~edge_sdk.fleet.aggregate.WindowAggregate` per (fleet, device, model name,
+:class:`RangeCache` keeps one ``collector.aggregate.WindowAggregate`` per (fleet, device, model name,
 model version, time bucket). Each call asks the database, in one GROUP BY without touching payloads, how many
 windows every bucket holds and when the last one arrived; only buckets whose signature changed (the current one,
 or an old one that got a re-sent window) are read again. With a cache, a range starts at a bucket boundary (up to
@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.fleet.aggregate import WindowAggregate
+from edge_sdk.fleet.collector.aggregate import WindowAggregate
 
 if TYPE_CHECKING:
     from edge_sdk.fleet.db import Database

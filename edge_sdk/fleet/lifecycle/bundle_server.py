@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 if TYPE_CHECKING:
-    from edge_sdk.fleet.registry import Registry
+    from edge_sdk.fleet.lifecycle.registry import Registry
 
 __all__ = ["BUNDLE_PREFIX", "BundleHTTPServer", "RangeNotSatisfiable", "bundle_path", "handle_bundle_request",
            "parse_range", "serve_file"]

@@ -1,7 +1,7 @@
 """Operator -> device commands (``command.schema.json``) and a small MQTT publisher for them.
 
 :func:`command_payload` builds the JSON bytes of one command. :class:`MqttCommandPublisher` is a
-:data:`~edge_sdk.fleet.rollout.PublishFn` for tools that have no MQTT client of their own (``edge-sdk deploy``,
+:data:`~.rollout.PublishFn` for tools that have no MQTT client of their own (``edge-sdk deploy``,
 ``edge-sdk rollback``): it connects once (MQTT v5), publishes with QoS 1 and returns only when the broker
 acknowledged each message.
 """

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge_sdk.errors import EdgeSDKError
-from edge_sdk.fleet import views
-from edge_sdk.fleet.range_cache import RangeCache
+from edge_sdk.fleet.dashboard import views
+from edge_sdk.fleet.dashboard.range_cache import RangeCache
 from edge_sdk.topics import validate_id
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["STATIC_DIR", "CollectorHTTP", "metrics_text"]
 
-log = logging.getLogger("edge_sdk.fleet.http")
+log = logging.getLogger("edge_sdk.fleet.dashboard.server")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _GAUGE_STATS = {"queue", "inflight", "pending", "connected_devices"}
@@ -171,8 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         parts = urlsplit(self.path)
         if parts.path.startswith("/bundles/"):  # registry archives with HTTP ranges, for device updates (issue 6)
-            from edge_sdk.fleet.bundle_server import handle_bundle_request
-            from edge_sdk.fleet.registry import Registry
+            from edge_sdk.fleet.lifecycle.bundle_server import handle_bundle_request
+            from edge_sdk.fleet.lifecycle.registry import Registry
 
             handle_bundle_request(self, Registry(self.server.owner.db), head=self.command == "HEAD")
             return

@@ -31,7 +31,7 @@ from edge_sdk.errors import BundleError, EdgeSDKError
 
 if TYPE_CHECKING:
     from edge_sdk.fleet.db import Database
-    from edge_sdk.fleet.gate import GateDecision
+    from edge_sdk.fleet.lifecycle.gate import GateDecision
 
 __all__ = ["STATES", "Holdout", "ModelRecord", "Promotion", "Registry", "RegistryError", "parse_model_ref"]
 
@@ -363,7 +363,7 @@ class Registry:
 
     def evaluate(self, name: str, version: str) -> dict[str, Any]:
         """Evaluate a version on its name's holdout set and store the result on the record."""
-        from edge_sdk.fleet.gate import evaluate_archive
+        from edge_sdk.fleet.lifecycle.gate import evaluate_archive
 
         rec = self.show(name, version)
         hold = self.holdout(name)
@@ -379,12 +379,12 @@ class Registry:
                 tolerance_pp: float = 0.5) -> Promotion:
         """Run the evaluation gate against the active version and, when it passes, move the version to canary.
 
-        Refused (:class:`~edge_sdk.fleet.gate.GateError`, one line naming both accuracies and the tolerance)
+        Refused (:class:`~edge_sdk.fleet.lifecycle.gate.GateError`, one line naming both accuracies and the tolerance)
         when the candidate is worse than the active version by more than ``tolerance_pp`` percentage points on
         the holdout set, or when there is an active version but no holdout set; ``force_reason`` overrides the
         refusal and is recorded. The first version of a name (no active one) passes without comparison.
         """
-        from edge_sdk.fleet.gate import GateDecision, GateError, gate
+        from edge_sdk.fleet.lifecycle.gate import GateDecision, GateError, gate
 
         if force_reason is not None and not force_reason.strip():
             raise RegistryError("--force needs a reason (it is recorded): e.g. --force \"hotfix for ticket 123\"")

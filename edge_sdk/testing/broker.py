@@ -34,7 +34,7 @@ __all__ = [
     "render_mosquitto_conf", "start_embedded_broker", "start_mosquitto",
 ]
 
-BROKER_FILES = Path(__file__).resolve().parent / "broker"
+BROKER_FILES = Path(__file__).resolve().parents[1] / "fleet" / "broker"
 # lines of the shipped config that start_mosquitto replaces (listener, paths, authentication, TLS, logging)
 _REPLACED = {
     "listener", "password_file", "acl_file", "allow_anonymous", "persistence", "persistence_location", "log_dest",
@@ -75,7 +75,7 @@ def render_mosquitto_conf(port: int, data_dir: Path, *, password_file: Path | No
     kept = [line for line in source.splitlines()
             if not line.strip() or line.lstrip().startswith("#") or line.split()[0] not in _REPLACED]
     kept += [
-        "", "# --- replaced by edge_sdk.fleet.broker.start_mosquitto ---",
+        "", "# --- replaced by edge_sdk.testing.broker.start_mosquitto ---",
         f"listener {port} 127.0.0.1",
         *(f"{key} {value}" for key, value in (tls or {}).items()),
         f"allow_anonymous {'false' if password_file else 'true'}",

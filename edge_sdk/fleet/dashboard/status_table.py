@@ -1,4 +1,4 @@
-"""``edge-sdk fleet status``: :func:`~edge_sdk.fleet.views.fleet_status` rows as a table (plain text; a rich table
+"""``edge-sdk fleet status``: :func:`~.views.fleet_status` rows as a table (plain text; a rich table
 when rich is installed and the output is a terminal)."""
 
 from __future__ import annotations

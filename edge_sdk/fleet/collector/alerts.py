@@ -1,7 +1,7 @@
 """Alert rules over the stored windows: input drift, p95 latency SLA, error-rate spike, confidence drop, offline.
 
-The rules and their thresholds are data: ``edge_sdk/fleet/alerts.toml`` (read by
-:func:`~edge_sdk.fleet.alert_rules.load_rules`, re-exported here) documents every key; a user file overrides
+The rules and their thresholds are data: ``edge_sdk/fleet/collector/alerts.toml`` (read by
+:func:`~edge_sdk.fleet.collector.alert_rules.load_rules`, re-exported here) documents every key; a user file overrides
 some. :class:`AlertEngine` evaluates the rules per device, opens an alert once (never a second one while it is
 open), resolves it when the condition clears, stores both in ``alerts`` and, when a webhook is configured,
 POSTs them as JSON from a background thread whose result goes to ``alerts.webhook_status`` (a slow or failing
@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from edge_sdk.fleet.alert_rules import (
+from edge_sdk.fleet.collector.alert_rules import (
     DEFAULT_RULES_FILE,
     AlertRules,
     ConfidenceRule,
@@ -41,7 +41,7 @@ from edge_sdk.fleet.db import Database
 __all__ = ["DEFAULT_RULES_FILE", "AlertChange", "AlertEngine", "AlertRules", "ConfidenceRule", "ConfigError",
            "DriftRule", "ErrorRateRule", "LatencyRule", "OfflineRule", "load_rules"]
 
-log = logging.getLogger("edge_sdk.fleet.alerts")
+log = logging.getLogger("edge_sdk.fleet.collector.alerts")
 _BASELINE_TTL_S = 60.0
 
 

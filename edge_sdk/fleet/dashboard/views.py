@@ -12,7 +12,7 @@ arrived within 3 × its window length (or it announced itself online that recent
 connected as far as the broker knows, but silent.
 
 Ranges are windows with ``end_ts >= now - since_s`` (the device's end time). ``fleet_status`` and
-``model_versions`` take an optional :class:`~edge_sdk.fleet.range_cache.RangeCache` (the HTTP server keeps one):
+``model_versions`` take an optional :class:`~.range_cache.RangeCache` (the HTTP server keeps one):
 same answers, the range then starting on a bucket boundary, and only changed minutes read again.
 """
 
@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.fleet.aggregate import WindowAggregate
-from edge_sdk.fleet.range_cache import (
+from edge_sdk.fleet.collector.aggregate import WindowAggregate
+from edge_sdk.fleet.dashboard.range_cache import (
     WINDOW_COLUMNS,
     FineKey,
     RangeCache,

@@ -30,7 +30,7 @@ __all__ = ["BACKENDS", "KIND_SCHEMAS", "MAX_PAYLOAD_BYTES", "PayloadError", "sch
            "validate_payload"]
 
 MAX_PAYLOAD_BYTES = 256 * 1024
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 KIND_SCHEMAS = {"telemetry": "telemetry.schema.json", "events": "event.schema.json", "status": "status.schema.json"}
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # what an INTEGER / BIGINT column holds
 _SKETCH_MAX_LOG_MS = math.log(1e9)  # a bin beyond 1e-9 .. 1e9 ms is not a latency

@@ -1,7 +1,7 @@
 """Benchmark every artifact of a bundle on this host: load time, latency, throughput, memory, size, accuracy.
 
 Each artifact and thread count is measured in a fresh Python process (``sys.executable -m
-edge_sdk.device_agent._bench_worker``) so the memory high-water mark is that artifact's alone and
+edge_sdk._bench_worker``) so the memory high-water mark is that artifact's alone and
 one runtime's threads or caches cannot slow the next one. Latency is timed per call with
 ``time.perf_counter_ns`` after warm-up and reported as percentiles of all timed calls.
 With ``rounds > 1`` the artifacts are measured in alternating order, round after round, so
@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from edge_sdk._bench_worker import host_info, run_job
 from edge_sdk._deps import require
 from edge_sdk.bundle import Artifact, Bundle
-from edge_sdk.device_agent._bench_worker import host_info, run_job
-from edge_sdk.device_agent.runtimes import RUNTIMES, Runtime, all_runtimes
 from edge_sdk.errors import BundleError, InferenceError
 from edge_sdk.formats import Format
+from edge_sdk.runtimes import RUNTIMES, Runtime, all_runtimes
 
 __all__ = [
     "ERROR",

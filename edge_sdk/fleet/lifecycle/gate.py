@@ -56,7 +56,7 @@ def evaluate_on_holdout(bundle_dir: str | os.PathLike | Bundle, holdout: Any, *,
                         runtime_order: list[str] | None = None) -> dict[str, Any]:
     """Top-1 accuracy of a classifier bundle on a holdout set, run by the device Agent.
 
-    ``holdout``: a :class:`~edge_sdk.fleet.registry.Holdout`, an ``.npz`` path (arrays ``inputs`` in the source
+    ``holdout``: a :class:`~.registry.Holdout`, an ``.npz`` path (arrays ``inputs`` in the source
     model's layout and ``labels``, integer classes) or an ``(inputs, labels)`` pair. Inputs are fed in batches
     when the artifact's batch dimension is dynamic, one at a time otherwise.
     Returns ``{accuracy, samples, correct, runtime, runtime_version, artifact, holdout_sha256, seconds}``.

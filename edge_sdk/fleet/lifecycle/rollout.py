@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from edge_sdk.errors import EdgeSDKError
-from edge_sdk.fleet.bundle_server import bundle_path
-from edge_sdk.fleet.canary import Thresholds, health_checks, window_figures
-from edge_sdk.fleet.commands import command_payload
-from edge_sdk.fleet.registry import ModelRecord, Registry
+from edge_sdk.fleet.lifecycle.bundle_server import bundle_path
+from edge_sdk.fleet.lifecycle.canary import Thresholds, health_checks, window_figures
+from edge_sdk.fleet.lifecycle.commands import command_payload
+from edge_sdk.fleet.lifecycle.registry import ModelRecord, Registry
 from edge_sdk.topics import cmd_topic, validate_id
 
 if TYPE_CHECKING:

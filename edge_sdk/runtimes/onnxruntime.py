@@ -15,9 +15,9 @@ import numpy as np
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.bundle import TensorSpec
-from edge_sdk.device_agent.runtimes.base import cast_integers, check_inputs, dequantize, quantize
 from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
+from edge_sdk.runtimes.base import cast_integers, check_inputs, dequantize, quantize
 
 __all__ = ["RUNTIME", "OnnxRuntime", "OnnxRuntimeSession"]
 
