@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint apt-deps clean
+.PHONY: install demo test test-fast test-soak lint apt-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,12 +42,20 @@ apt-deps:
 demo: install
 	$(BIN)/python examples/demo.py
 
-# PASSIVE: idle OpenMP threads sleep instead of spinning, so a shared 2-core box does not collapse
+# PASSIVE: idle OpenMP threads sleep instead of spinning, so a shared 2-core box does not collapse.
+# 2 xdist workers, whole test files per worker (tests/conftest.py); the soaks run apart: `make test-soak`.
+WORKERS ?= 2
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider
+XDIST = -n $(WORKERS) --dist loadgroup
+
 test: install
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
+	$(PYTEST) $(XDIST) -m "not soak" --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) $(XDIST) -m "not slow and not soak" --durations=10 $(PYTEST_ARGS)
+
+test-soak: install
+	$(PYTEST) -m soak --durations=10 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,6 +1,7 @@
-"""Host-side converters: one module per (source, target) pair, all registered in one registry.
+"""Host-side converters: one module per (source, target) pair, all in one registry (converters/registry.py).
 
-Importing this package registers every converter; none of them imports a framework until used.
+Importing this package fills the registry: the built-in converter modules, then third-party converters from the
+entry-point group ``edge_sdk.converters``. None of them imports a framework until used.
 """
 
 from __future__ import annotations
@@ -10,19 +11,29 @@ from edge_sdk.converters.base import (
     ConversionContext,
     Converter,
     ConvertOptions,
+    LadderStep,
+    OptionSpec,
     SourceModel,
     get_converter,
     register,
     registered,
 )
+from edge_sdk.converters.registry import load_builtin_converters, load_entry_points, target_formats, unregister
 
 __all__ = [
     "ArtifactDraft",
     "ConversionContext",
     "ConvertOptions",
     "Converter",
+    "LadderStep",
+    "OptionSpec",
     "SourceModel",
     "get_converter",
     "register",
     "registered",
+    "target_formats",
+    "unregister",
 ]
+
+load_builtin_converters()
+load_entry_points()

@@ -1,7 +1,8 @@
 """Accuracy budget with automatic fallback for int8 artifacts.
 
-When a budget is given and a plain int8 artifact is over it, the fallback ladder tries, in order, and
-reports each step (name, metric, size, pass/fail):
+When a budget is given and a plain int8 artifact is over it, the fallback ladder tries, in order, the rungs its
+converter offers (``budget_ladder``, a tuple of :class:`~edge_sdk.converters.base.LadderStep`; a converter with
+none is judged without fallback) and reports each step (name, metric, size, pass/fail). The built-in rungs:
 
 1. ``calibration:*`` — another quantizer / activation-range calibration (ORT mean min/max and percentile ranges;
    NNCF mean-quantile ranges for OpenVINO).
@@ -30,17 +31,22 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from edge_sdk.bundle import Validation, size_of
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, Converter, ConvertOptions
+from edge_sdk.converters.base import (
+    ArtifactDraft,
+    ConversionContext,
+    Converter,
+    ConvertOptions,
+    budget_ladder_of,
+    produce,
+)
 from edge_sdk.errors import EdgeSDKError
 from edge_sdk.formats import Format, Precision
 from edge_sdk.progress import Reporter
 
-__all__ = ["FALLBACK_FORMATS", "AccuracyBudget", "BudgetLadder", "FallbackStep"]
+__all__ = ["AccuracyBudget", "BudgetLadder", "FallbackStep"]
 
-#: formats with a full ladder; other formats are judged against the budget without fallback
-FALLBACK_FORMATS = frozenset({Format.ONNX, Format.ORT, Format.OPENVINO, Format.TFLITE})
 MIXED_K = (1, 2, 4, 8)
-_NOT_OFFERED = "_not_offered"
+_MIXED_RECIPES = ("onnx", "openvino")  # LadderStep.mixed values: how "keep layer X in float" is told to the tool
 _OPTION_FIELDS = frozenset(f.name for f in fields(ConvertOptions))
 
 
@@ -153,61 +159,51 @@ class BudgetLadder:
                 self._rank_error = str(exc)
         return self._ranked or []
 
-    def _steps(self, fmt: Format) -> list[tuple[str, dict[str, Any], Precision, list[str]]]:
-        """(name, extra options, precision, float nodes) per rung for ``fmt``."""
-        steps: list[tuple[str, dict[str, Any], Precision, list[str]]] = []
-        if fmt in (Format.ONNX, Format.ORT):
-            if str(self.ctx.options.extra.get("onnx_quantizer", "auto")) != "ort":
-                steps.append(("calibration:ort-minmax-mean", {"onnx_quantizer": "ort"}, Precision.INT8, []))
-            steps.append(("calibration:percentile", {"onnx_quantizer": "ort", "onnx_calibration": "percentile"},
-                          Precision.INT8, []))
-        elif fmt is Format.OPENVINO:
-            steps.append(("calibration:mean-quantile", {"openvino_range_estimator": "mean_quantile"},
-                          Precision.INT8, []))
-        if fmt in (Format.ONNX, Format.ORT, Format.OPENVINO):
-            from edge_sdk.converters.sensitivity import float_nodes_for
-
-            ranked = self._ranking()
-            prev: list[str] = []
-            every_layer = {r.node for r in ranked}
-            from edge_sdk.converters.onnx_quantize import _quantizer
-
-            nncf_onnx = _quantizer(self.ctx.options) == "nncf"
-            for k in MIXED_K:
-                if k > len(ranked):
-                    break
-                if fmt is Format.OPENVINO:  # NNCF quantizes op inputs only: the layer and its feeding ops
-                    nodes = float_nodes_for(ranked, k, "input_nodes")
-                    extra = {"openvino_ignored_names": nodes + float_nodes_for(ranked, k, "outputs")}
-                elif nncf_onnx:  # same with NNCF on ONNX (ignoring the feeding Conv too made NNCF 3.4 fail)
-                    nodes = float_nodes_for(ranked, k, "input_nodes")
-                    extra = {"onnx_float_nodes": nodes}
-                else:  # ORT also rounds the outputs of quantized layers: the feeding layer stays float too
-                    nodes = float_nodes_for(ranked, k)
-                    extra = {"onnx_quantizer": "ort", "onnx_float_nodes": nodes}
-                if nodes == prev:
-                    continue
-                if every_layer <= set(nodes):
-                    break  # every weighted layer in float: that is the fp32 model, not a mixed-precision one
-                prev = nodes
-                steps.append((f"mixed:k{k}", extra, Precision.INT8, nodes))
-        if fmt in (Format.ONNX, Format.ORT):
-            steps.append(("int16-activations", {"onnx_quantizer": "ort", "onnx_activation_type": "uint16"},
-                          Precision.INT8, []))
-        elif fmt is Format.OPENVINO:
-            steps.append(("int16-activations", {_NOT_OFFERED: "NNCF/OpenVINO CPU quantize activations to 8 bits "
-                                                              "only"}, Precision.INT8, []))
-        elif fmt is Format.TFLITE:
-            steps.append(("int16-activations", {_NOT_OFFERED: "TFLite int16x8 is not wired into this ladder yet"},
-                          Precision.INT8, []))
-        steps.append(("fp16", {}, Precision.FP16, []))
+    def _steps(self, conv: Converter) -> list[tuple[str, dict[str, Any], Precision, list[str], str]]:
+        """(name, options, precision, float nodes, not-offered reason) per rung of ``conv``'s ``budget_ladder``."""
+        steps: list[tuple[str, dict[str, Any], Precision, list[str], str]] = []
+        extra = self.ctx.options.extra
+        for rung in budget_ladder_of(conv):
+            if any(str(extra.get(k, "")).strip().lower() == str(v) for k, v in rung.unless):
+                continue
+            if rung.mixed:
+                steps.extend((name, opts, rung.precision, nodes, "") for name, opts, nodes in self._mixed(rung.mixed))
+            else:
+                steps.append((rung.name, dict(rung.options), rung.precision, [], rung.not_offered))
         return steps
 
-    def _make(self, fmt: Format, conv: Converter, sub: ConversionContext, precision: Precision) -> ArtifactDraft:
-        if fmt is Format.ONNX:
-            return sub.onnx(precision)
-        drafts = conv.convert(sub, precision)
-        return drafts[0]
+    def _mixed(self, recipe: str) -> list[tuple[str, dict[str, Any], list[str]]]:
+        """``mixed:kN`` rungs: the N most sensitive layers in float, the options that say so for ``recipe``."""
+        from edge_sdk.converters.onnx_quantize import _quantizer
+        from edge_sdk.converters.sensitivity import float_nodes_for
+
+        if recipe not in _MIXED_RECIPES:
+            raise EdgeSDKError(f"unknown mixed-precision recipe {recipe!r} in a converter's budget_ladder: use "
+                               + " or ".join(_MIXED_RECIPES))
+        ranked = self._ranking()
+        nncf_onnx = recipe == "onnx" and _quantizer(self.ctx.options) == "nncf"
+        out: list[tuple[str, dict[str, Any], list[str]]] = []
+        prev: list[str] = []
+        every_layer = {r.node for r in ranked}
+        for k in MIXED_K:
+            if k > len(ranked):
+                break
+            if recipe == "openvino":  # NNCF quantizes op inputs only: the layer and its feeding ops
+                nodes = float_nodes_for(ranked, k, "input_nodes")
+                opts: dict[str, Any] = {"openvino_ignored_names": nodes + float_nodes_for(ranked, k, "outputs")}
+            elif nncf_onnx:  # same with NNCF on ONNX (ignoring the feeding Conv too made NNCF 3.4 fail)
+                nodes = float_nodes_for(ranked, k, "input_nodes")
+                opts = {"onnx_float_nodes": nodes}
+            else:  # ORT also rounds the outputs of quantized layers: the feeding layer stays float too
+                nodes = float_nodes_for(ranked, k)
+                opts = {"onnx_quantizer": "ort", "onnx_float_nodes": nodes}
+            if nodes == prev:
+                continue
+            if every_layer <= set(nodes):
+                break  # every weighted layer in float: that is the fp32 model, not a mixed-precision one
+            prev = nodes
+            out.append((f"mixed:k{k}", opts, nodes))
+        return out
 
     def run(self, fmt: Format, conv: Converter, draft: ArtifactDraft, validate: Validate
             ) -> tuple[ArtifactDraft, Validation]:
@@ -221,11 +217,11 @@ class BudgetLadder:
         ok, metric = self.budget.judge(v)
         steps = [FallbackStep("int8", bool(ok and v.passed), metric, _size(draft), detail="; ".join(v.failures))]
         kept: tuple[ArtifactDraft, Validation, FallbackStep] | None = (draft, v, steps[0]) if steps[0].passed else None
-        if kept is None and fmt in FALLBACK_FORMATS:
-            for name, extra, precision, nodes in self._steps(fmt):
+        if kept is None:
+            for name, extra, precision, nodes, not_offered in self._steps(conv):
                 fkey = f"{fmt.value}/{precision.value}"
-                if _NOT_OFFERED in extra:
-                    steps.append(FallbackStep(name, None, detail="not offered: " + extra[_NOT_OFFERED]))
+                if not_offered:
+                    steps.append(FallbackStep(name, None, detail="not offered: " + not_offered))
                     continue
                 if precision is not Precision.INT8 and fkey in self.planned:
                     steps.append(FallbackStep(name, None, precision=precision.value,
@@ -233,7 +229,7 @@ class BudgetLadder:
                     continue
                 try:
                     with self.report.step(f"{key} over budget: trying {name}"):
-                        d = self._make(fmt, conv, self._sub(name, extra), precision)
+                        d = produce(self._sub(name, extra), conv, precision)[0]
                         sv = validate(d)
                 except EdgeSDKError as exc:
                     steps.append(FallbackStep(name, False, precision=precision.value, detail=str(exc)[:300],
@@ -246,7 +242,7 @@ class BudgetLadder:
                 if step.passed:
                     kept = (d, sv, step)
                     break
-        if self._rank_error and fmt in (Format.ONNX, Format.ORT, Format.OPENVINO):
+        if self._rank_error and any(rung.mixed for rung in budget_ladder_of(conv)):
             steps.append(FallbackStep("mixed", None, detail=f"no layer ranking: {self._rank_error}"))
         record = {"budget": self.budget.to_dict(), "steps": [asdict(s) for s in steps],
                   "kept": kept[2].name if kept else None,

@@ -1,15 +1,19 @@
-"""The converter protocol, the registry keyed by (source framework, target format), and the context
-every converter receives.
+"""The converter protocol with its capabilities, and the context every converter receives.
 
-A converter module registers itself at import time::
+A converter module registers itself at import time (the registry is converters/registry.py)::
 
     @register
     class OnnxToOpenVINO:
         sources = (Framework.PYTORCH, Framework.KERAS, Framework.ONNX)
         target = Format.OPENVINO
         precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
+        calibrated_precisions = (Precision.INT8,)        # precisions that need --calib data
+        budget_ladder = (LadderStep("calibration:mean-quantile", ...), LadderStep("mixed", mixed="openvino"), ...)
+        extra_options = (OptionSpec("openvino_preset", str, "mixed", ("mixed", "performance")), ...)
         def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]: ...
 
+The capability attributes are optional (:func:`needs_calibration`, :func:`budget_ladder_of`,
+:func:`extra_options_of` supply the defaults), so a minimal plugin converter needs only the first four.
 Heavy frameworks are imported inside ``convert``, never at module top.
 """
 
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from edge_sdk.calibration import SampleSet
+from edge_sdk.converters.registry import get_converter, register, registered
 from edge_sdk.errors import CalibrationError, ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -29,8 +34,16 @@ __all__ = [
     "ConversionContext",
     "ConvertOptions",
     "Converter",
+    "LadderStep",
+    "OptionSpec",
     "SourceModel",
+    "budget_ladder_of",
+    "check_options",
+    "check_precision",
+    "extra_options_of",
     "get_converter",
+    "needs_calibration",
+    "produce",
     "register",
     "registered",
 ]
@@ -126,6 +139,12 @@ class ConversionContext:
         d.mkdir(parents=True, exist_ok=True)
         return d / f"{precision.value}{suffix}"
 
+    def adopt(self, draft: ArtifactDraft) -> None:
+        """Make ``draft`` this context's ONNX export of its precision (the accuracy budget kept it), so formats
+        derived from ONNX (the .ort file) are made from it; drafts of other formats are not cached."""
+        if draft.format is Format.ONNX:
+            self._onnx[draft.precision] = draft
+
     def onnx(self, precision: Precision = Precision.FP32) -> ArtifactDraft:
         """The ONNX artifact of this precision for the current source, converted once and cached."""
         if precision in self._onnx_errors:  # a failed export is not retried by every target that needs it
@@ -148,8 +167,43 @@ class ConversionContext:
         return d
 
 
+@dataclass(frozen=True)
+class LadderStep:
+    """One rung of the accuracy-budget fallback ladder a converter offers (converters/accuracy_budget.py runs it).
+
+    ``options``: ConvertOptions fields / ``extra`` entries the rung sets; ``precision``: what it produces (fp16
+    for the last rung); ``mixed``: a recipe name ("onnx" | "openvino") that expands the rung into ``mixed:kN``
+    rungs keeping the N most sensitive layers in float; ``not_offered``: why the rung does not apply (reported,
+    not tried); ``unless``: ``extra`` values that make the rung pointless (it is skipped).
+    """
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+    precision: Precision = Precision.INT8
+    mixed: str = ""
+    not_offered: str = ""
+    unless: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """A ``ConvertOptions.extra`` key a converter reads: its type, default and allowed values (checked by
+    :func:`check_options` before any conversion runs, so a typo is a one-line error, not a silently ignored key)."""
+
+    name: str
+    type: type | tuple[type, ...]
+    default: Any = None
+    choices: tuple[Any, ...] = ()
+    help: str = ""
+
+
 class Converter(Protocol):
-    """Converts one source framework (or several) to one target format."""
+    """Converts one source framework (or several) to one target format.
+
+    Optional capabilities (read with defaults): ``calibrated_precisions`` (precisions needing calibration data;
+    default int8), ``budget_ladder`` (:class:`LadderStep` rungs; default none: judged without fallback),
+    ``extra_options`` (:class:`OptionSpec` of the ``ConvertOptions.extra`` keys it reads).
+    """
 
     sources: tuple[Framework, ...]
     target: Format
@@ -160,41 +214,54 @@ class Converter(Protocol):
         ...
 
 
-_REGISTRY: dict[tuple[Framework, Format], Converter] = {}
-
-
-def register(cls: type, *, overwrite: bool = False) -> type:
-    """Class decorator: instantiate and register a converter for each of its sources."""
-    inst = cls()
-    for src in inst.sources:
-        key = (src, inst.target)
-        if key in _REGISTRY and not overwrite and type(_REGISTRY[key]) is not cls:
-            raise ConversionError(f"a converter for {src.value} -> {inst.target.value} is already registered "
-                                  f"({type(_REGISTRY[key]).__name__}); pass overwrite=True to replace it")
-        _REGISTRY[key] = inst
-    return cls
-
-
-def registered() -> dict[tuple[Framework, Format], Converter]:
-    """A copy of the registry (importing edge_sdk.converters fills it)."""
-    return dict(_REGISTRY)
-
-
-def get_converter(source: Framework, target: Format) -> Converter:
-    """The converter for (source, target), or UnsupportedConversionError naming what exists."""
-    try:
-        return _REGISTRY[(source, target)]
-    except KeyError:
-        have = sorted(t.value for (s, t) in _REGISTRY if s == source)
-        raise UnsupportedConversionError(
-            f"no converter from {source.value} to {target.value}: {source.value} sources convert to "
-            f"{', '.join(have) or 'nothing registered'}; register one with edge_sdk.converters.register"
-        ) from None
-
-
 def check_precision(conv: Converter, precision: Precision) -> None:
     """Raise UnsupportedConversionError if the converter cannot produce ``precision``."""
     if precision not in conv.precisions:
         raise UnsupportedConversionError(
             f"{conv.target.value} cannot be produced in {precision.value}: choose from "
             + ", ".join(p.value for p in conv.precisions))
+
+
+def produce(ctx: ConversionContext, conv: Converter, precision: Precision) -> list[ArtifactDraft]:
+    """The drafts ``conv`` makes in ``ctx``. ONNX, the format other targets are derived from, goes through
+    ``ctx.onnx`` so each precision is exported once per context and shared."""
+    if conv.target is Format.ONNX:
+        return [ctx.onnx(precision)]
+    return conv.convert(ctx, precision)
+
+
+def needs_calibration(conv: Converter, precision: Precision) -> bool:
+    """Does ``conv`` need calibration data for ``precision``? (``calibrated_precisions``, default int8 only)."""
+    return precision in getattr(conv, "calibrated_precisions", (Precision.INT8,))
+
+
+def budget_ladder_of(conv: Converter) -> tuple[LadderStep, ...]:
+    """The fallback rungs ``conv`` offers for an int8 artifact over the accuracy budget (none by default)."""
+    return tuple(getattr(conv, "budget_ladder", ()))
+
+
+def extra_options_of(conv: Converter) -> tuple[OptionSpec, ...]:
+    """The ``ConvertOptions.extra`` keys ``conv`` reads."""
+    return tuple(getattr(conv, "extra_options", ()))
+
+
+def check_options(options: ConvertOptions, converters: list[Converter]) -> None:
+    """Refuse ``options.extra`` keys none of ``converters`` reads, and values of the wrong type or not among the
+    declared choices (one line: what is wrong, the valid keys or values)."""
+    specs: dict[str, OptionSpec] = {}
+    for conv in converters:
+        for spec in extra_options_of(conv):
+            specs.setdefault(spec.name, spec)
+    for key, value in options.extra.items():
+        spec = specs.get(key)
+        if spec is None:
+            raise ConversionError(f"ConvertOptions.extra[{key!r}] is not read by any converter of this "
+                                  f"conversion: use one of {', '.join(sorted(specs)) or '(none)'}")
+        types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+        want = (*types, int) if float in types else types
+        if not isinstance(value, want) or (bool not in types and isinstance(value, bool)):
+            raise ConversionError(f"ConvertOptions.extra[{key!r}] must be {' or '.join(t.__name__ for t in types)}"
+                                  f", got {type(value).__name__} {value!r}")
+        if spec.choices and (value.strip().lower() if isinstance(value, str) else value) not in spec.choices:
+            raise ConversionError(f"ConvertOptions.extra[{key!r}] = {value!r} is not supported: choose from "
+                                  + ", ".join(map(str, spec.choices)))

@@ -69,6 +69,7 @@ class KerasToCoreML:
     sources = (Framework.KERAS,)
     target = Format.COREML
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.PALETTIZED)
+    calibrated_precisions = ()  # int8 / palettized are weight-only: no calibration data
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Convert the serving signature with coremltools, compress the weights if asked, save and check."""

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_sdk._deps import has_module
+from edge_sdk._deps import has_module, installed_version
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, register
 from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_input_names, onnx_versions
 from edge_sdk.converters.onnx_quantize import OnnxExporter
@@ -31,14 +31,7 @@ def _tail(text: str | None, lines: int = 4) -> str:
 
 
 def _dist_version(*dists: str) -> str:
-    import importlib.metadata
-
-    for dist in dists:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "unknown"
+    return installed_version(*dists) or "unknown"
 
 
 def saved_model_to_onnx(saved_model: Path, out: Path, opset: int) -> dict[str, str]:

@@ -11,7 +11,6 @@ LiteRT runtime, so it is rejected with the op names. The helpers :func:`tflite_s
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import re
 import signal
@@ -22,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk._deps import require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk._deps import installed_version, require
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, LadderStep, check_precision, register
 from edge_sdk.errors import ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -35,12 +34,7 @@ _TF_OP = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
 
 def version_of(*dists: str) -> str:
     """The installed version of the first distribution found among ``dists`` ("unknown" if none)."""
-    for dist in dists:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "unknown"
+    return installed_version(*dists) or "unknown"
 
 
 def tflite_summary(path: Path) -> dict[str, Any]:
@@ -167,6 +161,10 @@ class KerasToTFLite:
     sources = (Framework.KERAS,)
     target = Format.TFLITE
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+    budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
+        LadderStep("int16-activations", not_offered="TFLite int16x8 is not wired into this ladder yet"),
+        LadderStep("fp16", precision=Precision.FP16),
+    )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Convert the source's SavedModel export to one .tflite file of ``precision``."""

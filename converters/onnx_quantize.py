@@ -18,7 +18,14 @@ import numpy as np
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.calibration import SampleSet
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, ConvertOptions, check_precision
+from edge_sdk.converters.base import (
+    ArtifactDraft,
+    ConversionContext,
+    ConvertOptions,
+    LadderStep,
+    OptionSpec,
+    check_precision,
+)
 from edge_sdk.converters.onnx_common import onnx_input_names, onnx_versions
 from edge_sdk.errors import CalibrationError, ConversionError, first_line
 from edge_sdk.formats import Format, Precision
@@ -449,6 +456,23 @@ class OnnxExporter:
 
     target = Format.ONNX
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+    #: accuracy-budget rungs for int8 ONNX (and the .ort made from it): other calibrations, layers in float,
+    #: 16-bit activations, fp16 (converters/accuracy_budget.py)
+    budget_ladder = (
+        LadderStep("calibration:ort-minmax-mean", (("onnx_quantizer", "ort"),), unless=(("onnx_quantizer", "ort"),)),
+        LadderStep("calibration:percentile", (("onnx_quantizer", "ort"), ("onnx_calibration", "percentile"))),
+        LadderStep("mixed", mixed="onnx"),
+        LadderStep("int16-activations", (("onnx_quantizer", "ort"), ("onnx_activation_type", "uint16"))),
+        LadderStep("fp16", precision=Precision.FP16),
+    )
+    extra_options = (
+        OptionSpec("onnx_quantizer", str, "auto", _QUANTIZERS, "int8 tool: NNCF or ONNX Runtime's quantizer"),
+        OptionSpec("onnx_calibration", str, "minmax-mean", _CALIBRATIONS, "ORT activation-range calibration"),
+        OptionSpec("onnx_calib_percentile", float, 99.999, (), "percentile of the 'percentile' calibration"),
+        OptionSpec("onnx_float_input_layers", bool, None, (), "keep the layers reading the inputs in float"),
+        OptionSpec("onnx_float_outputs", bool, True, (), "no Q/DQ pair on the graph outputs"),
+        OptionSpec("onnx_float_nodes", (list, tuple), (), (), "node names kept in float"),
+    )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Produce the ONNX artifact of ``precision``."""

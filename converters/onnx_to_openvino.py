@@ -22,16 +22,24 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from importlib.metadata import PackageNotFoundError, version
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from edge_sdk._deps import require
+from edge_sdk._deps import installed_version, require
 from edge_sdk.calibration import SampleSet
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.base import (
+    ArtifactDraft,
+    ConversionContext,
+    LadderStep,
+    OptionSpec,
+    check_precision,
+    register,
+)
 from edge_sdk.errors import ConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
+from edge_sdk.runtimes.openvino import OV_TRACE_LINES
 
 __all__ = ["RUNTIME_HINTS", "OnnxToOpenVINO", "ov_error_summary"]
 
@@ -45,16 +53,10 @@ _RANGES = {"minmax": "MINMAX", "mean_minmax": "MEAN_MINMAX", "mean_quantile": "M
 
 
 def _tool_version(dist: str) -> str:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "unknown"
+    return installed_version(dist) or "unknown"
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines()]
-    useful = [ln for ln in lines if ln and not ln.startswith(("Exception from", "Check '"))]
-    return "; ".join(useful or [ln for ln in lines if ln][-1:])[-400:] or type(exc).__name__
+_one_line = partial(first_line, limit=400, skip=OV_TRACE_LINES)
 
 
 def ov_error_summary(exc: BaseException) -> str:
@@ -98,6 +100,19 @@ class OnnxToOpenVINO:
     sources = (Framework.PYTORCH, Framework.KERAS, Framework.ONNX)
     target = Format.OPENVINO
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
+    #: accuracy-budget rungs for NNCF int8 (converters/accuracy_budget.py)
+    budget_ladder = (
+        LadderStep("calibration:mean-quantile", (("openvino_range_estimator", "mean_quantile"),)),
+        LadderStep("mixed", mixed="openvino"),
+        LadderStep("int16-activations", not_offered="NNCF/OpenVINO CPU quantize activations to 8 bits only"),
+        LadderStep("fp16", precision=Precision.FP16),
+    )
+    extra_options = (
+        OptionSpec("openvino_preset", str, "mixed", _PRESETS, "NNCF quantization preset"),
+        OptionSpec("openvino_fast_bias_correction", bool, False, (), "faster, less exact bias correction"),
+        OptionSpec("openvino_ignored_names", (list, tuple), (), (), "node names kept in float (NNCF IgnoredScope)"),
+        OptionSpec("openvino_range_estimator", str, None, tuple(_RANGES), "activation-range estimator"),
+    )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Write ``<workdir>/openvino/<precision>.xml`` (+ ``.bin``) and describe it."""

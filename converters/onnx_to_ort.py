@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.onnx_quantize import OnnxExporter
 from edge_sdk.errors import ConversionError, MissingDependencyError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -67,6 +68,8 @@ class OnnxToOrt:
     sources = (Framework.PYTORCH, Framework.KERAS, Framework.ONNX, Framework.TFLITE)
     target = Format.ORT
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+    budget_ladder = OnnxExporter.budget_ladder  # the .ort is made from the ONNX artifact: same rungs
+    extra_options = OnnxExporter.extra_options
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Produce the ``.ort`` artifact of ``precision`` from ``ctx.onnx(precision)``."""

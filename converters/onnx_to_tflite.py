@@ -26,7 +26,7 @@ import numpy as np
 
 from edge_sdk._deps import has_module
 from edge_sdk.calibration import SampleSet
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, LadderStep, check_precision, register
 from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
 from edge_sdk.converters.shims import apply_shims, explain, tf_safe_node_names
 from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError
@@ -145,6 +145,10 @@ class OnnxToTFLite:
     sources = (Framework.ONNX,)
     target = Format.TFLITE
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+    budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
+        LadderStep("int16-activations", not_offered="TFLite int16x8 is not wired into this ladder yet"),
+        LadderStep("fp16", precision=Precision.FP16),
+    )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Run onnx2tf (once per work directory and kind) and pick the file of ``precision``."""

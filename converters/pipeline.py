@@ -7,109 +7,46 @@ artifact that fails validation is left out (unless ``keep_failed``), the others 
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_sdk.baseline import compute_baseline
-from edge_sdk.bundle import Artifact, Bundle, Manifest, TensorSpec, Validation, atomic_bundle_dir, sha256_path, size_of
+from edge_sdk.bundle import Artifact, Bundle, Manifest, TensorSpec, atomic_bundle_dir
 from edge_sdk.calibration import CalibrationSource, SampleSet, load_samples
 from edge_sdk.converters.accuracy_budget import AccuracyBudget, BudgetLadder
-from edge_sdk.converters.base import (
-    ArtifactDraft,
-    ConversionContext,
-    ConvertOptions,
-    check_precision,
-    get_converter,
-)
+from edge_sdk.converters.attempts import ArtifactResult, Judge, place, produce_artifact
+from edge_sdk.converters.base import ConversionContext, ConvertOptions, check_options, needs_calibration
+from edge_sdk.converters.registry import BUILTIN_CONVERTERS, load_builtin_converters, registered
 from edge_sdk.converters.routes import (
-    Route,
+    all_route_converters,
     candidate_routes,
-    failure_reason,
+    converter_of,
     parse_forced_routes,
-    route_context,
-    route_converter,
+    routes_with_precision,
 )
 from edge_sdk.converters.sources import InputDtypes, ShapeSpec, load_source
-from edge_sdk.converters.validate import DEFAULT_TOLERANCES, Tolerance, reference_outputs, validate_artifact
+from edge_sdk.converters.validate import DEFAULT_TOLERANCES, Tolerance, reference_outputs
 from edge_sdk.errors import CalibrationError, EdgeSDKError, UnsupportedConversionError, ValidationError
-from edge_sdk.formats import Format, Framework, Precision, Task, parse_list
+from edge_sdk.formats import Format, Precision, Task, parse_list
 from edge_sdk.preprocessing import Preprocessing
 from edge_sdk.progress import Reporter
 from edge_sdk.schema import validate_manifest
 from edge_sdk.smoke import write_smoke_sample
 
+# BUILTIN_CONVERTERS and load_builtin_converters live in converters/registry.py (importing edge_sdk.converters
+# already ran it); they are re-exported here for callers of the old names.
 __all__ = ["BUILTIN_CONVERTERS", "ArtifactResult", "convert", "load_builtin_converters"]
-
-BUILTIN_CONVERTERS = (
-    "torch_to_onnx", "keras_to_onnx", "onnx_to_onnx", "onnx_to_ort", "onnx_to_openvino",
-    "keras_to_tflite", "torch_to_tflite", "onnx_to_tflite", "torch_to_coreml", "keras_to_coreml",
-    "prebuilt", "tflite_to_onnx", "tflite_to_openvino",
-)
-_QUANTIZED = (Precision.INT8, Precision.DYNAMIC, Precision.PALETTIZED)
-_TRANSPOSE = {("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2)}
-
-
-def load_builtin_converters() -> None:
-    """Import every built-in converter module (each registers itself; none imports a framework)."""
-    for name in BUILTIN_CONVERTERS:
-        importlib.import_module(f"edge_sdk.converters.{name}")
-
-
-@dataclass
-class ArtifactResult:
-    """The outcome for one requested format/precision (for tables and JSON)."""
-
-    format: str
-    precision: str
-    status: str  # passed | failed | skipped-validation | error | unsupported
-    validation: Validation = field(default_factory=Validation)
-    size_bytes: int | None = None
-    shipped: bool = False
-    reason: str = ""
-    route: str = ""  # the route that produced the artifact (converters/routes.py)
-    attempts: list[str] = field(default_factory=list)  # routes tried before it, each "name: one-line reason"
-    seconds: float | None = None  # conversion + validation time over every route tried
-
-    @property
-    def key(self) -> str:
-        return f"{self.format}/{self.precision}"
 
 
 def _as_list(value: str | Iterable[Any], enum: type) -> list:
     if isinstance(value, str):
         return parse_list(value, enum)
     return parse_list(",".join(str(v) for v in value), enum)
-
-
-def _prebuilt(src: Any) -> bool:
-    return src.framework in (Framework.TFLITE, Framework.OPENVINO)
-
-
-def _needs_calibration(fmt: Format, precision: Precision) -> bool:
-    return precision is Precision.INT8 and fmt is not Format.COREML
-
-
-def _routes_with_precision(src: Any, fmt: Format, p: Precision, routes: list[Route]) -> list[Route]:
-    """The routes whose converter can produce ``p``; UnsupportedConversionError (the first route's) when none."""
-    ok, first = [], None
-    for r in routes:
-        try:
-            check_precision(route_converter(r) or get_converter(src.framework if r.via is None else Framework.ONNX,
-                                                                fmt), p)
-            ok.append(r)
-        except UnsupportedConversionError as exc:
-            first = first or exc
-    if not ok:
-        raise first or UnsupportedConversionError(f"{fmt.value} cannot be produced in {p.value}")
-    return ok
 
 
 def _split(calib: SampleSet | None, val: SampleSet | None, rng_shape: list[list[int]],
@@ -130,25 +67,6 @@ def _split(calib: SampleSet | None, val: SampleSet | None, rng_shape: list[list[
     arrays = [rng.standard_normal((16 * b, *s[1:])).astype(np.float32) if dt.startswith("float")
               else np.zeros((16 * b, *s[1:]), dt) for s, dt in zip(rng_shape, dtypes, strict=True)]
     return None, SampleSet(arrays, None, "random", b), "16 random normal inputs (pass --val for real inputs)"
-
-
-def _copy_draft(draft: ArtifactDraft, bundle_dir: Path) -> tuple[str, list[dict[str, Any]]]:
-    fdir = bundle_dir / draft.format.value
-    fdir.mkdir(parents=True, exist_ok=True)
-    dest = fdir / draft.path.name
-    if draft.path.is_dir():
-        shutil.copytree(draft.path, dest)
-    else:
-        shutil.copy2(draft.path, dest)
-    sides = []
-    for side in draft.files:
-        target = fdir / side.name
-        if target.exists():
-            target = fdir / f"{draft.precision.value}.{side.name}"
-        shutil.copy2(side, target)
-        rel = target.relative_to(bundle_dir).as_posix()
-        sides.append({"path": rel, "sha256": sha256_path(target), "size_bytes": target.stat().st_size})
-    return dest.relative_to(bundle_dir).as_posix(), sides
 
 
 def convert(
@@ -202,7 +120,6 @@ def convert(
     after writing the bundle when any artifact failed; raises before writing anything for bad input
     (unknown target/precision, unreadable source, missing calibration data, wrong shapes).
     """
-    load_builtin_converters()
     forced = parse_forced_routes(route)
     dyn = [d for d in (dynamic.split(",") if isinstance(dynamic, str) else dynamic) if str(d).strip()]
     # bad names are refused before the (possibly slow) model load
@@ -215,6 +132,7 @@ def convert(
         raise EdgeSDKError(f"{out} already exists: choose another --out or pass --overwrite")
     report = Reporter(quiet=quiet)
     options = options or ConvertOptions()
+    check_options(options, [*registered().values(), *all_route_converters()])  # a typo'd key fails here
     tols = {**DEFAULT_TOLERANCES, **(tolerances or {})}
 
     with report.step("loading source model"):
@@ -234,7 +152,7 @@ def convert(
         for fmt, p in pairs:
             try:
                 routes, skipped = candidate_routes(src, fmt, forced)
-                routes = _routes_with_precision(src, fmt, p, routes)
+                routes = routes_with_precision(src, fmt, p, routes)
             except UnsupportedConversionError as exc:
                 if not skip_unsupported:
                     raise
@@ -244,8 +162,8 @@ def convert(
         if not plan:
             raise UnsupportedConversionError("none of the requested variants can be produced from a "
                                              f"{src.framework.value} source: " + _summary(unsupported))
-        if calib is None and any(_needs_calibration(f, p) and not (_prebuilt(src) and f.value == src.framework.value)
-                                 for f, p, _ in plan):
+        if calib is None and any(needs_calibration(converter_of(src, r, f), p) for f, p, (routes, _) in plan
+                                 for r in routes):
             raise CalibrationError("int8 needs calibration data: pass --calib FILE.npy (or an image folder "
                                    "with preprocessing flags), 100-500 representative inputs")
         with report.step("loading calibration / validation data"):
@@ -296,13 +214,13 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
                 ladders[id(c)] = BudgetLadder(c, budget, {f"{f.value}/{p.value}" for f, p, _ in plan}, report)
             return ladders[id(c)]
 
-        judge = _Judge(src, val_set, ref, val_y, classifier, tols, report)
+        judge = Judge(src, val_set, ref, val_y, classifier, tols, report)
         with atomic_bundle_dir(out, overwrite=overwrite) as bdir:
             for fmt, p, (routes, skipped) in plan:
-                for res, d in _produce(ctx, fmt, p, routes, skipped, judge, ladder_for, report):
+                for res, d in produce_artifact(ctx, fmt, p, routes, skipped, judge, ladder_for, report):
                     results.append(res)
                     if d is not None and (res.status != "failed" or keep_failed):
-                        artifacts.append(_place(d, res, bdir))
+                        artifacts.append(place(d, res, bdir))
             if not artifacts:
                 err = ValidationError("no artifact passed: nothing was written; " + _summary(results),
                                       [f"{r.key}: {r.reason}" for r in results])
@@ -365,141 +283,6 @@ def _write_smoke(bdir: Path, val_set: SampleSet, ref: list[np.ndarray], tols: di
 
 def _summary(results: list[ArtifactResult]) -> str:
     return "; ".join(f"{r.key}: {r.reason}" for r in results)
-
-
-class _Judge:
-    """Runs a draft in its runtime on the validation inputs and compares it with the source's outputs."""
-
-    def __init__(self, src, val_set: SampleSet, ref, val_y, classifier: bool, tols, report: Reporter) -> None:
-        self.src, self.val_set, self.ref, self.val_y = src, val_set, ref, val_y
-        self.classifier, self.tols, self.report = classifier, tols, report
-
-    def transpose(self, d: ArtifactDraft) -> tuple[int, ...] | None:
-        return _TRANSPOSE.get((self.src.layout, d.input_layout)) if d.input_layout else None
-
-    def validate(self, d: ArtifactDraft) -> Validation:
-        """Run and judge one draft (also used by the accuracy-budget ladder for every step it tries)."""
-        with self.report.step(f"validating {d.format.value}/{d.precision.value} on {len(self.val_set)} inputs"):
-            v, _, _ = validate_artifact(d.path, d.format, d.precision, self.val_set, self.ref,
-                                        classifier=self.classifier, tolerance=self.tols[d.precision],
-                                        labels=self.val_y, transpose=self.transpose(d))
-        return v
-
-    def judge(self, d: ArtifactDraft, judged: Validation | None = None) -> ArtifactResult:
-        """The result for one draft (validation, specs, size); ``judged`` when the budget ladder already ran it."""
-        if d.validation_skipped:
-            v = Validation(passed=None, samples=0, skipped_reason=d.validation_skipped, checks=dict(d.spec_checks))
-            ins, outs = ([TensorSpec(t["name"], list(t["shape"]), t["dtype"]) for t in d.spec_checks.get(k, [])]
-                         for k in ("inputs", "outputs"))
-            status = "skipped-validation"
-        else:
-            if judged is not None:  # already run by the accuracy-budget ladder; the specs come from one more load
-                v = judged
-                ins, outs = _io_specs(d, self.val_set, self.transpose(d))
-            else:
-                with self.report.step(f"validating {d.format.value}/{d.precision.value} on {len(self.val_set)} "
-                                      "inputs"):
-                    v, ins, outs = validate_artifact(d.path, d.format, d.precision, self.val_set, self.ref,
-                                                     classifier=self.classifier, tolerance=self.tols[d.precision],
-                                                     labels=self.val_y, transpose=self.transpose(d))
-            if d.spec_checks:
-                v.checks["spec"] = d.spec_checks
-            status = "passed" if v.passed else "failed"
-        size = size_of(d.path) + sum(size_of(f) for f in d.files)
-        reason = "; ".join(v.failures) if v.failures else (v.skipped_reason or "")
-        if status == "failed" and d.precision in _QUANTIZED and v.cosine is not None:
-            reason = (f"plain {d.precision.value} loses too much on this model: {reason} — pass --min-cosine / "
-                      "--min-agreement for the fallback ladder (layers in float, 16-bit activations, fp16)")
-        res = ArtifactResult(d.format.value, d.precision.value, status, v, size, reason=reason, route=d.route)
-        res._specs = (ins, outs)  # type: ignore[attr-defined]
-        return res
-
-
-def _produce(ctx: ConversionContext, fmt: Format, p: Precision, routes: list[Route], skipped: list[str],
-             judge: _Judge, ladder_for, report: Reporter) -> list[tuple[ArtifactResult, ArtifactDraft | None]]:
-    """Try the routes of one (format, precision) in order until one gives artifacts that pass validation.
-
-    Whatever a tool raises in a route (any exception type) becomes that attempt's one-line reason and the next
-    route is tried; a route whose artifact converts but fails validation is kept as the answer unless a later
-    route passes. Returns (result, draft) pairs — draft None when nothing could be produced.
-    """
-    key = f"{fmt.value}/{p.value}"
-    attempts = list(skipped)
-    failed: list[tuple[ArtifactResult, ArtifactDraft | None]] | None = None
-    t0 = time.perf_counter()
-
-    def timed(out: list[tuple[ArtifactResult, ArtifactDraft | None]]) -> list[tuple[ArtifactResult,
-                                                                                 ArtifactDraft | None]]:
-        for r, _ in out:
-            r.seconds = round(time.perf_counter() - t0, 2)
-        return out
-
-    for route in routes:
-        label = f"converting {key}" + (f" via {route.name}" if len(routes) > 1 else "")
-        try:
-            with report.step(label):
-                rctx, conv = route_context(ctx, route, fmt, p)
-                drafts = [rctx.onnx(p)] if fmt is Format.ONNX else conv.convert(rctx, p)
-        except (Exception, SystemExit) as exc:  # any vendor failure is this attempt's reason, never the run's end
-            attempts.append(f"{route.name}: {failure_reason(exc, route, 'converting')}")
-            continue
-        outcome: list[tuple[ArtifactResult, ArtifactDraft | None]] = []
-        try:
-            for d in drafts:
-                d.route = route.name
-                judged = None
-                ladder = ladder_for(rctx)
-                if ladder is not None and d.precision is Precision.INT8 and not d.validation_skipped:
-                    d, judged = ladder.run(fmt, conv, d, judge.validate)
-                    d.route = route.name
-                    if fmt is Format.ONNX and judged.passed and d.precision is Precision.INT8:
-                        rctx._onnx[Precision.INT8] = d  # the .ort file is made from the kept model
-                outcome.append((judge.judge(d, judged), d))
-        except (Exception, SystemExit) as exc:
-            attempts.append(f"{route.name}: {failure_reason(exc, route, 'validating')}")
-            continue
-        if all(r.status != "failed" for r, _ in outcome):
-            for r, d in outcome:
-                r.attempts = list(attempts)
-                if d is not None and attempts:
-                    d.notes.append("route " + route.name + " used after: " + "; ".join(attempts))
-            return timed(outcome)
-        attempts.append(f"{route.name}: converted but failed validation ("
-                        + "; ".join(r.reason for r, _ in outcome if r.status == "failed") + ")")
-        failed = failed or outcome
-    if failed is not None:
-        for r, _ in failed:
-            r.attempts = list(attempts)
-            others = [a for a in attempts if not a.startswith(f"{r.route}: converted but failed")]
-            if others:
-                r.reason += " [other routes: " + "; ".join(others) + "]"
-        return timed(failed)
-    reason = ("every route failed: " if len(attempts) > 1 else "") + "; ".join(attempts)
-    return timed([(ArtifactResult(fmt.value, p.value, "error", reason=reason, attempts=attempts), None)])
-
-
-def _place(d: ArtifactDraft, res: ArtifactResult, bdir: Path) -> Artifact:
-    """Copy a judged draft into the bundle and describe it for the manifest."""
-    rel, sides = _copy_draft(d, bdir)
-    runtime = dict(d.runtime)
-    if d.input_layout:
-        runtime.setdefault("input_layout", d.input_layout)
-    res.shipped = True
-    ins, outs = getattr(res, "_specs", ([], []))
-    return Artifact(format=d.format.value, precision=d.precision.value, path=rel, sha256=sha256_path(bdir / rel),
-                    size_bytes=res.size_bytes or 0, inputs=ins, outputs=outs, runtime=runtime,
-                    tool_versions=dict(d.tool_versions), validation=res.validation, files=sides,
-                    notes=list(d.notes), route=d.route)
-
-
-def _io_specs(d: ArtifactDraft, val_set: SampleSet, transpose) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    from edge_sdk.converters.validate import run_artifact
-
-    try:
-        _, ins, outs = run_artifact(d.path, d.format, val_set.take(1), transpose=transpose)
-    except EdgeSDKError:
-        return [], []
-    return ins, outs
 
 
 def _load_labels_array(value: str | Path | np.ndarray, n: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_sdk.bundle import sha256_path
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.source_common import pin_shapes
 from edge_sdk.errors import InferenceError, SourceModelError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -37,40 +38,6 @@ def _layout(shape: list[int]) -> str:
     if len(shape) == 4 and shape[1] in (1, 3, 4):
         return "NCHW"
     return ""
-
-
-def _given(spec: Any, k: int, name: str) -> list[int] | None:
-    """The shape given for input ``k`` called ``name``: ``spec`` is one shape (the first input) or {name: shape}."""
-    if spec is None:
-        return None
-    shape = spec.get(name) if isinstance(spec, Mapping) else (spec if k == 0 else None)
-    if shape is None:
-        return None
-    try:
-        return [int(d) for d in shape]
-    except (TypeError, ValueError):
-        raise SourceModelError(f"--input-shape {shape!r} is not a list of integers: use e.g. 1,224,224,3") from None
-
-
-def _pin_shapes(shapes: list[list[int | None]], names: list[str], given: Any, what: str) -> list[list[int]]:
-    """Concrete input shapes: the given ones, batch 1 for a dynamic batch, else a SourceModelError."""
-    if isinstance(given, Mapping) and (unknown := [n for n in given if n not in names]):
-        raise SourceModelError(f"--input-shape names {unknown} that the model does not have: its inputs are {names}")
-    out = []
-    for k, (dims, name) in enumerate(zip(shapes, names, strict=True)):
-        want = _given(given, k, name)
-        if want is not None:
-            if len(want) != len(dims) or min(want) <= 0 or any(
-                    d not in (None, w) for d, w in zip(dims, want, strict=True)):
-                raise SourceModelError(f"--input-shape {want} does not fit the {what} input {name!r} "
-                                       f"{['?' if d is None else d for d in dims]}: pass a shape that matches it")
-            dims = want
-        dims = [1 if d is None and i == 0 else d for i, d in enumerate(dims)]
-        if any(d is None for d in dims):
-            raise SourceModelError(f"{what} input {name!r} has dynamic dimensions "
-                                   f"{['?' if d is None else d for d in dims]}: pass --input-shape with concrete sizes")
-        out.append([int(d) for d in dims])
-    return out
 
 
 class _Prebuilt:
@@ -93,8 +60,8 @@ class _Prebuilt:
         self.input_dtypes: list[str] = ["float32" if getattr(s, "scale", None) is not None else s.dtype
                                         for s in session.inputs]
         self.raw_input_dtypes: list[str] = [s.dtype for s in session.inputs]  # as stored in the file
-        self.input_shapes = _pin_shapes([list(s.shape) for s in session.inputs], self.input_names, input_shape,
-                                        self.what)
+        self.input_shapes = pin_shapes([list(s.shape) for s in session.inputs], self.input_names, input_shape,
+                                       self.what)
         self.layout = _layout(self.input_shapes[0]) if self.input_shapes else ""
 
     def predict(self, inputs: list[Any]) -> list[np.ndarray]:
@@ -248,6 +215,7 @@ class TFLiteToTFLite:
     sources = (Framework.TFLITE,)
     target = Format.TFLITE
     precisions = tuple(Precision)
+    calibrated_precisions = ()  # bundled as it is: nothing is quantized here
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Copy the file unchanged; refuse any precision other than the file's own."""
@@ -274,6 +242,7 @@ class OpenVINOToOpenVINO:
     sources = (Framework.OPENVINO,)
     target = Format.OPENVINO
     precisions = tuple(Precision)
+    calibrated_precisions = ()  # bundled as it is: nothing is quantized here
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Copy both files unchanged; refuse any precision other than the IR's own."""

@@ -23,8 +23,8 @@ from edge_sdk.converters.base import ConversionContext, Converter, check_precisi
 from edge_sdk.errors import EdgeSDKError, UnsupportedConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 
-__all__ = ["ROUTES", "Route", "failure_reason", "parse_forced_routes", "route_context", "route_converter",
-           "routes_for"]
+__all__ = ["ROUTES", "Route", "all_route_converters", "converter_of", "failure_reason", "parse_forced_routes",
+           "route_context", "route_converter", "routes_for", "routes_with_precision"]
 
 
 def _not_torchscript(src: Any) -> str | None:
@@ -96,6 +96,30 @@ def routes_for(framework: Framework, target: Format) -> tuple[Route, ...]:
         return ROUTES[(framework, target)]
     get_converter(framework, target)  # raises UnsupportedConversionError naming what exists
     return (Route("direct", f"{framework.value} -> {target.value}"),)
+
+
+def converter_of(src: Any, route: Route, target: Format) -> Converter:
+    """The converter that does the work of ``route`` (the route's own, else the registry's for its source)."""
+    return route_converter(route) or get_converter(src.framework if route.via is None else Framework.ONNX, target)
+
+
+def routes_with_precision(src: Any, fmt: Format, p: Precision, routes: list[Route]) -> list[Route]:
+    """The routes whose converter can produce ``p``; UnsupportedConversionError (the first route's) when none."""
+    ok, first = [], None
+    for r in routes:
+        try:
+            check_precision(converter_of(src, r, fmt), p)
+            ok.append(r)
+        except UnsupportedConversionError as exc:
+            first = first or exc
+    if not ok:
+        raise first or UnsupportedConversionError(f"{fmt.value} cannot be produced in {p.value}")
+    return ok
+
+
+def all_route_converters() -> list[Converter]:
+    """The converters routes name explicitly (not in the registry), for option checking."""
+    return [c for c in (route_converter(r) for rs in ROUTES.values() for r in rs) if c is not None]
 
 
 def parse_forced_routes(items: Sequence[str] | Mapping[str, str] | str | None) -> dict[str, str]:

@@ -13,13 +13,14 @@ rule a shim out when a conversion misbehaves. Shims patch the tool in this proce
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from edge_sdk._deps import installed_version
 
 __all__ = ["DISABLE_ENV", "SHIMS", "Shim", "applicable", "apply_shims", "disabled_names", "explain",
            "tf_safe_node_names"]
@@ -49,13 +50,6 @@ class Shim:
     requires: dict[str, str] = field(default_factory=dict)
 
 
-def _installed(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _in_range(version: str, spec: str) -> bool:
     # packaging is a dependency of every tool shimmed here (coremltools requires it)
     from packaging.specifiers import SpecifierSet
@@ -71,11 +65,11 @@ def disabled_names() -> set[str]:
 
 def applicable(shim: Shim) -> bool:
     """True when the installed tool (and every trigger in ``requires``) is in the shim's version range."""
-    version = _installed(shim.tool)
+    version = installed_version(shim.tool)
     if version is None or not _in_range(version, shim.versions):
         return False
     for dist, spec in shim.requires.items():
-        have = _installed(dist)
+        have = installed_version(dist)
         if have is None or not _in_range(have, spec):
             return False
     return True

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_sdk._deps import has_module
+from edge_sdk._deps import has_module, installed_version
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, SourceModel, register
 from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_versions
 from edge_sdk.converters.onnx_quantize import OnnxExporter
@@ -47,9 +47,7 @@ def tflite_to_onnx(tflite: Path, out: Path, opset: int) -> str:
         raise ConversionError(f"tf2onnx took over {_TIMEOUT_S} s on {tflite.name}: check the model size") from None
     if not out.is_file():
         raise ConversionError(f"tf2onnx wrote no ONNX file for {tflite.name}: check the tf2onnx installation")
-    from importlib.metadata import version
-
-    return version("tf2onnx")
+    return installed_version("tf2onnx") or "unknown"
 
 
 def check_convertible(src: SourceModel, summary: dict[str, Any], tool: str) -> None:

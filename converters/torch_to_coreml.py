@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, OptionSpec, check_precision, register
 from edge_sdk.converters.coreml_spec import (
     check_package,
     check_palette_bits,
@@ -79,6 +79,9 @@ class TorchToCoreML:
     sources = (Framework.PYTORCH,)
     target = Format.COREML
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.PALETTIZED)
+    calibrated_precisions = ()  # int8 / palettized are weight-only: no calibration data
+    extra_options = (OptionSpec("coreml_capture", str, "export", ("export", "trace"),
+                                "how the model is captured (route coremltools-trace sets trace)"),)
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Trace, convert with coremltools, compress the weights if asked, save and check the package."""

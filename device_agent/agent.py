@@ -1,7 +1,8 @@
 """The device agent core: load a bundle, pick and verify the artifact this device can run, and predict.
 
-:class:`Agent` chooses the artifact once at load (an explicit ``artifact`` key, else the build's selection
-when runnable here, else the first artifact of the first installed runtime in ``runtime_order``), checks its
+:class:`Agent` chooses the artifact once at load (edge_sdk/runtimes/selection.py: an explicit ``artifact`` key,
+else the build's selection when runnable here, else the first artifact of the first installed runtime in
+``runtime_order``, by default the runtime registry's order), checks its
 sha256, loads it, and precomputes everything a call needs (input order, dtypes, layout permutations,
 output names), so :meth:`Agent.predict` adds only a few checks around the runtime call.
 
@@ -30,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk.bundle import Artifact, Bundle, TensorSpec
-from edge_sdk.errors import BundleError, InferenceError, InputError, MissingDependencyError
-from edge_sdk.preprocessing import Preprocessing, decode_image
-from edge_sdk.runtimes import RUNTIMES, Runtime, get_runtime
+from edge_sdk.bundle import Bundle, TensorSpec
+from edge_sdk.errors import BundleError, InferenceError, InputError
+from edge_sdk.preprocessing import Preprocessing
+from edge_sdk.runtimes import Runtime, default_order
+from edge_sdk.runtimes.selection import check_order, select_artifact
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.aggregates import WindowAggregator
@@ -42,7 +44,8 @@ __all__ = ["DEFAULT_REMEMBER", "DEFAULT_RUNTIME_ORDER", "Agent", "Prediction"]
 
 log = logging.getLogger("edge_sdk.agent")
 
-DEFAULT_RUNTIME_ORDER: tuple[str, ...] = ("onnxruntime", "openvino", "litert", "coreml")
+#: the registry's default order when this module was imported (Agent itself asks the registry at construction)
+DEFAULT_RUNTIME_ORDER: tuple[str, ...] = default_order()
 _TRANSPOSE = {("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2)}
 _LOAD_HINTS = ("precision_hint", "device", "performance_hint", "delegate")  # artifact.runtime keys passed to load
 DEFAULT_REMEMBER = 10_000  # prediction ids a classifier keeps for feedback
@@ -106,17 +109,6 @@ class Prediction:
         return d
 
 
-def _parse_key(key: str) -> tuple[str, str]:
-    fmt, sep, prec = key.strip().partition("/")
-    if not sep or not fmt or not prec:
-        raise BundleError(f"artifact {key!r} is not a 'format/precision' key: use e.g. 'onnx/int8'")
-    return fmt, prec
-
-
-def _formats_of(rt: Runtime) -> set[str]:
-    return {str(f) for f in rt.formats}
-
-
 class Agent:
     """A bundle loaded for inference on this device.
 
@@ -132,11 +124,7 @@ class Agent:
                  top_k: int = 5, remember: int = DEFAULT_REMEMBER) -> None:
         self.bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else Bundle.load(bundle_or_path)
         m = self.bundle.manifest
-        order = tuple(runtime_order) if runtime_order else DEFAULT_RUNTIME_ORDER
-        unknown = [r for r in order if r not in RUNTIMES]
-        if unknown:
-            raise InferenceError(f"unknown runtime(s) {', '.join(unknown)} in runtime_order: choose from "
-                                 f"{', '.join(RUNTIMES)}")
+        order = check_order(runtime_order)  # None: the registry's default order (plugins included)
         if top_k < 1:
             raise InferenceError(f"top_k must be >= 1, got {top_k}")
         if remember < 0:
@@ -156,7 +144,7 @@ class Agent:
         except (TypeError, ValueError) as exc:
             raise BundleError(f"manifest preprocessing of {self.bundle.root} is malformed ({exc}): rebuild the "
                               "bundle") from None
-        self.artifact, rt, self.selection_reason = self._select(artifact)
+        self.artifact, rt, self.selection_reason = select_artifact(self.bundle, order, artifact)
         self.runtime_name = rt.name
         self.runtime_version = rt.version()
         if verify:
@@ -168,63 +156,6 @@ class Agent:
         self._prepare_io()
 
     # ---- selection and loading -------------------------------------------------------------------------------
-
-    def _installed(self) -> list[Runtime]:
-        return [rt for rt in (get_runtime(n) for n in self.runtime_order) if rt.is_available()]
-
-    def _select(self, key: str | None) -> tuple[Artifact, Runtime, str]:
-        arts = self.bundle.artifacts
-        if not arts:
-            raise BundleError(f"bundle {self.bundle.root} lists no artifacts: rebuild it with `edge-sdk convert`")
-        installed = self._installed()
-        if key:
-            a = self.bundle.artifact(*_parse_key(key))
-            rt = next((r for r in installed if a.format in _formats_of(r)), None)
-            if rt is None:
-                self._missing_runtime_for(a)
-            return a, rt, f"artifact {a.key} requested explicitly"
-        build = self.bundle.manifest.extra.get("build")
-        build = build if isinstance(build, dict) else {}
-        chosen = build.get("selected")
-        if chosen:
-            try:
-                a = self.bundle.artifact(*_parse_key(str(chosen)))
-            except BundleError:
-                log.warning("the build selected %s but the bundle has no such artifact; choosing by runtime order",
-                            chosen)
-            else:
-                rt = next((r for r in installed if a.format in _formats_of(r)), None)
-                if rt is not None and a.validation.passed is not False:
-                    target = build.get("target")
-                    return a, rt, f"selected by the build{f' for target {target}' if target else ''}"
-                log.info("the build selected %s but it cannot run here (no installed runtime for it, or it failed "
-                         "validation); choosing by runtime order", chosen)
-        for rt in installed:
-            cands = [a for a in arts if a.format in _formats_of(rt) and a.validation.passed is not False]
-            if cands:
-                cands.sort(key=lambda a: a.validation.passed is not True)  # validated first, stable otherwise
-                a = cands[0]
-                skipped = self.runtime_order[: self.runtime_order.index(rt.name)]
-                why = f"{rt.name} is the first runtime in order {list(self.runtime_order)} that is installed here " \
-                      f"and runs an artifact of this bundle"
-                if skipped:
-                    why += f" (before it: {', '.join(skipped)} not installed or no artifact)"
-                return a, rt, why + f"; {a.key} is its first {'validated ' if a.validation.passed else ''}artifact"
-        have = ", ".join(a.key for a in arts)
-        names = ", ".join(r.name for r in installed) or "none"
-        needed = sorted({get_runtime(n).extra for n in RUNTIMES
-                         for a in arts if a.format in _formats_of(get_runtime(n))})
-        raise InferenceError(f"no installed runtime (installed of {list(self.runtime_order)}: {names}) runs any "
-                             f"artifact of this bundle ({have}): pip install one of "
-                             + ", ".join(f'"edge-sdk[agent,{e}]"' for e in needed))
-
-    def _missing_runtime_for(self, a: Artifact) -> None:
-        for name in self.runtime_order:
-            rt = get_runtime(name)
-            if a.format in _formats_of(rt):
-                raise MissingDependencyError(name, rt.extra, f"running the {a.key} artifact")
-        raise InferenceError(f"no runtime in runtime_order {list(self.runtime_order)} runs {a.format} artifacts: "
-                             "add one that does")
 
     def _load(self, rt: Runtime, threads: int | None) -> Any:
         hints = self.artifact.runtime
@@ -458,13 +389,15 @@ class Agent:
                         or min(img.shape[:2]) < 1:
                     raise InputError(f"image array must be uint8 HxW or HxWx3 (BGR), got {img.dtype} "
                                      f"{list(img.shape)}")
-            elif isinstance(data, (bytes, bytearray, memoryview)):
                 stage = "preprocess"
-                img = decode_image(bytes(data), grayscale=self.preprocessing.color == "GRAY")
+                x = self.preprocessing.apply(img)
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                # size checked from the header, JPEG drafted / others reduced while decoding: a decompression bomb
+                # is refused before it costs memory (edge_sdk.preprocessing.Preprocessing.pixel_cap)
+                stage = "preprocess"
+                x = self.preprocessing.apply_encoded(data)
             else:
                 raise InputError(f"an image must be encoded bytes or a decoded array, not {type(data).__name__}")
-            stage = "preprocess"
-            x = self.preprocessing.apply(img)
         except InputError:
             if self._telemetry is not None:
                 self._telemetry.record_error(stage)

@@ -1,4 +1,4 @@
-"""The device agent's configuration file (TOML), read with :mod:`tomllib` into a frozen :class:`AgentConfig`.
+"""The device agent's configuration file (TOML), read by :func:`edge_sdk.tomlfile.read_toml` into AgentConfig.
 
 Every key is optional; command-line flags override the file (see :meth:`AgentConfig.merged`)::
 
@@ -46,15 +46,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_sdk.device_agent.agent import DEFAULT_RUNTIME_ORDER
 from edge_sdk.device_agent.telemetry import TelemetrySettings
-from edge_sdk.errors import EdgeSDKError, TelemetryError
+from edge_sdk.errors import ConfigError, TelemetryError
+from edge_sdk.mqtt import parse_mqtt_url
 from edge_sdk.runtimes import RUNTIMES
+from edge_sdk.tomlfile import read_toml
 from edge_sdk.topics import validate_id
 
 __all__ = ["DEFAULT_RUNTIME_ORDER", "MQTT_KEYS", "TELEMETRY_KEYS", "AgentConfig", "ConfigError", "load_config"]
@@ -62,11 +63,6 @@ __all__ = ["DEFAULT_RUNTIME_ORDER", "MQTT_KEYS", "TELEMETRY_KEYS", "AgentConfig"
 TELEMETRY_KEYS = ("enabled", "window_s", "fleet", "device", "outbox", "input_sample_every")
 MQTT_KEYS = ("url", "client_id", "username", "password", "password_file", "ca_file", "cert_file", "key_file",
              "tls_insecure", "keepalive", "session_expiry_s", "max_inflight")
-_MQTT_SCHEMES = ("mqtt://", "mqtts://", "tcp://", "ssl://")
-
-
-class ConfigError(EdgeSDKError, ValueError):
-    """The agent configuration file is unreadable or holds an unknown key or a bad value."""
 
 
 @dataclass(frozen=True)
@@ -158,9 +154,7 @@ def _str(path: Path, key: str, value: Any) -> str:
 
 
 def _mqtt_url(value: str, shown: str) -> str:
-    host = value.split("://", 1)[-1].split("/", 1)[0]
-    if not value.lower().startswith(_MQTT_SCHEMES) or not host or host.startswith(":"):
-        raise ConfigError(f"{shown} {value!r} must look like mqtt://host:1883 or mqtts://host:8883")
+    parse_mqtt_url(value, where=shown)  # checked here, so a bad URL names the flag or the file and key
     return value
 
 
@@ -290,14 +284,7 @@ def _check(path: Path, key: str, value: Any) -> Any:
 def load_config(path: str | os.PathLike) -> AgentConfig:
     """Read an agent TOML file; relative ``bundle`` and ``folder:``/``file:`` paths are resolved against it."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found: check the --config path") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}): fix the syntax") from None
+    data = read_toml(path, kind="config file", missing_hint="check the --config path")
     known = {f.name for f in dataclasses.fields(AgentConfig)} - {"telemetry", "mqtt"}
     flat: dict[str, Any] = {}
     tel_keys = _telemetry_table(path, data["telemetry"]) if "telemetry" in data else None

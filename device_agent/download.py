@@ -5,6 +5,11 @@ after a dropped connection (retried here, with back-off) or after the whole proc
 ``<dest>.json`` remembers the URL and the server's validator (ETag / Last-Modified), sent as ``If-Range``:
 when the file on the server changed, the server answers 200 with the whole file and the download restarts
 from zero instead of splicing two versions together. Size and sha256 are checked at the end.
+
+Bounded (issue 13): reading stops as soon as more bytes arrive than ``expected_size`` (or ``max_bytes``), whatever
+the server's headers say, and a download needs its size plus ``reserve_bytes`` free on the disk. URLs in error
+messages are redacted (:func:`redact_url`: no user, password or query string), since those messages end up in
+events and logs.
 """
 
 from __future__ import annotations
@@ -24,16 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import DownloadError
 
-__all__ = ["DownloadError", "FetchResult", "copy_tree", "fetch", "is_remote", "local_path"]
+__all__ = ["DownloadError", "FetchResult", "copy_tree", "fetch", "is_remote", "local_path", "redact_text",
+           "redact_url"]
 
 _CHUNK = 1 << 16
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
-
-
-class DownloadError(EdgeSDKError):
-    """A download failed for good (HTTP 4xx, wrong size or sha256, retries exhausted)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,27 @@ class FetchResult:
 def is_remote(source: str) -> bool:
     """True for http:// and https:// URLs."""
     return urllib.parse.urlsplit(source).scheme in ("http", "https")
+
+
+def redact_url(source: str) -> str:
+    """``source`` without credentials, query string or fragment when it is a URL (for events and logs)."""
+    parts = urllib.parse.urlsplit(str(source))
+    if not parts.scheme or not parts.netloc:
+        return str(source)
+    try:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:  # a malformed port: keep nothing of the authority but the host text
+        netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _check_space(dest: Path, needed: int, reserve: int) -> None:
+    """DownloadError when the disk holding ``dest`` cannot take ``needed`` more bytes and keep ``reserve`` free."""
+    free = shutil.disk_usage(dest.parent).free
+    if needed + reserve > free:
+        raise DownloadError(f"not enough free space for the download: {needed} bytes needed, {reserve} to keep free, "
+                            f"{free} free in {dest.parent}: free disk space on the device")
 
 
 def local_path(source: str) -> Path:
@@ -110,8 +133,12 @@ def _copy_local(src: Path, dest: Path, progress: Callable[[int, int | None], Non
 
 
 def _http_attempt(url: str, dest: Path, meta_path: Path, *, timeout: float, context: ssl.SSLContext | None,
-                  expected_size: int | None, progress: Callable[[int, int | None], None] | None) -> int:
-    """One HTTP request that appends to ``dest``; returns the offset it resumed from. Network errors propagate."""
+                  expected_size: int | None, progress: Callable[[int, int | None], None] | None,
+                  max_bytes: int | None = None, reserve: int = 0) -> int:
+    """One HTTP request that appends to ``dest``; returns the offset it resumed from. Network errors propagate.
+    Never writes beyond ``max_bytes`` (the expected size when given)."""
+    shown = redact_url(url)
+    limit = expected_size if expected_size is not None else max_bytes
     meta = _read_meta(meta_path)
     have = dest.stat().st_size if dest.exists() else 0
     if meta.get("url") != url or (expected_size is not None and have > expected_size):
@@ -133,17 +160,17 @@ def _http_attempt(url: str, dest: Path, meta_path: Path, *, timeout: float, cont
             if m and int(m.group(1)) == have:
                 return have  # the .part already holds the whole file
             _restart(dest)  # the file on the server is shorter than what we hold: start again
-            raise ConnectionError(f"server answered 416 for bytes {have}- of {url}; restarting") from None
+            raise ConnectionError(f"server answered 416 for bytes {have}- of {shown}; restarting") from None
         if 500 <= exc.code < 600 or exc.code in (408, 429):
-            raise ConnectionError(f"HTTP {exc.code} from {url}") from None
-        raise DownloadError(f"HTTP {exc.code} {exc.reason} for {url}: check the update URL") from None
+            raise ConnectionError(f"HTTP {exc.code} from {shown}") from None
+        raise DownloadError(f"HTTP {exc.code} {exc.reason} for {shown}: check the update URL") from None
     with resp:
         start = 0
         if resp.status == 206:
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != have:
                 _restart(dest)
-                raise ConnectionError(f"{url} answered a range other than bytes={have}-; restarting")
+                raise ConnectionError(f"{shown} answered a range other than bytes={have}-; restarting")
             start = have
             total = int(m.group(3)) if m.group(3) != "*" else None
         else:
@@ -157,13 +184,27 @@ def _http_attempt(url: str, dest: Path, meta_path: Path, *, timeout: float, cont
             _write_meta(meta_path, {"url": url, "total": total})
         if total is not None and expected_size is not None and total != expected_size:
             _discard(dest, meta_path)
-            raise DownloadError(f"{url} is {total} bytes, the update command says {expected_size}: refusing it")
+            raise DownloadError(f"{shown} is {total} bytes, the update command says {expected_size}: refusing it")
+        if total is not None and limit is None and max_bytes is not None and total > max_bytes:
+            _discard(dest, meta_path)
+            raise DownloadError(f"{shown} is {total} bytes, more than the {max_bytes} allowed: refusing it")
+        try:
+            _check_space(dest, (limit if limit is not None else (total or 0)) - start, reserve)
+        except DownloadError:
+            _discard(dest, meta_path)  # what it holds cannot be completed here: give the space back
+            raise
         done = start
         with open(dest, "ab") as fh:
             while True:
                 block = resp.read(_CHUNK)
                 if not block:
                     break
+                if limit is not None and done + len(block) > limit:
+                    fh.close()
+                    _discard(dest, meta_path)
+                    raise DownloadError(f"{shown} sent more than {limit} bytes (the update command says "
+                                        f"{expected_size}): refusing it" if expected_size is not None else
+                                        f"{shown} sent more than the {limit} bytes allowed: refusing it")
                 fh.write(block)
                 done += len(block)
                 if progress:
@@ -178,14 +219,17 @@ def _http_attempt(url: str, dest: Path, meta_path: Path, *, timeout: float, cont
 def fetch(source: str | os.PathLike, dest: str | os.PathLike, *, expected_sha256: str | None = None,
           expected_size: int | None = None, timeout: float = 30.0, retries: int = 5, backoff_s: float = 0.5,
           ca_file: str | os.PathLike | None = None,
-          progress: Callable[[int, int | None], None] | None = None) -> FetchResult:
+          progress: Callable[[int, int | None], None] | None = None, max_bytes: int | None = None,
+          reserve_bytes: int = 0) -> FetchResult:
     """Download ``source`` (http(s) URL, ``file://`` URL or path) into ``dest``, resuming what ``dest`` holds.
 
     Dropped connections, timeouts and HTTP 5xx are retried up to ``retries`` times (resuming each time, with
     exponential back-off from ``backoff_s``). A finished file with the wrong size or sha256 is deleted and
-    DownloadError raised; so are HTTP 4xx answers.
+    DownloadError raised; so are HTTP 4xx answers, a body longer than ``expected_size`` (or ``max_bytes``; the
+    download stops there), and too little free space to keep ``reserve_bytes`` free afterwards.
     """
     src, dest = str(source), Path(dest)
+    shown = redact_url(src)
     dest.parent.mkdir(parents=True, exist_ok=True)
     meta_path = dest.with_name(dest.name + ".json")
     context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
@@ -195,29 +239,46 @@ def fetch(source: str | os.PathLike, dest: str | os.PathLike, *, expected_sha256
         try:
             if is_remote(src):
                 start = _http_attempt(src, dest, meta_path, timeout=timeout, context=context,
-                                      expected_size=expected_size, progress=progress)
+                                      expected_size=expected_size, progress=progress, max_bytes=max_bytes,
+                                      reserve=reserve_bytes)
             else:
-                start = _copy_local(local_path(src), dest, progress)
+                local = local_path(src)
+                if local.is_file():
+                    size = local.stat().st_size
+                    limit = expected_size if expected_size is not None else max_bytes
+                    if limit is not None and size > limit:
+                        raise DownloadError(f"{shown} is {size} bytes, more than the {limit} expected: refusing it")
+                    _check_space(dest, size - (dest.stat().st_size if dest.exists() else 0), reserve_bytes)
+                start = _copy_local(local, dest, progress)
             resumed_from = start if resumed_from is None else min(resumed_from, start)
             break
         except (TimeoutError, http.client.HTTPException, OSError) as exc:  # OSError covers URLError, resets
             if isinstance(exc, OSError) and not is_remote(src) and not isinstance(exc, ConnectionError):
-                raise DownloadError(f"cannot read {src}: {exc.strerror or exc}") from None
+                raise DownloadError(f"cannot read {shown}: {exc.strerror or exc}") from None
             if attempts > retries:
-                raise DownloadError(f"download of {src} failed after {attempts} attempts ({exc}): check the network "
+                raise DownloadError(f"download of {shown} failed after {attempts} attempts ({redact_text(exc)}): check "
+                                    "the network "
                                     "and the URL; a later update resumes from the bytes already fetched") from None
             time.sleep(min(backoff_s * 2 ** (attempts - 1), 10.0))
     size = dest.stat().st_size
     if expected_size is not None and size != expected_size:
         _discard(dest, meta_path)
-        raise DownloadError(f"{src} gave {size} bytes, expected {expected_size}: the file on the server differs "
+        raise DownloadError(f"{shown} gave {size} bytes, expected {expected_size}: the file on the server differs "
                             "from the update command")
     digest = _sha256(dest)
     if expected_sha256 and digest != expected_sha256.lower():
         _discard(dest, meta_path)
-        raise DownloadError(f"{src} has sha256 {digest[:12]}…, the update command says {expected_sha256[:12]}…: "
+        raise DownloadError(f"{shown} has sha256 {digest[:12]}…, the update command says {expected_sha256[:12]}…: "
                             "refusing it (corrupted or replaced on the server)")
     return FetchResult(dest, size, digest, resumed_from or 0, attempts)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(exc: BaseException | str) -> str:
+    """A message (or an exception's text) with every URL in it redacted (see :func:`redact_url`)."""
+    return _URL.sub(lambda m: redact_url(m.group(0)), str(exc))
 
 
 def _discard(dest: Path, meta: Path) -> None:

@@ -16,30 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk.errors import InputError
+from edge_sdk.errors import HTTPError, InputError, first_line
+from edge_sdk.httpbase import prometheus_escape as _escape
 
-__all__ = ["LATENCY_BUCKETS_S", "HTTPError", "Metrics", "one_line", "parse_feedback_body", "parse_multipart",
+__all__ = ["LATENCY_BUCKETS_S", "HTTPError", "Metrics", "parse_feedback_body", "parse_multipart",
            "parse_predict_body", "to_array"]
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NUMERIC_KINDS = "iuf"
-
-
-class HTTPError(Exception):
-    """An error answered to the client: status, error kind (a metrics label) and a one-line message."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.headers = status, kind, headers or {}
-
-
-def one_line(msg: object) -> str:
-    """``msg`` as one line (whitespace runs collapsed)."""
-    return " ".join(str(msg).split()) or "error"
-
-
-def _escape(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 class Metrics:
@@ -145,9 +129,7 @@ def to_array(name: str, value: Any, dtype: str | None) -> np.ndarray:
     try:
         return np.ascontiguousarray(arr, dtype=np.dtype(dtype or "float32"))
     except (TypeError, OverflowError) as exc:
-        raise InputError(f"input {name!r} does not fit dtype {dtype}: {one_line(exc)}") from None
-
-
+        raise InputError(f"input {name!r} does not fit dtype {dtype}: {first_line(exc, 1000)}") from None
 
 
 def parse_predict_body(body: bytes, content_type: str,
@@ -170,7 +152,7 @@ def parse_predict_body(body: bytes, content_type: str,
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPError(400, "bad_json", f"body is not valid JSON ({one_line(exc)}): send "
+        raise HTTPError(400, "bad_json", f"body is not valid JSON ({first_line(exc, 1000)}): send "
                         f'{{"image": "<base64>"}} or {{"inputs": ...}}') from None
     if isinstance(doc, dict) and "image" in doc:
         return "image", _b64(doc["image"])
@@ -186,7 +168,7 @@ def parse_feedback_body(body: bytes) -> tuple[str, int | str]:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPError(400, "bad_json", f"body is not valid JSON ({one_line(exc)}): {usage}") from None
+        raise HTTPError(400, "bad_json", f"body is not valid JSON ({first_line(exc, 1000)}): {usage}") from None
     if not isinstance(doc, dict):
         raise HTTPError(400, "bad_feedback", f"body must be a JSON object: {usage}")
     pid, label = doc.get("prediction_id"), doc.get("label")
@@ -218,5 +200,5 @@ def _arrays(value: Any, dtypes: dict[str, str | None]) -> np.ndarray | dict[str,
             name = names[0] if len(names) == 1 else "inputs"
             return to_array(name, value, dtypes.get(name))
     except InputError as exc:
-        raise HTTPError(400, "bad_input", one_line(exc)) from None
+        raise HTTPError(400, "bad_input", first_line(exc, 1000)) from None
     raise HTTPError(400, "bad_input", '"inputs" must be {"<name>": nested list} or a nested list')

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.bundle import MANIFEST_NAME, Bundle, sha256_file
-from edge_sdk.errors import BundleError, EdgeSDKError
+from edge_sdk.errors import BundleError, UpdateError
 
 __all__ = ["BUNDLE_DIR", "MARKER", "ModelStore", "RecoveryResult", "UpdateError", "VersionInfo"]
 
@@ -48,10 +48,6 @@ BUNDLE_DIR = "bundle"
 _LINKS = ("current", "previous")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _HISTORY = 50
-
-
-class UpdateError(EdgeSDKError):
-    """A model update, rollback or store operation failed; the running model was left as it was."""
 
 
 @dataclass(frozen=True)

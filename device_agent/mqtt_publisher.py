@@ -27,19 +27,20 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from edge_sdk import __version__
 from edge_sdk._deps import require
 from edge_sdk.device_agent.mqtt_session import MqttSession
 from edge_sdk.device_agent.outbox import Outbox, OutboxError
 from edge_sdk.errors import TelemetryError
+from edge_sdk.mqtt import PROTOCOLS, MqttURL, parse_mqtt_url, tls_context
 from edge_sdk.topics import device_topic, validate_id
 
 __all__ = ["MqttSettings", "Publisher"]
@@ -74,13 +75,15 @@ class MqttSettings:
     session_expiry_s: int = 7 * 24 * 3600
     max_inflight: int = 100
     protocol: str = "auto"
+    _parsed: MqttURL = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-            raise TelemetryError(f"MQTT url {self.url!r} is not valid: use mqtt://host:1883 or mqtts://host:8883")
+        parsed = parse_mqtt_url(self.url, where="MQTT settings", error=TelemetryError)
+        object.__setattr__(self, "_parsed", parsed)
+        if self.username is None and parsed.username is not None:  # mqtt://user:password@host
+            object.__setattr__(self, "username", parsed.username)
+            object.__setattr__(self, "password", self.password if self.password is not None else parsed.password)
         try:
-            parts.port  # noqa: B018 - raises ValueError for a bad port
             validate_id(self.fleet, "fleet")
             validate_id(self.device, "device")
         except ValueError as exc:
@@ -89,25 +92,32 @@ class MqttSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise TelemetryError(f"MQTT setting {name}={value!r} is not valid: use an integer >= {low}")
-        if self.protocol not in ("auto", "5", "3.1.1"):
-            raise TelemetryError(f"MQTT protocol {self.protocol!r} is not valid: use auto, 5 or 3.1.1")
+        if self.protocol not in PROTOCOLS:
+            raise TelemetryError(f"MQTT protocol {self.protocol!r} is not valid: use {', '.join(PROTOCOLS)}")
         if self.key_file and not self.cert_file:
             raise TelemetryError("MQTT key_file is set without cert_file: give the client certificate too")
 
     @property
     def host(self) -> str:
         """Broker host name or address."""
-        return urlsplit(self.url).hostname or ""
+        return self._parsed.host
 
     @property
     def tls(self) -> bool:
         """True for ``mqtts://`` / ``ssl://`` or when a CA file is given."""
-        return urlsplit(self.url).scheme in ("mqtts", "ssl") or bool(self.ca_file)
+        return self._parsed.tls or bool(self.ca_file)
 
     @property
     def port(self) -> int:
         """Broker port (default 8883 with TLS, 1883 without)."""
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+        return self._parsed.given_port or (8883 if self.tls else 1883)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The client TLS context when :attr:`tls` (files checked now: a missing one raises TelemetryError)."""
+        if not self.tls:
+            return None
+        return tls_context(self.ca_file, self.cert_file, self.key_file, insecure=self.tls_insecure,
+                           error=TelemetryError)
 
     @property
     def effective_client_id(self) -> str:

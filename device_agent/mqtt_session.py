@@ -16,15 +16,13 @@ will), makes the session rebuild itself as MQTT 3.1.1 once.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.errors import TelemetryError
+from edge_sdk.mqtt import connect_properties, make_client
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.mqtt_publisher import MqttSettings
@@ -34,23 +32,6 @@ __all__ = ["MqttSession"]
 log = logging.getLogger("edge_sdk.device_agent.mqtt")
 UNSUPPORTED_PROTOCOL = 0x84
 CONNACK_TIMEOUT_S = 5.0
-
-
-def tls_context(settings: MqttSettings) -> ssl.SSLContext:
-    """The client's TLS context: system CAs or ``ca_file``, optional client certificate, optional hostname check."""
-    for name in ("ca_file", "cert_file", "key_file"):
-        path = getattr(settings, name)
-        if path and not os.path.isfile(path):
-            raise TelemetryError(f"MQTT {name} {path!r} does not exist: fix the path in the telemetry settings")
-    try:
-        context = ssl.create_default_context(cafile=settings.ca_file or None)
-        if settings.cert_file:
-            context.load_cert_chain(settings.cert_file, settings.key_file or None)
-    except (ssl.SSLError, OSError) as exc:
-        raise TelemetryError(f"MQTT TLS files cannot be used ({exc}): check ca_file, cert_file and key_file") from None
-    if settings.tls_insecure:
-        context.check_hostname = False
-    return context
 
 
 class MqttSession:
@@ -83,22 +64,10 @@ class MqttSession:
 
     # ---------------------------------------------------------------------------------------------- building
     def _build(self) -> Any:
-        from paho.mqtt import client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         s = self.settings
         v5 = self.protocol == "5"
-        if v5:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.effective_client_id, protocol=mqtt.MQTTv5)
-        else:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.effective_client_id,
-                                 protocol=mqtt.MQTTv311, clean_session=False)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:
-            client.tls_set_context(tls_context(s))
+        client = make_client(s.effective_client_id, protocol=self.protocol, username=s.username,
+                             password=s.password, tls=s.tls_context(), purpose="publishing telemetry over MQTT")
         client.will_set(self.status_topic, self.will, qos=1, retain=True)
         client.max_inflight_messages_set(s.max_inflight + 4)  # + birth / offline status
         client.reconnect_delay_set(1, 30)
@@ -110,9 +79,8 @@ class MqttSession:
         client.on_subscribe = self._on_subscribe
         client.on_message = lambda _c, _u, msg: self.on_message(msg.topic, msg.payload)
         if v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = s.session_expiry_s
-            client.connect_async(s.host, s.port, s.keepalive, clean_start=False, properties=props)
+            client.connect_async(s.host, s.port, s.keepalive, clean_start=False,
+                                 properties=connect_properties(s.session_expiry_s))
         else:
             client.connect_async(s.host, s.port, s.keepalive)
         return client

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from edge_sdk.errors import TelemetryError
+from edge_sdk.errors import OutboxError
 
 __all__ = ["SYNCHRONOUS_MODES", "Outbox", "OutboxError", "OutboxMessage"]
 
@@ -52,10 +52,6 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS messages_state_id ON messages (state, id)",
     "CREATE UNIQUE INDEX IF NOT EXISTS messages_seq ON messages (seq) WHERE seq IS NOT NULL",
 )
-
-
-class OutboxError(TelemetryError):
-    """The outbox file cannot be opened, read or written (damaged, locked, read-only, disk full)."""
 
 
 class OutboxMessage(NamedTuple):

@@ -17,7 +17,6 @@ request that finds the queue full is answered 429 (with ``Retry-After``) at once
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -25,20 +24,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk.device_agent.http_io import (
-    HTTPError,
-    Metrics,
-    one_line,
-    parse_feedback_body,
-    parse_multipart,
-    parse_predict_body,
-)
-from edge_sdk.errors import EdgeSDKError, InputError
+from edge_sdk.device_agent.http_io import Metrics, parse_feedback_body, parse_multipart, parse_predict_body
+from edge_sdk.errors import EdgeSDKError, HTTPError, InputError, first_line
+from edge_sdk.httpbase import HTTPServer, RequestHandler, base_url, bind
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.agent import Agent, Prediction
@@ -57,142 +49,45 @@ ROUTES: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(RequestHandler):
     server_version = "edge-sdk-agent"
-    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
-    server: _HTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch("OPTIONS")
+    logger = log
+    server: HTTPServer
 
     @property
     def timeout(self) -> float:  # type: ignore[override]  # socket timeout for reading a request (and idle keep-alive)
         return max(self.server.owner.request_timeout_s, 10.0)
 
-    def handle_expect_100(self) -> bool:
-        """Refuse an oversized body before the client sends it (curl sends ``Expect: 100-continue``)."""
-        self._body_consumed = False
-        try:
-            self._check_length(self.server.owner.max_body_bytes)
-        except HTTPError as exc:
-            self._send_error(exc, self._route(), self.command)
-            return False
-        return super().handle_expect_100()
+    @property
+    def max_body_bytes(self) -> int:  # type: ignore[override]  # the owner's limit, for Expect: 100-continue
+        return int(self.server.owner.max_body_bytes)
 
-    def _route(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/") or "/"
+    def on_response(self, status: int) -> None:
+        self.server.owner.metrics.request(self.route(), self.command, status)
 
-    def _dispatch(self, method: str) -> None:
-        owner = self.server.owner
-        self._body_consumed = False
-        route = self._route()
-        try:
-            allowed = ROUTES.get(route)
-            if allowed is None:
-                raise HTTPError(404, "not_found", f"no route {route}: use POST /predict, POST /invocations, "
-                                                  f"POST /feedback, GET /ping, /healthz or /metrics")
-            if method not in allowed:
-                raise HTTPError(405, "method_not_allowed", f"{method} is not allowed on {route}: use "
-                                f"{' or '.join(allowed)}", {"Allow": ", ".join(allowed)})
-            if route in PREDICT_ROUTES:
-                status, payload = owner.handle_predict(self)
-                self._send_json(status, payload, route, method)
-            elif route == "/feedback":
-                status, payload = owner.handle_feedback(self)
-                self._send_json(status, payload, route, method)
-            elif route == "/metrics":
-                text = owner.metrics_text().encode()
-                self._send(200, text, "text/plain; version=0.0.4; charset=utf-8", route, method)
-            elif route == "/healthz":
-                self._send_json(200, owner.health(), route, method)
-            else:
-                status = 200 if owner.ready else 503
-                self._send_json(status, {"status": "ok" if status == 200 else "unavailable"}, route, method)
-        except HTTPError as exc:
-            self._send_error(exc, route, method)
-
-    def _send_error(self, exc: HTTPError, route: str, method: str) -> None:
+    def on_error(self, exc: HTTPError) -> None:
         self.server.owner.metrics.error(exc.kind)
-        self._send_json(exc.status, {"error": one_line(exc)}, route, method, exc.headers)
 
-    def _send_json(self, status: int, payload: dict[str, Any], route: str, method: str,
-                   headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
-        self._send(status, body, "application/json", route, method, headers)
-
-    def _send(self, status: int, body: bytes, ctype: str, route: str, method: str,
-              headers: dict[str, str] | None = None) -> None:
-        self.server.owner.metrics.request(route, method, status)
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if not self._body_consumed and self._has_body():  # an unread body would be parsed as the next request
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(body)
-
-    def _has_body(self) -> bool:
-        length = self.headers.get("Content-Length", "0").strip()
-        return length != "0" or "Transfer-Encoding" in self.headers
-
-    def _check_length(self, limit: int) -> int:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise HTTPError(411, "length_required", "chunked bodies are not supported: send a Content-Length")
-        length_header = self.headers.get("Content-Length")
-        try:
-            length = int(length_header) if length_header is not None else -1
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise HTTPError(411, "length_required", "the request has no valid Content-Length: send one")
-        if length > limit:
-            raise HTTPError(413, "payload_too_large", f"request body of {length} bytes is over the {limit}-byte "
-                            f"limit: send a smaller image or raise max_body_bytes")
-        return length
-
-    def read_body(self, limit: int) -> bytes:
-        """The request body, refusing before reading when Content-Length is missing or over ``limit``."""
-        length = self._check_length(limit)
-        try:
-            body = self.rfile.read(length)
-        except TimeoutError:
-            raise HTTPError(408, "timeout", f"the request body did not arrive within {self.timeout:g} s: "
-                            "send it at once") from None
-        if len(body) != length:
-            raise HTTPError(400, "bad_request", f"request body ended after {len(body)} of {length} bytes")
-        self._body_consumed = True
-        return body
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    owner: AgentServer
+    def handle_request(self) -> None:
+        owner, route, method = self.server.owner, self.route(), self.command
+        allowed = ROUTES.get(route)
+        if allowed is None:
+            raise HTTPError(404, "not_found", f"no route {route}: use POST /predict, POST /invocations, "
+                                              f"POST /feedback, GET /ping, /healthz or /metrics")
+        if method not in allowed:
+            raise HTTPError(405, "method_not_allowed", f"{method} is not allowed on {route}: use "
+                            f"{' or '.join(allowed)}", {"Allow": ", ".join(allowed)})
+        if route in PREDICT_ROUTES:
+            self.send_json(*owner.handle_predict(self))
+        elif route == "/feedback":
+            self.send_json(*owner.handle_feedback(self))
+        elif route == "/metrics":
+            self.send_text(200, owner.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
+        elif route == "/healthz":
+            self.send_json(200, owner.health())
+        else:
+            status = 200 if owner.ready else 503
+            self.send_json(status, {"status": "ok" if status == 200 else "unavailable"})
 
 
 class AgentServer:
@@ -219,11 +114,7 @@ class AgentServer:
         self._worker: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        try:
-            self._httpd = _HTTPServer((host, port), _Handler)
-        except OSError as exc:
-            raise EdgeSDKError(f"cannot listen on {host}:{port}: {exc.strerror}: choose another host:port") from None
-        self._httpd.owner = self
+        self._httpd = bind(host, port, _Handler, self)
         self.host = host
         self.port: int = self._httpd.server_address[1]
         spec_dtypes = {s.name: s.dtype for s in getattr(agent, "input_specs", None) or []}
@@ -233,8 +124,7 @@ class AgentServer:
     @property
     def url(self) -> str:
         """Base URL of the server (``0.0.0.0`` / ``::`` shown as the loopback address)."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return base_url(self.host, self.port)
 
     @property
     def ready(self) -> bool:
@@ -352,16 +242,17 @@ class AgentServer:
             raise
         try:
             pred = self.submit(job)
+        except HTTPError:  # 429 / 503 / 504 from the queue (an EdgeSDKError too: caught first)
+            raise
         except InputError as exc:
-            raise HTTPError(400, "bad_input", one_line(exc)) from None
+            raise HTTPError(400, "bad_input", first_line(exc, 1000)) from None
         except EdgeSDKError as exc:
             log.error("inference failed: %s", exc)
-            raise HTTPError(500, "inference", one_line(exc)) from None
-        except HTTPError:
-            raise
+            raise HTTPError(500, "inference", first_line(exc, 1000)) from None
         except Exception as exc:  # a runtime bug must not take the server down; logged with its traceback
             log.exception("inference failed")
-            raise HTTPError(500, "inference", f"inference failed: {type(exc).__name__}: {one_line(exc)}") from None
+            raise HTTPError(500, "inference",
+                            f"inference failed: {type(exc).__name__}: {first_line(exc, 1000)}") from None
         self.metrics.observe(pred.latency_ms / 1000.0)
         if not all(np.isfinite(v).all() for v in pred.outputs.values() if v.dtype.kind == "f"):
             raise HTTPError(500, "non_finite_output", "the model produced NaN or Inf outputs: check the input "
@@ -374,7 +265,7 @@ class AgentServer:
         try:
             correct = self.agent.feedback(prediction_id, label)
         except InputError as exc:
-            raise HTTPError(400, "bad_feedback", one_line(exc)) from None
+            raise HTTPError(400, "bad_feedback", first_line(exc, 1000)) from None
         if correct is None:
             raise HTTPError(404, "unknown_prediction", f"prediction {prediction_id[:100]!r} is unknown: it is not one "
                             f"of the last {self.agent.remember} predictions, or it was labelled already")

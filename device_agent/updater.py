@@ -14,6 +14,15 @@ Any failure emits ``update.failed`` (with the step and a one-line reason), raise
 touches ``current``. :meth:`Updater.rollback` swaps current and previous; :meth:`Updater.recover` (call it at
 start-up) repairs what a crash left and says which verified version to start on.
 
+Signed, monotonic identity (issue 13, :mod:`~edge_sdk.device_agent.update_guard`): the device never switches to
+another model, or to a lower (or equal but different) ``version_code`` of its model, unless a rollback
+authorisation signed by a trusted key names the change (step ``policy``). From MQTT only http(s) URLs with a
+``size_bytes`` are accepted; the download stops at that size and keeps ``free_space_reserve_bytes`` free; the
+archive's manifest signature and member list are checked before it is unpacked. ``cmd/rollback`` needs a signed
+authorisation naming the version the device kept, and is carried out once (its ``command_id`` and the
+authorisation are remembered across restarts). Refused commands emit ``update.refused``. URLs in events and logs
+carry no credentials or query strings.
+
 MQTT: :meth:`Updater.handle_command` takes ``cmd/update`` / ``cmd/rollback`` payloads and returns what happened;
 :meth:`Updater.on_command` does the same on a worker thread (for the publisher's network thread, which must not
 block). ``cmd/update`` is retained, so it is seen again after every reconnect: a model that is already current is
@@ -30,15 +39,24 @@ import re
 import shutil
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from edge_sdk.bundle import MANIFEST_NAME, Bundle, sha256_file
-from edge_sdk.device_agent.download import DownloadError, copy_tree, fetch, is_remote, local_path
+from edge_sdk.device_agent.download import (
+    DownloadError,
+    copy_tree,
+    fetch,
+    is_remote,
+    local_path,
+    redact_text,
+    redact_url,
+)
 from edge_sdk.device_agent.model_store import BUNDLE_DIR, ModelStore, RecoveryResult, UpdateError, VersionInfo
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.device_agent.update_commands import CommandHandling
+from edge_sdk.device_agent.update_guard import Guard
+from edge_sdk.errors import EdgeSDKError, first_line
 
 __all__ = ["EventSink", "ModelStore", "RecoveryResult", "UpdateError", "Updater", "VersionInfo"]
 
@@ -53,12 +71,16 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")  # failures worth retrying when the sam
 
 def _redact(source: str) -> str:
     """The URL without credentials or query string (for events and logs)."""
-    parts = urllib.parse.urlsplit(source)
-    if parts.scheme not in ("http", "https"):
-        return source
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return redact_url(source)
+
+
+def _clean(value: Any) -> Any:
+    """An event value with every URL in its text redacted (reasons quote download errors)."""
+    if isinstance(value, str):
+        return redact_text(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
 
 
 class _Failed(Exception):
@@ -69,7 +91,7 @@ class _Failed(Exception):
         self.step, self.reason = step, reason
 
 
-class Updater:
+class Updater(CommandHandling):
     """Installs signed bundles into a :class:`ModelStore` and switches the device to them (module docstring).
 
     ``trusted_keys``: directory / file(s) of ed25519 public keys (``edge_sdk.signing``). Without keys, updates are
@@ -77,7 +99,10 @@ class Updater:
     ``runtime_order`` / ``artifact`` / ``threads`` are the device Agent's settings, used for the smoke test so it
     runs the artifact and runtime the device will really use. ``keep_old``: how many versions besides current and
     previous stay installed. ``on_switch(bundle_path)`` is called after every switch (update or rollback) to load
-    the new model; if it raises an EdgeSDKError after an update, the update is rolled back.
+    the new model; if it raises an EdgeSDKError after an update, the update is rolled back. ``fleet``: this
+    device's fleet (bundles whose signed manifest lists ``fleets`` install only there; rollback authorisations
+    naming a fleet must name this one). ``max_download_bytes`` caps a download whose size nobody gave;
+    ``free_space_reserve_bytes`` stay free on the store's disk after a download or unpack.
     """
 
     def __init__(self, store: ModelStore | str | os.PathLike, *,
@@ -86,7 +111,8 @@ class Updater:
                  runtime_order: Sequence[str] | None = None, artifact: str | None = None, threads: int | None = 1,
                  keep_old: int = 1, require_smoke_test: bool = True,
                  on_switch: Callable[[Path], Any] | None = None, timeout_s: float = 30.0, retries: int = 5,
-                 ca_file: str | os.PathLike | None = None) -> None:
+                 ca_file: str | os.PathLike | None = None, fleet: str | None = None,
+                 max_download_bytes: int = 4 << 30, free_space_reserve_bytes: int = 64 << 20) -> None:
         self.store = store if isinstance(store, ModelStore) else ModelStore(store)
         if trusted_keys is None and not allow_unsigned:
             raise UpdateError("no trusted keys for model updates: pass trusted_keys=DIR (public keys from "
@@ -109,13 +135,26 @@ class Updater:
         self.timeout_s = timeout_s
         self.retries = retries
         self.ca_file = ca_file
+        self.max_download_bytes = max_download_bytes
+        self.free_space_reserve_bytes = free_space_reserve_bytes
+        self.guard = Guard(self.store, fleet)
         self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self.last_result: dict[str, Any] | None = None
 
     # ---- events ------------------------------------------------------------------------------------------------
 
+    @property
+    def fleet(self) -> str | None:
+        """This device's fleet (checked against a bundle's signed ``fleets`` and an authorisation's fleet)."""
+        return self.guard.fleet
+
+    @fleet.setter
+    def fleet(self, value: str | None) -> None:
+        self.guard.fleet = value
+
     def _emit(self, kind: str, data: dict[str, Any], level: str = "info") -> None:
+        data = _clean(data)
         log.log(logging.ERROR if level == "error" else logging.INFO, "%s %s", kind, data)
         if self.emit_event is None:
             return
@@ -152,9 +191,11 @@ class Updater:
 
     def update(self, url_or_path: str | os.PathLike, *, expected_sha256: str | None = None,
                expected_size: int | None = None, name: str | None = None, version: str | None = None,
-               deployment_id: str | None = None) -> Path:
+               deployment_id: str | None = None, authorisation: dict[str, Any] | None = None) -> Path:
         """Download, verify, smoke-test and switch to a bundle archive (http(s)/file URL or path; a bundle
-        directory also works). Returns the new current bundle directory; raises UpdateError (current untouched)."""
+        directory also works). Returns the new current bundle directory; raises UpdateError (current untouched).
+        ``authorisation``: a verified rollback authorisation statement, needed to go to another model or a lower
+        version_code (:meth:`handle_command` verifies the signed document)."""
         src = str(url_or_path)
         if expected_sha256 is not None and not _SHA256.fullmatch(str(expected_sha256)):
             reason = f"expected sha256 {str(expected_sha256)[:80]!r} is not 64 hex digits: fix the update command"
@@ -166,18 +207,21 @@ class Updater:
         step = "download"
         work: Path | None = None
         part: Path | None = None
+        used: list[bool] = []
         with self.store.lock():
             try:
                 info = self.store.find(archive_sha256=expected_sha256) if expected_sha256 else None
                 if info is not None:
                     self._emit("update.downloaded", {**ctx, "cached": True, "version": info.label})
+                    self._policy(Bundle.load(info.bundle_path).manifest, info.manifest_sha256, authorisation, used)
                 else:
                     work = self.store.new_work_dir("update")
                     local = None if is_remote(src) else local_path(src)
                     if local is None or not local.is_dir():
                         pid = (expected_sha256 or hashlib.sha256(src.encode()).hexdigest())[:16].lower()
                         part = self.store.staging_dir / f"{pid}.part"
-                    dir_name = self._prepare(src, work, part, ctx, expected_sha256, expected_size, name, version)
+                    dir_name = self._prepare(src, work, part, ctx, expected_sha256, expected_size, name, version,
+                                             authorisation, used)
                     step = "install"
                     info = self.store.install(work, dir_name)
                     work = None
@@ -186,10 +230,13 @@ class Updater:
             except _Failed as exc:
                 self._fail(exc.step, exc.reason, ctx, work, part, expected_sha256)
             except (EdgeSDKError, OSError) as exc:
-                self._fail(step, _one_line(exc), ctx, work, part, expected_sha256)
+                self._fail(step, first_line(exc), ctx, work, part, expected_sha256)
             if changed:
+                auth_id = {"authorisation": authorisation["id"]} if authorisation and any(used) else {}
                 self._emit("update.switched", {**ctx, "from": old.label if old else None, "to": info.label,
-                                               "dir": info.dir_name})
+                                               "dir": info.dir_name, **auth_id})
+                if auth_id:
+                    self.guard.remember(authorisation=authorisation)
             else:
                 self._emit("update.skipped", {**ctx, "version": info.label, "reason": "already current"})
             try:  # bookkeeping after the switch: a failure here does not undo a good update
@@ -204,7 +251,7 @@ class Updater:
                     log.info("removed old versions: %s", ", ".join(removed))
             except OSError as exc:
                 log.warning("after switching to %s: could not clean up or record the update (%s)", info.label,
-                            _one_line(exc))
+                            first_line(exc))
             if changed and self.on_switch is not None:
                 self._activate(info, old, ctx, expected_sha256)
         return info.bundle_path
@@ -215,7 +262,7 @@ class Updater:
         try:
             self.on_switch(info.bundle_path)  # type: ignore[misc]
         except EdgeSDKError as exc:
-            reason = f"the new model failed to start: {_one_line(exc)}"
+            reason = f"the new model failed to start: {first_line(exc)}"
             if old is not None:
                 self.store.rollback()
                 self._emit("update.rolled_back", {**ctx, "from": info.label, "to": old.label, "reason": reason},
@@ -223,8 +270,20 @@ class Updater:
                 self.on_switch(old.bundle_path)  # type: ignore[misc]
             self._fail("activate", reason, ctx, None, None, expected_sha256)
 
+    def _policy(self, m: Any, manifest_sha: str, authorisation: dict[str, Any] | None, used: list[bool]) -> None:
+        """Raise _Failed("policy") unless the device may switch to this signed manifest (update_guard)."""
+        if self.trusted_keys is None:  # development mode: no signatures, so no identity to keep
+            return
+        cur_dir = self.store.link("current")
+        problem, needed = self.guard.bundle_problem(m, manifest_sha, self.store.info(cur_dir) if cur_dir else None,
+                                                    authorisation)
+        if problem:
+            raise _Failed("policy", problem)
+        used.append(needed)
+
     def _prepare(self, src: str, work: Path, part: Path | None, ctx: dict[str, Any], expected_sha256: str | None,
-                 expected_size: int | None, name: str | None, version: str | None) -> str:
+                 expected_size: int | None, name: str | None, version: str | None,
+                 authorisation: dict[str, Any] | None = None, used: list[bool] | None = None) -> str:
         """Download (into ``part``; None: copy the bundle directory ``src``), unpack, verify and smoke-test into
         ``work``; write the marker. Returns the version's directory name."""
         bundle_dir = work / BUNDLE_DIR
@@ -240,31 +299,40 @@ class Updater:
                 have = part.stat().st_size if part.exists() else 0
                 self._emit("update.downloading", {**ctx, "resume_from": have, "expected_bytes": expected_size})
                 res = fetch(src, part, expected_sha256=expected_sha256, expected_size=expected_size,
-                            timeout=self.timeout_s, retries=self.retries, ca_file=self.ca_file)
+                            timeout=self.timeout_s, retries=self.retries, ca_file=self.ca_file,
+                            max_bytes=self.max_download_bytes, reserve_bytes=self.free_space_reserve_bytes)
                 archive_sha = res.sha256
                 self._emit("update.downloaded", {**ctx, "bytes": res.size, "sha256": res.sha256,
                                                  "resumed_from": res.resumed_from, "attempts": res.attempts,
                                                  "seconds": round(time.monotonic() - t0, 3)})
         except (DownloadError, OSError) as exc:
-            raise _Failed("download", _one_line(exc)) from None
+            raise _Failed("download", first_line(exc)) from None
+        if part is not None and self.trusted_keys is not None and not self.allow_unsigned:
+            from edge_sdk.signing import verify_archive_manifest
+
+            try:  # signature and member list first: nothing unsigned or unlisted is written to the disk
+                verify_archive_manifest(part, self.trusted_keys)
+            except EdgeSDKError as exc:
+                raise _Failed("verify", first_line(exc, 600)) from None
         try:
             if part is not None:
-                Bundle.extract(part, bundle_dir)
+                Bundle.extract(part, bundle_dir, reserve_bytes=self.free_space_reserve_bytes)
         except EdgeSDKError as exc:
-            raise _Failed("unpack", _one_line(exc)) from None
+            raise _Failed("unpack", first_line(exc)) from None
         try:
             key_id = self._verify_signature(bundle_dir)  # checks every file against the signed manifest
             bundle = Bundle.load(bundle_dir)
             if key_id is None:
                 bundle.verify()
         except EdgeSDKError as exc:
-            raise _Failed("verify", _one_line(exc)) from None
+            raise _Failed("verify", first_line(exc)) from None
         m = bundle.manifest
         wrong = [f"{what} {got!r} (the command says {want!r})" for what, want, got in
                  (("name", name, m.name), ("version", version, m.version)) if want is not None and str(want) != got]
         if wrong:
             raise _Failed("verify", f"the bundle has {' and '.join(wrong)}: refusing it")
         manifest_sha = sha256_file(bundle_dir / MANIFEST_NAME)
+        self._policy(m, manifest_sha, authorisation, used if used is not None else [])
         self._emit("update.verified", {**ctx, "name": m.name, "version": m.version, "key_id": key_id,
                                        "signed": key_id is not None, "manifest_sha256": manifest_sha})
         smoke = self._smoke(bundle, ctx)
@@ -295,7 +363,7 @@ class Updater:
             res = run_smoke_test(bundle, runtime_order=self.runtime_order, artifact=self.artifact,
                                  threads=self.threads)
         except EdgeSDKError as exc:
-            raise _Failed("smoke_test", _one_line(exc)) from None
+            raise _Failed("smoke_test", first_line(exc)) from None
         self._emit("update.smoke_test", {**ctx, **res.to_dict()}, "info" if res.passed else "error")
         if not res.passed:
             raise _Failed("smoke_test", res.reason)
@@ -303,21 +371,27 @@ class Updater:
 
     def _fail(self, step: str, reason: str, ctx: dict[str, Any], work: Path | None, part: Path | None,
               expected_sha256: str | None) -> None:
+        reason = redact_text(reason)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         if part is not None and step not in _TRANSIENT_STEPS:  # the content is bad: do not resume it later
             for p in (part, part.with_name(part.name + ".json")):
                 p.unlink(missing_ok=True)
+        cur = self.store.link("current")
         self.store.record({"action": "failed", "step": step, "reason": reason, "sha256": expected_sha256,
-                           "deployment_id": ctx.get("deployment_id"), "transient": step in _TRANSIENT_STEPS},
+                           "deployment_id": ctx.get("deployment_id"), "transient": step in _TRANSIENT_STEPS,
+                           "current": cur.name if cur is not None and step == "policy" else None},
                           failure=True)
         self._emit("update.failed", {**ctx, "step": step, "reason": reason}, "error")
         raise UpdateError(f"update from {ctx['source']} failed at {step}: {reason}")
 
     # ---- rollback ----------------------------------------------------------------------------------------------
 
-    def rollback(self, *, reason: str = "requested") -> Path:
-        """Switch back to the previous version (swapping current and previous). Returns the new current bundle."""
+    def rollback(self, *, reason: str = "requested", authorisation: dict[str, Any] | None = None) -> Path:
+        """Switch back to the previous version (swapping current and previous). Returns the new current bundle.
+
+        This is the local, trusted API (e.g. the agent's start-up when a new model does not load);
+        ``cmd/rollback`` from MQTT goes through :meth:`handle_command`, which needs a signed authorisation."""
         with self.store.lock():
             try:
                 new, old = self.store.rollback()
@@ -327,61 +401,14 @@ class Updater:
             self.store.record({"action": "rolled_back", "from": old.dir_name if old else None, "to": new.dir_name,
                                "reason": reason, "deployment_id": old.marker.get("deployment_id") if old else None,
                                "sha256": old.archive_sha256 if old else None})
-            self._emit("update.rolled_back", {"from": old.label if old else None, "to": new.label, "reason": reason},
-                       "warning")
+            auth_id = {"authorisation": authorisation["id"]} if authorisation else {}
+            self._emit("update.rolled_back", {"from": old.label if old else None, "to": new.label, "reason": reason,
+                                              **auth_id}, "warning")
         if self.on_switch is not None:
             self.on_switch(new.bundle_path)
         return new.bundle_path
 
     # ---- MQTT commands -----------------------------------------------------------------------------------------
-
-    def handle_command(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Carry out ``cmd/update`` or ``cmd/rollback`` (blocking) and return what happened as a dict with
-        ``status``: switched | current | refused | failed | rolled_back | ignored, plus details. Never raises for a
-        failed update: the failure is in the result (and was reported as an ``update.failed`` event)."""
-        try:
-            if name == "update":
-                result = self._command_update(payload)
-            elif name == "rollback":
-                path = self.rollback(reason=str(payload.get("reason") or "rollback command"))
-                result = {"status": "rolled_back", "bundle": str(path)}
-            else:
-                result = {"status": "ignored", "reason": f"unknown command {name!r}"}
-        except UpdateError as exc:
-            result = {"status": "failed", "reason": str(exc)}
-        result["command"] = name
-        if isinstance(payload, dict) and payload.get("command_id"):
-            result["command_id"] = payload["command_id"]
-        self.last_result = result
-        return result
-
-    def _command_update(self, payload: dict[str, Any]) -> dict[str, Any]:
-        model = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(model, dict) or not isinstance(model.get("url"), str) or not model["url"]:
-            reason = "cmd/update needs model.url (and should give model.sha256 and model.size_bytes)"
-            self._emit("update.failed", {"step": "command", "reason": reason}, "error")
-            return {"status": "failed", "reason": reason}
-        sha = model.get("sha256") if isinstance(model.get("sha256"), str) else None
-        size = model.get("size_bytes") if isinstance(model.get("size_bytes"), int) else None
-        dep = payload.get("deployment_id")
-        cur = self.store.info(self.store.link("current")) if self.store.link("current") else None
-        same = (cur.archive_sha256 == sha.lower()) if cur is not None and sha else \
-            cur is not None and model.get("name") == cur.name and str(model.get("version")) == cur.version
-        if same and cur is not None:
-            return {"status": "current", "version": cur.label}
-        state = self.store.read_state()
-        refused = [e for e in state.get("failures", []) + state.get("history", [])
-                   if e.get("action") in ("failed", "rolled_back") and not e.get("transient")
-                   and sha and e.get("sha256") == sha.lower() and e.get("deployment_id") == dep]
-        if refused:
-            last = refused[-1]
-            why = last.get("reason") if last.get("action") == "failed" else f"rolled back ({last.get('reason')})"
-            return {"status": "refused", "reason": f"this deployment was refused before: {why}"}
-        path = self.update(model["url"], expected_sha256=sha, expected_size=size, name=model.get("name"),
-                           version=None if model.get("version") is None else str(model["version"]),
-                           deployment_id=dep)
-        info = self.store.info(path.parent)
-        return {"status": "switched", "version": info.label if info else None, "bundle": str(path)}
 
     def on_command(self, name: str, payload: dict[str, Any]) -> None:
         """Queue a command for :meth:`handle_command` on the updater's worker thread and return at once (use this
@@ -420,10 +447,3 @@ class Updater:
             self._queue.put(None)
             self._worker.join(timeout)
         self._worker = None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.strerror:
-        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return " ".join(text.split())

@@ -30,17 +30,12 @@ import numpy as np
 from edge_sdk._deps import has_module
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import EdgeSDKError
-from edge_sdk.runtimes import all_runtimes, get_runtime
+from edge_sdk.runtimes import all_runtimes, bench_modules, get_runtime
 
 __all__ = ["RUNTIME_MODULES", "host_info", "main", "make_inputs", "measure", "rss_bytes", "run_job"]
 
-#: modules each runtime imports, loaded before the memory baseline is taken
-RUNTIME_MODULES: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("onnxruntime",),
-    "openvino": ("openvino",),
-    "litert": ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"),
-    "coreml": ("coremltools",),
-}
+#: modules each runtime imports, loaded before the memory baseline is taken (from each runtime's ``bench_modules``)
+RUNTIME_MODULES: dict[str, tuple[str, ...]] = bench_modules()
 
 
 def rss_bytes() -> tuple[int | None, int | None]:
@@ -88,7 +83,7 @@ def make_inputs(specs: list[TensorSpec], seed: int, shapes: list[list[int | None
 
 
 def _import_runtime_modules(name: str) -> None:
-    for module in RUNTIME_MODULES.get(name, ()):
+    for module in bench_modules().get(name, ()):
         if has_module(module.split(".")[0]):
             try:
                 importlib.import_module(module)

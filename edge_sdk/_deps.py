@@ -1,14 +1,20 @@
-"""Lazy optional dependencies: detect without importing, import only when used."""
+"""Lazy optional dependencies: detect without importing, import only when used, and ask their installed version.
+
+The version comes from the distribution metadata (``importlib.metadata``), not from ``module.__version__``:
+that needs no import of a heavy framework, and it is what pip installed (the distribution name, e.g.
+``ai-edge-litert``, is not the module name ``ai_edge_litert``).
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 from types import ModuleType
 
 from edge_sdk.errors import MissingDependencyError
 
-__all__ = ["has_module", "require"]
+__all__ = ["has_module", "installed_version", "require"]
 
 
 def has_module(name: str) -> bool:
@@ -29,3 +35,17 @@ def require(module: str, extra: str, purpose: str = "") -> ModuleType:
         raise MissingDependencyError(
             module.split(".")[0], extra, f"{purpose}; the installed copy failed to import: {exc}"
         ) from exc
+
+
+def installed_version(*dists: str) -> str | None:
+    """The installed version of the first of the distributions ``dists`` that is installed, or None.
+
+    Several names cover one module installed under different distributions (``onnxruntime``, ``onnxruntime-gpu``);
+    provenance records write ``installed_version(...) or "unknown"``.
+    """
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None

@@ -28,7 +28,7 @@ from edge_sdk._deps import require
 from edge_sdk.bundle import Artifact, Bundle
 from edge_sdk.errors import BundleError, InferenceError
 from edge_sdk.formats import Format
-from edge_sdk.runtimes import RUNTIMES, Runtime, all_runtimes
+from edge_sdk.runtimes import RUNTIMES, Runtime, all_runtimes, plot_markers
 
 __all__ = [
     "ERROR",
@@ -162,7 +162,7 @@ class BenchmarkReport:
         if not done:
             raise InferenceError("no artifact ran on this host, so there is nothing to plot: "
                                  "install a runtime for one of the bundle's formats")
-        markers = {"onnx": "o", "ort": "s", "openvino": "^", "tflite": "D", "coreml": "P"}
+        markers = plot_markers()  # each runtime names the markers of its formats
         colours = {"fp32": "tab:blue", "fp16": "tab:orange", "int8": "tab:green", "dynamic": "tab:red",
                    "palettized": "tab:purple"}
         fig = Figure(figsize=(8, 5))

@@ -171,12 +171,17 @@ class Manifest:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: str = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # Signed model identity (issue 13): devices never move to a lower version_code of the same model, nor to
+    # another model, without a signed rollback authorisation; ``fleets`` limits where the bundle may run.
+    # Both are optional (None: an old bundle, written without the key so its manifest bytes stay the same).
+    version_code: int | None = None
+    fleets: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        order = ["schema_version", "name", "version", "created_at", "task", "source", "inputs",
-                 "outputs", "preprocessing", "labels", "baseline", "artifacts", "extra"]
-        return {k: d[k] for k in order}
+        order = ["schema_version", "name", "version", "version_code", "fleets", "created_at", "task", "source",
+                 "inputs", "outputs", "preprocessing", "labels", "baseline", "artifacts", "extra"]
+        return {k: d[k] for k in order if k not in ("version_code", "fleets") or d[k] is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -195,10 +200,32 @@ class Manifest:
                 baseline=dict(d.get("baseline") or {}),
                 artifacts=[Artifact.from_dict(a) for a in d.get("artifacts", [])],
                 extra=dict(d.get("extra") or {}),
+                version_code=_version_code(d.get("version_code")),
+                fleets=_fleets(d.get("fleets")),
             )
         except (KeyError, TypeError) as exc:
             raise BundleError(f"manifest is missing or has a malformed key {exc}: rebuild the bundle "
                               "with `edge-sdk convert`") from None
+
+
+def _version_code(value: Any) -> int | None:
+    """The manifest's ``version_code``: None or a whole number >= 0 (a bool or a string is refused)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BundleError(f"manifest version_code {value!r} is not a whole number >= 0: re-sign the bundle with "
+                          "`edge-sdk bundle sign --version-code N`")
+    return value
+
+
+def _fleets(value: Any) -> list[str] | None:
+    """The manifest's ``fleets``: None (any fleet) or a list of fleet ids."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(f, str) and f for f in value):
+        raise BundleError(f"manifest fleets {str(value)[:80]!r} is not a list of fleet ids: re-sign the bundle with "
+                          "`edge-sdk bundle sign --fleet F`")
+    return list(value)
 
 
 class Bundle:
@@ -295,20 +322,22 @@ class Bundle:
 
     @classmethod
     def extract(cls, archive: str | os.PathLike, dest: str | os.PathLike, *,
-                max_members: int = MAX_ARCHIVE_MEMBERS, max_bytes: int = MAX_ARCHIVE_BYTES) -> Bundle:
+                max_members: int = MAX_ARCHIVE_MEMBERS, max_bytes: int = MAX_ARCHIVE_BYTES,
+                reserve_bytes: int = 0) -> Bundle:
         """Unpack an archive made by :meth:`archive` into ``dest`` (which must not exist or be empty).
 
         Every member is checked before anything is written: regular files and directories only (any symbolic
         or hard link, device, fifo or sparse file is refused), relative names without ``..``, no duplicate
         names (compared case-insensitively, for case-insensitive file systems), at most ``max_members``
-        members and ``max_bytes`` bytes in total (archive bombs), and enough free disk space. The archive
+        members and ``max_bytes`` bytes in total (archive bombs), and enough free disk space (plus
+        ``reserve_bytes`` left free afterwards, so an update never fills the device's disk). The archive
         must hold a readable ``manifest.json``. On any refusal or failure nothing is left at ``dest``.
         """
         dest = Path(dest)
         try:
             with tarfile.open(archive, "r:*") as tar:
                 members = _safe_members(tar, archive, max_members=max_members, max_bytes=max_bytes)
-                _check_free_space(dest, sum(m.size for m in members), archive)
+                _check_free_space(dest, sum(m.size for m in members), archive, reserve_bytes)
                 with atomic_bundle_dir(dest) as tmp:
                     tar.extractall(tmp, members=members, filter="data")
                     manifest = cls.load(tmp).manifest  # no manifest: refused before anything reaches dest
@@ -365,14 +394,16 @@ def _unsafe_reason(m: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _check_free_space(dest: Path, needed: int, archive: str | os.PathLike) -> None:
-    """Raise BundleError when the file system that will hold ``dest`` has less than ``needed`` bytes free."""
+def _check_free_space(dest: Path, needed: int, archive: str | os.PathLike, reserve: int = 0) -> None:
+    """Raise BundleError when the file system that will hold ``dest`` has less than ``needed`` (+ ``reserve``)
+    bytes free."""
     where = dest.absolute().parent
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free
-    if needed > free:
-        raise BundleError(f"{archive} needs {needed} bytes but {where} has {free} free: free space or unpack "
+    if needed + reserve > free:
+        keep = f" and keep {reserve} free" if reserve else ""
+        raise BundleError(f"{archive} needs {needed} bytes{keep} but {where} has {free} free: free space or unpack "
                           "elsewhere")
 
 

@@ -22,7 +22,13 @@ class _Choice(StrEnum):
 
 
 class Format(_Choice):
-    """Artifact formats. ``ort`` is produced by the ``onnx`` target alongside the .onnx file."""
+    """Artifact formats. ``ort`` is produced by the ``onnx`` target alongside the .onnx file.
+
+    A new format is a member here plus the same name in the manifest schema's ``format`` enum; the converters that
+    produce it and the runtimes that run it declare it themselves (``target`` / ``formats``) and register through
+    their registries (entry points for third-party packages). tests/test_registries.py checks that all of these
+    agree: every format has a converter, a runtime and a plot marker.
+    """
 
     TFLITE = "tflite"
     COREML = "coreml"

@@ -44,7 +44,7 @@ from typing import Any
 
 from edge_sdk._deps import require
 from edge_sdk.bundle import MANIFEST_NAME, Bundle, Manifest, sha256_path
-from edge_sdk.errors import BundleError
+from edge_sdk.errors import BundleError, SignatureError
 
 __all__ = [
     "ALGORITHM",
@@ -54,6 +54,7 @@ __all__ = [
     "key_id",
     "load_public_keys",
     "sign_bundle",
+    "verify_archive_manifest",
     "verify_bundle",
 ]
 
@@ -65,10 +66,6 @@ SCHEMA_VERSION = "1.0"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PRIVATE_SUFFIX = ".key"
 _PUBLIC_SUFFIX = ".pub.pem"
-
-
-class SignatureError(BundleError):
-    """A bundle's signature is missing, malformed, untrusted or does not match its files (one-line reason)."""
 
 
 def _crypto() -> Any:
@@ -286,12 +283,18 @@ def _read_signatures(root: Path) -> dict[str, Any] | None:
     spath = root / SIGNATURE_NAME
     if not spath.exists() and not spath.is_symlink():
         return None
+    if spath.is_symlink() or not spath.is_file():
+        raise SignatureError(f"{spath} is malformed (not a regular file): re-sign the bundle with `edge-sdk bundle "
+                             "sign`")
+    return _parse_signatures(spath.read_bytes(), spath)
+
+
+def _parse_signatures(data: bytes, spath: Path | str) -> dict[str, Any]:
+    """``signature.json`` bytes parsed and structurally validated (SignatureError naming ``spath`` if not)."""
     bad = f"{spath} is malformed"
     fix = "re-sign the bundle with `edge-sdk bundle sign`"
-    if spath.is_symlink() or not spath.is_file():
-        raise SignatureError(f"{bad} (not a regular file): {fix}")
     try:
-        doc = json.loads(spath.read_bytes())
+        doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SignatureError(f"{bad} (not JSON: {exc}): {fix}") from None
     sigs = doc.get("signatures") if isinstance(doc, dict) else None
@@ -305,19 +308,35 @@ def _read_signatures(root: Path) -> dict[str, Any] | None:
     return doc
 
 
-def sign_bundle(bundle_dir: str | os.PathLike, private_key_path: str | os.PathLike) -> str:
+def sign_bundle(bundle_dir: str | os.PathLike, private_key_path: str | os.PathLike, *,
+                version_code: int | None = None, fleets: Iterable[str] | None = None) -> str:
     """Sign a bundle directory's ``manifest.json`` with an ed25519 private key; return the key id.
 
     The bundle is verified first (every listed file matches its sha256, nothing unlisted is present). Signing
     a bundle that already carries signatures over the same manifest adds this key's signature (co-signing for
     key rotation); signatures over an older manifest are dropped (with a log warning), since they no longer
-    verify.
+    verify. ``version_code`` (a whole number, higher = newer) and ``fleets`` (the fleets the bundle may run in)
+    are written into the manifest first, so they are signed: devices refuse a lower version_code of the same
+    model, and another model, unless a signed rollback authorisation names it (:mod:`edge_sdk.rollback_auth`).
     """
     root = Path(bundle_dir)
     if not root.is_dir():
         raise SignatureError(f"{root} is not a bundle directory: sign the unpacked bundle, then archive it")
     key = _load_private_key(private_key_path)
-    Bundle.load(root).verify()
+    bundle = Bundle.load(root)
+    bundle.verify()
+    m = bundle.manifest
+    if version_code is not None or fleets is not None:
+        if version_code is not None:
+            if isinstance(version_code, bool) or not isinstance(version_code, int) or version_code < 0:
+                raise SignatureError(f"version_code {version_code!r} must be a whole number >= 0 (higher = newer)")
+            m.version_code = version_code
+        if fleets is not None:
+            m.fleets = sorted({str(f) for f in fleets}) or None
+        bundle.save()
+    if m.version_code is None:
+        log.warning("%s: %s:%s has no version_code, so devices cannot refuse a downgrade to it: sign with "
+                    "--version-code N (higher = newer)", root, m.name, m.version)
     data = _manifest_bytes(root)
     problems = _file_problems(root, _parse_manifest(root, data))
     if problems:
@@ -380,6 +399,16 @@ def verify_bundle(bundle_dir: str | os.PathLike, trusted_keys: str | os.PathLike
     if doc is None:
         raise SignatureError(f"bundle {root} is unsigned: sign it with `edge-sdk bundle sign {root} --key KEY`")
     data = _manifest_bytes(root)
+    verified = _signed_by(root, data, doc, keys)
+    problems = _file_problems(root, _parse_manifest(root, data))  # the bytes just verified, not a re-read
+    if problems:
+        raise SignatureError(f"bundle {root} does not match its signed manifest: " + "; ".join(problems)
+                             + " — re-fetch the bundle")
+    return verified
+
+
+def _signed_by(root: Path | str, data: bytes, doc: dict[str, Any], keys: dict[str, Any]) -> str:
+    """The id of the trusted key whose signature in ``doc`` verifies over the manifest bytes ``data``."""
     sigs = doc["signatures"]
     candidates = [s for s in sigs if s["key_id"] in keys]
     if not candidates:
@@ -400,11 +429,63 @@ def verify_bundle(bundle_dir: str | os.PathLike, trusted_keys: str | os.PathLike
     if verified is None:
         raise SignatureError(f"bundle {root}: the signature of key {candidates[0]['key_id']} does not match "
                              f"{MANIFEST_NAME} (it changed after signing): re-fetch the bundle or re-sign it")
-    problems = _file_problems(root, _parse_manifest(root, data))  # the bytes just verified, not a re-read
-    if problems:
-        raise SignatureError(f"bundle {root} does not match its signed manifest: " + "; ".join(problems)
-                             + " — re-fetch the bundle")
     return verified
+
+
+def verify_archive_manifest(archive: str | os.PathLike,
+                            trusted_keys: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[str, Manifest]:
+    """Check a ``.tar.gz`` bundle's manifest signature and its member list BEFORE anything is unpacked.
+
+    Reads only ``manifest.json`` and ``signature.json`` from the archive (each at most 16 MiB): the signature
+    must verify with a trusted key, and every file member must be listed by the signed manifest (exactly, or
+    under a listed directory) with the size it declares, so unpacking writes no more than the signer shipped.
+    Returns ``(key id, manifest)``; the files' sha256 are checked after unpacking (:func:`verify_bundle`).
+    """
+    import tarfile
+
+    keys = load_public_keys(trusted_keys)
+    name = Path(archive).name
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+
+            def read(member: str) -> bytes | None:
+                m = members.get(member)
+                if m is None or not m.isfile() or m.size > 16 << 20:
+                    return None
+                fh = tar.extractfile(m)
+                return fh.read() if fh is not None else None
+
+            data, sig = read(MANIFEST_NAME), read(SIGNATURE_NAME)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SignatureError(f"{name} is not a readable bundle archive ({exc}): re-fetch it") from None
+    if data is None:
+        raise SignatureError(f"{name} has no {MANIFEST_NAME} (or an oversized one): re-fetch or rebuild it")
+    if sig is None:
+        raise SignatureError(f"bundle {name} is unsigned: sign it with `edge-sdk bundle sign DIR --key KEY`")
+    kid = _signed_by(name, data, _parse_signatures(sig, f"{name}:{SIGNATURE_NAME}"), keys)
+    manifest = _parse_manifest(Path(name), data)
+    listed, problems = _listed(manifest)
+    sizes = {a.path: a.size_bytes for a in manifest.artifacts if a.size_bytes}
+    sizes.update({f["path"]: f["size_bytes"] for a in manifest.artifacts for f in a.files
+                  if isinstance(f, dict) and isinstance(f.get("size_bytes"), int)})
+    dirs: dict[str, int] = {}
+    for rel, m in members.items():
+        if not m.isfile() or rel in (MANIFEST_NAME, SIGNATURE_NAME):
+            continue
+        under = next((p for p, _ in listed if rel.startswith(p + "/")), None)
+        if under is not None:
+            dirs[under] = dirs.get(under, 0) + m.size
+        elif rel not in {p for p, _ in listed}:
+            problems.append(f"{rel} is not listed in the signed manifest")
+        elif rel in sizes and m.size != sizes[rel]:
+            problems.append(f"{rel} is {m.size} bytes, the signed manifest says {sizes[rel]}")
+    problems += [f"{d}/ holds {n} bytes, the signed manifest says {sizes[d]}" for d, n in dirs.items()
+                 if d in sizes and n != sizes[d]]
+    if problems:
+        raise SignatureError(f"bundle {name} does not match its signed manifest: " + "; ".join(problems[:5])
+                             + " — refusing to unpack it; re-fetch the bundle")
+    return kid, manifest
 
 
 def _ed25519_ok(public_key: Any, signature: bytes, data: bytes) -> bool:

@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import edge_sdk  # noqa: E402
+from edge_sdk._quiet import quiet_third_party  # noqa: E402
 from edge_sdk.errors import ValidationError  # noqa: E402
 
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -101,7 +102,9 @@ def main() -> int:
     p.add_argument("--mobilenet", action="store_true", help="also convert the real ImageNet MobileNetV2")
     p.add_argument("--clean", action="store_true", help="remove --out first")
     p.add_argument("--no-fleet", action="store_true", help="skip the telemetry / collector / drift part")
+    p.add_argument("--verbose", action="store_true", help="show third-party logs and warnings (EDGE_SDK_VERBOSE=1)")
     args = p.parse_args()
+    quiet_third_party(args.verbose)  # before the first TensorFlow / torch import
     if args.clean:
         shutil.rmtree(args.out, ignore_errors=True)
     bundles = [fashion(args.out, "torch")]

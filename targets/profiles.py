@@ -39,13 +39,14 @@ File layout (every key is checked; unknown keys are errors so typos do not pass 
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import TargetProfileError
 from edge_sdk.formats import Format, Precision
+from edge_sdk.runtimes import RUNTIMES  # the runtime registry (live, plugins included) validates `runtimes`
+from edge_sdk.tomlfile import read_toml
 
 __all__ = [
     "BUILTIN_DIR",
@@ -64,13 +65,8 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
 ENV_VAR = "EDGE_SDK_TARGETS"
 ARCHES = ("arm64", "x86_64", "any")
 ORT_PLATFORMS = ("arm", "amd64")
-RUNTIMES = ("onnxruntime", "openvino", "litert", "coreml")
 SUPPORTED_OPS = ("", "edgetpu")
 _FIX = f"fix the file, or see the built-in profiles in {BUILTIN_DIR}"
-
-
-class TargetProfileError(EdgeSDKError):
-    """A target profile is unknown or its file is malformed (the message names the file and the field)."""
 
 
 @dataclass(frozen=True)
@@ -234,13 +230,7 @@ def _raw_chain(name: str, paths: dict[str, Path], chain: tuple[str, ...]) -> dic
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise TargetProfileError(f"target profile {path}: not valid TOML ({exc}): {_FIX}") from None
-    except OSError as exc:
-        raise TargetProfileError(f"target profile {path} cannot be read ({exc.strerror}): check the file") from None
+    return read_toml(path, kind="target profile", missing_hint=_FIX, error=TargetProfileError)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

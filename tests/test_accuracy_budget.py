@@ -141,6 +141,7 @@ def test_default_convert_has_no_ladder(fragile_onnx: dict, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # ~6 min alone: `make test-soak` / .ci/run when its time budget allows
 def test_mobilenet_v2_agreement_budget(mobilenet_v2: Any, photo_crops: np.ndarray, tmp_path: Path) -> None:
     """Real ImageNet MobileNetV2, 240 real photo crops, label-free budget top-1 agreement >= 95%."""
     pytest.importorskip("openvino")

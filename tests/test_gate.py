@@ -92,19 +92,19 @@ def test_promote_rules_without_real_models(tiny: Path, tmp_path: Path) -> None:
         reg = Registry(db, tmp_path / "store")
         reg.add(tiny)
         reg.add(v2)
-        first = reg.promote("tiny", "1")  # nothing active yet: accepted without comparison
+        first = reg.promote("tiny", "1", allow_unsigned=True)  # nothing active yet: accepted without comparison
         assert first.decision.accepted and first.record.state == "canary" and "no active version" in \
             first.decision.reason
         with pytest.raises(RegistryError):
-            reg.promote("tiny", "1")  # already canary
+            reg.promote("tiny", "1", allow_unsigned=True)  # already canary
         reg.activate("tiny", "1", "rolled out")
         with pytest.raises(GateError) as exc:
-            reg.promote("tiny", "2")  # an active version but no holdout set: nothing to judge by
+            reg.promote("tiny", "2", allow_unsigned=True)  # an active version but no holdout set: nothing to judge by
         assert "no holdout set is registered for tiny" in one_line(exc) and "--force" in str(exc.value)
         assert reg.show("tiny", "2").state == "candidate"
         with pytest.raises(RegistryError):
-            reg.promote("tiny", "2", force_reason="  ")
-        forced = reg.promote("tiny", "2", force_reason="hotfix ticket 42")
+            reg.promote("tiny", "2", force_reason="  ", allow_unsigned=True)
+        forced = reg.promote("tiny", "2", force_reason="hotfix ticket 42", allow_unsigned=True)
         assert forced.forced and forced.record.force_reason == "hotfix ticket 42"
         assert "hotfix ticket 42" in reg.transitions("tiny", "2")[-1]["reason"]
 
@@ -150,12 +150,12 @@ def test_gate_refuses_worse_accepts_better_with_real_models(fashion_bundles: dic
             reg.add(fashion_bundles["bundle"][v])
         holdout = reg.register_holdout("fmnist", fashion_bundles["holdout"])
         assert holdout.samples == 1000
-        reg.promote("fmnist", "1")
+        reg.promote("fmnist", "1", allow_unsigned=True)
         reg.activate("fmnist", "1", "the fleet runs it")
 
         # the worse model is refused with one line naming both accuracies and the tolerance
         with pytest.raises(GateError) as exc:
-            reg.promote("fmnist", "2", tolerance_pp=0.5)
+            reg.promote("fmnist", "2", tolerance_pp=0.5, allow_unsigned=True)
         msg = one_line(exc)
         fig = exc.value.decision.figures
         cand, active = fig["candidate"], fig["active"]
@@ -181,7 +181,7 @@ def test_gate_refuses_worse_accepts_better_with_real_models(fashion_bundles: dic
         assert "customer demo needs the small model" in last["reason"]
 
         # the better model passes the gate
-        better = reg.promote("fmnist", "3")
+        better = reg.promote("fmnist", "3", allow_unsigned=True)
         assert better.decision.accepted and not better.forced and better.record.state == "canary"
         assert better.decision.figures["delta_pp"] > 5 and better.record.force_reason is None
         assert abs(better.decision.figures["candidate"]["accuracy"] - acc["3"]) <= 0.002

@@ -30,7 +30,7 @@ def test_wheel_contains_and_imports_every_subpackage(tmp_path: Path) -> None:
     wheel = next((tmp_path / "dist").glob("edge_sdk-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for must in ("edge_sdk/converters/pipeline.py", "edge_sdk/converters/torch_to_onnx.py",
-                 "edge_sdk/device_agent/runtimes/onnxruntime.py", "edge_sdk/targets/__init__.py",
+                 "edge_sdk/runtimes/onnxruntime.py", "edge_sdk/targets/__init__.py",
                  "edge_sdk/schemas/manifest.schema.json", "edge_sdk/py.typed"):
         assert must in names, must
     assert not any(n.startswith(("converters/", "device_agent/", "targets/", "tests/")) for n in names)

@@ -152,7 +152,8 @@ class Setup:
         self.registry.activate("tiny", "1", "test fleet runs it")
         self.registry.add(bundles[1])
         # no holdout set registered: the gate cannot compare, so the promotion is forced (and recorded)
-        promo = self.registry.promote("tiny", "2", force_reason="rollout test without a holdout set")
+        promo = self.registry.promote("tiny", "2", force_reason="rollout test without a holdout set",
+                                      allow_unsigned=True)  # unsigned bundles (issue 13: refused by default)
         assert promo.forced and promo.record.state == "canary"
         self.v2 = promo.record
         self.sim = FleetSim(db, self.fleet, n_devices)
@@ -160,7 +161,7 @@ class Setup:
         self.server = BundleHTTPServer(self.registry).start()
         self.publish = MqttCommandPublisher(broker, timeout=3.0)
         self.sub = Subscriber(broker, f"edge/{self.fleet}/+/cmd/#")
-        self.rollout = Rollout(db, self.publish, self.server.url)
+        self.rollout = Rollout(db, self.publish, self.server.url, allow_unsigned=True)
 
     def updates(self) -> dict[str, list[dict[str, Any]]]:
         """device -> the cmd/update payloads it received (empty payloads = cleared)."""
@@ -357,7 +358,7 @@ def test_start_refusals(setup: Setup) -> None:
 
 def test_thresholds_are_stored_with_the_deployment(setup: Setup) -> None:
     s = setup
-    strict = Rollout(s.db, s.publish, s.server.url, thresholds=Thresholds(min_windows=10_000))
+    strict = Rollout(s.db, s.publish, s.server.url, thresholds=Thresholds(min_windows=10_000), allow_unsigned=True)
     dep_id = strict.start("tiny", "2", s.fleet, hold_s=HOLD, now=T0)
     s.sim.emit(T0, T0 + HOLD, s.sim.version_of(dep_id))
     [d] = s.rollout.tick(now=T0 + HOLD + 1)  # another Rollout (the collector's) judges by the stored thresholds

@@ -473,7 +473,12 @@ def test_commands_are_idempotent_and_a_rolled_back_deployment_is_not_retried(mat
     n_requests = len(server.log)
     assert up.handle_command("update", cmd)["status"] == "current"  # the retained command seen again
     assert len(server.log) == n_requests  # nothing downloaded
-    assert up.handle_command("rollback", {"command": "rollback"})["status"] == "rolled_back"
+    from edge_sdk.rollback_auth import sign_rollback
+
+    assert up.handle_command("rollback", {"command": "rollback"})["status"] == "refused"  # issue 13: unsigned
+    auth = sign_rollback(material.key, name="tiny", from_version="2", to_version="1")
+    rb = {"command": "rollback", "command_id": "b" * 32, "target_version": "1", "authorisation": auth}
+    assert up.handle_command("rollback", rb)["status"] == "rolled_back"
     assert _label(up.current_bundle()) == "tiny:1"
     r = up.handle_command("update", cmd)  # retained cmd/update after a reconnect: not re-applied
     assert r["status"] == "refused" and "rolled back" in r["reason"]
@@ -493,7 +498,8 @@ def test_on_command_runs_on_a_worker_thread(material: Material, store_v1: Path, 
     up, _ = _updater(material, store_v1)
     server.rate = 4_000_000
     up.on_command("update", {"deployment_id": "x", "model": {"url": server.url("tiny-3.tar.gz"),
-                                                             "sha256": material.sha("3")}})
+                                                             "sha256": material.sha("3"),
+                                                             "size_bytes": material.size("3")}})
     assert up.last_result is None  # returned at once; the throttled download alone takes ~0.5 s
     assert up.join(60)
     assert up.last_result["status"] == "switched" and _label(up.current_bundle()) == "tiny:3"

@@ -7,8 +7,10 @@ SQL is written once with ``?`` placeholders; for PostgreSQL they become ``%s``. 
 Thread safety: connections live in a small pool. A :meth:`Database.transaction` pins one connection to the
 calling thread until it ends, so every ``execute``/``query`` inside it runs in that transaction; outside a
 transaction each call is its own short transaction. SQLite runs in WAL mode (readers never block the
-writer) with ``synchronous=NORMAL`` and a busy timeout, and write transactions start with
-``BEGIN IMMEDIATE`` so two writers queue instead of deadlocking.
+writer) with ``synchronous=FULL`` (a commit the collector acknowledges to the broker survives a power loss) and a
+busy timeout set before anything else; write transactions start with ``BEGIN IMMEDIATE`` so two writers queue
+instead of deadlocking. Switching a fresh file to WAL and migrating are retried while another process holds the
+lock (SQLite answers "database is locked" there without waiting). New database files are created 0600.
 
 Accepted URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``sqlite:///:memory:``,
 ``postgresql://user[:password]@host[:port]/dbname`` (``postgres://`` too).
@@ -17,7 +19,9 @@ Accepted URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import random
 import re
 import sqlite3
 import threading
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk._deps import require
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import DatabaseError
 
 __all__ = ["MIGRATIONS_DIR", "Database", "DatabaseError", "split_statements"]
 
@@ -40,10 +44,49 @@ _DIALECT_SUBST = {
 _MIGRATION_NAME = re.compile(r"^(\d+)_([A-Za-z0-9_]+)\.sql$")
 _PG_LOCK_MIGRATE = 0x65646765  # "edge": advisory lock key held while migrating
 _POOL_IDLE = 4
+_BUSY_S = 30.0  # how long a SQLite statement (and connect / migrate) waits for another process's lock
 
 
-class DatabaseError(EdgeSDKError):
-    """The fleet database URL is wrong, the database cannot be reached, or a migration failed."""
+def _locked(exc: BaseException) -> bool:
+    """Is this SQLite's "database is locked / busy" (worth retrying), possibly wrapped in a DatabaseError?"""
+    for e in (exc, exc.__cause__):
+        if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+            return True
+    return False
+
+
+def _retry_locked(fn: Any, what: str) -> Any:
+    """Run ``fn()`` again while SQLite reports the database locked, up to ``_BUSY_S`` seconds (with jitter).
+
+    Needed where SQLite returns SQLITE_BUSY at once instead of calling the busy handler (a connection holding a
+    read lock that must upgrade while another holds RESERVED: switching journal mode, upgrading a transaction).
+    """
+    deadline = time.monotonic() + _BUSY_S
+    delay = 0.005
+    while True:
+        try:
+            return fn()
+        except (sqlite3.OperationalError, DatabaseError) as exc:
+            if not _locked(exc) or time.monotonic() >= deadline:
+                if isinstance(exc, DatabaseError):
+                    raise
+                raise DatabaseError(f"{what}: {exc} (still locked by another process after {_BUSY_S:g} s)") from exc
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.25)
+
+
+def _create_private(path: str) -> None:
+    """Create the database file 0600 (whatever the umask) before SQLite opens it; its -wal and -shm files get
+    the same mode from SQLite. An existing file is left as it is."""
+    try:
+        os.close(os.open(Path(path).expanduser(), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        conn.execute("PRAGMA journal_mode = WAL")
 
 
 def split_statements(sql: str) -> list[str]:
@@ -156,14 +199,7 @@ class Database:
         self._slots.acquire()
         try:
             if self.dialect == "sqlite":
-                conn = sqlite3.connect(self._target, timeout=30.0, isolation_level=None, check_same_thread=False)
-                conn.row_factory = sqlite3.Row
-                conn.execute("PRAGMA busy_timeout = 30000")
-                if self._target != ":memory:":
-                    conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA foreign_keys = ON")
-                return conn
+                return self._open_sqlite()
             import psycopg
             from psycopg.rows import dict_row
 
@@ -178,6 +214,23 @@ class Database:
         except BaseException:
             self._slots.release()
             raise
+
+    def _open_sqlite(self) -> sqlite3.Connection:
+        memory = self._target == ":memory:"
+        if not memory:
+            _create_private(self._target)
+        conn = sqlite3.connect(self._target, timeout=_BUSY_S, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_S * 1000)}")  # first: every later statement may wait
+            conn.row_factory = sqlite3.Row
+            if not memory:
+                _retry_locked(lambda: _wal(conn), f"cannot open {self.url}")
+            conn.execute("PRAGMA synchronous = FULL")  # acknowledged commits survive a power loss
+            conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _redacted(self) -> str:
         return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", self.url)
@@ -379,6 +432,11 @@ class Database:
         PostgreSQL advisory lock, and the applied versions are read again under it.
         """
         todo = self.migrations(directory)
+        if self.dialect == "sqlite":  # another process migrating or writing: wait for it, then look again
+            return _retry_locked(lambda: self._migrate(todo), f"cannot migrate {self.url}")
+        return self._migrate(todo)
+
+    def _migrate(self, todo: list[tuple[int, str, Path]]) -> list[str]:
         subst = _DIALECT_SUBST[self.dialect]
         applied_now: list[str] = []
         with self.transaction():

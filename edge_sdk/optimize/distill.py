@@ -114,7 +114,7 @@ def count_parameters(model: Any) -> int:
 
 def import_class(spec: str) -> Any:
     """Import ``package.module:Class``; raise SourceModelError naming what is wrong."""
-    from edge_sdk.converters.sources import import_class as _import_class
+    from edge_sdk.converters.source_common import import_class as _import_class
 
     return _import_class(spec, "model class")
 

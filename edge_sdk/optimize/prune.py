@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import PruneError
 
 __all__ = ["PruneError", "PruneReport", "PruneResult", "prune"]
 
@@ -41,10 +41,6 @@ _ELEMENTWISE_FUNCTIONS = ("relu", "relu6", "leaky_relu", "elu", "gelu", "silu", 
                           "adaptive_avg_pool2d", "adaptive_max_pool2d")
 _ELEMENTWISE_METHODS = ("relu", "relu_", "sigmoid", "tanh", "contiguous")
 Batches = Iterable[tuple[Any, Any]]
-
-
-class PruneError(EdgeSDKError):
-    """The model cannot be pruned as asked (architecture, arguments or data)."""
 
 
 @dataclass(frozen=True)

@@ -1,50 +1,51 @@
-"""Inference runtimes, one module each, behind the :class:`Runtime` protocol.
+"""Inference runtimes, one module each, behind the :class:`Runtime` protocol, listed in one registry.
 
-Runtime modules import nothing heavy at module level, so listing them is cheap; the runtime itself
-is imported by ``Runtime.load``.
+Importing this package fills the registry (:mod:`edge_sdk.runtimes.registry`): the four built-in runtimes, then
+third-party ones from the entry-point group ``edge_sdk.runtimes``. Runtime modules import nothing heavy at
+module level, so registering them is cheap; the runtime itself is imported by ``Runtime.load``.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from edge_sdk.errors import InferenceError
 from edge_sdk.formats import Format
+from edge_sdk.runtimes import coreml, litert, onnxruntime, openvino
 from edge_sdk.runtimes.base import Runtime, Session, check_inputs, dequantize, quantize
+from edge_sdk.runtimes.registry import (
+    RUNTIMES,
+    bench_modules,
+    default_order,
+    get_runtime,
+    load_entry_points,
+    plot_markers,
+    register_runtime,
+    unregister_runtime,
+)
 
 __all__ = [
     "RUNTIMES",
     "Runtime",
     "Session",
     "all_runtimes",
+    "bench_modules",
     "check_inputs",
+    "default_order",
     "dequantize",
     "get_runtime",
+    "plot_markers",
     "quantize",
+    "register_runtime",
     "runtime_for",
+    "unregister_runtime",
 ]
 
-# name -> "module:Class", in default preference order
-RUNTIMES: dict[str, str] = {
-    "onnxruntime": "edge_sdk.runtimes.onnxruntime:OnnxRuntime",
-    "openvino": "edge_sdk.runtimes.openvino:OpenVINORuntime",
-    "litert": "edge_sdk.runtimes.litert:LiteRTRuntime",
-    "coreml": "edge_sdk.runtimes.coreml:CoreMLRuntime",
-}
-
-
-def get_runtime(name: str) -> Runtime:
-    """The runtime registered under ``name``."""
-    try:
-        mod_name, _, cls_name = RUNTIMES[name].partition(":")
-    except KeyError:
-        raise InferenceError(f"unknown runtime {name!r}: choose from {', '.join(RUNTIMES)}") from None
-    return getattr(importlib.import_module(mod_name), cls_name)()
+for _module in (onnxruntime, openvino, litert, coreml):  # built-ins first; their `rank` sets the default order
+    register_runtime(_module.RUNTIME)
+load_entry_points()
 
 
 def all_runtimes() -> list[Runtime]:
-    """Every registered runtime, installed or not."""
-    return [get_runtime(n) for n in RUNTIMES]
+    """Every registered runtime, installed or not, in default preference order."""
+    return list(RUNTIMES.values())
 
 
 def runtime_for(fmt: Format | str, *, available_only: bool = True) -> Runtime | None:

@@ -37,7 +37,12 @@ class Session(Protocol):
 
 
 class Runtime(Protocol):
-    """An inference runtime able to run artifacts of some formats."""
+    """An inference runtime able to run artifacts of some formats.
+
+    Optional facts the registry reads with defaults (edge_sdk/runtimes/registry.py): ``rank`` (int, place in the
+    default runtime order, lower first; 100 when absent), ``bench_modules`` (modules ``load`` imports, for the
+    benchmark's memory baseline) and ``plot_markers`` ((format, matplotlib marker) pairs).
+    """
 
     name: str
     formats: tuple[Format, ...]

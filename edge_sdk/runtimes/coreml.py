@@ -8,14 +8,13 @@ compute units (CPU / GPU / Neural Engine), so ``threads`` is accepted and ignore
 
 from __future__ import annotations
 
-import importlib.metadata
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_sdk._deps import has_module, require
+from edge_sdk._deps import has_module, installed_version, require
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
@@ -103,6 +102,9 @@ class CoreMLRuntime:
     name = "coreml"
     formats = (Format.COREML,)
     extra = "coreml"
+    rank = 40
+    bench_modules = ("coremltools",)
+    plot_markers = (("coreml", "P"),)  # (format, matplotlib marker)
 
     def is_available(self) -> bool:
         """True on macOS when coremltools can be imported (checked without importing it)."""
@@ -110,10 +112,7 @@ class CoreMLRuntime:
 
     def version(self) -> str | None:
         """The installed coremltools version, or None."""
-        try:
-            return importlib.metadata.version("coremltools")
-        except importlib.metadata.PackageNotFoundError:
-            return None
+        return installed_version("coremltools")
 
     def load(self, path: Path, *, threads: int | None = None) -> CoreMLSession:
         """Compile and load a ``.mlpackage``; off macOS raise an InferenceError naming the alternatives."""

@@ -9,14 +9,14 @@ float32 inputs and dequantize outputs with each tensor's scale / zero-point unle
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from edge_sdk._deps import has_module, require
+from edge_sdk._deps import has_module, installed_version, require
+from edge_sdk._quiet import native_noise_filtered
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
@@ -164,6 +164,9 @@ class LiteRTRuntime:
     name = "litert"
     formats = (Format.TFLITE,)
     extra = "litert"
+    rank = 30
+    bench_modules = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
+    plot_markers = (("tflite", "D"),)  # (format, matplotlib marker)
 
     def is_available(self) -> bool:
         """True when ai_edge_litert or tflite_runtime can be imported (checked without importing)."""
@@ -171,12 +174,7 @@ class LiteRTRuntime:
 
     def version(self) -> str | None:
         """The installed interpreter package version, or None."""
-        for dist in ("ai-edge-litert", "ai-edge-litert-nightly", "tflite-runtime"):
-            try:
-                return importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        return None
+        return installed_version("ai-edge-litert", "ai-edge-litert-nightly", "tflite-runtime")
 
     def load(self, path: Path, *, threads: int | None = None, delegate: str | None = None) -> LiteRTSession:
         """Create and allocate an interpreter; ``delegate="edgetpu"`` adds the Edge TPU delegate.
@@ -197,9 +195,10 @@ class LiteRTRuntime:
                 raise InferenceError(f"unknown LiteRT delegate {delegate!r}: use delegate='edgetpu' or none")
             delegates.append(_edgetpu_delegate(mod))
         try:
-            interp = mod.Interpreter(model_path=str(path), num_threads=threads,
-                                     experimental_delegates=delegates or None)
-            interp.allocate_tensors()
+            with native_noise_filtered():  # its "INFO: Created ... XNNPACK delegate" line (edge_sdk/_quiet.py)
+                interp = mod.Interpreter(model_path=str(path), num_threads=threads,
+                                         experimental_delegates=delegates or None)
+                interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise InferenceError(f"LiteRT cannot load {path.name} ({first_line(exc)}): the file may be truncated "
                                  "or corrupt, need Flex (select TF) ops, or need a newer ai-edge-litert") from None

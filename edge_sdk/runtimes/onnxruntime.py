@@ -7,13 +7,12 @@ adjacent (De)QuantizeLinear node when the ``onnx`` package is present, and are t
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_sdk._deps import has_module, require
+from edge_sdk._deps import has_module, installed_version, require
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
@@ -130,6 +129,9 @@ class OnnxRuntime:
     name = "onnxruntime"
     formats = (Format.ONNX, Format.ORT)
     extra = "onnxruntime"
+    rank = 10  # place in the default runtime order (lower first)
+    bench_modules = ("onnxruntime",)
+    plot_markers = (("onnx", "o"), ("ort", "s"))  # (format, matplotlib marker)
 
     def is_available(self) -> bool:
         """True when onnxruntime can be imported (checked without importing it)."""
@@ -137,12 +139,7 @@ class OnnxRuntime:
 
     def version(self) -> str | None:
         """The installed onnxruntime version, or None."""
-        for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"):
-            try:
-                return importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        return None
+        return installed_version("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")
 
     def load(self, path: Path, *, threads: int | None = None) -> OnnxRuntimeSession:
         """Create an InferenceSession; raise InferenceError for a missing, corrupt or unsupported file."""

@@ -13,28 +13,27 @@ session safe to share between threads (calls are serialised).
 from __future__ import annotations
 
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_sdk._deps import has_module, require
+from edge_sdk._deps import has_module, installed_version, require
 from edge_sdk.bundle import TensorSpec
-from edge_sdk.errors import InferenceError, InputError
+from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
 from edge_sdk.runtimes.base import check_inputs
 
-__all__ = ["PRECISION_HINTS", "OpenVINORuntime", "OpenVINOSession", "runtime"]
+__all__ = ["PRECISION_HINTS", "RUNTIME", "OpenVINORuntime", "OpenVINOSession", "runtime"]
 
 #: Accepted values of ``precision_hint``; None (or "default") keeps the device's own choice.
 PRECISION_HINTS = ("f32", "f16", "bf16")
 
 
-def _one_line(exc: BaseException) -> str:
-    """OpenVINO errors span many lines of C++ locations; keep the lines that say what is wrong."""
-    lines = [ln.strip() for ln in str(exc).splitlines()]
-    useful = [ln for ln in lines if ln and not ln.startswith(("Exception from", "Check '"))]
-    return "; ".join(useful or [ln for ln in lines if ln][-1:]) or type(exc).__name__
+#: OpenVINO errors span many lines of C++ locations; these prefixes mark them, the other lines say what is wrong.
+OV_TRACE_LINES = ("Exception from", "Check '")
+_one_line = partial(first_line, limit=400, skip=OV_TRACE_LINES)
 
 
 def _resolve_xml(path: Path) -> Path:
@@ -123,6 +122,9 @@ class OpenVINORuntime:
     name = "openvino"
     formats: tuple[Format, ...] = (Format.OPENVINO,)
     extra = "openvino"
+    rank = 20
+    bench_modules = ("openvino",)
+    plot_markers = (("openvino", "^"),)  # (format, matplotlib marker)
 
     def is_available(self) -> bool:
         """True when the openvino package is importable (not imported here)."""
@@ -130,14 +132,7 @@ class OpenVINORuntime:
 
     def version(self) -> str | None:
         """The installed openvino version, or None."""
-        if not self.is_available():
-            return None
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("openvino")
-        except PackageNotFoundError:
-            return None
+        return installed_version("openvino") if self.is_available() else None
 
     def load(self, path: Path, *, threads: int | None = None, precision_hint: str | None = "f32",
              device: str = "CPU", performance_hint: str | None = "LATENCY") -> OpenVINOSession:
@@ -177,5 +172,5 @@ class OpenVINORuntime:
         return OpenVINOSession(compiled, precision_hint=precision_hint, threads=threads)
 
 
-#: The instance a runtime registry can pick up.
-runtime = OpenVINORuntime()
+#: The instance the runtime registry picks up (``runtime``: the older name).
+RUNTIME = runtime = OpenVINORuntime()

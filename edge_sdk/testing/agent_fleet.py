@@ -1,6 +1,7 @@
 """A fleet of real device agents on this host, for end-to-end tests of telemetry, updates and staged rollouts.
 
-Each simulated device is the real device stack, nothing stubbed::
+Each simulated device is a :class:`~edge_sdk.device_agent.runner.DeviceRunner`, the class `edge-sdk agent run`
+drives too, so these tests exercise the shipped device wiring, nothing stubbed::
 
     ModelStore dir ── Updater (signature, smoke test, atomic switch, rollback) ── on_switch ──> Agent (onnxruntime)
     Agent.predict_image (the bundle's own preprocessing) ── WindowAggregator ── Telemetry (window_s) ── Outbox file
@@ -8,9 +9,10 @@ Each simulated device is the real device stack, nothing stubbed::
 
 The initial bundle is installed through the Updater (so it is verified and smoke-tested like any update). A loop
 feeds real raw images at ``rate_hz`` through :meth:`Agent.predict_image`, so a bundle whose manifest
-preprocessing is wrong really produces wrong inputs. On every switch (update or rollback) the device loads the new
-Agent, swaps it in, closes the old telemetry (its last, partial window still carries the old version), starts a
-new one for the new model and gives the publisher the new model for its birth status.
+preprocessing is wrong really produces wrong inputs. On every switch (update or rollback) the runner
+(``on_switch="swap"``) loads the new Agent, swaps it in, closes the old telemetry (its last, partial window still
+carries the old version), starts a new one for the new model (``model.loaded``) and gives the publisher the new
+model for its birth status.
 
 :class:`AgentFleet` splits ``n_devices`` over ``processes`` child processes (``python -c``, like the collector's
 storing process: no re-import of the caller's main script, and a child whose parent dies sees its stdin close and
@@ -37,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.device_agent.runner import DeviceRunner
+from edge_sdk.errors import AgentFleetError, EdgeSDKError
 
 __all__ = ["AgentFleet", "AgentFleetError", "FleetDevice", "FleetSpec", "device_ids", "run_agent_fleet"]
 
@@ -45,10 +48,6 @@ log = logging.getLogger("edge_sdk.testing.agent_fleet")
 
 REPORT_NAME = "report.json"
 _EVENT_FIELDS = ("version", "from", "to", "step", "reason", "deployment_id", "source", "passed", "cached")
-
-
-class AgentFleetError(EdgeSDKError):
-    """The simulated fleet could not start (bad arguments, devices that failed to install or connect)."""
 
 
 def device_ids(n: int, prefix: str = "dev") -> list[str]:
@@ -79,8 +78,9 @@ class FleetSpec:
     seed: int = 0
 
 
-class FleetDevice:
-    """One simulated device: store, updater, agent, outbox, publisher, telemetry and an inference loop.
+class FleetDevice(DeviceRunner):
+    """One simulated device: a :class:`~edge_sdk.device_agent.runner.DeviceRunner` (the shipped device wiring:
+    store, updater, agent, outbox, publisher, telemetry, hot-swap) plus an inference loop and a report.
 
     ``images`` / ``labels`` are shared, read-only arrays; each device sees them in its own random order.
     Use :meth:`start` (installs the initial bundle unless the store already has a verified current version,
@@ -88,31 +88,25 @@ class FleetDevice:
     """
 
     def __init__(self, device: str, spec: FleetSpec, images: np.ndarray, labels: np.ndarray | None) -> None:
-        from edge_sdk.device_agent.mqtt_publisher import MqttSettings, Publisher
-        from edge_sdk.device_agent.outbox import Outbox
+        from edge_sdk.device_agent.config import AgentConfig
+        from edge_sdk.device_agent.runner import RunnerConfig
         from edge_sdk.device_agent.telemetry import TelemetrySettings
-        from edge_sdk.device_agent.updater import Updater
 
         self.device, self.spec = device, spec
         self.images, self.labels = images, labels
         self.root = Path(spec.store_root) / device
         self.root.mkdir(parents=True, exist_ok=True)
         self.rng = np.random.default_rng([spec.seed, zlib.crc32(device.encode())])
-        mqtt = MqttSettings(url=spec.mqtt_url, fleet=spec.fleet, device=device,
-                            session_expiry_s=int(spec.session_expiry_s))
-        outbox_path = self.root / "outbox.db"
-        self.settings = TelemetrySettings(enabled=True, window_s=float(spec.window_s), fleet=spec.fleet,
-                                          device=device, outbox_path=str(outbox_path), mqtt=mqtt)
-        self.outbox = Outbox(outbox_path, synchronous="NORMAL")
-        self.publisher = Publisher(mqtt, self.outbox, window_s=float(spec.window_s), on_command=self._on_command)
-        self.updater = Updater(self.root / "models", trusted_keys=[Path(k) for k in spec.trusted_keys],
-                               emit_event=self._emit_event, runtime_order=spec.runtime_order, threads=1,
-                               on_switch=self._on_switch)
-        self.agent: Any = None
-        self.telemetry: Any = None
-        self._lock = threading.Lock()  # guards agent / telemetry swaps against the inference loop
-        self._stop = threading.Event()
+        telemetry = TelemetrySettings(enabled=True, window_s=float(spec.window_s), fleet=spec.fleet, device=device,
+                                      outbox_path=str(self.root / "outbox.db"))
+        agent = AgentConfig(bundle=spec.initial_bundle, runtime_order=tuple(spec.runtime_order), threads=1,
+                            telemetry=telemetry,
+                            mqtt={"url": spec.mqtt_url, "session_expiry_s": int(spec.session_expiry_s)})
+        super().__init__(RunnerConfig(agent=agent, store=str(self.root / "models"),
+                                      trusted_keys=tuple(spec.trusted_keys), on_switch="swap",
+                                      outbox_synchronous="NORMAL"), say=lambda line: log.debug("%s %s", device, line))
         self._thread: threading.Thread | None = None
+        self._loop_stop = threading.Event()
         self.versions_run: list[str] = []
         self.switches: list[dict[str, Any]] = []
         self.update_events: list[dict[str, Any]] = []
@@ -122,72 +116,37 @@ class FleetDevice:
         self.errors = 0
         self.started_at: float | None = None
 
-    # ---- model switching ---------------------------------------------------------------------------------------
+    # ---- what the runner reports -------------------------------------------------------------------------------
 
-    def _on_switch(self, bundle_path: Path) -> None:
-        """Load the new model, swap it in, and restart telemetry so windows carry its version."""
-        from edge_sdk.device_agent.agent import Agent
-        from edge_sdk.device_agent.telemetry import Telemetry, model_info
-
-        agent = Agent(bundle_path, runtime_order=self.spec.runtime_order, threads=1)  # EdgeSDKError -> rollback
-        try:
-            telemetry = Telemetry.for_agent(agent, self.settings, outbox=self.outbox, publisher=self.publisher)
-        except EdgeSDKError:
-            agent.close()
-            raise
-        with self._lock:
-            old_agent, old_telemetry = self.agent, self.telemetry
-            self.agent, self.telemetry = agent, telemetry
-        if old_telemetry is not None:
-            old_telemetry.stop()  # the last, partial window of the old model
-        telemetry.start()
-        self.publisher.model = model_info(agent)  # the birth status on the next (re)connect
+    def on_model_loaded(self, agent: Any, previous: Any) -> None:
         version = str(agent.bundle.manifest.version)
         self.switches.append({"ts": time.time(), "from": self.versions_run[-1] if self.versions_run else None,
                               "to": version})
         self.versions_run.append(version)
-        if old_agent is not None:
-            old_agent.close()
 
-    def _emit_event(self, kind: str, data: dict[str, Any], level: str) -> None:
-        """The updater's events: kept for the report and sent through the outbox (once telemetry runs)."""
+    def on_update_event(self, kind: str, data: dict[str, Any], level: str) -> None:
         self.update_events.append({"ts": time.time(), "kind": kind, "level": level,
                                    **{k: data[k] for k in _EVENT_FIELDS if k in data}})
-        telemetry = self.telemetry
-        if telemetry is not None:
-            telemetry.emit_event(kind, data, level)
 
-    def _on_command(self, name: str, payload: dict[str, Any]) -> None:
+    def on_command_received(self, name: str, payload: dict[str, Any]) -> None:
         model = payload.get("model") if isinstance(payload.get("model"), dict) else {}
         self.commands.append({"ts": time.time(), "command": name, "version": model.get("version"),
                               "deployment_id": payload.get("deployment_id")})
-        self.updater.on_command(name, payload)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
-    def install(self) -> None:
-        """Start on the store's verified current version, else install the initial bundle through the updater."""
-        self.updater.recover()
-        current = self.updater.current_bundle()
-        if current is not None:
-            self._on_switch(current)
-        else:
-            self.updater.update(self.spec.initial_bundle)  # verified, smoke-tested, switched: calls _on_switch
-        if self.agent is None:
-            raise AgentFleetError(f"{self.device}: no model was loaded after installing {self.spec.initial_bundle}")
-
-    def start(self) -> None:
-        """Install (see :meth:`install`), connect to the broker and start the inference loop."""
-        self.install()
-        self.publisher.start()
+    def start(self) -> FleetDevice:
+        """Start the runner (install, connect; see DeviceRunner.start) and the inference loop."""
+        super().start()
         self.started_at = time.time()
         self._thread = threading.Thread(target=self._loop, name=f"agent-{self.device}", daemon=True)
         self._thread.start()
+        return self
 
     @property
     def subscribed(self) -> bool:
         """True once the broker acknowledged the device's ``cmd/#`` subscription."""
-        return bool(self.publisher.stats()["subscribed"])
+        return self.publisher is not None and bool(self.publisher.stats()["subscribed"])
 
     def _loop(self) -> None:
         period = 1.0 / float(self.spec.rate_hz)
@@ -195,17 +154,17 @@ class FleetDevice:
         k = 0
         due = time.monotonic() + float(self.rng.uniform(0, period))
         fb = int(self.spec.feedback_every)
-        while not self._stop.wait(max(0.0, due - time.monotonic())):
+        while not self._loop_stop.wait(max(0.0, due - time.monotonic())):
             i = int(order[k % len(order)])
             k += 1
             try:
-                with self._lock:
+                with self.lock:
                     agent = self.agent
-                    pred = agent.predict_image(self.images[i])
+                    pred = agent.predict_image(self.images[i])  # type: ignore[union-attr]
                     conf = pred.confidence
                     if fb and self.labels is not None and k % fb == 0:
-                        agent.feedback(pred.id, int(self.labels[i]))
-                v = str(agent.bundle.manifest.version)
+                        agent.feedback(pred.id, int(self.labels[i]))  # type: ignore[union-attr]
+                v = str(agent.bundle.manifest.version)  # type: ignore[union-attr]
                 self.inferences[v] = self.inferences.get(v, 0) + 1
                 if conf is not None:
                     self.confidence_sum[v] = self.confidence_sum.get(v, 0.0) + conf
@@ -220,26 +179,19 @@ class FleetDevice:
             if due < now - period:  # fell behind: skip ahead instead of bursting
                 due = now + period
 
-    def stop(self, flush_s: float = 3.0) -> None:
-        """Stop inferring, emit the last window, deliver what the outbox holds (up to ``flush_s``), disconnect."""
-        self._stop.set()
+    def stop(self, flush_s: float | None = None) -> None:
+        """Stop inferring, then the runner: last window, outbox delivered (up to ``flush_s``), disconnect."""
+        self._loop_stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
-        self.updater.close()
-        if self.telemetry is not None:
-            self.telemetry.stop()
-        self.publisher.flush(flush_s)
-        self.publisher.stop()
-        if self.agent is not None:
-            self.agent.close()
-        self.outbox.close()
+        super().stop(flush_s)
 
     def report(self) -> dict[str, Any]:
         """What the device ran and did (JSON-ready)."""
         agent = self.agent
-        status = self.updater.status()
+        status = self.updater.status() if self.updater is not None else {"current": None, "previous": None}
         inferences, confidence = dict(self.inferences), dict(self.confidence_sum)  # snapshots: the loop adds keys
-        return {"device": self.device, "fleet": self.spec.fleet, "pid": os.getpid(),
+        return {"device": self.device, "fleet": self.spec.fleet, "pid": os.getpid(), "runner": type(self).__name__,
                 "current_version": str(agent.bundle.manifest.version) if agent is not None else None,
                 "model": agent.model_version if agent is not None else None,
                 "store": {"current": status["current"], "previous": status["previous"]},
@@ -247,8 +199,8 @@ class FleetDevice:
                 "update_events": list(self.update_events), "commands": list(self.commands),
                 "inferences": inferences,
                 "confidence_mean": {v: confidence.get(v, 0.0) / n for v, n in inferences.items() if n},
-                "errors": self.errors, "publisher": self.publisher.stats(), "started_at": self.started_at,
-                "ts": time.time()}
+                "errors": self.errors, "publisher": self.publisher.stats() if self.publisher is not None else None,
+                "started_at": self.started_at, "ts": time.time()}
 
     def write_report(self) -> None:
         """Write :meth:`report` to ``<store_root>/<device>/report.json`` atomically."""

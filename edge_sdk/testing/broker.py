@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk._deps import require
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import BrokerError
 
 __all__ = [
     "BROKER_FILES", "BrokerError", "EmbeddedBroker", "MosquittoProcess", "free_port", "mosquitto_password_line",
@@ -41,10 +41,6 @@ _REPLACED = {
     "pid_file", "user", "certfile", "keyfile", "cafile", "capath", "require_certificate", "use_identity_as_username",
     "tls_version", "port", "bind_address",
 }
-
-
-class BrokerError(EdgeSDKError):
-    """A broker could not be started or stopped."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:

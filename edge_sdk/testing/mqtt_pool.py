@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_sdk import __version__
 from edge_sdk.errors import TelemetryError
+from edge_sdk.mqtt import connect_properties, make_client
 from edge_sdk.topics import device_topic
 
 if TYPE_CHECKING:
@@ -82,18 +83,9 @@ class DevicePool:
     def add(self, settings: MqttSettings, outbox: Outbox, *, model: dict[str, Any] | None = None,
             window_s: float | None = None) -> PooledDevice:
         """Create a device's client (not connected yet)."""
-        from paho.mqtt import client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         dev = PooledDevice(settings, outbox, model=model, window_s=window_s)
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.effective_client_id,
-                             protocol=mqtt.MQTTv5, userdata=dev)
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            from edge_sdk.device_agent.mqtt_session import tls_context
-
-            client.tls_set_context(tls_context(settings))
+        client = make_client(settings.effective_client_id, username=settings.username, password=settings.password,
+                             tls=settings.tls_context(), userdata=dev, purpose="simulating MQTT devices")
         client.will_set(dev.status_topic, dev.status("offline", "last will"), qos=1, retain=True)
         client.max_inflight_messages_set(settings.max_inflight + 4)
         client.on_socket_open = self._on_socket_open
@@ -121,12 +113,8 @@ class DevicePool:
                                  f"to {self.devices[0].settings.url} within {timeout:g} s: check the broker")
 
     def _try_connect(self, dev: PooledDevice) -> None:
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         s = dev.settings
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = s.session_expiry_s
+        props = connect_properties(s.session_expiry_s)
         try:
             if dev.counts["connects"] == 0 and dev.sock is None:
                 dev.client.connect(s.host, s.port, s.keepalive, clean_start=False, properties=props)

@@ -8,6 +8,7 @@ accuracy share their mapping), but on compact numpy arrays; the merged bins beco
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -169,6 +170,33 @@ class WindowAggregate:
             self.dropped[stream] = max(self.dropped.get(stream, 0), n)
         self.first_ts, self.last_ts = min(self.first_ts, other.first_ts), max(self.last_ts, other.last_ts)
         self.devices |= other.devices
+
+    def to_rollup(self) -> dict[str, Any]:
+        """The columns of a ``window_rollups`` row (migration 0003) holding this aggregate; the merged sketch (of
+        the relative accuracy with the most values) is kept as JSON so later merges stay exact."""
+        best = max(self.sketches.items(), key=lambda kv: kv[1].count, default=None)
+        s = self.summary()
+        return {"windows": self.windows, "count": self.count, "errors": self.errors, "fb_labelled": self.labelled,
+                "fb_correct": self.correct, "dropped_windows": s["dropped_windows"], "conf_sum": self.conf_sum,
+                "conf_weight": self.conf_weight, "psi_max": self.psi_max, "first_end_ts": self.first_ts,
+                "last_end_ts": self.last_ts, "p50_ms": s["p50_ms"], "p95_ms": s["p95_ms"], "p99_ms": s["p99_ms"],
+                "sketch": json.dumps(best[1].as_dict(best[0])) if best is not None else None}
+
+    @classmethod
+    def from_rollup(cls, row: dict[str, Any]) -> WindowAggregate:
+        """An aggregate from a ``window_rollups`` row (see :meth:`to_rollup`), ready to merge late windows into."""
+        agg = cls()
+        agg.windows, agg.count, agg.errors = int(row["windows"]), int(row["count"]), int(row["errors"])
+        agg.labelled, agg.correct = int(row["fb_labelled"] or 0), int(row["fb_correct"] or 0)
+        agg.dropped = {"": int(row["dropped_windows"] or 0)}
+        agg.conf_sum, agg.conf_weight = float(row["conf_sum"] or 0.0), float(row["conf_weight"] or 0.0)
+        agg._add_psi(row["psi_max"], float(row["last_end_ts"]))
+        agg.first_ts, agg.last_ts = float(row["first_end_ts"]), float(row["last_end_ts"])
+        agg.devices.add((row["fleet"], row["device"]))
+        if row.get("sketch"):
+            sketch = json.loads(row["sketch"])
+            agg.sketches.setdefault(float(sketch["relative_accuracy"]), _Bins()).add(sketch)
+        return agg
 
     def summary(self) -> dict[str, Any]:
         """The aggregate as a flat dict: windows, inferences, errors, error_rate (errors / attempts), p50/p95/p99_ms

@@ -5,22 +5,18 @@ the wrong type or range, raises :class:`ConfigError` with one line naming the fi
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import ConfigError
+from edge_sdk.tomlfile import read_toml
 
 __all__ = ["DEFAULT_RULES_FILE", "AlertRules", "ConfidenceRule", "ConfigError", "DriftRule", "ErrorRateRule",
            "LatencyRule", "OfflineRule", "load_rules"]
 
 DEFAULT_RULES_FILE = Path(__file__).resolve().parent / "alerts.toml"
 _SEVERITIES = ("info", "warning", "critical")
-
-
-class ConfigError(EdgeSDKError, ValueError):
-    """An alert rules file is unreadable or holds an unknown key or a bad value (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -102,14 +98,7 @@ _TOP = ("interval_s", "webhook_timeout_s")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: rules file not found: check the --rules path") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the rules file ({exc.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}): fix the syntax") from None
+    return read_toml(path, kind="rules file", missing_hint="check the --rules path")
 
 
 def _value(path: Path, key: str, value: Any, kind: type) -> Any:

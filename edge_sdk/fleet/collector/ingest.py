@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import StoreUnavailable
+from edge_sdk.fleet.collector.retention import RetentionPolicy, apply_retention
 from edge_sdk.fleet.collector.validate import MAX_PAYLOAD_BYTES, PayloadError, validate_message
 from edge_sdk.fleet.db import Database
 from edge_sdk.topics import parse_topic
@@ -37,7 +39,7 @@ _INSERT_WINDOW = (
     "INSERT INTO windows (window_id, fleet, device, stream, seq, model_name, model_version, start_ts, end_ts, "
     "received_at, count, errors, p50_ms, p95_ms, p99_ms, conf_mean, psi_max, fb_labelled, fb_correct, "
     "dropped_windows, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (window_id) DO NOTHING")
+    "ON CONFLICT DO NOTHING")  # a window_id or a (stream, seq) stored before: a duplicate
 _INSERT_EVENT = ("INSERT INTO events (event_id, fleet, device, ts, received_at, kind, level, data) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING")
 _INSERT_DEAD = "INSERT INTO dead_letters (received_at, topic, reason, payload) VALUES (?, ?, ?, ?)"
@@ -58,10 +60,6 @@ _TOUCH_DEVICE = (
     "last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen ELSE devices.last_seen END, "
     + ", ".join(f"{c} = COALESCE(excluded.{c}, devices.{c})"
                 for c in ("model_name", "model_version", "artifact", "runtime")))
-
-
-class StoreUnavailable(EdgeSDKError):
-    """The database refused even a dead letter: it is down or full. The batch must be kept and retried."""
 
 
 @dataclass
@@ -125,12 +123,45 @@ def _real(x: float | int | None) -> float | None:
     return None if x is None else float(x)
 
 
-class Ingestor:
-    """Validates and stores batches of messages in a :class:`~edge_sdk.fleet.db.Database` (already migrated)."""
+class _StreamCache(OrderedDict):
+    """stream -> (contiguous, max) as last written by us; least recently used streams are forgotten beyond
+    ``maxsize`` (a forgotten stream is read again from the ``streams`` table), so memory does not grow with
+    every stream ever seen."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, maxsize: int) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get(self, key: str, default: tuple[int, int] | None = None) -> tuple[int, int] | None:  # type: ignore[override]
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key: str, value: tuple[int, int]) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+
+    def update(self, other: dict[str, tuple[int, int]]) -> None:  # type: ignore[override]
+        for k, v in other.items():
+            self[k] = v
+
+
+class Ingestor:
+    """Validates and stores batches of messages in a :class:`~edge_sdk.fleet.db.Database` (already migrated).
+
+    ``retention`` (default: :meth:`RetentionPolicy.from_env`) is applied after a batch every
+    ``retention.interval_s`` seconds, first one interval after start; ``False`` turns it off.
+    """
+
+    def __init__(self, db: Database, *, max_cached_streams: int = 10_000,
+                 retention: RetentionPolicy | bool | None = None) -> None:
         self.db = db
-        self._streams: dict[str, tuple[int, int]] = {}  # stream -> (contiguous, max) as last written by us
+        self._streams = _StreamCache(max_cached_streams)
+        self.retention = RetentionPolicy.from_env() if retention is None or retention is True else retention or None
+        self._next_retention = time.monotonic() + (self.retention.interval_s if self.retention else 0.0)
         pg = db.dialect == "postgresql"
         self._greatest = "GREATEST" if pg else "MAX"
         self._for_update = " FOR UPDATE" if pg else ""
@@ -140,7 +171,9 @@ class Ingestor:
         """Validate and store ``messages`` in one transaction (falls back to one by one if it fails)."""
         try:
             with self.db.transaction():
-                return self._store(messages)
+                result = self._store(messages)
+            self._maybe_retain()
+            return result
         except Exception as exc:  # any database refusal: retried per message below, nothing is lost
             self._streams.clear()  # the rolled-back transaction may have moved our cached stream state
             log.warning("batch of %d failed (%s: %s); storing one by one", len(messages), type(exc).__name__,
@@ -162,6 +195,22 @@ class Ingestor:
                 r = BatchResult(received=1, dead_letters=1)
             _merge(total, r)
         return total
+
+    def _maybe_retain(self) -> None:
+        """Apply the retention policy when it is due; a failure is logged and tried again next interval."""
+        if self.retention is None or time.monotonic() < self._next_retention:
+            return
+        self._next_retention = time.monotonic() + self.retention.interval_s
+        try:
+            done = apply_retention(self.db, self.retention)
+        except Exception as exc:  # retention must never stop ingest
+            log.warning("retention failed (%s: %s); retried in %g s", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "", self.retention.interval_s)
+            return
+        finally:
+            self._streams.clear()  # retention may have moved contiguous_seq
+        if any(done.values()):
+            log.info("retention: %s", ", ".join(f"{k} {v}" for k, v in done.items() if v))
 
     def _dead(self, m: Message, reason: str) -> None:
         payload = bytes(m.payload[:MAX_PAYLOAD_BYTES]) if isinstance(m.payload, (bytes, bytearray)) else b""

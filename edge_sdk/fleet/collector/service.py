@@ -49,40 +49,19 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from edge_sdk._deps import require
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import CollectorError
 from edge_sdk.fleet.collector.ingest import BatchResult, Ingestor, Message, StoreUnavailable
 from edge_sdk.fleet.collector.store_process import StoreProcess
 from edge_sdk.fleet.db import Database
+from edge_sdk.mqtt import PROTOCOLS, connect_properties, make_client, parse_mqtt_url, tls_context
 from edge_sdk.topics import cmd_topic, collector_subscriptions
 
-__all__ = ["Collector", "CollectorError", "parse_mqtt_url"]
+__all__ = ["Collector", "CollectorError"]
 
 log = logging.getLogger("edge_sdk.fleet.collector.service")
 _CONNACK_TIMEOUT_S = 5.0
 _UNSUPPORTED_PROTOCOL = 0x84
-_MQTT_FORMS = "mqtt://HOST[:1883] or mqtts://HOST[:8883] (optionally mqtt://USER:PASSWORD@HOST)"
-
-
-class CollectorError(EdgeSDKError):
-    """The collector cannot start: bad MQTT URL, unreachable broker, bad options."""
-
-
-def parse_mqtt_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
-    """``(host, port, tls, username, password)`` of ``mqtt://`` / ``mqtts://`` URLs."""
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-        raise CollectorError(f"unsupported MQTT URL {url!r}: use {_MQTT_FORMS}")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise CollectorError(f"MQTT URL {url!r} has a bad port: use {_MQTT_FORMS}") from None
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return parts.hostname, port, tls, user, password
 
 
 class Collector:
@@ -111,13 +90,14 @@ class Collector:
                 validate_id(fleet, "fleet")
             except ValueError as exc:
                 raise CollectorError(f"{exc} (or '+' for every fleet)") from None
-        if protocol not in ("auto", "5", "3.1.1"):
-            raise CollectorError(f"MQTT protocol {protocol!r} is not valid: use auto, 5 or 3.1.1")
+        if protocol not in PROTOCOLS:
+            raise CollectorError(f"MQTT protocol {protocol!r} is not valid: use {', '.join(PROTOCOLS)}")
         if batch_max < 1 or batch_ms < 0:
             raise CollectorError("batch_max must be >= 1 and batch_ms >= 0")
-        self.host, self.port, self.tls, url_user, url_password = parse_mqtt_url(mqtt_url)
-        self.username = username if username is not None else url_user
-        self.password = password if password is not None else url_password
+        url = parse_mqtt_url(mqtt_url, where="--mqtt", error=CollectorError)
+        self.host, self.port, self.tls = url.host, url.port, url.tls
+        self.username = username if username is not None else url.username
+        self.password = password if password is not None else url.password
         self.ca_file, self.cert_file, self.key_file = ca_file, cert_file, key_file
         for label, path in (("--ca-file", ca_file), ("--cert-file", cert_file), ("--key-file", key_file)):
             if path is not None and not Path(path).is_file():
@@ -173,30 +153,16 @@ class Collector:
 
     # -- MQTT -----------------------------------------------------------------------------------------------------
     def _make_client(self) -> Any:
-        mqtt = require("paho.mqtt.client", extra="fleet", purpose="the fleet collector")
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        if self.protocol == "5":
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
-                                 manual_ack=True)
-        else:  # persistent session the 3.1.1 way
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311,
-                                 manual_ack=True, clean_session=False)
-        if self.username is not None:
-            client.username_pw_set(self.username, self.password)
+        tls = None
         if self.tls or self.ca_file or self.cert_file:
-            client.tls_set(ca_certs=self.ca_file, certfile=self.cert_file, keyfile=self.key_file)
+            tls = tls_context(self.ca_file, self.cert_file, self.key_file, error=CollectorError)
+        client = make_client(self.client_id, protocol=self.protocol, username=self.username, password=self.password,
+                             tls=tls, manual_ack=True, extra="fleet", purpose="the fleet collector")
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        props = None
-        if self.protocol == "5":
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = int(self.session_expiry_s)
-            props.ReceiveMaximum = max(1, min(int(self.receive_maximum), 65535))
+        props = connect_properties(self.session_expiry_s, self.receive_maximum) if self.protocol == "5" else None
         try:
             if props is not None:
                 client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=False,

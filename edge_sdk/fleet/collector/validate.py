@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk._deps import require
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import PayloadError
 from edge_sdk.topics import parse_topic
 
 __all__ = ["BACKENDS", "KIND_SCHEMAS", "MAX_PAYLOAD_BYTES", "PayloadError", "schema_backend", "validate_message",
@@ -38,16 +38,6 @@ BACKENDS = ("jsonschema-rs", "fastjsonschema")
 _validators: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
 _backend: str | None = None
-
-
-class PayloadError(EdgeSDKError, ValueError):
-    """A payload was rejected; ``reason`` is one line naming the field (stored in ``dead_letters``)."""
-
-    def __init__(self, reason: str) -> None:
-        # one printable line whatever the payload put in key names or values quoted by the message
-        reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason)
-        self.reason = reason if len(reason) <= 500 else reason[:497] + "..."
-        super().__init__(self.reason)
 
 
 def _no_remote(uri: str) -> Any:

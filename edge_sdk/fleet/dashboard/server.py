@@ -27,14 +27,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import EdgeSDKError, HTTPError, first_line
 from edge_sdk.fleet.dashboard import views
 from edge_sdk.fleet.dashboard.range_cache import RangeCache
+from edge_sdk.httpbase import HTTPServer, RequestHandler, base_url, bind, prometheus_escape
 from edge_sdk.topics import validate_id
 
 if TYPE_CHECKING:
@@ -54,16 +54,6 @@ _CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 
         "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.headers = status, headers or {}
-
-
-def _one_line(msg: object) -> str:
-    return " ".join(str(msg).split()) or "error"
-
-
 def _db_errors() -> tuple[type[BaseException], ...]:
     """Exceptions meaning "the database failed" (psycopg only when it is loaded)."""
     errs: list[type[BaseException]] = [EdgeSDKError, sqlite3.Error]
@@ -73,12 +63,8 @@ def _db_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _esc(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 def _labels(**kv: object) -> str:
-    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
+    return "{" + ",".join(f'{k}="{prometheus_escape(v)}"' for k, v in kv.items()) + "}"
 
 
 def _num(v: float | int | None) -> str | None:
@@ -146,29 +132,17 @@ def metrics_text(db: Database, stats: Callable[[], dict[str, Any]] | None = None
     return "\n".join(lines) + "\n"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(RequestHandler):
     server_version = "edge-sdk-collector"
-    disable_nagle_algorithm = True
     timeout = 60  # an idle keep-alive connection frees its thread after a minute
-    server: _HTTPServer
+    logger = log
+    extra_headers: ClassVar[dict[str, str]] = {"X-Content-Type-Options": "nosniff"}
+    server: HTTPServer
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
-    def _refuse(self) -> None:
-        self._send_json(405, {"error": f"{self.command} is not allowed: this API is read-only, use GET"},
-                        {"Allow": "GET, HEAD"})
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
-
-    def _dispatch(self) -> None:
+    def handle_request(self) -> None:
+        if self.command not in ("GET", "HEAD"):
+            raise HTTPError(405, "method_not_allowed", f"{self.command} is not allowed: this API is read-only, "
+                            "use GET", {"Allow": "GET, HEAD"})
         parts = urlsplit(self.path)
         if parts.path.startswith("/bundles/"):  # registry archives with HTTP ranges, for device updates (issue 6)
             from edge_sdk.fleet.lifecycle.bundle_server import handle_bundle_request
@@ -177,40 +151,17 @@ class _Handler(BaseHTTPRequestHandler):
             handle_bundle_request(self, Registry(self.server.owner.db), head=self.command == "HEAD")
             return
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-        try:
-            status, ctype, body, headers = self.server.owner.route(parts.path, query)
-        except _HTTPError as exc:
-            self._send_json(exc.status, {"error": _one_line(exc)}, exc.headers)
-        except _db_errors() as exc:
-            log.error("database query for %s failed: %s", parts.path, exc, exc_info=True)
-            self._send_json(500, {"error": f"database error: {type(exc).__name__}: {_one_line(exc)}"})
-        except ValueError as exc:  # a non-finite number or an undecodable row from the database
-            log.error("cannot answer %s: %s", parts.path, exc, exc_info=True)
-            self._send_json(500, {"error": f"cannot encode the answer: {_one_line(exc)}"})
-        else:
-            self._send(status, ctype, body, headers)
+        status, ctype, body, headers = self.server.owner.route(parts.path, query)
+        self.send_body(status, body, ctype, headers)
 
-    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        self._send(status, "application/json", json.dumps(payload).encode(), headers)
-
-    def _send(self, status: int, ctype: str, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if self.headers.get("Content-Length", "0").strip() not in ("", "0"):  # unread body: do not reuse
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    owner: CollectorHTTP
+    def map_exception(self, exc: Exception) -> HTTPError | None:
+        if isinstance(exc, _db_errors()):
+            log.error("database query for %s failed: %s", self.route(), exc, exc_info=True)
+            return HTTPError(500, "database", f"database error: {type(exc).__name__}: {first_line(exc, 1000)}")
+        if isinstance(exc, ValueError):  # a non-finite number or an undecodable row from the database
+            log.error("cannot answer %s: %s", self.route(), exc, exc_info=True)
+            return HTTPError(500, "encoding", f"cannot encode the answer: {first_line(exc, 1000)}")
+        return None
 
 
 def _float(query: dict[str, str], name: str, default: float, lo: float, hi: float) -> float:
@@ -220,9 +171,9 @@ def _float(query: dict[str, str], name: str, default: float, lo: float, hi: floa
     try:
         value = float(text)
     except ValueError:
-        raise _HTTPError(400, f"{name}={text!r} is not a number: use e.g. {name}={default:g}") from None
+        raise HTTPError(400, "bad_request", f"{name}={text!r} is not a number: use e.g. {name}={default:g}") from None
     if not lo <= value <= hi:
-        raise _HTTPError(400, f"{name}={text} is out of range: use {lo:g}..{hi:g}")
+        raise HTTPError(400, "bad_request", f"{name}={text} is out of range: use {lo:g}..{hi:g}")
     return value
 
 
@@ -243,19 +194,14 @@ class CollectorHTTP:
         self.since_s = float(since_s)
         self.static_dir = Path(static_dir).resolve()
         self.host = host
-        try:
-            self._httpd = _HTTPServer((host, port), _Handler)
-        except OSError as exc:
-            raise EdgeSDKError(f"cannot listen on {host}:{port}: {exc.strerror}: choose another host:port") from None
-        self._httpd.owner = self
+        self._httpd = bind(host, port, _Handler, self)
         self.port: int = self._httpd.server_address[1]
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         """Base URL (``0.0.0.0`` / ``::`` shown as the loopback address)."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return base_url(self.host, self.port)
 
     def start(self) -> int:
         """Serve from a background thread; returns the bound port."""
@@ -283,7 +229,7 @@ class CollectorHTTP:
 
     # -- routing (HTTP threads) ---------------------------------------------------------------------------
     def route(self, path: str, query: dict[str, str]) -> tuple[int, str, bytes, dict[str, str]]:
-        """Answer one GET: (status, content type, body, extra headers); raises _HTTPError or a DB error."""
+        """Answer one GET: (status, content type, body, extra headers); raises HTTPError or a DB error."""
         if path in ("/", "/index.html"):
             return self._static("index.html")
         if path.startswith("/static/"):
@@ -292,7 +238,7 @@ class CollectorHTTP:
             try:
                 self.db.query("SELECT 1 AS ok")
             except _db_errors() as exc:
-                return _json(503, {"status": "unavailable", "error": _one_line(exc)})
+                return _json(503, {"status": "unavailable", "error": first_line(exc, 1000)})
             return _json(200, {"status": "ok", "db": getattr(self.db, "dialect", None)})
         if path == "/metrics":
             since = _float(query, "since", self.since_s, 1, 365 * 86400)
@@ -300,8 +246,8 @@ class CollectorHTTP:
                 self.db, self.stats, since_s=since, cache=self.cache).encode(), {"Cache-Control": "no-store"}
         if path.startswith("/api/"):
             return _json(200, self._api(path[len("/api/"):].rstrip("/"), query))
-        raise _HTTPError(404, f"no route {path}: use /, /api/devices, /api/models, /api/alerts, /api/dead_letters, "
-                              "/healthz or /metrics")
+        raise HTTPError(404, "not_found", f"no route {path}: use /, /api/devices, /api/models, /api/alerts, "
+                        "/api/dead_letters, /healthz or /metrics")
 
     def _api(self, path: str, query: dict[str, str]) -> dict[str, Any]:
         fleet = query.get("fleet") or None
@@ -325,20 +271,21 @@ class CollectorHTTP:
         if path == "alerts":
             state = query.get("state") or None
             if state not in (None, "open", "resolved"):
-                raise _HTTPError(400, f"state={state!r} is not valid: use open or resolved (or leave it out)")
+                raise HTTPError(400, "bad_request",
+                                f"state={state!r} is not valid: use open or resolved (or leave it out)")
             limit = int(_float(query, "limit", 200, 1, 10_000))
             return {"alerts": views.alerts(self.db, state, limit, fleet=fleet)}
         if path == "dead_letters":
             return {"dead_letters": views.dead_letters(self.db, int(_float(query, "limit", 100, 1, 10_000)))}
-        raise _HTTPError(404, f"no API route /api/{path}: use devices, models, devices/<fleet>/<device>/series, "
-                              "alerts or dead_letters")
+        raise HTTPError(404, "not_found", f"no API route /api/{path}: use devices, models, "
+                        "devices/<fleet>/<device>/series, alerts or dead_letters")
 
     def _static(self, name: str) -> tuple[int, str, bytes, dict[str, str]]:
         name = unquote(name)
         target = (self.static_dir / name).resolve()
         if ("\x00" in name or "\\" in name or not target.is_relative_to(self.static_dir) or not target.is_file()
                 or target.suffix not in _CONTENT_TYPES):
-            raise _HTTPError(404, f"no static file {name!r}")
+            raise HTTPError(404, "not_found", f"no static file {name!r}")
         headers = {"Cache-Control": "no-cache", "Content-Security-Policy": _CSP}
         return 200, _CONTENT_TYPES[target.suffix], target.read_bytes(), headers
 
@@ -347,7 +294,7 @@ def _check_id(value: str, what: str) -> str:
     try:
         return validate_id(value, what)
     except ValueError as exc:
-        raise _HTTPError(400, str(exc)) from None
+        raise HTTPError(400, "bad_request", str(exc)) from None
 
 
 def _json(status: int, payload: dict[str, Any]) -> tuple[int, str, bytes, dict[str, str]]:

@@ -36,8 +36,9 @@ from edge_sdk.fleet.dashboard.range_cache import (
 if TYPE_CHECKING:
     from edge_sdk.fleet.db import Database
 
-__all__ = ["DEFAULT_WINDOW_S", "STALE_WINDOWS", "alerts", "dead_letters", "device_series", "fleet_status",
-           "model_versions"]
+__all__ = ["DEAD_LETTERS_MAX_LIMIT", "DEFAULT_WINDOW_S", "PAYLOAD_MAX_BYTES", "PREVIEW_BYTES", "STALE_WINDOWS",
+           "alerts", "dead_letter", "dead_letters", "device_series", "fleet_status", "model_versions",
+           "retention_drops"]
 
 DEFAULT_WINDOW_S = 10.0  # assumed when neither the device's status nor its windows tell its window length
 STALE_WINDOWS = 3  # a device with no window for this many window lengths is "stale"
@@ -194,14 +195,47 @@ def alerts(db: Database, state: str | None = None, limit: int = 200, *, fleet: s
                     (*params, int(limit)))
 
 
-def dead_letters(db: Database, limit: int = 100, *, preview_bytes: int = 300) -> list[dict[str, Any]]:
-    """Rejected messages, newest first: id, received_at, topic, reason, size and a text preview of the payload."""
-    rows = db.query("SELECT id, received_at, topic, reason, payload FROM dead_letters ORDER BY id DESC LIMIT ?",
-                    (int(limit),))
-    out = []
-    for r in rows:
-        raw = bytes(r["payload"]) if not isinstance(r["payload"], str) else r["payload"].encode()
-        out.append({"id": r["id"], "received_at": r["received_at"], "topic": r["topic"], "reason": r["reason"],
-                    "size": len(raw), "preview": raw[:preview_bytes].decode("utf-8", errors="replace")})
-    return out
+DEAD_LETTERS_MAX_LIMIT = 500  # rows per dead-letter listing: previews only, so a page is at most ~200 kB
+PREVIEW_BYTES = 256
+PAYLOAD_MAX_BYTES = 64 * 1024  # one payload by id: at most this much is read from the database
 
+
+def _text(raw: Any) -> str:
+    data = raw.encode() if isinstance(raw, str) else bytes(raw or b"")
+    return data.decode("utf-8", errors="replace")
+
+
+def dead_letters(db: Database, limit: int = 100, *, preview_bytes: int = PREVIEW_BYTES) -> list[dict[str, Any]]:
+    """Rejected messages, newest first: id, received_at, topic, reason, size and a text preview of the payload.
+
+    Size and preview come from the database (``length`` / ``substr``), so listing never reads whole payloads;
+    ``limit`` is capped at :data:`DEAD_LETTERS_MAX_LIMIT` and the preview at :data:`PREVIEW_BYTES`. The whole
+    payload of one message: :func:`dead_letter`.
+    """
+    limit = max(1, min(int(limit), DEAD_LETTERS_MAX_LIMIT))
+    n = max(0, min(int(preview_bytes), PREVIEW_BYTES))
+    rows = db.query("SELECT id, received_at, topic, reason, length(payload) AS size, substr(payload, 1, ?) AS head "
+                    "FROM dead_letters ORDER BY id DESC LIMIT ?", (n, limit))
+    return [{"id": r["id"], "received_at": r["received_at"], "topic": r["topic"], "reason": r["reason"],
+             "size": int(r["size"] or 0), "preview": _text(r["head"])} for r in rows]
+
+
+def dead_letter(db: Database, dead_letter_id: int, *, max_bytes: int = PAYLOAD_MAX_BYTES) -> dict[str, Any] | None:
+    """One dead letter with its payload as text, at most ``max_bytes`` (``truncated`` says when it was cut);
+    None when there is no such id."""
+    n = max(0, min(int(max_bytes), PAYLOAD_MAX_BYTES))
+    rows = db.query("SELECT id, received_at, topic, reason, length(payload) AS size, substr(payload, 1, ?) AS head "
+                    "FROM dead_letters WHERE id = ?", (n, int(dead_letter_id)))
+    if not rows:
+        return None
+    r = rows[0]
+    size = int(r["size"] or 0)
+    return {"id": r["id"], "received_at": r["received_at"], "topic": r["topic"], "reason": r["reason"],
+            "size": size, "truncated": size > n, "payload": _text(r["head"])}
+
+
+def retention_drops(db: Database, fleet: str | None = None) -> list[dict[str, Any]]:
+    """What retention deleted without a rollup (events, dead letters), counted per kind, device and reason."""
+    clause, params = fleet_clause(fleet, first=True)
+    return db.query("SELECT kind, fleet, device, reason, dropped, first_ts, last_ts FROM retention_drops"
+                    f"{clause} ORDER BY kind, fleet, device, reason", params)

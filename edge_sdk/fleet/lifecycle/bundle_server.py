@@ -12,15 +12,17 @@ it); :class:`BundleHTTPServer` is a small standalone server (``edge-sdk registry
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
+
+from edge_sdk.errors import HTTPError, RangeNotSatisfiable
+from edge_sdk.httpbase import HTTPServer, RequestHandler
 
 if TYPE_CHECKING:
     from edge_sdk.fleet.lifecycle.registry import Registry
@@ -33,10 +35,6 @@ log = logging.getLogger(__name__)
 BUNDLE_PREFIX = "/bundles/"
 _CHUNK = 1 << 16
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
-
-
-class RangeNotSatisfiable(Exception):
-    """The requested byte range lies beyond the end of the file (answered with 416)."""
 
 
 def bundle_path(name: str, version: str) -> str:
@@ -123,18 +121,7 @@ def serve_file(handler: BaseHTTPRequestHandler, path: str | os.PathLike, etag: s
     return status
 
 
-def _send_json(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any], head: bool) -> int:
-    data = json.dumps(body).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    if not head:
-        handler.wfile.write(data)
-    return status
-
-
-def handle_bundle_request(handler: BaseHTTPRequestHandler, registry: Registry, *, head: bool = False) -> bool:
+def handle_bundle_request(handler: RequestHandler, registry: Registry, *, head: bool = False) -> bool:
     """Serve ``/bundles/<name>/<version>.tar.gz`` for ``handler`` (GET, or HEAD with ``head=True``).
 
     Returns False, sending nothing, when the request path is not below ``/bundles/`` (so the caller can route
@@ -145,43 +132,37 @@ def handle_bundle_request(handler: BaseHTTPRequestHandler, registry: Registry, *
         return False
     parts = path[len(BUNDLE_PREFIX):].split("/")
     if len(parts) != 2 or not parts[1].endswith(".tar.gz"):
-        _send_json(handler, 404, {"error": "use /bundles/<name>/<version>.tar.gz"}, head)
+        handler.send_json(404, {"error": "use /bundles/<name>/<version>.tar.gz"})
         return True
     name, version = unquote(parts[0]), unquote(parts[1][: -len(".tar.gz")])
     rec = registry.get(name, version)
     if rec is None:
-        _send_json(handler, 404, {"error": f"{name}:{version} is not in the registry"}, head)
+        handler.send_json(404, {"error": f"{name}:{version} is not in the registry"})
         return True
     archive = Path(rec.archive_path)
     if not archive.is_file() or archive.stat().st_size != rec.size_bytes:
         log.error("archive of %s:%s is missing or changed on disk (%s)", name, version, archive)
-        _send_json(handler, 500, {"error": f"the stored archive of {name}:{version} is missing or damaged: "
-                                           "re-add the bundle"}, head)
+        handler.send_json(500, {"error": f"the stored archive of {name}:{version} is missing or damaged: "
+                                         "re-add the bundle"})
         return True
     serve_file(handler, archive, rec.bundle_sha256, head=head)
     return True
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(RequestHandler):
     server: BundleHTTPServer
-    protocol_version = "HTTP/1.1"
+    logger = log
 
-    def do_GET(self) -> None:
-        if not handle_bundle_request(self, self.server.registry):
-            _send_json(self, 404, {"error": "not found: use /bundles/<name>/<version>.tar.gz"}, False)
-
-    def do_HEAD(self) -> None:
-        if not handle_bundle_request(self, self.server.registry, head=True):
-            _send_json(self, 404, {"error": "not found"}, True)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s - %s", self.address_string(), format % args)
+    def handle_request(self) -> None:
+        if self.command not in ("GET", "HEAD"):
+            raise HTTPError(405, "method_not_allowed", f"{self.command} is not allowed: use GET or HEAD",
+                            {"Allow": "GET, HEAD"})
+        if not handle_bundle_request(self, self.server.registry, head=self.command == "HEAD"):
+            raise HTTPError(404, "not_found", "not found: use /bundles/<name>/<version>.tar.gz")
 
 
-class BundleHTTPServer(ThreadingHTTPServer):
+class BundleHTTPServer(HTTPServer):
     """A standalone HTTP server for registry archives (``with BundleHTTPServer(reg) as s: s.url``)."""
-
-    daemon_threads = True
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0) -> None:
         self.registry = registry

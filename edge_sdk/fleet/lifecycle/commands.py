@@ -9,30 +9,33 @@ acknowledged each message.
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 import time
 import uuid
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from edge_sdk._deps import require
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import CommandPublishError
+from edge_sdk.mqtt import make_client, parse_mqtt_url, tls_context
 
-__all__ = ["CommandPublishError", "MqttCommandPublisher", "command_payload"]
+__all__ = ["DEFAULT_TTL_S", "CommandPublishError", "MqttCommandPublisher", "command_payload"]
 
 SCHEMA = "edge-sdk/command"
 SCHEMA_VERSION = "1.0"
 
 
-class CommandPublishError(EdgeSDKError):
-    """A command could not be delivered to the broker."""
+DEFAULT_TTL_S = {"update": 30 * 86400.0, "rollback": 3600.0, "resend": 600.0}
+"""How long a command stays valid: a retained ``cmd/update`` must still apply when an offline device returns;
+a ``cmd/rollback`` or ``cmd/resend`` queued by the broker for days must not."""
 
 
-def command_payload(command: str, **fields: Any) -> bytes:
-    """JSON bytes of one command: schema fields, a fresh ``command_id`` and ``ts``, plus ``fields``."""
+def command_payload(command: str, *, ttl_s: float | None = None, **fields: Any) -> bytes:
+    """JSON bytes of one command: schema fields, a fresh ``command_id`` (devices carry out a ``cmd/rollback``
+    once per id, across restarts), ``ts`` and ``expires_at`` (``ts`` + ``ttl_s``, default per command:
+    :data:`DEFAULT_TTL_S`; devices refuse expired commands), plus ``fields``."""
+    now = time.time()
+    ttl = DEFAULT_TTL_S.get(command, 3600.0) if ttl_s is None else float(ttl_s)
     payload = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "command": command,
-               "command_id": uuid.uuid4().hex, "ts": time.time(), **fields}
+               "command_id": uuid.uuid4().hex, "ts": now, "expires_at": now + ttl, **fields}
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
@@ -42,32 +45,24 @@ class MqttCommandPublisher:
 
     def __init__(self, url: str, *, client_id: str | None = None, ca_file: str | None = None,
                  timeout: float = 10.0) -> None:
-        mqtt = require("paho.mqtt.client", extra="fleet", purpose="publishing deploy commands over MQTT")
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise CommandPublishError(f"MQTT URL {url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
+        u = parse_mqtt_url(url, where="--mqtt", error=CommandPublishError)
         self.timeout = timeout
         self._connected = threading.Event()
         self._reason: str | None = None
-        cid = client_id or f"edge-deploy-{uuid.uuid4().hex[:8]}"
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
-        if parts.username:
-            self._client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
-        if parts.scheme == "mqtts":
-            self._client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        tls = tls_context(ca_file, error=CommandPublishError) if u.tls else None
+        self._client = make_client(client_id or f"edge-deploy-{uuid.uuid4().hex[:8]}", username=u.username,
+                                   password=u.password, tls=tls, extra="fleet",
+                                   purpose="publishing deploy commands over MQTT")
         self._client.on_connect = self._on_connect
-        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         try:
-            self._client.connect(parts.hostname, port, keepalive=30)
+            self._client.connect(u.host, u.port, keepalive=30)
         except OSError as exc:
-            raise CommandPublishError(f"cannot reach the MQTT broker at {parts.hostname}:{port} ({exc}): start it "
+            raise CommandPublishError(f"cannot reach the MQTT broker at {u.address} ({exc}): start it "
                                       "or pass --mqtt URL") from None
         self._client.loop_start()
         if not self._connected.wait(timeout) or self._reason:
             self.close()
-            raise CommandPublishError(f"MQTT broker {parts.hostname}:{port} refused or did not answer the connection"
+            raise CommandPublishError(f"MQTT broker {u.address} refused or did not answer the connection"
                                       f" ({self._reason or 'timeout'}): check --mqtt, user and password")
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.bundle import Bundle, sha256_file
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import EdgeSDKError, GateError
 
 __all__ = ["GateDecision", "GateError", "evaluate_archive", "evaluate_on_holdout", "gate"]
 
@@ -32,14 +32,6 @@ class GateDecision:
     accepted: bool
     reason: str
     figures: dict[str, Any] = field(default_factory=dict)
-
-
-class GateError(EdgeSDKError):
-    """A promotion was refused by the evaluation gate; ``decision`` holds the figures."""
-
-    def __init__(self, message: str, decision: GateDecision) -> None:
-        self.decision = decision
-        super().__init__(message)
 
 
 def _load_holdout(holdout: Any) -> tuple[np.ndarray, np.ndarray, str | None]:

@@ -27,21 +27,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_sdk.bundle import Bundle, sha256_file, sha256_path
-from edge_sdk.errors import BundleError, EdgeSDKError
+from edge_sdk.errors import BundleError, RegistryError
 
 if TYPE_CHECKING:
     from edge_sdk.fleet.db import Database
     from edge_sdk.fleet.lifecycle.gate import GateDecision
 
-__all__ = ["STATES", "Holdout", "ModelRecord", "Promotion", "Registry", "RegistryError", "parse_model_ref"]
+__all__ = ["STATES", "Holdout", "ModelRecord", "Promotion", "Registry", "RegistryError", "parse_model_ref",
+           "require_verified"]
 
 STATES = ("candidate", "canary", "active", "retired")
 _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}$")
 _SIGNATURE_NAME = "signature.json"  # edge_sdk.signing.SIGNATURE_NAME, without importing cryptography here
-
-
-class RegistryError(EdgeSDKError):
-    """A registry operation is not possible (unknown model, duplicate version, refused transition ...)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +118,16 @@ def parse_model_ref(text: str) -> tuple[str, str | None]:
     if not name or (sep and not version):
         raise RegistryError(f"model reference {text!r} is not NAME or NAME:VERSION")
     return name, version or None
+
+
+def require_verified(rec: ModelRecord, action: str, allow_unsigned: bool) -> None:
+    """RegistryError unless ``rec``'s signature was verified against trusted keys (or ``allow_unsigned``)."""
+    if rec.signature_verified or allow_unsigned:
+        return
+    how = (f"signed by {rec.signed_key_id} but not verified (the registry had no trusted keys)" if rec.signed_key_id
+           else "unsigned")
+    raise RegistryError(f"refusing to {action} {rec.ref}: it is {how}; sign it (`edge-sdk bundle sign`) and add it "
+                        "with --trusted-keys, or pass allow_unsigned=True (CLI --allow-unsigned) for development")
 
 
 def _check_safe(value: str, what: str) -> str:
@@ -376,13 +383,15 @@ class Registry:
         return result
 
     def promote(self, name: str, version: str, *, force_reason: str | None = None,
-                tolerance_pp: float = 0.5) -> Promotion:
+                tolerance_pp: float = 0.5, allow_unsigned: bool = False) -> Promotion:
         """Run the evaluation gate against the active version and, when it passes, move the version to canary.
 
         Refused (:class:`~edge_sdk.fleet.lifecycle.gate.GateError`, one line naming both accuracies and the tolerance)
         when the candidate is worse than the active version by more than ``tolerance_pp`` percentage points on
         the holdout set, or when there is an active version but no holdout set; ``force_reason`` overrides the
-        refusal and is recorded. The first version of a name (no active one) passes without comparison.
+        refusal and is recorded. The first version of a name (no active one) passes without comparison. A version
+        whose signature was not verified when it was added (unsigned, or no trusted keys) is refused unless
+        ``allow_unsigned`` (CLI ``--allow-unsigned``): devices with trusted keys would refuse it anyway.
         """
         from edge_sdk.fleet.lifecycle.gate import GateDecision, GateError, gate
 
@@ -391,6 +400,7 @@ class Registry:
         rec = self.show(name, version)
         if rec.state in ("canary", "active"):
             raise RegistryError(f"{rec.ref} is already {rec.state}: nothing to promote")
+        require_verified(rec, "promote", allow_unsigned)
         current = self.active(name)
         hold = self.holdout(name)
         cand = self.evaluate(name, version) if hold is not None else None

@@ -19,6 +19,13 @@ that switched to the previous version and then swapped on ``cmd/rollback`` would
 too little canary data -> hold, and halt
 once ``max_hold_factor`` hold periods passed without enough data, or when too many canary devices reported
 ``update.failed``. Every decision is stored in ``rollout_decisions`` with its figures.
+
+Devices refuse a lower ``version_code`` and another model unless a rollback authorisation signed by a release
+key names the change (issue 13, :mod:`edge_sdk.rollback_auth`). With ``rollback_key`` the rollout signs one when
+it starts a deployment (kept in the ``start`` decision's figures, so a collector without the key can still roll
+back) and again at rollback time; every rollback command carries it and names its target version. A deployment
+of a version with a ``version_code`` is refused without ``rollback_key``, since devices could not be rolled back.
+Unsigned versions are deployed only with ``allow_unsigned``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -35,11 +43,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import EdgeSDKError, RolloutError
 from edge_sdk.fleet.lifecycle.bundle_server import bundle_path
 from edge_sdk.fleet.lifecycle.canary import Thresholds, health_checks, window_figures
 from edge_sdk.fleet.lifecycle.commands import command_payload
-from edge_sdk.fleet.lifecycle.registry import ModelRecord, Registry
+from edge_sdk.fleet.lifecycle.registry import ModelRecord, Registry, require_verified
 from edge_sdk.topics import cmd_topic, validate_id
 
 if TYPE_CHECKING:
@@ -56,10 +64,6 @@ PublishFn = Callable[[str, bytes, bool], None]
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_REFERENCE_WINDOWS = 5000
-
-
-class RolloutError(EdgeSDKError):
-    """A deployment cannot be started or changed (not promoted, already running, no devices ...)."""
 
 
 @dataclass(frozen=True)
@@ -120,16 +124,24 @@ class Rollout:
     ``publish`` sends one command (see :data:`PublishFn`); ``base_url`` is where devices download archives
     (``<base_url>/bundles/<name>/<version>.tar.gz``, or a template with ``{name}`` and ``{version}``); it is
     needed to start deployments only (each deployment stores its own). ``thresholds`` are used for deployments
-    started here; each deployment is judged by the thresholds stored with it.
+    started here; each deployment is judged by the thresholds stored with it. ``rollback_key``: an ed25519
+    private key (``edge-sdk keys new``, one the devices trust) to sign rollback authorisations;
+    ``rollback_ttl_s`` how long one stays valid. ``allow_unsigned``: deploy versions whose signature was not
+    verified (development only).
     """
 
     def __init__(self, db: Database, publish: PublishFn, base_url: str | None = None, *,
-                 thresholds: Thresholds | None = None, registry: Registry | None = None) -> None:
+                 thresholds: Thresholds | None = None, registry: Registry | None = None,
+                 rollback_key: str | os.PathLike | None = None, rollback_ttl_s: float = 30 * 86400.0,
+                 allow_unsigned: bool = False) -> None:
         self.db = db
         self.publish = publish
         self.base_url = base_url
         self.thresholds = thresholds or Thresholds()
         self.registry = registry or Registry(db)
+        self.rollback_key = rollback_key
+        self.rollback_ttl_s = rollback_ttl_s
+        self.allow_unsigned = allow_unsigned
         self._lock = threading.Lock()
 
     # ---- commands ---------------------------------------------------------------------------------------------
@@ -177,8 +189,13 @@ class Rollout:
     # ---- start ------------------------------------------------------------------------------------------------
 
     def start(self, name: str, version: str, fleet: str, stages: str | Sequence[int] = (5, 25, 100),
-              hold_s: float | str = 600, devices: Sequence[str] | None = None, *, now: float | None = None) -> str:
-        """Start a deployment and send the new version to the first stage; returns the deployment id."""
+              hold_s: float | str = 600, devices: Sequence[str] | None = None, *, now: float | None = None,
+              allow_unsigned: bool | None = None) -> str:
+        """Start a deployment and send the new version to the first stage; returns the deployment id.
+
+        Refused for a version whose signature was not verified (unless ``allow_unsigned``, default: the
+        Rollout's), whose signed ``fleets`` exclude ``fleet``, or that has a ``version_code`` while the Rollout
+        has no ``rollback_key`` (its devices could not be rolled back)."""
         if self.base_url is None:
             raise RolloutError("no base URL for bundle downloads: pass --base-url http://COLLECTOR:PORT")
         validate_id(fleet, "fleet")
@@ -190,6 +207,18 @@ class Rollout:
         if rec.state not in ("canary", "active"):
             raise RolloutError(f"{rec.ref} is {rec.state}, not promoted: run `edge-sdk registry promote {name} "
                                f"{version}` first (the evaluation gate)")
+        try:
+            require_verified(rec, "deploy", self.allow_unsigned if allow_unsigned is None else allow_unsigned)
+        except EdgeSDKError as exc:
+            raise RolloutError(str(exc)) from None
+        fleets = rec.manifest.get("fleets")
+        if fleets and fleet not in fleets:
+            raise RolloutError(f"{rec.ref} is signed to run only in fleet(s) {', '.join(fleets)}, not {fleet}: "
+                               "re-sign it with `edge-sdk bundle sign --fleet` or deploy it there")
+        if rec.manifest.get("version_code") is not None and self.rollback_key is None:
+            raise RolloutError(f"{rec.ref} has a version_code, so its devices accept a rollback only with a signed "
+                               "authorisation: pass rollback_key=KEY (CLI --rollback-key KEY, a release key the "
+                               "devices trust)")
         now = time.time() if now is None else now
         dep_id = uuid.uuid4().hex
         with self.db.transaction():
@@ -212,8 +241,10 @@ class Rollout:
             self.db.execute(f"INSERT INTO deployments ({', '.join(dep)}) VALUES ({', '.join('?' * len(dep))})",
                             tuple(dep.values()))
             per_stage = [sum(1 for s in targets.values() if s == i) for i in range(len(stage_t))]
+            auth = self._sign_rollback(dep, f"rollback of deployment {dep_id}", now)
             self._record(dep_id, now, 0, "start", {"stages": list(stage_t), "devices_per_stage": per_stage,
-                                                   "previous_version": dep["previous_version"], "hold_s": hold},
+                                                   "previous_version": dep["previous_version"], "hold_s": hold,
+                                                   "rollback_authorisation": auth},
                          f"rolling out {name}:{version} to fleet {fleet} in stages {dep['stages']}")
         self._send_stage(dep, 0, rec, targets, now)
         return dep_id
@@ -358,8 +389,36 @@ class Rollout:
 
     # ---- rollback ---------------------------------------------------------------------------------------------
 
+    def _sign_rollback(self, dep: dict[str, Any], reason: str, now: float) -> dict[str, Any] | None:
+        """A rollback authorisation from the deployed version to the previous one (None without a key)."""
+        if self.rollback_key is None:
+            return None
+        from edge_sdk.rollback_auth import sign_rollback
+
+        new = self.registry.get(dep["name"], dep["version"])
+        prev = self.registry.get(dep["name"], dep["previous_version"]) if dep["previous_version"] else None
+        return sign_rollback(self.rollback_key, name=dep["name"], fleet=dep["fleet"], from_version=dep["version"],
+                             from_version_code=new.manifest.get("version_code") if new else None,
+                             to_version=dep["previous_version"],
+                             to_version_code=prev.manifest.get("version_code") if prev else None,
+                             deployment_id=dep["id"], reason=reason, ttl_s=self.rollback_ttl_s)  # wall clock
+
+    def _rollback_authorisation(self, dep: dict[str, Any], reason: str, now: float) -> dict[str, Any] | None:
+        """A fresh authorisation when this Rollout has the key, else the one signed when the deployment started."""
+        fresh = self._sign_rollback(dep, reason, now)
+        if fresh is not None:
+            return fresh
+        rows = self.db.query("SELECT figures FROM rollout_decisions WHERE deployment_id = ? AND decision = 'start'",
+                             (dep["id"],))
+        auth = json.loads(rows[0]["figures"]).get("rollback_authorisation") if rows else None
+        if auth is None:
+            log.warning("deployment %s: no rollback authorisation (no rollback_key): devices that keep a signed "
+                        "version order will refuse this rollback", dep["id"])
+        return auth
+
     def _rollback(self, dep: dict[str, Any], now: float, figures: dict[str, Any], reason: str) -> Decision:
         prev = self.registry.get(dep["name"], dep["previous_version"]) if dep["previous_version"] else None
+        auth = self._rollback_authorisation(dep, reason, now)
         targets = self.db.query("SELECT device FROM deployment_devices WHERE deployment_id = ? AND rolled_back_at IS "
                                 "NULL ORDER BY device", (dep["id"],))
         for r in targets:
@@ -367,14 +426,16 @@ class Rollout:
             topic = cmd_topic(dep["fleet"], device, "update")
             if prev is not None:  # the desired model is the previous version again (retained: offline devices too)
                 self.publish(topic, command_payload("update", model=self._model_block(prev, dep["base_url"]),
-                                                    deployment_id=dep["id"]), True)
+                                                    deployment_id=dep["id"], authorisation=auth), True)
             else:  # not in the registry: clear the desired model and ask the agent for the version it kept
                 self.publish(topic, b"", True)
                 self.publish(cmd_topic(dep["fleet"], device, "rollback"),
-                             command_payload("rollback", deployment_id=dep["id"], reason=reason[:200]), False)
+                             command_payload("rollback", deployment_id=dep["id"], reason=reason[:200],
+                                             target_version=dep["previous_version"], authorisation=auth), False)
             self.db.execute("UPDATE deployment_devices SET rolled_back_at = ? WHERE deployment_id = ? AND device = ?",
                             (now, dep["id"], device))
-        figures = {**figures, "rolled_back_devices": [r["device"] for r in targets]}
+        figures = {**figures, "rolled_back_devices": [r["device"] for r in targets],
+                   "authorisation": auth["statement"]["id"] if auth else None}
         self._set(dep["id"], state="rolled_back", finished_at=now, reason=reason)
         rec = self.registry.get(dep["name"], dep["version"])
         if rec is not None and rec.state in ("canary", "active"):

@@ -1,0 +1,92 @@
+"""``edge-sdk agent run``: load a bundle and serve it on the device (HTTP API and/or an input source), with
+optional telemetry over MQTT and signed over-the-air updates from a model store.
+
+The command only turns flags (over the config file) into a
+:class:`~edge_sdk.device_agent.runner.RunnerConfig`; the device itself is run by
+:class:`~edge_sdk.device_agent.runner.DeviceRunner`, the same class the simulated test fleet drives. Heavy imports
+(the runtimes, the agent) stay inside the handler so ``edge-sdk --help`` loads no framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from edge_sdk.cli._common import (
+    host_port,
+    log_parent,
+    model_store_parent,
+    mqtt_parent,
+    setup_logging,
+    trusted_keys_parent,
+)
+from edge_sdk.errors import EdgeSDKError
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add ``agent run`` to the ``edge-sdk`` sub-parsers."""
+    ag = sub.add_parser("agent", help="the device agent")
+    ag.set_defaults(func=_cmd_agent, agent_command=None)
+    agsub = ag.add_subparsers(dest="agent_command", metavar="ACTION")
+    run = agsub.add_parser("run", help="load a bundle and serve it: local HTTP API and/or an input source",
+                           parents=[mqtt_parent(optional=True, purpose="telemetry: broker"), model_store_parent(),
+                                    trusted_keys_parent(), log_parent()])
+    run.add_argument("--bundle", help="bundle directory or .tar.gz (or `bundle` in the config file)")
+    run.add_argument("--config", help="agent.toml (see examples/agent.toml); flags override it")
+    run.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API here (default 127.0.0.1:8080 when "
+                     "no --source is given)")
+    run.add_argument("--source", help="camera:N | folder:PATH | file:PATH | rtsp://... (results as JSON lines)")
+    run.add_argument("--runtime", help="runtime preference order, e.g. onnxruntime,openvino,litert")
+    run.add_argument("--target", help="take the runtime order from this target profile (see `edge-sdk targets`)")
+    run.add_argument("--artifact", help="run this artifact (format/precision) instead of choosing")
+    run.add_argument("--threads", type=int, help="inference threads")
+    run.add_argument("--no-verify", action="store_true", help="skip the artifact's sha256 check at load")
+    # -- agent run: telemetry flags (any of them turns telemetry on; --mqtt comes from the shared parent) --
+    run.add_argument("--fleet", help="telemetry: fleet id (default: [telemetry] fleet or 'default')")
+    run.add_argument("--device", help="telemetry: device id (default: [telemetry] device or this host's name)")
+    run.add_argument("--window", type=float, metavar="S", help="telemetry: seconds per window (default 10)")
+    run.add_argument("--outbox", metavar="PATH", help="telemetry: SQLite outbox file (default telemetry-outbox.db)")
+    run.add_argument("--allow-unsigned", action="store_true", help="development only: accept unsigned updates")
+
+
+_host_port = host_port  # the name the other command groups import (``--http HOST:PORT``)
+
+
+def _runner_config(args: argparse.Namespace) -> Any:
+    """The flags over the config file (``--config``), as a RunnerConfig (``on_switch="restart"``)."""
+    from edge_sdk.device_agent.config import AgentConfig, load_config
+    from edge_sdk.device_agent.runner import RunnerConfig
+
+    cfg = load_config(args.config) if args.config else AgentConfig()
+    host, port = host_port(args.http) if args.http else (None, None)
+    order = args.runtime.split(",") if args.runtime else None
+    if order is None and args.target:
+        from edge_sdk.targets import load_profile
+
+        order = list(load_profile(args.target).runtimes)
+    cfg = cfg.merged(bundle=args.bundle, source=args.source, artifact=args.artifact, threads=args.threads,
+                     runtime_order=order, host=host, port=port, verify=False if args.no_verify else None)
+    cfg = cfg.with_telemetry(fleet=args.fleet, device=args.device, mqtt_url=args.mqtt, window_s=args.window,
+                             outbox=args.outbox)
+    keys = args.trusted_keys
+    keys = keys[0] if isinstance(keys, list) and len(keys) == 1 else tuple(keys) if keys else None
+    # the HTTP server and the input source hold the agent: a model switch restarts the process on the new model
+    return RunnerConfig(agent=cfg, serve_http=bool(args.http or not cfg.source), store=args.store,
+                        trusted_keys=keys, allow_unsigned=args.allow_unsigned, on_switch="restart")
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from edge_sdk.device_agent.runner import DeviceRunner, exec_restart
+
+    if args.agent_command != "run":
+        raise EdgeSDKError("usage: edge-sdk agent run --bundle DIR [--config agent.toml] [--http HOST:PORT] "
+                           "[--source camera:0|folder:PATH|file:PATH]")
+    setup_logging(args.log_level)
+    runner = DeviceRunner(_runner_config(args))
+    runner.install_signal_handlers()
+    if runner.run():  # an update switched the model: start again on it (same arguments)
+        exec_restart(sys.argv[1:])
+    return 0
