@@ -71,11 +71,13 @@ def within_budget(artifact: Artifact, max_drop_pp: float, min_cosine: float | No
 
 def build(source: Any, *, target: str, out: str | Path, calib: Any = None, max_accuracy_drop: float | None = None,
           runs: int = 50, warmup: int = 10, rounds: int = 3, quiet: bool = False, min_agreement: float | None = None,
-          min_cosine: float | None = None, **convert_kwargs: Any) -> Bundle:
+          min_cosine: float | None = None, version_code: int | None = None, fleets: list[str] | None = None,
+          **convert_kwargs: Any) -> Bundle:
     """Build a bundle for a named target profile and record the selected variant in the manifest.
 
     An explicit ``max_accuracy_drop``, ``min_agreement`` or ``min_cosine`` also turns on the int8 fallback
     ladder (converters/accuracy_budget.py); the profile's own budget only drives the selection.
+    ``version_code`` / ``fleets``: the signed model identity written into the manifest (see ``convert``).
     """
     from edge_sdk.targets.profiles import load_profile
 
@@ -92,7 +94,8 @@ def build(source: Any, *, target: str, out: str | Path, calib: Any = None, max_a
         ladder_budget = AccuracyBudget(max_accuracy_drop, min_agreement, min_cosine)
     try:
         bundle = convert(source, out=out, calib=calib, variants=variants, options=options, quiet=quiet,
-                         skip_unsupported=True, budget=ladder_budget, **convert_kwargs)
+                         skip_unsupported=True, budget=ladder_budget, version_code=version_code, fleets=fleets,
+                         **convert_kwargs)
     except ValidationError as exc:  # failed artifacts were left out; build with the rest
         bundle = getattr(exc, "bundle", None)
         if bundle is None:

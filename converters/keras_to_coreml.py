@@ -12,26 +12,13 @@ Precisions: fp32, fp16, int8 (int8 weights on an fp16 model), palettized (k-mean
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
-import numpy as np
-
 from edge_sdk._deps import require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
-from edge_sdk.converters.coreml_spec import (
-    check_package,
-    check_palette_bits,
-    compress_and_save,
-    compute_precision,
-    deployment_target,
-    finish_draft,
-    import_coremltools,
-    shim_notes,
-)
+from edge_sdk.converters.base import ConversionContext, register
+from edge_sdk.converters.coreml_common import CoreMLCapture, CoreMLConverter
 from edge_sdk.errors import ConversionError
-from edge_sdk.formats import Format, Framework, Precision
+from edge_sdk.formats import Framework
 
 __all__ = ["KerasToCoreML"]
 
@@ -63,53 +50,29 @@ def _rename_outputs(ct: Any, mlmodel: Any, names: list[str]) -> Any:
 
 
 @register
-class KerasToCoreML:
+class KerasToCoreML(CoreMLConverter):
     """Keras model / TF SavedModel -> Core ML ML program (fp32, fp16, int8 weights, palettized weights)."""
 
     sources = (Framework.KERAS,)
-    target = Format.COREML
-    precisions = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.PALETTIZED)
-    calibrated_precisions = ()  # int8 / palettized are weight-only: no calibration data
+    frontend = "tensorflow"
+    source_label = "the TensorFlow graph"
 
-    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
-        """Convert the serving signature with coremltools, compress the weights if asked, save and check."""
-        check_precision(self, precision)
-        if precision is Precision.PALETTIZED:
-            check_palette_bits(ctx.options.coreml_palette_bits)
-        ct = import_coremltools()
+    def capture(self, ctx: ConversionContext, ct: Any) -> CoreMLCapture:
+        """The SavedModel's serving signature, its inputs named as the source's where the signature allows."""
         tf = require("tensorflow", "keras", "Keras to Core ML conversion")
         src = ctx.source
-        target_name = ctx.options.coreml_minimum_deployment_target
-        target = deployment_target(target_name)
-        out_shapes = [list(o.shape) for o in src.predict([np.zeros(s, np.float32) for s in src.input_shapes])]
-        _loaded, signature = _serving_signature(src.saved_model_dir())  # keep _loaded alive during conversion
+        loaded, signature = _serving_signature(src.saved_model_dir())  # loaded must outlive the conversion
         sig_inputs = sorted(signature.structured_input_signature[1])
         names = [n if n in sig_inputs else sig_inputs[i] for i, n in enumerate(src.input_names)]
-        inputs = [ct.TensorType(name=n, shape=tuple(s), dtype=np.float32)
-                  for n, s in zip(names, src.input_shapes, strict=True)]
-        outputs = [ct.TensorType(name=t.name.split(":")[0], dtype=np.float32) for t in signature.outputs]
-        log = io.StringIO()
-        try:
-            with redirect_stdout(log), redirect_stderr(log):
-                mlmodel = ct.convert([signature], source="tensorflow", convert_to="mlprogram", inputs=inputs,
-                                     outputs=outputs, compute_precision=compute_precision(precision),
-                                     minimum_deployment_target=target)
-        except (RuntimeError, ValueError, TypeError, NotImplementedError, KeyError) as exc:
-            tail = " | ".join(str(exc).strip().splitlines()[-2:])[:300]
-            raise ConversionError(f"coremltools could not convert the TensorFlow graph ({type(exc).__name__}: "
-                                  f"{tail}): an op may be unsupported by Core ML; simplify the model or convert "
-                                  "through PyTorch") from exc
-        mlmodel = _rename_outputs(ct, mlmodel, list(src.output_names))
-        out = ctx.path_for(Format.COREML, precision, ".mlpackage")
-        notes = [f"converted from the SavedModel serving_default signature; float32 NHWC inputs/outputs; "
-                 f"minimum deployment target {target.name}"]
-        notes += shim_notes("tensorflow")
-        notes += compress_and_save(mlmodel, precision, out, palette_bits=ctx.options.coreml_palette_bits)
-        checks = check_package(out, precision, input_names=names, input_shapes=src.input_shapes,
-                               output_shapes=out_shapes, output_names=src.output_names, target=target_name)
-        draft = ArtifactDraft(
-            format=Format.COREML, precision=precision, path=out,
-            tool_versions={"coremltools": ct.__version__, "tensorflow": tf.__version__},
-            runtime={"compute_units": "ALL", "minimum_deployment_target": target.name},
-            notes=notes)
-        return [finish_draft(draft, checks)]
+        return CoreMLCapture(
+            model=[signature], input_names=names, output_names=[t.name.split(":")[0] for t in signature.outputs],
+            note="converted from the SavedModel serving_default signature; float32 NHWC inputs/outputs",
+            tool_versions={"tensorflow": tf.__version__}, keep_alive=loaded)
+
+    def after_convert(self, ct: Any, mlmodel: Any, ctx: ConversionContext) -> Any:
+        """TF names the outputs Identity, Identity_1, ...: give them the source's names."""
+        return _rename_outputs(ct, mlmodel, list(ctx.source.output_names))
+
+    def failure_hint(self, exc: Exception) -> str:
+        """Core ML lacks an op TensorFlow used: the PyTorch frontend covers more."""
+        return "an op may be unsupported by Core ML; simplify the model or convert through PyTorch"

@@ -8,13 +8,12 @@ layout stays NHWC, as in the Keras model; the ONNX graph's input names are what 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 from edge_sdk._deps import has_module, installed_version
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, register
-from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_input_names, onnx_versions
+from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_input_names, onnx_versions, output_tail, run_tool
 from edge_sdk.converters.onnx_quantize import OnnxExporter
 from edge_sdk.errors import ConversionError, MissingDependencyError
 from edge_sdk.formats import Framework
@@ -24,10 +23,8 @@ __all__ = ["KerasToOnnx", "saved_model_to_onnx"]
 _TIMEOUT_S = 900
 
 
-def _tail(text: str | None, lines: int = 4) -> str:
-    kept = [ln.strip() for ln in (text or "").strip().splitlines()
-            if ln.strip() and " - INFO - " not in ln and not ln.startswith(("I0000", "W0000"))]
-    return " | ".join(kept[-lines:])[-600:]
+def _tail(text: str | None) -> str:
+    return output_tail(text, skip=r" - INFO - |^(I0000|W0000)")  # tf2onnx's and absl's INFO lines
 
 
 def _dist_version(*dists: str) -> str:
@@ -41,13 +38,10 @@ def saved_model_to_onnx(saved_model: Path, out: Path, opset: int) -> dict[str, s
             raise MissingDependencyError(mod, "keras", "converting Keras / TensorFlow models to ONNX")
     cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model), "--tag", "serve",
            "--signature_def", "serving_default", "--output", str(out), "--opset", str(int(opset))]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except subprocess.CalledProcessError as exc:
-        raise ConversionError(f"tf2onnx failed on {saved_model.name} (exit {exc.returncode}): {_tail(exc.stderr)}: "
-                              "check the model's ops are supported by tf2onnx, or try another --onnx-opset") from None
-    except subprocess.TimeoutExpired:
-        raise ConversionError(f"tf2onnx took over {_TIMEOUT_S} s on {saved_model.name}: check the model size") from None
+    run_tool(cmd, timeout_s=_TIMEOUT_S,
+             failed=lambda exc: f"tf2onnx failed on {saved_model.name} (exit {exc.returncode}): {_tail(exc.stderr)}: "
+                                "check the model's ops are supported by tf2onnx, or try another --onnx-opset",
+             timed_out=f"tf2onnx took over {_TIMEOUT_S} s on {saved_model.name}: check the model size")
     if not out.is_file():
         raise ConversionError(f"tf2onnx wrote no file at {out}: check the SavedModel signature")
     return {"tf2onnx": _dist_version("tf2onnx"), "tensorflow": _dist_version("tensorflow-cpu", "tensorflow"),

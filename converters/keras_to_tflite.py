@@ -23,10 +23,19 @@ import numpy as np
 
 from edge_sdk._deps import installed_version, require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, LadderStep, check_precision, register
+from edge_sdk.converters.onnx_common import run_tool
 from edge_sdk.errors import ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 
-__all__ = ["KerasToTFLite", "check_builtin_ops", "input_order", "tflite_draft", "tflite_summary", "version_of"]
+__all__ = [
+    "KerasToTFLite",
+    "TFLiteConverter",
+    "check_builtin_ops",
+    "input_order",
+    "tflite_draft",
+    "tflite_summary",
+    "version_of",
+]
 
 _BUILTIN_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _TF_OP = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
@@ -127,17 +136,17 @@ def _run_converter(req: dict[str, Any], precision: Precision) -> None:
     request = work.with_suffix(".request.json")
     request.write_text(json.dumps(req))
     cmd = [sys.executable, "-m", "edge_sdk.converters.tflite_converter_child", str(request)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise ConversionError(f"the TFLite converter did not finish in {_TIMEOUT_S} s: use another target") from None
-    if proc.returncode != 0:
-        how = (f"crashed ({signal.Signals(-proc.returncode).name})" if proc.returncode < 0
-               else f"ended with exit {proc.returncode}")
-        tail = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not re.match(
+
+    def failed(exc: subprocess.CalledProcessError) -> str:
+        how = (f"crashed ({signal.Signals(-exc.returncode).name})" if exc.returncode < 0
+               else f"ended with exit {exc.returncode}")
+        tail = [ln.strip() for ln in exc.stderr.splitlines() if ln.strip() and not re.match(
             r"^([IWE]\d{4} |WARNING: All log messages)", ln.strip())][-1:]
-        raise ConversionError(f"the TFLite converter {how} converting the model to {precision.value}"
-                              + (f" ({tail[0][:200]})" if tail else "") + ": use another --route or target") from None
+        return (f"the TFLite converter {how} converting the model to {precision.value}"
+                + (f" ({tail[0][:200]})" if tail else "") + ": use another --route or target")
+
+    run_tool(cmd, timeout_s=_TIMEOUT_S, failed=failed,
+             timed_out=f"the TFLite converter did not finish in {_TIMEOUT_S} s: use another target")
     error = Path(req["error"])
     if not error.exists():
         return
@@ -154,17 +163,23 @@ def _run_converter(req: dict[str, Any], precision: Precision) -> None:
                           "model.export() and uses standard Keras layers")
 
 
-@register
-class KerasToTFLite:
-    """Keras models and SavedModels -> .tflite through the TensorFlow Lite converter."""
+class TFLiteConverter:
+    """Base of the X -> .tflite converters: what every TFLite path produces, and the accuracy-budget rungs it
+    offers for an int8 file over budget (converters/accuracy_budget.py)."""
 
-    sources = (Framework.KERAS,)
     target = Format.TFLITE
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
     budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
         LadderStep("int16-activations", not_offered="TFLite int16x8 is not wired into this ladder yet"),
         LadderStep("fp16", precision=Precision.FP16),
     )
+
+
+@register
+class KerasToTFLite(TFLiteConverter):
+    """Keras models and SavedModels -> .tflite through the TensorFlow Lite converter."""
+
+    sources = (Framework.KERAS,)
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Convert the source's SavedModel export to one .tflite file of ``precision``."""

@@ -9,12 +9,12 @@ The tool's ``required_operators.config`` is kept as a side file for building a r
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.onnx_common import output_tail, run_tool
 from edge_sdk.converters.onnx_quantize import OnnxExporter
 from edge_sdk.errors import ConversionError, MissingDependencyError
 from edge_sdk.formats import Format, Framework, Precision
@@ -24,13 +24,6 @@ __all__ = ["REDUCED_BUILD_CONFIG", "OnnxToOrt"]
 REDUCED_BUILD_CONFIG = "required_operators.config"
 _PLATFORMS = ("amd64", "arm")
 _TIMEOUT_S = 600
-
-
-def _tail(text: str | bytes | None, lines: int = 4) -> str:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    kept = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
-    return " | ".join(kept[-lines:])[-600:]
 
 
 def convert_to_ort(onnx_path: Path, out_dir: Path, target_platform: str) -> tuple[Path, Path | None]:
@@ -46,13 +39,10 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, target_platform: str) -> tupl
     shutil.copyfile(onnx_path, model)
     cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", "--output_dir",
            str(out_dir / "out"), "--optimization_style", "Fixed", "--target_platform", target_platform, str(model)]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except subprocess.CalledProcessError as exc:
-        raise ConversionError(f"ONNX -> ORT conversion failed (exit {exc.returncode}): {_tail(exc.stderr)}: "
-                              "check the ONNX model loads in onnxruntime") from None
-    except subprocess.TimeoutExpired:
-        raise ConversionError(f"ONNX -> ORT conversion took over {_TIMEOUT_S} s: check the model size") from None
+    run_tool(cmd, timeout_s=_TIMEOUT_S,
+             failed=lambda exc: f"ONNX -> ORT conversion failed (exit {exc.returncode}): {output_tail(exc.stderr)}: "
+                                "check the ONNX model loads in onnxruntime",
+             timed_out=f"ONNX -> ORT conversion took over {_TIMEOUT_S} s: check the model size")
     found = sorted((out_dir / "out").rglob("*.ort"))
     if not found:
         raise ConversionError(f"ONNX -> ORT conversion wrote no .ort file in {out_dir / 'out'}: "

@@ -26,8 +26,15 @@ import numpy as np
 
 from edge_sdk._deps import has_module
 from edge_sdk.calibration import SampleSet
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, LadderStep, check_precision, register
-from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.keras_to_tflite import (
+    TFLiteConverter,
+    check_builtin_ops,
+    tflite_draft,
+    tflite_summary,
+    version_of,
+)
+from edge_sdk.converters.onnx_common import run_tool
 from edge_sdk.converters.shims import apply_shims, explain, tf_safe_node_names
 from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
@@ -75,24 +82,24 @@ def _run_onnx2tf(model: Path, workdir: Path, flags: list[str]) -> Path:
     if not (workdir / _SAMPLE_NPY).exists():
         np.save(workdir / _SAMPLE_NPY, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
     cmd = [sys.executable, "-m", "onnx2tf", "-i", "model.onnx", "-o", "out", "-n", *flags]
-    try:
-        subprocess.run(cmd, cwd=workdir, check=True, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except subprocess.CalledProcessError as exc:
-        if exc.returncode < 0:  # killed by a signal: a crash inside TensorFlow / onnx2tf, not a Python error
-            try:
-                sig = signal.Signals(-exc.returncode).name
-            except ValueError:
-                sig = f"signal {-exc.returncode}"
-            raise ConversionError(f"onnx2tf crashed ({sig}) converting the model: {_tail(exc.stderr + exc.stdout, 2)}"
-                                  ": use another target or --route") from None
-        known = explain("onnx2tf", exc.stderr + exc.stdout)
-        raise ConversionError(f"onnx2tf failed (exit {exc.returncode}): {_tail(exc.stderr + exc.stdout)}: "
-                              + (f"{known}" if known else "check the model with onnx.checker, or use another target")
-                              ) from None
-    except subprocess.TimeoutExpired:
-        raise ConversionError(f"onnx2tf did not finish in {_TIMEOUT_S} s: the model may be too large for "
-                              "onnx2tf; use another target") from None
+    run_tool(cmd, cwd=workdir, timeout_s=_TIMEOUT_S, failed=_failure,
+             timed_out=f"onnx2tf did not finish in {_TIMEOUT_S} s: the model may be too large for onnx2tf; use "
+                       "another target")
     return workdir / "out"
+
+
+def _failure(exc: subprocess.CalledProcessError) -> str:
+    """onnx2tf's one-line reason: a crash by signal, a known tool bug (shims.py), or the node it failed on."""
+    if exc.returncode < 0:  # killed by a signal: a crash inside TensorFlow / onnx2tf, not a Python error
+        try:
+            sig = signal.Signals(-exc.returncode).name
+        except ValueError:
+            sig = f"signal {-exc.returncode}"
+        return (f"onnx2tf crashed ({sig}) converting the model: {_tail(exc.stderr + exc.stdout, 2)}: use another "
+                "target or --route")
+    known = explain("onnx2tf", exc.stderr + exc.stdout)
+    return (f"onnx2tf failed (exit {exc.returncode}): {_tail(exc.stderr + exc.stdout)}: "
+            + (f"{known}" if known else "check the model with onnx.checker, or use another target"))
 
 
 def channels_last(ndim: int) -> tuple[int, ...] | None:
@@ -139,16 +146,10 @@ def _digest(model: Path, samples: SampleSet | None) -> str:
 
 
 @register
-class OnnxToTFLite:
+class OnnxToTFLite(TFLiteConverter):
     """ONNX models -> .tflite through onnx2tf (NHWC inputs)."""
 
     sources = (Framework.ONNX,)
-    target = Format.TFLITE
-    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
-    budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
-        LadderStep("int16-activations", not_offered="TFLite int16x8 is not wired into this ladder yet"),
-        LadderStep("fp16", precision=Precision.FP16),
-    )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Run onnx2tf (once per work directory and kind) and pick the file of ``precision``."""

@@ -37,6 +37,7 @@ from edge_sdk.preprocessing import Preprocessing
 from edge_sdk.progress import Reporter
 from edge_sdk.schema import validate_manifest
 from edge_sdk.smoke import write_smoke_sample
+from edge_sdk.topics import validate_id
 
 # BUILTIN_CONVERTERS and load_builtin_converters live in converters/registry.py (importing edge_sdk.converters
 # already ran it); they are re-exported here for callers of the old names.
@@ -99,6 +100,8 @@ def convert(
     overwrite: bool = False,
     quiet: bool = False,
     budget: AccuracyBudget | None = None,
+    version_code: int | None = None,
+    fleets: Sequence[str] | None = None,
 ) -> Bundle:
     """Convert ``source`` to each target x precision, validate each artifact, write a bundle to ``out``.
 
@@ -116,10 +119,15 @@ def convert(
     fallback ladder of converters/accuracy_budget.py (better calibration, layers kept in float, 16-bit
     activations, fp16); an artifact still over budget is reported as failed.
 
+    ``version_code`` (a whole number, higher = newer) and ``fleets`` (the fleets the bundle may run in) are the
+    signed model identity: written into the manifest here so that ``edge-sdk bundle sign`` covers them; devices
+    refuse a lower version_code of the same model and a bundle listing other fleets. Both default to absent.
+
     Returns the :class:`Bundle`. Raises :class:`ValidationError` (with ``.bundle`` and ``.results``)
     after writing the bundle when any artifact failed; raises before writing anything for bad input
     (unknown target/precision, unreadable source, missing calibration data, wrong shapes).
     """
+    identity = _identity(version_code, fleets)  # refused before the (possibly slow) model load
     forced = parse_forced_routes(route)
     dyn = [d for d in (dynamic.split(",") if isinstance(dynamic, str) else dynamic) if str(d).strip()]
     # bad names are refused before the (possibly slow) model load
@@ -192,14 +200,14 @@ def convert(
         classifier = the_task is Task.CLASSIFICATION
         return _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task,
                       out, name, version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported,
-                      budget)
+                      budget, identity)
     finally:
         src.close()
 
 
 def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task, out, name,
            version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported,
-           budget: AccuracyBudget | None = None) -> Bundle:
+           budget: AccuracyBudget | None = None, identity: dict[str, Any] | None = None) -> Bundle:
     results: list[ArtifactResult] = list(unsupported)
     artifacts: list[Artifact] = []
     workdir = Path(tempfile.mkdtemp(prefix="edge_sdk_work_"))
@@ -245,6 +253,7 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
                 extra={"validation_data": val_origin,
                        "calibration_samples": len(calib_set) if calib_set is not None else 0,
                        "smoke_test": smoke_extra},
+                **(identity or {}),
             )
             bundle = Bundle(bdir, manifest)
             validate_manifest(manifest.to_dict())
@@ -265,6 +274,23 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
         raise err
     bundle.results = results  # type: ignore[attr-defined]
     return bundle
+
+
+def _identity(version_code: int | None, fleets: Sequence[str] | None) -> dict[str, Any]:
+    """The Manifest fields ``version_code`` / ``fleets`` (checked; empty when not given)."""
+    out: dict[str, Any] = {}
+    if version_code is not None:
+        if isinstance(version_code, bool) or not isinstance(version_code, int) or version_code < 0:
+            raise EdgeSDKError(f"--version-code {version_code!r} must be a whole number >= 0 (higher = newer)")
+        out["version_code"] = version_code
+    if fleets:
+        if isinstance(fleets, str):
+            fleets = [fleets]
+        try:
+            out["fleets"] = sorted({validate_id(str(f), "--fleet") for f in fleets})
+        except ValueError as exc:
+            raise EdgeSDKError(str(exc)) from None
+    return out
 
 
 def _dtypes_of(src: Any) -> list[str]:

@@ -41,13 +41,19 @@ def _layout(shape: list[int]) -> str:
 
 
 class _Prebuilt:
-    """What both prebuilt sources share: a runtime session, pinned shapes, the detected precision."""
+    """What both prebuilt sources share: a runtime session (:meth:`_open`), pinned shapes, the detected precision
+    (:meth:`_detect_precision`)."""
 
     framework: Framework
     kind: str
     what: str
 
-    def __init__(self, path: Path, session: Any, precision: Precision, input_shape: Any) -> None:
+    def __init__(self, path: Path, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> None:
+        try:
+            session = self._open(path)
+        except InferenceError as exc:
+            raise SourceModelError(str(exc)) from None  # names the file, the reason and the likely fixes
+        precision = self._detect_precision(path)
         self.path = path
         self.model = path  # the file is the model; converters read it from disk
         self.sha256 = sha256_path(path)
@@ -63,6 +69,14 @@ class _Prebuilt:
         self.input_shapes = pin_shapes([list(s.shape) for s in session.inputs], self.input_names, input_shape,
                                        self.what)
         self.layout = _layout(self.input_shapes[0]) if self.input_shapes else ""
+
+    def _open(self, path: Path) -> Any:
+        """A session of the file in its device runtime (raises InferenceError)."""
+        raise NotImplementedError
+
+    def _detect_precision(self, path: Path) -> Precision:
+        """The precision the file is stored in."""
+        raise NotImplementedError
 
     def predict(self, inputs: list[Any]) -> list[np.ndarray]:
         """Run the file in its device runtime; float32 in, float32 out (int8 I/O is (de)quantized)."""
@@ -101,14 +115,15 @@ class TFLiteSource(_Prebuilt):
     kind = "tflite"
     what = "TFLite"
 
-    def __init__(self, path: Path, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> None:
+    def _open(self, path: Path) -> Any:
+        """A LiteRT interpreter session."""
         from edge_sdk.runtimes.litert import LiteRTRuntime
 
-        try:
-            session = LiteRTRuntime().load(path)
-        except InferenceError as exc:
-            raise SourceModelError(str(exc)) from None  # names the file, the reason and the likely fixes
-        super().__init__(path, session, tflite_precision(path), input_shape)
+        return LiteRTRuntime().load(path)
+
+    def _detect_precision(self, path: Path) -> Precision:
+        """From the tensor types in the flatbuffer."""
+        return tflite_precision(path)
 
 
 class OpenVINOSource(_Prebuilt):
@@ -119,14 +134,18 @@ class OpenVINOSource(_Prebuilt):
     what = "OpenVINO"
 
     def __init__(self, path: Path, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> None:
+        self.weights = path.with_suffix(".bin")
+        super().__init__(path, input_shape)
+
+    def _open(self, path: Path) -> Any:
+        """A CPU session with the f32 hint: the reference the converted artifacts are compared with."""
         from edge_sdk.runtimes.openvino import OpenVINORuntime
 
-        try:
-            session = OpenVINORuntime().load(path, precision_hint="f32")
-        except InferenceError as exc:
-            raise SourceModelError(str(exc)) from None
-        self.weights = path.with_suffix(".bin")
-        super().__init__(path, session, openvino_precision(path), input_shape)
+        return OpenVINORuntime().load(path, precision_hint="f32")
+
+    def _detect_precision(self, path: Path) -> Precision:
+        """From the element types of the IR's weights."""
+        return openvino_precision(path)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``source`` entry, with the weights file's hash."""
@@ -208,57 +227,71 @@ def _refuse_other_precision(ctx: ConversionContext, precision: Precision) -> Pre
     return precision
 
 
+class _AsIs:
+    """Base of the converters that bundle an existing model unchanged, in its own precision only: they copy its
+    file (and the ``side_files`` beside it, by suffix) and describe the copy (:meth:`draft`)."""
+
+    precisions = tuple(Precision)
+    calibrated_precisions = ()  # bundled as it is: nothing is quantized here
+    target: Format
+    suffix: str  # of the main file
+    side_files: tuple[str, ...] = ()  # suffixes of the files that go with it (OpenVINO's .bin)
+
+    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
+        """Copy the file(s) unchanged; refuse any precision other than the model's own."""
+        check_precision(self, precision)
+        _refuse_other_precision(ctx, precision)
+        out = ctx.path_for(self.target, precision, self.suffix)
+        shutil.copyfile(ctx.source.path, out)
+        for side in self.side_files:
+            shutil.copyfile(ctx.source.path.with_suffix(side), out.with_suffix(side))
+        notes = [f"the existing {ctx.source.path.name}" + "".join(f" + {side}" for side in self.side_files)
+                 + f", bundled unchanged (detected precision {precision.value})"]
+        return [self.draft(ctx, precision, out, notes)]
+
+    def draft(self, ctx: ConversionContext, precision: Precision, out: Path, notes: list[str]) -> ArtifactDraft:
+        """The draft describing the copied model at ``out``."""
+        raise NotImplementedError
+
+
 @register
-class TFLiteToTFLite:
+class TFLiteToTFLite(_AsIs):
     """An existing ``.tflite`` -> the same bytes, in its own precision only."""
 
     sources = (Framework.TFLITE,)
     target = Format.TFLITE
-    precisions = tuple(Precision)
-    calibrated_precisions = ()  # bundled as it is: nothing is quantized here
+    suffix = ".tflite"
 
-    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
-        """Copy the file unchanged; refuse any precision other than the file's own."""
+    def draft(self, ctx: ConversionContext, precision: Precision, out: Path, notes: list[str]) -> ArtifactDraft:
+        """A TFLite draft; custom ops the device's LiteRT build must provide are named."""
         from edge_sdk.converters.keras_to_tflite import tflite_draft, tflite_summary, version_of
 
-        check_precision(self, precision)
-        _refuse_other_precision(ctx, precision)
-        out = ctx.path_for(Format.TFLITE, precision, ".tflite")
-        shutil.copyfile(ctx.source.path, out)
         summary = tflite_summary(out)
-        notes = [f"the existing {ctx.source.path.name}, bundled unchanged (detected precision {precision.value})"]
         custom = [o for o in summary["ops"] if not o.isupper()]
         if custom:
             notes.append(f"needs custom ops {', '.join(custom)}: they ran here in ai-edge-litert; check the "
                          "device's LiteRT build provides them")
-        return [tflite_draft(out, precision, summary, ctx.source.input_names, notes,
-                             {"ai-edge-litert": version_of("ai-edge-litert", "tflite-runtime")})]
+        return tflite_draft(out, precision, summary, ctx.source.input_names, notes,
+                            {"ai-edge-litert": version_of("ai-edge-litert", "tflite-runtime")})
 
 
 @register
-class OpenVINOToOpenVINO:
+class OpenVINOToOpenVINO(_AsIs):
     """An existing OpenVINO IR -> the same ``.xml`` + ``.bin``, in its own precision only."""
 
     sources = (Framework.OPENVINO,)
     target = Format.OPENVINO
-    precisions = tuple(Precision)
-    calibrated_precisions = ()  # bundled as it is: nothing is quantized here
+    suffix = ".xml"
+    side_files = (".bin",)
 
-    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
-        """Copy both files unchanged; refuse any precision other than the IR's own."""
+    def draft(self, ctx: ConversionContext, precision: Precision, out: Path, notes: list[str]) -> ArtifactDraft:
+        """An OpenVINO draft with the .bin as its side file."""
         from edge_sdk.converters.keras_to_tflite import version_of
         from edge_sdk.converters.onnx_to_openvino import RUNTIME_HINTS
 
-        check_precision(self, precision)
-        _refuse_other_precision(ctx, precision)
-        xml = ctx.path_for(Format.OPENVINO, precision, ".xml")
-        shutil.copyfile(ctx.source.path, xml)
-        shutil.copyfile(ctx.source.path.with_suffix(".bin"), xml.with_suffix(".bin"))
-        notes = [f"the existing {ctx.source.path.name} + .bin, bundled unchanged (detected precision "
-                 f"{precision.value})"]
-        return [ArtifactDraft(format=Format.OPENVINO, precision=precision, path=xml,
-                              tool_versions={"openvino": version_of("openvino")}, runtime=dict(RUNTIME_HINTS),
-                              notes=notes, files=[xml.with_suffix(".bin")])]
+        return ArtifactDraft(format=Format.OPENVINO, precision=precision, path=out,
+                             tool_versions={"openvino": version_of("openvino")}, runtime=dict(RUNTIME_HINTS),
+                             notes=notes, files=[out.with_suffix(".bin")])
 
 
 # the onward routes from a .tflite source register themselves on import (no framework is imported)

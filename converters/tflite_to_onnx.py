@@ -17,7 +17,7 @@ from typing import Any
 
 from edge_sdk._deps import has_module, installed_version
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, SourceModel, register
-from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_versions
+from edge_sdk.converters.onnx_common import fp32_onnx_draft, onnx_versions, output_tail, run_tool
 from edge_sdk.converters.onnx_quantize import OnnxExporter
 from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError
 from edge_sdk.formats import Framework, Precision
@@ -27,24 +27,20 @@ __all__ = ["TFLiteToOnnx", "check_convertible", "tflite_to_onnx"]
 _TIMEOUT_S = 900
 
 
-def _tail(text: str | None, lines: int = 3) -> str:
-    kept = [ln.strip() for ln in (text or "").splitlines() if ln.strip() and " - INFO - " not in ln]
-    return " | ".join(kept[-lines:])[-500:] or "no error output"
-
-
 def tflite_to_onnx(tflite: Path, out: Path, opset: int) -> str:
     """Run tf2onnx on ``tflite`` writing ``out``; return the tf2onnx version. Raises ConversionError on failure."""
     if not has_module("tf2onnx"):  # importing it loads TensorFlow: only look for it
         raise MissingDependencyError("tf2onnx", "keras", "converting .tflite files to ONNX")
     cmd = [sys.executable, "-m", "tf2onnx.convert", "--tflite", str(tflite), "--output", str(out),
            "--opset", str(opset)]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except subprocess.CalledProcessError as exc:
-        raise ConversionError(f"tf2onnx could not convert {tflite.name} (exit {exc.returncode}): "
-                              f"{_tail(exc.stderr)}: choose another target (tflite, openvino)") from None
-    except subprocess.TimeoutExpired:
-        raise ConversionError(f"tf2onnx took over {_TIMEOUT_S} s on {tflite.name}: check the model size") from None
+
+    def failed(exc: subprocess.CalledProcessError) -> str:
+        tail = output_tail(exc.stderr, 3, 500, skip=" - INFO - ", empty="no error output")  # not tf2onnx's INFO
+        return (f"tf2onnx could not convert {tflite.name} (exit {exc.returncode}): {tail}: choose another target "
+                "(tflite, openvino)")
+
+    run_tool(cmd, timeout_s=_TIMEOUT_S, failed=failed,
+             timed_out=f"tf2onnx took over {_TIMEOUT_S} s on {tflite.name}: check the model size")
     if not out.is_file():
         raise ConversionError(f"tf2onnx wrote no ONNX file for {tflite.name}: check the tf2onnx installation")
     return installed_version("tf2onnx") or "unknown"

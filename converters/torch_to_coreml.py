@@ -15,28 +15,15 @@ symmetric per-channel int8 weights) and palettized (fp16 model with k-means pale
 
 from __future__ import annotations
 
-import io
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
-import numpy as np
-
 from edge_sdk._deps import require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, OptionSpec, check_precision, register
-from edge_sdk.converters.coreml_spec import (
-    check_package,
-    check_palette_bits,
-    compress_and_save,
-    compute_precision,
-    deployment_target,
-    finish_draft,
-    import_coremltools,
-    shim_notes,
-)
+from edge_sdk.converters.base import ConversionContext, OptionSpec, register
+from edge_sdk.converters.coreml_common import CoreMLCapture, CoreMLConverter
 from edge_sdk.converters.shims import explain
 from edge_sdk.errors import ConversionError, first_line
-from edge_sdk.formats import Format, Framework, Precision
+from edge_sdk.formats import Framework
 
 __all__ = ["TorchToCoreML"]
 
@@ -73,54 +60,26 @@ def _capture(model: Any, example: tuple[Any, ...], how: str = "export") -> tuple
 
 
 @register
-class TorchToCoreML:
+class TorchToCoreML(CoreMLConverter):
     """PyTorch module -> Core ML ML program (fp32, fp16, int8 weights, palettized weights)."""
 
     sources = (Framework.PYTORCH,)
-    target = Format.COREML
-    precisions = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.PALETTIZED)
-    calibrated_precisions = ()  # int8 / palettized are weight-only: no calibration data
+    frontend = "pytorch"
+    source_label = "the PyTorch model"
     extra_options = (OptionSpec("coreml_capture", str, "export", ("export", "trace"),
                                 "how the model is captured (route coremltools-trace sets trace)"),)
 
-    def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
-        """Trace, convert with coremltools, compress the weights if asked, save and check the package."""
-        check_precision(self, precision)
-        if precision is Precision.PALETTIZED:
-            check_palette_bits(ctx.options.coreml_palette_bits)
-        ct = import_coremltools()
+    def capture(self, ctx: ConversionContext, ct: Any) -> CoreMLCapture:
+        """Export (or trace) the module on the source's example inputs; float32 I/O under the source's names."""
         torch = require("torch", "torch", "PyTorch to Core ML conversion")
         src = ctx.source
-        example = src.example_inputs()
-        target_name = ctx.options.coreml_minimum_deployment_target
-        target = deployment_target(target_name)
-        out_shapes = [list(o.shape) for o in src.predict([np.zeros(s, np.float32) for s in src.input_shapes])]
-        traced, how = _capture(src.model, example, str(ctx.options.extra.get("coreml_capture", "export")))
-        inputs = [ct.TensorType(name=n, shape=tuple(s), dtype=np.float32)
-                  for n, s in zip(src.input_names, src.input_shapes, strict=True)]
-        outputs = [ct.TensorType(name=n, dtype=np.float32) for n in src.output_names]
-        log = io.StringIO()
-        try:
-            with redirect_stdout(log), redirect_stderr(log):
-                mlmodel = ct.convert(traced, source="pytorch", convert_to="mlprogram", inputs=inputs,
-                                     outputs=outputs, compute_precision=compute_precision(precision),
-                                     minimum_deployment_target=target)
-        except (RuntimeError, ValueError, TypeError, NotImplementedError, KeyError) as exc:
-            tail = " | ".join(str(exc).strip().splitlines()[-2:])[:300]
-            known = explain("coremltools", str(exc))
-            hint = (f"{known} (see converters/shims.py)" if known else
-                    "an op may be unsupported by Core ML; see coremltools' composite operators to register one")
-            raise ConversionError(f"coremltools could not convert the PyTorch model ({type(exc).__name__}: {tail}): "
-                                  + hint) from exc
-        out = ctx.path_for(Format.COREML, precision, ".mlpackage")
-        notes = [f"captured with {how}; float32 inputs/outputs; minimum deployment target {target.name}"]
-        notes += shim_notes("pytorch")
-        notes += compress_and_save(mlmodel, precision, out, palette_bits=ctx.options.coreml_palette_bits)
-        checks = check_package(out, precision, input_names=src.input_names, input_shapes=src.input_shapes,
-                               output_shapes=out_shapes, output_names=src.output_names, target=target_name)
-        draft = ArtifactDraft(
-            format=Format.COREML, precision=precision, path=out,
-            tool_versions={"coremltools": ct.__version__, "torch": torch.__version__},
-            runtime={"compute_units": "ALL", "minimum_deployment_target": target.name},
-            notes=notes)
-        return [finish_draft(draft, checks)]
+        traced, how = _capture(src.model, src.example_inputs(), str(ctx.options.extra.get("coreml_capture", "export")))
+        return CoreMLCapture(model=traced, input_names=list(src.input_names), output_names=list(src.output_names),
+                             note=f"captured with {how}; float32 inputs/outputs",
+                             tool_versions={"torch": torch.__version__})
+
+    def failure_hint(self, exc: Exception) -> str:
+        """A known coremltools bug (shims.py) by name, else how to add the missing op."""
+        known = explain("coremltools", str(exc))
+        return (f"{known} (see converters/shims.py)" if known else
+                "an op may be unsupported by Core ML; see coremltools' composite operators to register one")

@@ -18,8 +18,14 @@ import os
 from typing import Any
 
 from edge_sdk._deps import require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, LadderStep, check_precision, register
-from edge_sdk.converters.keras_to_tflite import check_builtin_ops, tflite_draft, tflite_summary, version_of
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.keras_to_tflite import (
+    TFLiteConverter,
+    check_builtin_ops,
+    tflite_draft,
+    tflite_summary,
+    version_of,
+)
 from edge_sdk.errors import ConversionError, UnsupportedConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 
@@ -117,16 +123,10 @@ def _pt2e_int8(torch: Any, model: Any, example: tuple[Any, ...], samples: Any) -
 
 
 @register
-class TorchToTFLite:
+class TorchToTFLite(TFLiteConverter):
     """PyTorch nn.Module -> .tflite through litert-torch."""
 
     sources = (Framework.PYTORCH,)
-    target = Format.TFLITE
-    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
-    budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
-        LadderStep("int16-activations", not_offered="TFLite int16x8 is not wired into this ladder yet"),
-        LadderStep("fp16", precision=Precision.FP16),
-    )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
         """Convert the eager PyTorch model to one .tflite file of ``precision``."""

@@ -14,8 +14,13 @@ latencies into the DDSketch, the top-1 softmax confidence and class of all score
 calls, the input buffer into per-channel histograms (over the baseline's ``hist_edges``) and moments.
 
 :meth:`WindowAggregator.take` swaps the window state under a lock (a few assignments) and builds the
-``telemetry.schema.json`` measurement fields (``count``, ``errors``, ``latency_ms``, ``confidence``,
-``classes``, ``input``, ``feedback``) outside it.
+``telemetry.schema.json`` measurement fields (``count``, ``errors``, ``client_errors``, ``latency_ms``,
+``confidence``, ``classes``, ``input``, ``feedback``) outside it.
+
+Errors are counted by kind in ``errors``; those the *client's input* caused (a malformed request, an undecodable
+image, a tensor of the wrong shape: the InputError family, HTTP 4xx) are also listed in ``client_errors``. Anyone
+who can reach the agent's HTTP port can produce them, so the canary judgement and the fleet's model error rate
+leave them out: garbage requests must not roll back a healthy model.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import numpy as np
 from edge_sdk.baseline import CONFIDENCE_BINS, psi
 from edge_sdk.sketch import new_sketch, quantiles, sketch_to_dict
 
-__all__ = ["BUFFER_VALUES", "ERROR_KINDS", "INPUT_VALUES", "PENDING", "WindowAggregator"]
+__all__ = ["BUFFER_VALUES", "CLIENT_ERROR_KINDS", "ERROR_KINDS", "INPUT_VALUES", "PENDING", "WindowAggregator"]
 
 log = logging.getLogger("edge_sdk.agent.telemetry")
 
@@ -45,6 +50,9 @@ BUFFER_VALUES = 32 * 1024
 PENDING = 64
 #: error kinds the agent records (any ``[a-z0-9_]{1,40}`` is accepted)
 ERROR_KINDS = ("input", "preprocess", "runtime", "output")
+#: kinds that are the client's fault by default (the agent records them only for an InputError: a bad request body,
+#: wrong shape or dtype, an undecodable image); ``record_error(kind, client=...)`` overrides
+CLIENT_ERROR_KINDS = frozenset({"input", "preprocess"})
 _KIND = re.compile(r"^[a-z0-9_]{1,40}$")
 
 
@@ -108,12 +116,14 @@ class _InputAcc:
 class _Window:
     """Mutable state of the window being filled (swapped out whole by ``take``)."""
 
-    __slots__ = ("buf", "buf_n", "classes", "conf_counts", "conf_n", "conf_sum", "count", "errors", "fb_correct",
-                 "fb_labelled", "fb_unknown", "input_acc", "latencies", "sampled", "scores", "sketch")
+    __slots__ = ("buf", "buf_n", "classes", "client_errors", "conf_counts", "conf_n", "conf_sum", "count", "errors",
+                 "fb_correct", "fb_labelled", "fb_rejected", "fb_unknown", "input_acc", "latencies", "sampled",
+                 "scores", "sketch")
 
     def __init__(self, conf_bins: int, stats: _InputStats | None) -> None:
         self.count = 0
         self.errors: Counter[str] = Counter()
+        self.client_errors: Counter[str] = Counter()
         self.sketch = new_sketch()
         self.latencies: list[float] = []
         self.scores: list[np.ndarray] = []
@@ -121,7 +131,7 @@ class _Window:
         self.conf_n = 0
         self.conf_sum = 0.0
         self.classes: Counter[int] = Counter()
-        self.fb_labelled = self.fb_correct = self.fb_unknown = 0
+        self.fb_labelled = self.fb_correct = self.fb_unknown = self.fb_rejected = 0
         self.sampled = 0
         self.input_acc = _InputAcc(stats.channels, stats.nbins) if stats is not None else None
         self.buf = stats.new_buffer() if stats is not None else None
@@ -302,12 +312,20 @@ class WindowAggregator:
         w.conf_sum += float(conf.sum())
         w.classes.update(best.tolist())
 
-    def record_error(self, kind: str) -> None:
-        """One failed inference of ``kind`` (``input``, ``preprocess``, ``runtime``, ``output`` ...)."""
+    def record_error(self, kind: str, *, client: bool | None = None) -> None:
+        """One failed inference of ``kind`` (``input``, ``preprocess``, ``runtime``, ``output`` ...).
+
+        ``client``: the client's input caused it (HTTP 4xx; also listed in ``client_errors``, so it never counts
+        against the model); None: decided by the kind (:data:`CLIENT_ERROR_KINDS`).
+        """
         if not isinstance(kind, str) or not _KIND.match(kind):
             raise ValueError(f"error kind {kind!r} must be 1-40 characters of a-z 0-9 _")
+        if client is None:
+            client = kind in CLIENT_ERROR_KINDS
         with self._lock:
             self._w.errors[kind] += 1
+            if client:
+                self._w.client_errors[kind] += 1
 
     def record_feedback(self, correct: bool) -> None:
         """Ground truth arrived for a known prediction: was the prediction ``correct``."""
@@ -320,11 +338,16 @@ class WindowAggregator:
         with self._lock:
             self._w.fb_unknown += 1
 
+    def record_rejected_feedback(self) -> None:
+        """Feedback the agent refused (no or a wrong token): counted so forging attempts show, never in accuracy."""
+        with self._lock:
+            self._w.fb_rejected += 1
+
     # ---- per window ---------------------------------------------------------------------------------------
 
     def take(self) -> dict[str, Any]:
-        """The window's measurement fields (``count``, ``errors``, ``latency_ms``, ``confidence``, ``classes``,
-        ``input``, ``feedback``); the aggregator starts a new, empty window."""
+        """The window's measurement fields (``count``, ``errors``, ``client_errors``, ``latency_ms``,
+        ``confidence``, ``classes``, ``input``, ``feedback``); the aggregator starts a new, empty window."""
         fresh = _Window(len(self.conf_edges) - 1, self._stats)
         with self._lock:
             w, self._w = self._w, fresh
@@ -338,7 +361,8 @@ class WindowAggregator:
         lat["max"] = float(sk._max) if n else None
         lat["mean"] = float(sk._sum / n) if n else None
         lat["sketch"] = sketch_to_dict(sk)
-        out: dict[str, Any] = {"count": w.count, "errors": dict(w.errors), "latency_ms": lat,
+        out: dict[str, Any] = {"count": w.count, "errors": dict(w.errors), "client_errors": dict(w.client_errors),
+                               "latency_ms": lat,
                                "confidence": None, "classes": None, "input": None, "feedback": None}
         if self.classifier:
             out["confidence"] = {"bin_edges": list(self.conf_edges), "counts": w.conf_counts.tolist(),
@@ -348,8 +372,10 @@ class WindowAggregator:
             if w.buf_n:
                 self._stats.fold(w.buf[:, : w.buf_n], w.input_acc)
             out["input"] = self._input_summary(self._stats, w.sampled, w.input_acc)
-        if w.fb_labelled or w.fb_unknown:
+        if w.fb_labelled or w.fb_unknown or w.fb_rejected:
             out["feedback"] = {"labelled": w.fb_labelled, "correct": w.fb_correct, "unknown_id": w.fb_unknown}
+            if w.fb_rejected:
+                out["feedback"]["rejected"] = w.fb_rejected
         return out
 
     @staticmethod

@@ -15,6 +15,12 @@ Every key is optional; command-line flags override the file (see :meth:`AgentCon
     port = 8080
     queue_size = 8                          # requests waiting for inference; beyond it the API answers 429
     max_body_bytes = 10485760               # larger request bodies are refused with 413
+    workers = 12                            # HTTP threads (default queue_size + 4); idle sockets hold none
+    token_file = "/etc/edge-sdk/http.token" # bearer token guarding every route but /ping and /healthz
+    # token_env = "EDGE_AGENT_TOKEN"        # ... or read from this environment variable (not both)
+    tls_cert = "/etc/edge-sdk/agent.crt"    # HTTPS (both PEM files): stdlib ssl, TLS 1.2+
+    tls_key = "/etc/edge-sdk/agent.key"
+    insecure = false                        # true: serve a non-loopback host without a token (refused otherwise)
 
     [telemetry]                             # present (or [mqtt] present): telemetry is on unless enabled = false
     enabled = true
@@ -36,9 +42,11 @@ Every key is optional; command-line flags override the file (see :meth:`AgentCon
     max_inflight = 100                      # unacknowledged publishes at a time
 
 The same four HTTP keys are also accepted at top level (``host``, ``port``, ``queue_size``,
-``max_body_bytes``). Relative paths (``outbox``, ``password_file``, ``ca_file``, ``cert_file``, ``key_file``)
-are resolved against the config file. An unknown key or a value of the wrong type raises :class:`ConfigError`
-with one line naming the file and the key.
+``max_body_bytes``); the token, TLS, ``workers`` and ``insecure`` keys only in ``[http]``. The token itself is
+never a value in this file (nor a command-line flag): ``token_file`` or ``token_env``. Relative paths
+(``outbox``, ``password_file``, ``ca_file``, ``cert_file``, ``key_file``, ``token_file``, ``tls_cert``,
+``tls_key``) are resolved against the config file. An unknown key or a value of the wrong type raises
+:class:`ConfigError` with one line naming the file and the key.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from typing import Any
 from edge_sdk.device_agent.agent import DEFAULT_RUNTIME_ORDER
 from edge_sdk.device_agent.telemetry import TelemetrySettings
 from edge_sdk.errors import ConfigError, TelemetryError
+from edge_sdk.httpbase import HTTPSecurity
 from edge_sdk.mqtt import parse_mqtt_url
 from edge_sdk.runtimes import RUNTIMES
 from edge_sdk.tomlfile import read_toml
@@ -80,6 +89,12 @@ class AgentConfig:
     port: int = 8080
     queue_size: int = 8
     max_body_bytes: int = 10 * 1024 * 1024
+    http_workers: int | None = None
+    http_token_file: str | None = None
+    http_token_env: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    http_insecure: bool = False
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     mqtt: dict[str, Any] | None = field(default=None, repr=False)  # MqttSettings keywords but fleet and device
 
@@ -93,6 +108,11 @@ class AgentConfig:
         if "runtime_order" in values:
             values["runtime_order"] = tuple(values["runtime_order"])
         return dataclasses.replace(self, **values)
+
+    def http_security(self) -> HTTPSecurity:
+        """The HTTP token (read now from its file or environment variable) and TLS settings; ConfigError."""
+        return HTTPSecurity.load(token_file=self.http_token_file, token_env=self.http_token_env,
+                                 tls_cert=self.tls_cert, tls_key=self.tls_key, allow_insecure=self.http_insecure)
 
     def with_telemetry(self, *, fleet: str | None = None, device: str | None = None, mqtt_url: str | None = None,
                        window_s: float | None = None, outbox: str | None = None) -> AgentConfig:
@@ -131,7 +151,11 @@ class AgentConfig:
         return dataclasses.replace(tel, mqtt=mqtt)
 
 
-_HTTP_KEYS = ("host", "port", "queue_size", "max_body_bytes")
+_HTTP_KEYS = ("host", "port", "queue_size", "max_body_bytes", "workers", "token_file", "token_env", "tls_cert",
+              "tls_key", "insecure")
+#: [http] keys stored under another AgentConfig field name
+_HTTP_FIELDS = {"workers": "http_workers", "token_file": "http_token_file", "token_env": "http_token_env",
+                "insecure": "http_insecure"}
 
 
 def _bad(path: Path, key: str, problem: str) -> ConfigError:
@@ -285,7 +309,8 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
     """Read an agent TOML file; relative ``bundle`` and ``folder:``/``file:`` paths are resolved against it."""
     path = Path(path)
     data = read_toml(path, kind="config file", missing_hint="check the --config path")
-    known = {f.name for f in dataclasses.fields(AgentConfig)} - {"telemetry", "mqtt"}
+    known = {f.name for f in dataclasses.fields(AgentConfig)} - {"telemetry", "mqtt", *_HTTP_FIELDS.values(),
+                                                                "tls_cert", "tls_key"}
     flat: dict[str, Any] = {}
     tel_keys = _telemetry_table(path, data["telemetry"]) if "telemetry" in data else None
     mqtt = _mqtt_table(path, data["mqtt"]) if "mqtt" in data else None
@@ -298,11 +323,14 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
             continue
         if key == "http":
             if not isinstance(value, dict):
-                raise _bad(path, "http", "must be a table ([http]) with host, port, queue_size, max_body_bytes")
+                raise _bad(path, "http", f"must be a table ([http]) with {', '.join(_HTTP_KEYS)}")
             for sub, subval in value.items():
+                if sub in ("token", "password"):
+                    raise _bad(path, f"http.{sub}", "is not accepted: keep the token out of the config file, in "
+                               'token_file = "<file>" or token_env = "<VARIABLE>"')
                 if sub not in _HTTP_KEYS:
                     raise _bad(path, f"http.{sub}", f"is unknown: the [http] table takes {', '.join(_HTTP_KEYS)}")
-                flat[sub] = _check_named(path, sub, f"http.{sub}", subval)
+                flat[_HTTP_FIELDS.get(sub, sub)] = _http_key(path, sub, subval, value)
             continue
         if key not in known:
             valid = ", ".join(sorted(known | {"http", "telemetry", "mqtt"}))
@@ -317,6 +345,22 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
         if not Path(rest).expanduser().is_absolute():
             flat["source"] = f"{kind}:{base / rest}"
     return AgentConfig(**flat)
+
+
+def _http_key(path: Path, key: str, value: Any, table: dict[str, Any]) -> Any:
+    """One validated [http] value."""
+    name = f"http.{key}"
+    if key in ("token_file", "tls_cert", "tls_key"):
+        if key == "token_file" and "token_env" in table:
+            raise _bad(path, name, "and 'http.token_env' are both set: keep one")
+        return _file(path, name, value)
+    if key == "token_env":
+        return _str(path, name, value)
+    if key == "insecure":
+        return _bool(path, name, value)
+    if key == "workers":
+        return _int(path, name, value, 1, 256)
+    return _check_named(path, key, name, value)
 
 
 def _check_named(path: Path, key: str, shown: str, value: Any) -> Any:

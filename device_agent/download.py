@@ -25,9 +25,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from edge_sdk.errors import DownloadError
 
@@ -121,15 +122,29 @@ def _copy_local(src: Path, dest: Path, progress: Callable[[int, int | None], Non
         start = 0
     with open(src, "rb") as fin, open(dest, "ab") as fout:
         fin.seek(start)
-        done = start
-        for block in iter(lambda: fin.read(1 << 20), b""):
-            fout.write(block)
-            done += len(block)
-            if progress:
-                progress(done, total)
-        fout.flush()
-        os.fsync(fout.fileno())
+        _append(fout, iter(lambda: fin.read(1 << 20), b""), start, total, progress)
     return start
+
+
+class _OverLimit(Exception):
+    """More bytes arrived than the download may hold (raised by :func:`_append`, turned into a DownloadError)."""
+
+
+def _append(fh: BinaryIO, blocks: Iterable[bytes], done: int, total: int | None,
+            progress: Callable[[int, int | None], None] | None, *, limit: int | None = None) -> int:
+    """Append ``blocks`` to ``fh`` (which holds ``done`` bytes), reporting progress, then fsync them, since a resumed
+    download trusts what the ``.part`` holds; return the new size. A block past ``limit`` raises _OverLimit
+    before it is written."""
+    for block in blocks:
+        if limit is not None and done + len(block) > limit:
+            raise _OverLimit
+        fh.write(block)
+        done += len(block)
+        if progress:
+            progress(done, total)
+    fh.flush()
+    os.fsync(fh.fileno())
+    return done
 
 
 def _http_attempt(url: str, dest: Path, meta_path: Path, *, timeout: float, context: ssl.SSLContext | None,
@@ -193,24 +208,14 @@ def _http_attempt(url: str, dest: Path, meta_path: Path, *, timeout: float, cont
         except DownloadError:
             _discard(dest, meta_path)  # what it holds cannot be completed here: give the space back
             raise
-        done = start
-        with open(dest, "ab") as fh:
-            while True:
-                block = resp.read(_CHUNK)
-                if not block:
-                    break
-                if limit is not None and done + len(block) > limit:
-                    fh.close()
-                    _discard(dest, meta_path)
-                    raise DownloadError(f"{shown} sent more than {limit} bytes (the update command says "
-                                        f"{expected_size}): refusing it" if expected_size is not None else
-                                        f"{shown} sent more than the {limit} bytes allowed: refusing it")
-                fh.write(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(dest, "ab") as fh:
+                done = _append(fh, iter(lambda: resp.read(_CHUNK), b""), start, total, progress, limit=limit)
+        except _OverLimit:
+            _discard(dest, meta_path)
+            raise DownloadError(f"{shown} sent more than {limit} bytes (the update command says "
+                                f"{expected_size}): refusing it" if expected_size is not None else
+                                f"{shown} sent more than the {limit} bytes allowed: refusing it") from None
         if total is not None and done < total:
             raise ConnectionError(f"connection closed after {done} of {total} bytes")
         return start

@@ -19,9 +19,10 @@ import numpy as np
 from edge_sdk.errors import HTTPError, InputError, first_line
 from edge_sdk.httpbase import prometheus_escape as _escape
 
-__all__ = ["LATENCY_BUCKETS_S", "HTTPError", "Metrics", "parse_feedback_body", "parse_multipart",
+__all__ = ["LATENCY_BUCKETS_S", "MAX_MULTIPART_PARTS", "HTTPError", "Metrics", "parse_feedback_body", "parse_multipart",
            "parse_predict_body", "to_array"]
 
+MAX_MULTIPART_PARTS = 32  # a form upload has a handful; thousands of tiny parts only cost parsing time
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NUMERIC_KINDS = "iuf"
 
@@ -96,6 +97,9 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | Non
     chunks = body.split(delimiter)
     if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
         raise HTTPError(400, "bad_multipart", "malformed multipart body: the closing boundary is missing")
+    if len(chunks) - 2 > MAX_MULTIPART_PARTS:
+        raise HTTPError(400, "bad_multipart", f"multipart body with {len(chunks) - 2} parts: send at most "
+                        f"{MAX_MULTIPART_PARTS} parts (one image file)")
     fields: dict[str, tuple[str | None, bytes]] = {}
     for chunk in chunks[1:-1]:
         if not chunk.startswith(b"\r\n") or b"\r\n\r\n" not in chunk:
@@ -154,6 +158,9 @@ def parse_predict_body(body: bytes, content_type: str,
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HTTPError(400, "bad_json", f"body is not valid JSON ({first_line(exc, 1000)}): send "
                         f'{{"image": "<base64>"}} or {{"inputs": ...}}') from None
+    except RecursionError:
+        raise HTTPError(400, "bad_json", "body is nested too deeply: send a JSON object with \"image\" or "
+                        "\"inputs\" (a nested list no deeper than the model's input)") from None
     if isinstance(doc, dict) and "image" in doc:
         return "image", _b64(doc["image"])
     if isinstance(doc, dict) and "inputs" in doc:
@@ -167,7 +174,7 @@ def parse_feedback_body(body: bytes) -> tuple[str, int | str]:
     usage = 'send {"prediction_id": "<id from /predict>", "label": <class index> or "<label name>"}'
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise HTTPError(400, "bad_json", f"body is not valid JSON ({first_line(exc, 1000)}): {usage}") from None
     if not isinstance(doc, dict):
         raise HTTPError(400, "bad_feedback", f"body must be a JSON object: {usage}")

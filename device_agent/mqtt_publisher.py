@@ -20,6 +20,14 @@ here (:meth:`Outbox.resend`, plus a ``resend.unavailable`` event for the ranges 
 command goes to ``on_command(name, payload)`` on a separate thread (``cmd/update`` is retained: it arrives on every
 connect, so the handler compares it with what runs). MQTT v5 with a persistent session (clean start off, session
 expiry); when the broker refuses v5 (e.g. the embedded amqtt broker) the publisher falls back to MQTT 3.1.1.
+
+Hostile commands (issue 13): a command payload is parsed only up to ``MAX_COMMAND_BYTES`` and
+``MAX_COMMAND_DEPTH`` levels of nesting (checked without recursion before ``json.loads``); what is refused is
+counted (``commands_rejected``) and logged once a minute at most per kind; at most ``COMMAND_QUEUE`` commands wait
+for the handler (more are dropped and counted as ``commands_dropped``); a failing handler is logged the same way.
+Nothing a command carries can end a thread: the network thread is watched (:mod:`.mqtt_session`).
+The password may come from ``$EDGE_SDK_MQTT_PASSWORD_FILE`` or ``$EDGE_SDK_MQTT_PASSWORD`` when a user name is
+set and no password is given; ``repr()`` of the settings shows neither the password nor the one in the URL.
 """
 
 from __future__ import annotations
@@ -40,7 +48,19 @@ from edge_sdk._deps import require
 from edge_sdk.device_agent.mqtt_session import MqttSession
 from edge_sdk.device_agent.outbox import Outbox, OutboxError
 from edge_sdk.errors import TelemetryError
-from edge_sdk.mqtt import PROTOCOLS, MqttURL, parse_mqtt_url, tls_context
+from edge_sdk.mqtt import (
+    MAX_COMMAND_BYTES,
+    MAX_COMMAND_DEPTH,
+    PROTOCOLS,
+    MqttURL,
+    PayloadRejected,
+    RateLimitedLog,
+    loads_command,
+    parse_mqtt_url,
+    redact_url,
+    resolve_password,
+    tls_context,
+)
 from edge_sdk.topics import device_topic, validate_id
 
 __all__ = ["MqttSettings", "Publisher"]
@@ -50,6 +70,7 @@ log = logging.getLogger("edge_sdk.device_agent.mqtt")
 # reason codes after which the same message can never be accepted: move it aside instead of retrying forever
 PERMANENT_REFUSALS = {0x90: "topic name invalid", 0x95: "packet too large", 0x99: "payload format invalid"}
 MAX_PAUSE_S = 60.0
+COMMAND_QUEUE = 256  # commands waiting for the handler; a flood beyond this is dropped, not held in memory
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,8 @@ class MqttSettings:
         if self.username is None and parsed.username is not None:  # mqtt://user:password@host
             object.__setattr__(self, "username", parsed.username)
             object.__setattr__(self, "password", self.password if self.password is not None else parsed.password)
+        if self.username is not None and self.password is None:  # from $EDGE_SDK_MQTT_PASSWORD(_FILE), if set
+            object.__setattr__(self, "password", resolve_password(error=TelemetryError))
         try:
             validate_id(self.fleet, "fleet")
             validate_id(self.device, "device")
@@ -96,6 +119,12 @@ class MqttSettings:
             raise TelemetryError(f"MQTT protocol {self.protocol!r} is not valid: use {', '.join(PROTOCOLS)}")
         if self.key_file and not self.cert_file:
             raise TelemetryError("MQTT key_file is set without cert_file: give the client certificate too")
+
+    def __repr__(self) -> str:
+        """The settings without secrets (they end up in logs and tracebacks)."""
+        return (f"MqttSettings(url={redact_url(self.url)!r}, fleet={self.fleet!r}, device={self.device!r}, "
+                f"client_id={self.effective_client_id!r}, username={self.username!r}, "
+                f"password={'***' if self.password else None!r}, tls={self.tls}, protocol={self.protocol!r})")
 
     @property
     def host(self) -> str:
@@ -140,13 +169,14 @@ class Publisher:
         self.events_topic = device_topic(settings.fleet, settings.device, "events")
         self.cmd_prefix = f"edge/{settings.fleet}/{settings.device}/cmd/"
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self._commands: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._commands: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(COMMAND_QUEUE)
+        self._limited = RateLimitedLog(log)
         self._session: MqttSession | None = None
         self._sender: threading.Thread | None = None
         self._commander: threading.Thread | None = None
         self._idle = threading.Condition()
         self._counts = {"published": 0, "acked": 0, "refused": 0, "rejected": 0, "resend_requests": 0,
-                        "requeued": 0, "commands": 0}
+                        "requeued": 0, "commands": 0, "commands_rejected": 0, "commands_dropped": 0}
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id (sender thread only)
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -175,7 +205,10 @@ class Publisher:
         deadline = time.monotonic() + timeout
         self._events.put(("stop",))
         self._sender.join(max(0.1, (deadline - time.monotonic()) / 2))
-        self._commands.put(None)
+        try:
+            self._commands.put(None, timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Full:
+            pass
         self._session.stop(self._status("offline", "shutdown"), max(0.1, deadline - time.monotonic()))
         if self._commander is not None:
             self._commander.join(max(0.1, deadline - time.monotonic()))
@@ -199,9 +232,11 @@ class Publisher:
 
     def stats(self) -> dict[str, Any]:
         """State and counters: connected, subscribed (to cmd/#), protocol, connects, published, acked, refused,
-        rejected, resend_requests, requeued, commands, status_refused, inflight, outbox_pending."""
+        rejected, resend_requests, requeued, commands (handled), commands_rejected (payload refused unparsed),
+        commands_dropped (queue full), watchdog_restarts, status_refused, inflight, outbox_pending."""
         session = self._session
-        return {"connected": self.connected, "subscribed": bool(session and session.subscribed),
+        return {"connected": self.connected, "subscribed": bool(session and session.subscribed and self.connected),
+                "watchdog_restarts": session.watchdog_restarts if session else 0,
                 "protocol": session.protocol if session else None,
                 "connects": session.connects if session else 0, **self._counts,
                 "status_refused": session.status_refused if session else 0, "inflight": len(self._inflight),
@@ -344,18 +379,29 @@ class Publisher:
 
     # ---------------------------------------------------------------------------------------------- commands
     def _on_message(self, topic: str, payload: bytes) -> None:
+        """paho's network thread: parse a command (bounded, see the module docstring) and queue it; never raises."""
         if not topic.startswith(self.cmd_prefix):
             return
         name = topic[len(self.cmd_prefix):]
+        if not payload:
+            return  # an empty retained message only clears a command
         try:
-            body = json.loads(payload) if payload else None
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            if payload:  # an empty retained message only clears a command
-                log.warning("ignored command on %s: payload is not a JSON object", topic)
+            body = loads_command(payload, max_bytes=MAX_COMMAND_BYTES, max_depth=MAX_COMMAND_DEPTH)
+        except PayloadRejected as exc:
+            self._counts["commands_rejected"] += 1
+            self._limited(logging.WARNING, f"reject:{exc.kind}", "ignored command on %s: %s", topic[:200], exc.reason)
             return
-        self._commands.put((name, body))
+        if not isinstance(body, dict):
+            self._counts["commands_rejected"] += 1
+            self._limited(logging.WARNING, "reject:not_object", "ignored command on %s: payload is not a JSON object",
+                          topic[:200])
+            return
+        try:
+            self._commands.put_nowait((name, body))
+        except queue.Full:
+            self._counts["commands_dropped"] += 1
+            self._limited(logging.WARNING, "dropped", "dropped command on %s: %d commands are already waiting",
+                          topic[:200], COMMAND_QUEUE)
 
     def _command_loop(self) -> None:
         while True:
@@ -370,26 +416,31 @@ class Publisher:
                 elif self.on_command is not None:
                     self.on_command(name, body)
                 else:
-                    log.info("command %s received; no handler is installed", name)
-            except Exception:  # a bad command or handler must not stop command processing
-                log.exception("command %s failed", name)
+                    self._limited(logging.INFO, "no_handler", "command %s received; no handler is installed",
+                                  name[:64])
+            except Exception as exc:  # a bad command or handler must not stop command processing
+                self._limited(logging.ERROR, f"failed:{name[:32]}:{type(exc).__name__}", "command %s failed: %s: %s",
+                              name[:64], type(exc).__name__, str(exc)[:200], exc_info=True)
 
     def _resend(self, body: dict[str, Any]) -> None:
         stream, ranges = body.get("stream"), body.get("ranges")
         if not isinstance(stream, str) or not isinstance(ranges, list) or len(ranges) > 100 or not all(
                 isinstance(r, list | tuple) and len(r) == 2 for r in ranges):
-            log.warning("ignored cmd/resend: it needs 'stream' and up to 100 'ranges' [first, last]")
+            self._limited(logging.WARNING, "resend:shape", "ignored cmd/resend: it needs 'stream' and up to 100 "
+                          "'ranges' [first, last]")
             return
         self._counts["resend_requests"] += 1
         try:
             requeued, unavailable = self.outbox.resend(stream, [(r[0], r[1]) for r in ranges])
         except OutboxError as exc:
-            log.warning("ignored cmd/resend: %s", exc)
+            self._limited(logging.WARNING, "resend:ranges", "ignored cmd/resend: %s", str(exc)[:200])
             return
         self._counts["requeued"] += requeued
-        log.info("cmd/resend: %d window(s) queued again, %d range(s) unavailable", requeued, len(unavailable))
+        self._limited(logging.INFO, "resend:done", "cmd/resend: %d window(s) queued again, %d range(s) unavailable",
+                      requeued, len(unavailable))
         if unavailable:
-            data = {"stream": stream, "ranges": [list(r) for r in unavailable],
-                    "command_id": body.get("command_id")}
+            cid = body.get("command_id")
+            data = {"stream": stream[:200], "ranges": [list(r) for r in unavailable],
+                    "command_id": cid if isinstance(cid, str) and len(cid) <= 64 else None}
             self.outbox.put(self.events_topic, self._event("resend.unavailable", data, "warning"))
         self._events.put(("rewind",))

@@ -11,6 +11,14 @@ On connect it publishes the retained birth status and subscribes to the device's
 ``protocol="auto"`` (the default) a broker that refuses MQTT v5 (*unsupported protocol version*), or that never answers
 a v5 CONNECT within ``CONNACK_TIMEOUT_S`` before the first successful connection (amqtt 0.12 silently chokes on a v5
 will), makes the session rebuild itself as MQTT 3.1.1 once.
+
+Hardening (issue 13): every paho callback is wrapped (:func:`edge_sdk.mqtt.guard`), so no exception ends paho's
+network thread; the device asks the broker (MQTT v5 *Maximum Packet Size*) not to send it messages larger than
+``MAX_PACKET_BYTES``. A watchdog thread checks every second that the network thread still runs and, while
+connected and idle, sends a cheap round trip (an UNSUBSCRIBE of a filter the device never subscribed to, answered
+by an UNSUBACK) at most every ``keepalive / 2`` s; a dead thread, or no callback within ``keepalive`` s of a probe,
+makes it report ``("down",)``, build a fresh client and connect again (logged once a minute at most).
+:attr:`MqttSession.connected` is true only while the broker accepted the connection *and* the network thread runs.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.mqtt import connect_properties, make_client
+from edge_sdk.mqtt import LoopWatch, RateLimitedLog, connect_properties, loop_alive, make_client, release_client
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.mqtt_publisher import MqttSettings
@@ -32,6 +40,9 @@ __all__ = ["MqttSession"]
 log = logging.getLogger("edge_sdk.device_agent.mqtt")
 UNSUPPORTED_PROTOCOL = 0x84
 CONNACK_TIMEOUT_S = 5.0
+MAX_PACKET_BYTES = 256 * 1024  # commands are parsed only up to edge_sdk.mqtt.MAX_COMMAND_BYTES; larger are dropped
+WATCHDOG_PERIOD_S = 1.0
+DISCONNECTED_STALL_S = 90.0  # no callback at all (not even a reconnect attempt) for this long: the loop is stuck
 
 
 class MqttSession:
@@ -47,7 +58,7 @@ class MqttSession:
         self.status_topic = f"edge/{settings.fleet}/{settings.device}/status"
         self.cmd_filter = f"edge/{settings.fleet}/{settings.device}/cmd/#"
         self.protocol = "3.1.1" if settings.protocol == "3.1.1" else "5"
-        self.connected = False
+        self._up = False  # CONNACK accepted on the current client (see the ``connected`` property)
         self.subscribed = False  # the broker acknowledged the cmd/# subscription on this connection
         self.connects = 0
         self.status_refused = 0
@@ -61,6 +72,25 @@ class MqttSession:
         self._losses_unlogged = 0
         self._lock = threading.Lock()
         self._client: Any = None
+        self._limited = RateLimitedLog(log)
+        self._watch = LoopWatch(self._limited, lambda: self._client)
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker has accepted the connection and paho's network thread runs."""
+        client = self._client
+        return self._up and client is not None and loop_alive(client)
+
+    @connected.setter
+    def connected(self, value: bool) -> None:
+        self._up = value
+
+    @property
+    def watchdog_restarts(self) -> int:
+        """How often the watchdog replaced a dead or hung client."""
+        return self._watch.restarts
 
     # ---------------------------------------------------------------------------------------------- building
     def _build(self) -> Any:
@@ -71,25 +101,66 @@ class MqttSession:
         client.will_set(self.status_topic, self.will, qos=1, retain=True)
         client.max_inflight_messages_set(s.max_inflight + 4)  # + birth / offline status
         client.reconnect_delay_set(1, 30)
-        client.on_pre_connect = self._on_pre_connect
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_subscribe = self._on_subscribe
-        client.on_message = lambda _c, _u, msg: self.on_message(msg.topic, msg.payload)
+        client.on_pre_connect = self._watch.wrap(self._on_pre_connect, "connect")
+        client.on_connect = self._watch.wrap(self._on_connect, "connect")
+        client.on_connect_fail = self._watch.wrap(self._on_connect_fail, "connect")
+        client.on_disconnect = self._watch.wrap(self._on_disconnect, "disconnect")
+        client.on_publish = self._watch.wrap(self._on_publish, "publish")
+        client.on_subscribe = self._watch.wrap(self._on_subscribe, "subscribe")
+        client.on_unsubscribe = self._watch.wrap(lambda *_a: None, "unsubscribe")  # the watchdog's probe came back
+        client.on_message = self._watch.wrap(lambda _c, _u, msg: self.on_message(msg.topic, msg.payload), "message")
         if v5:
             client.connect_async(s.host, s.port, s.keepalive, clean_start=False,
-                                 properties=connect_properties(s.session_expiry_s))
+                                 properties=connect_properties(s.session_expiry_s,
+                                                               maximum_packet_size=MAX_PACKET_BYTES))
         else:
             client.connect_async(s.host, s.port, s.keepalive)
         return client
 
     def start(self) -> None:
-        """Build the client and start paho's network thread (it connects and reconnects in the background)."""
+        """Build the client and start paho's network thread (it connects and reconnects in the background) and the
+        watchdog."""
         with self._lock:
+            self._stopping.clear()
             self._client = self._build()
+            self._watch.reset()
             self._client.loop_start()
+        self._watchdog = threading.Thread(target=self._watchdog_loop, name="edge-mqtt-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # ---------------------------------------------------------------------------------------------- watchdog
+    def _watchdog_loop(self) -> None:
+        while not self._stopping.wait(WATCHDOG_PERIOD_S):
+            try:
+                self._check()
+            except Exception as exc:  # the watchdog itself must not die
+                self._limited(logging.ERROR, f"watchdog:{type(exc).__name__}", "MQTT watchdog error: %s", exc,
+                              exc_info=True)
+
+    def _check(self) -> None:
+        client = self._client
+        if client is None or self._stopping.is_set():
+            return
+        why = self._watch.verdict(client, self._up, float(self.settings.keepalive), self.cmd_filter[:-1] + "-watchdog",
+                                  DISCONNECTED_STALL_S)
+        if why is not None:
+            self._restart(client, why)
+
+    def _restart(self, old: Any, why: str) -> None:
+        """Replace a client whose network loop died or hangs: report the loss, connect a fresh client."""
+        self._limited(logging.ERROR, "watchdog", "MQTT %s for device %s; reconnecting with a new client", why,
+                      self.settings.device)
+        with self._lock:
+            if self._client is not old or self._stopping.is_set():
+                return
+            self._watch.restarts += 1
+            if self._up:
+                self.events.put(("down",))  # before the new client's "up"
+            self._up, self.subscribed = False, False
+            self._client = self._build()
+            self._watch.reset()
+            self._client.loop_start()
+        release_client(old)
 
     def _fall_back_to_v311(self, old: Any) -> None:
         if self.protocol != "5" or self.connects:
@@ -101,6 +172,7 @@ class MqttSession:
                 return  # stopped meanwhile
             self.protocol = "3.1.1"
             self._client = self._build()
+            self._watch.reset()
             self._client.loop_start()
 
     # ---------------------------------------------------------------------------------------------- callbacks
@@ -134,7 +206,7 @@ class MqttSession:
             return
         client.drop_out_messages()  # the sender republishes from the outbox; paho's memory copies must not race it
         self._failing = False
-        self.connected = True
+        self._up = True
         self.connects += 1
         receive_max = getattr(properties, "ReceiveMaximum", 65535) if properties is not None else 65535
         max_packet = getattr(properties, "MaximumPacketSize", 0) if properties is not None else 0
@@ -153,8 +225,8 @@ class MqttSession:
 
     def _on_disconnect(self, client: Any, _userdata: Any, _flags: Any, reason: Any, _properties: Any) -> None:
         self.subscribed = False
-        if self.connected:
-            self.connected = False
+        if self._up:
+            self._up = False
             self.events.put(("down",))
             now = time.monotonic()
             if now - self._last_loss_log >= 60.0:  # a flapping connection logs once a minute, not every second
@@ -200,17 +272,20 @@ class MqttSession:
 
     def stop(self, offline: bytes | None, timeout: float) -> None:
         """Publish the retained clean ``offline`` status (if connected), disconnect and stop the network thread."""
+        self._stopping.set()
         with self._lock:
             client, self._client = self._client, None
         if client is None:
             return
-        if offline is not None and self.connected:
+        if offline is not None and self._up and loop_alive(client):
             try:
                 client.publish(self.status_topic, offline, qos=1, retain=True).wait_for_publish(timeout)
             except (RuntimeError, ValueError) as exc:
                 log.warning("could not publish the offline status: %s", exc)
         client.drop_out_messages()
-        self.connected = False
+        self._up = False
         client.disconnect()
         client.loop_stop()
+        if self._watchdog is not None:
+            self._watchdog.join(2 * WATCHDOG_PERIOD_S)
         log.info("MQTT disconnected from %s:%d", self.settings.host, self.settings.port)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_sdk.device_agent.config import AgentConfig, ConfigError
 from edge_sdk.errors import EdgeSDKError
+from edge_sdk.mqtt import redact_url
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.agent import Agent, Prediction
@@ -170,9 +171,12 @@ class DeviceRunner:
 
         cfg, store = self.config.agent, self.config.store
         keys = self.config.trusted_keys
+        # the device's fleet is the one it reports in (its MQTT topics): a bundle whose signed manifest lists other
+        # fleets is refused here, so a bundle released for one fleet cannot be pushed to another
         updater = Updater(store, trusted_keys=list(keys) if isinstance(keys, tuple) else keys,  # type: ignore[arg-type]
                           allow_unsigned=self.config.allow_unsigned, emit_event=self._emit_update_event,
-                          runtime_order=cfg.runtime_order, artifact=cfg.artifact, threads=cfg.threads)
+                          runtime_order=cfg.runtime_order, artifact=cfg.artifact, threads=cfg.threads,
+                          fleet=self.settings.fleet)
         self.updater = updater  # stop() closes it if what follows fails
         res = updater.recover()
         self.say(f"agent: model store {store}: {res.reason}")
@@ -216,7 +220,7 @@ class DeviceRunner:
             self.publisher.start()
         self.telemetry = self._new_telemetry(agent)
         self.telemetry.start()
-        where = (f"MQTT {s.mqtt.url} as {s.fleet}/{s.device}" if self.publisher is not None
+        where = (f"MQTT {redact_url(s.mqtt.url)} as {s.fleet}/{s.device}" if self.publisher is not None
                  else "the outbox only (no broker configured: pass --mqtt or set [mqtt] url)")
         self.say(f"agent: telemetry every {s.window_s:g} s to {where}; outbox {s.outbox_path}")
 

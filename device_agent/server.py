@@ -11,8 +11,13 @@ container contract, so the same image serves there):
     GET  /healthz                 status, model version, runtime, artifact, uptime, queue depth
     GET  /metrics                 Prometheus text format 0.0.4
 
-HTTP threads only parse requests: inference runs on ONE worker thread fed by a bounded queue, and a
-request that finds the queue full is answered 429 (with ``Retry-After``) at once instead of waiting.
+HTTP threads (a fixed pool, :mod:`edge_sdk.http_pool`: idle and slow sockets hold no thread and are closed at
+their deadline) only read bodies: parsing the JSON / multipart / image body and inference both run on ONE worker
+thread fed by a bounded queue, so a body costs CPU and memory only once admitted; a request that finds the queue
+full is answered 429 (with ``Retry-After``) at once, unparsed.
+
+With a token (:class:`~edge_sdk.httpbase.HTTPSecurity`) every route but ``/ping`` and ``/healthz`` needs it;
+without one, ``POST /feedback`` is accepted from loopback clients only (ground truth steers canary judgement).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 
 from edge_sdk.device_agent.http_io import Metrics, parse_feedback_body, parse_multipart, parse_predict_body
 from edge_sdk.errors import EdgeSDKError, HTTPError, InputError, first_line
-from edge_sdk.httpbase import HTTPServer, RequestHandler, base_url, bind
+from edge_sdk.httpbase import HTTPLimits, HTTPSecurity, HTTPServer, RequestHandler, base_url, bind, is_loopback
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.agent import Agent, Prediction
@@ -52,11 +57,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
 class _Handler(RequestHandler):
     server_version = "edge-sdk-agent"
     logger = log
+    public_routes = frozenset({"/ping", "/healthz"})
     server: HTTPServer
-
-    @property
-    def timeout(self) -> float:  # type: ignore[override]  # socket timeout for reading a request (and idle keep-alive)
-        return max(self.server.owner.request_timeout_s, 10.0)
 
     @property
     def max_body_bytes(self) -> int:  # type: ignore[override]  # the owner's limit, for Expect: 100-continue
@@ -80,6 +82,9 @@ class _Handler(RequestHandler):
         if route in PREDICT_ROUTES:
             self.send_json(*owner.handle_predict(self))
         elif route == "/feedback":
+            if self.server.token is None and not is_loopback(self.client_address[0]):
+                raise HTTPError(403, "forbidden", f"POST /feedback from {self.client_address[0]} needs an API token: "
+                                "configure one on the agent (--http-token-file) or send feedback from this host")
             self.send_json(*owner.handle_feedback(self))
         elif route == "/metrics":
             self.send_text(200, owner.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
@@ -97,12 +102,24 @@ class AgentServer:
     ``start()`` serves from a background thread, ``serve_forever()`` from the calling thread, ``shutdown()``
     stops both the HTTP server and the inference worker. ``before_inference`` is a test hook called on the
     worker thread before each job (e.g. to hold the worker while the queue fills).
+
+    ``security``: token and TLS (default none: loopback ``host`` only). ``workers``: HTTP threads (default
+    ``queue_size + 4``: every admitted request can wait for its result while health checks are still answered).
+    ``request_timeout_s`` bounds both the wait for a result (504) and receiving a request (at least 2 s).
     """
 
     def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 8080, *, queue_size: int = 8,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float = 30.0) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float = 30.0,
+                 security: HTTPSecurity | None = None, workers: int | None = None,
+                 limits: HTTPLimits | None = None) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
+        receive_s = max(float(request_timeout_s), 2.0)
+        limits = limits or HTTPLimits(workers=workers or queue_size + 4, backlog=max(16, 2 * queue_size),
+                                      header_timeout_s=min(10.0, receive_s), request_timeout_s=receive_s,
+                                      max_body_bytes=int(max_body_bytes),
+                                      buffer_budget_bytes=max(4 * int(max_body_bytes), 16 << 20))
+        self.security = security or HTTPSecurity()
         self.agent = agent
         self.max_body_bytes = int(max_body_bytes)
         self.request_timeout_s = float(request_timeout_s)
@@ -114,7 +131,7 @@ class AgentServer:
         self._worker: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._httpd = bind(host, port, _Handler, self)
+        self._httpd = bind(host, port, _Handler, self, limits=limits, security=self.security, what="the agent API")
         self.host = host
         self.port: int = self._httpd.server_address[1]
         spec_dtypes = {s.name: s.dtype for s in getattr(agent, "input_specs", None) or []}
@@ -124,7 +141,7 @@ class AgentServer:
     @property
     def url(self) -> str:
         """Base URL of the server (``0.0.0.0`` / ``::`` shown as the loopback address)."""
-        return base_url(self.host, self.port)
+        return base_url(self.host, self.port, self.security.tls)
 
     @property
     def ready(self) -> bool:
@@ -231,18 +248,15 @@ class AgentServer:
 
     # -- request handling (HTTP threads) -----------------------------------------------------------------
     def handle_predict(self, req: _Handler) -> tuple[int, dict[str, Any]]:
-        """Parse a predict request, run it on the worker and return (status, JSON payload)."""
+        """Read a predict request; parse it and run it on the worker (after admission); return (status, JSON)."""
         body = req.read_body(self.max_body_bytes)
+        content_type = req.headers.get("Content-Type", "")
         try:
-            job = self._job_for(body, req.headers.get("Content-Type", ""))
-        except HTTPError as exc:  # the request never reached the model: count it as a bad input
+            pred = self.submit(self._job_for(body, content_type))
+        except HTTPError as exc:  # 429 / 503 / 504 from the queue, or a 400 from parsing on the worker
             tel = getattr(self.agent, "telemetry", None)
-            if tel is not None and exc.status == 400:
+            if tel is not None and exc.status == 400:  # the request never reached the model: a bad input
                 tel.record_error("input")
-            raise
-        try:
-            pred = self.submit(job)
-        except HTTPError:  # 429 / 503 / 504 from the queue (an EdgeSDKError too: caught first)
             raise
         except InputError as exc:
             raise HTTPError(400, "bad_input", first_line(exc, 1000)) from None
@@ -272,10 +286,13 @@ class AgentServer:
         return 200, {"prediction_id": prediction_id, "correct": correct}
 
     def _job_for(self, body: bytes, content_type: str) -> Callable[[], Prediction]:
-        kind, value = parse_predict_body(body, content_type, self._input_dtypes)
-        if kind == "image":
-            return lambda: self.agent.predict_image(value)  # type: ignore[arg-type]
-        return lambda: self.agent.predict(value)  # type: ignore[arg-type]
+        """The worker's job: parse the body (HTTPError 400) and run the model on it."""
+        def job() -> Prediction:
+            kind, value = parse_predict_body(body, content_type, self._input_dtypes)
+            if kind == "image":
+                return self.agent.predict_image(value)  # type: ignore[arg-type]
+            return self.agent.predict(value)  # type: ignore[arg-type]
+        return job
 
     # -- health and metrics ------------------------------------------------------------------------------
     def _info(self) -> dict[str, str]:

@@ -9,6 +9,10 @@ A window is emitted even when no inference ran (``count`` 0): it proves the devi
 Each window carries ``window_id`` (uuid4 hex, the collector's idempotency key); the outbox adds ``stream`` and a
 gap-free ``seq`` in the same transaction that stores it, so nothing is published that was not stored first.
 Events (``model.loaded`` ...) go through the same outbox on ``edge/<fleet>/<device>/events``.
+
+Signals a client could forge are kept apart: errors the client's input caused (HTTP 4xx) are listed again in
+``client_errors`` (the collector's canary judgement leaves them out), and ``/feedback`` refused for a missing or
+wrong token is counted in ``feedback.rejected`` (``WindowAggregator.record_rejected_feedback``), never in accuracy.
 """
 
 from __future__ import annotations

@@ -57,10 +57,14 @@ from edge_sdk.device_agent.model_store import BUNDLE_DIR, ModelStore, RecoveryRe
 from edge_sdk.device_agent.update_commands import CommandHandling
 from edge_sdk.device_agent.update_guard import Guard
 from edge_sdk.errors import EdgeSDKError, first_line
+from edge_sdk.mqtt import RateLimitedLog
 
 __all__ = ["EventSink", "ModelStore", "RecoveryResult", "UpdateError", "Updater", "VersionInfo"]
 
 log = logging.getLogger("edge_sdk.updater")
+#: events a sender can trigger at will (refused or failed commands); their log lines are rate-limited
+_FLOODABLE = frozenset({"update.failed", "update.refused"})
+_refusal_log = RateLimitedLog(log)
 
 EventSink = Callable[[str, dict[str, Any], str], Any]
 """``emit_event(kind, data, level)`` — e.g. ``Telemetry.emit_event``; level is info / warning / error."""
@@ -155,7 +159,11 @@ class Updater(CommandHandling):
 
     def _emit(self, kind: str, data: dict[str, Any], level: str = "info") -> None:
         data = _clean(data)
-        log.log(logging.ERROR if level == "error" else logging.INFO, "%s %s", kind, data)
+        lvl = logging.ERROR if level == "error" else logging.INFO
+        if kind in _FLOODABLE:  # refusals: one line per kind and step a minute, so a command flood cannot fill a disk
+            _refusal_log(lvl, f"{kind}:{data.get('step') or data.get('command') or ''}", "%s %s", kind, data)
+        else:
+            log.log(lvl, "%s %s", kind, data)
         if self.emit_event is None:
             return
         try:

@@ -83,6 +83,7 @@ CORE_MODULES: tuple[str, ...] = (
     "edge_sdk.calibration",
     "edge_sdk.errors",
     "edge_sdk.formats",
+    "edge_sdk.http_pool",
     "edge_sdk.httpbase",
     "edge_sdk.mqtt",
     "edge_sdk.preprocessing",

@@ -13,26 +13,141 @@ each had their own copy of the same plumbing; :class:`RequestHandler` holds it o
 * the body is read only within a limit and only with a ``Content-Length`` (413 / 411 before reading; an
   ``Expect: 100-continue`` client is refused before it sends); a response to a request whose body was not read
   closes the connection (the unread body would be parsed as the next request);
-* ``HEAD`` gets the headers of ``GET`` without the body; access logs go to ``logging`` at DEBUG (not stderr).
+* ``HEAD`` gets the headers of ``GET`` without the body; access logs go to ``logging`` at DEBUG (not stderr);
+* an optional bearer token (:class:`HTTPSecurity`): every route but :attr:`RequestHandler.public_routes` needs
+  ``Authorization: Bearer <token>`` (or HTTP Basic with the token as password, so a browser can open the
+  dashboard), compared in constant time; TLS from the standard library :mod:`ssl`. :func:`bind` refuses a
+  non-loopback address without a token unless ``allow_insecure`` says so: an open API on the network is a choice,
+  never a default.
 
-It is a plain base to subclass; authentication, TLS and a bounded worker pool belong here when they come.
+Requests are served by the bounded :class:`~edge_sdk.http_pool.HTTPServer` (fixed workers, header and request
+deadlines, buffered bodies: see :mod:`edge_sdk.http_pool`).
 :func:`prometheus_escape` is the label-value escaper of the ``/metrics`` documents both servers render.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import ipaddress
 import json
 import logging
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import os
+import ssl
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from edge_sdk.errors import EdgeSDKError, HTTPError, first_line
+from edge_sdk.errors import ConfigError, EdgeSDKError, HTTPError, first_line
+from edge_sdk.http_pool import HTTPLimits, HTTPServer, Request
 
-__all__ = ["HTTPError", "HTTPServer", "RequestHandler", "base_url", "bind", "prometheus_escape"]
+__all__ = ["MIN_TOKEN_CHARS", "HTTPError", "HTTPLimits", "HTTPSecurity", "HTTPServer", "RequestHandler", "base_url",
+           "bind", "is_loopback", "prometheus_escape"]
 
 log = logging.getLogger("edge_sdk.http")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+
+
+MIN_TOKEN_CHARS = 16
+_CHALLENGE = 'Bearer realm="edge-sdk", Basic realm="edge-sdk", charset="UTF-8"'
+_TOKEN_HOWTO = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (``0.0.0.0``, ``::`` and names are not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_token(token: str, source: str) -> str:
+    if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(f"the HTTP token from {source} must be at least {MIN_TOKEN_CHARS} printable ASCII "
+                          f"characters without spaces: {_TOKEN_HOWTO}")
+    return token
+
+
+@dataclass(frozen=True)
+class HTTPSecurity:
+    """Bearer token and TLS of one server; :meth:`load` reads the token from a file or an environment variable
+    (never from a command-line value, which ``ps`` shows to every user)."""
+
+    token: str | None = field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    allow_insecure: bool = False  # serve a non-loopback address without a token
+
+    def __post_init__(self) -> None:
+        if self.token is not None:
+            _check_token(self.token, "the settings")
+
+    @classmethod
+    def load(cls, *, token_file: str | os.PathLike | None = None, token_env: str | None = None,
+             tls_cert: str | None = None, tls_key: str | None = None, allow_insecure: bool = False) -> HTTPSecurity:
+        """Read the token from ``token_file`` (one line) or the environment variable ``token_env``."""
+        if token_file is not None and token_env is not None:
+            raise ConfigError("both a token file and a token environment variable are given: keep one")
+        token = None
+        if token_file is not None:
+            try:
+                token = Path(token_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read the HTTP token file {token_file}: {first_line(exc)}: check the "
+                                  "path and its permissions") from None
+            _check_token(token, str(token_file))
+        elif token_env is not None:
+            token = os.environ.get(token_env, "").strip()
+            if not token:
+                raise ConfigError(f"the environment variable {token_env} holding the HTTP token is not set: "
+                                  f"export it ({_TOKEN_HOWTO})")
+            _check_token(token, f"${token_env}")
+        return cls(token, tls_cert, tls_key, allow_insecure)
+
+    @property
+    def tls(self) -> bool:
+        """True when the server speaks HTTPS."""
+        return bool(self.tls_cert or self.tls_key)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context (TLS 1.2 or later), or None without TLS; ConfigError in one line."""
+        if not self.tls:
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ConfigError("TLS needs both a certificate and its private key: give --tls-cert and --tls-key "
+                              "([http] tls_cert and tls_key)")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate {self.tls_cert} with key {self.tls_key}: "
+                              f"{first_line(exc)}: check both are PEM files that belong together") from None
+        return ctx
+
+    def check_bind(self, host: str, port: int, what: str) -> None:
+        """Refuse a non-loopback address without a token unless ``allow_insecure``."""
+        if self.token is None and not self.allow_insecure and not is_loopback(host):
+            raise ConfigError(f"refusing to serve {what} on {host}:{port} without authentication: put a token in a "
+                              "file and pass --http-token-file FILE (or --http-token-env NAME), bind 127.0.0.1, "
+                              "or pass --http-insecure to serve it open")
+
+
+def _token_matches(header: str, token: str) -> bool:
+    scheme, _, cred = header.strip().partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            cred = base64.b64decode(cred.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, ValueError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(cred.strip().encode("utf-8", "replace"), token.encode())
 
 
 def prometheus_escape(value: object) -> str:
@@ -52,7 +167,30 @@ class RequestHandler(BaseHTTPRequestHandler):
     max_body_bytes = 1024 * 1024
     #: Headers sent with every answer.
     extra_headers: ClassVar[dict[str, str]] = {}
+    #: Routes answered without the token (liveness probes); :attr:`public_prefixes` for whole subtrees.
+    public_routes: ClassVar[frozenset[str]] = frozenset()
+    public_prefixes: ClassVar[tuple[str, ...]] = ()
+    server: HTTPServer
     _body_consumed = False
+
+    def setup(self) -> None:
+        """Use the pool's reader and writer (deadline-bound, buffered request) instead of socket files."""
+        req: Request = self.request
+        self.connection = req.sock
+        self.rfile, self.wfile = req.reader, req.writer  # type: ignore[assignment]
+
+    def finish(self) -> None:
+        """The server owns the socket (kept alive or closed by it)."""
+
+    def check_access(self) -> None:
+        """HTTPError 401 unless the route is public, no token is configured, or the request carries it."""
+        token = getattr(self.server, "token", None)
+        route = self.route()
+        if token is None or route in self.public_routes or route.startswith(self.public_prefixes):
+            return
+        if not _token_matches(self.headers.get("Authorization", ""), token):
+            raise HTTPError(401, "unauthorized", f"{route} needs the API token: send 'Authorization: Bearer "
+                            "<token>'", {"WWW-Authenticate": _CHALLENGE})
 
     def log_message(self, format: str, *args: Any) -> None:
         self.logger.debug("%s %s", self.address_string(), format % args)
@@ -61,6 +199,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self._body_consumed = False
         try:
+            self.check_access()
             self.handle_request()
         except HTTPError as exc:
             self.send_error_json(exc)
@@ -125,7 +264,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             body = self.rfile.read(length)
         except TimeoutError:
-            raise HTTPError(408, "timeout", f"the request body did not arrive within {self.timeout:g} s: "
+            raise HTTPError(408, "timeout", "the request body did not arrive within the request deadline: "
                             "send it at once") from None
         if len(body) != length:
             raise HTTPError(400, "bad_request", f"request body ended after {len(body)} of {length} bytes")
@@ -168,24 +307,29 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_json(exc.status, {"error": first_line(exc, 1000)}, exc.headers)
 
 
-class HTTPServer(ThreadingHTTPServer):
-    """A threading server whose handler threads do not keep the process alive; ``owner`` is the app object."""
+def bind(host: str, port: int, handler: type[RequestHandler], owner: Any, *, limits: HTTPLimits | None = None,
+         security: HTTPSecurity | None = None, what: str = "the HTTP API") -> HTTPServer:
+    """A bound :class:`HTTPServer` (``port=0``: a free port); EdgeSDKError in one line when it cannot listen.
 
-    daemon_threads = True
-    owner: Any = None
-
-
-def bind(host: str, port: int, handler: type[RequestHandler], owner: Any) -> HTTPServer:
-    """A bound :class:`HTTPServer` (``port=0``: a free port); EdgeSDKError in one line when it cannot listen."""
+    With ``security`` (the agent's and the collector's APIs): its token and TLS are applied, and a non-loopback
+    ``host`` without a token is refused unless ``security.allow_insecure``.
+    """
+    ctx = None
+    if security is not None:
+        security.check_bind(host, port, what)
+        ctx = security.ssl_context()
     try:
-        httpd = HTTPServer((host, port), handler)
+        httpd = HTTPServer((host, port), handler, limits)
     except OSError as exc:
         raise EdgeSDKError(f"cannot listen on {host}:{port}: {exc.strerror}: choose another host:port") from None
     httpd.owner = owner
+    httpd.token = security.token if security is not None else None
+    httpd.ssl_context = ctx
     return httpd
 
 
-def base_url(host: str, port: int) -> str:
-    """``http://host:port`` for clients (``0.0.0.0`` / ``::`` shown as the loopback address)."""
+def base_url(host: str, port: int, tls: bool = False) -> str:
+    """``http(s)://host:port`` for clients (``0.0.0.0`` / ``::`` shown as the loopback address)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

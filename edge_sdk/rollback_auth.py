@@ -75,7 +75,7 @@ def verify_rollback(doc: Any, trusted_keys: str | os.PathLike | Iterable[str | o
     :func:`edge_sdk.signing.load_public_keys` (or the dict it returns)."""
     from edge_sdk.signing import _ed25519_ok
 
-    fix = "sign a new one with a trusted release key (Rollout rollback_key / edge-sdk rollback --key)"
+    fix = "sign a new one with a trusted release key (Rollout rollback_key / edge-sdk rollback --rollback-key KEY)"
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("statement"), dict):
         raise SignatureError(f"the rollback authorisation is malformed (not an {SCHEMA} document): {fix}")
     if len(json.dumps(doc, default=str)) > _MAX_DOC:

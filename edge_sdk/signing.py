@@ -128,14 +128,18 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     os.chmod(path, mode)  # the umask may have narrowed it; never widened beyond mode
 
 
+def _read_key(path: Path, what: str, fix: str = "") -> bytes:
+    """The bytes of a key file, or a one-line SignatureError naming ``what`` key could not be read and why."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SignatureError(f"cannot read {what} {path} ({exc.strerror}){fix}") from None
+
+
 def _load_private_key(path: str | os.PathLike) -> Any:
     serialization, ed25519 = _crypto()
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SignatureError(f"cannot read private key {path} ({exc.strerror}): pass a key made by "
-                             "`edge-sdk keys new`") from None
+    data = _read_key(path, "private key", ": pass a key made by `edge-sdk keys new`")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -152,10 +156,7 @@ def _load_private_key(path: str | os.PathLike) -> Any:
 
 def _load_public_key(path: Path) -> Any:
     serialization, ed25519 = _crypto()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SignatureError(f"cannot read trusted key {path} ({exc.strerror})") from None
+    data = _read_key(path, "trusted key")
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:

@@ -127,6 +127,17 @@ def test_error_rate_spike_against_the_devices_own_rate(fleet: Fleet, tmp_path: P
     assert [c for c in quiet.evaluate(now=fleet.now) if c.action == "opened"] == []
 
 
+def test_a_burst_of_client_errors_opens_no_error_rate_alert(fleet: Fleet, tmp_path: Path) -> None:
+    """Garbage requests (HTTP 4xx: bad body, undecodable image) are the client's errors, not the model's."""
+    engine = AlertEngine(fleet.db, _only(tmp_path, "error_rate"))
+    fleet.windows(10, count=100, errors={"runtime": 1})
+    assert engine.evaluate(now=fleet.now) == []
+    fleet.windows(4, count=50, errors={"input": 40, "preprocess": 10})  # 50% of requests refused as bad input
+    assert [c for c in engine.evaluate(now=fleet.now) if c.action == "opened"] == []
+    fleet.windows(4, count=50, errors={"runtime": 50})  # the same burst from the runtime does open one
+    assert [(c.action, c.rule) for c in engine.evaluate(now=fleet.now)] == [("opened", "error_rate")]
+
+
 def test_confidence_drop_below_the_trailing_mean(fleet: Fleet, tmp_path: Path) -> None:
     engine = AlertEngine(fleet.db, _only(tmp_path, "confidence_drop"))
     _cycle(fleet, engine, "confidence_drop", dict(conf_mean=0.9), dict(conf_mean=0.55))

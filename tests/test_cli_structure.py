@@ -96,7 +96,8 @@ def test_shared_concepts_have_one_spelling_everywhere(monkeypatch: pytest.Monkey
     monkeypatch.setenv("EDGE_SDK_DB", "sqlite:///env.db")
     canonical = {"json": {"--json"}, "mqtt": {"--mqtt"}, "trusted_keys": {"--trusted-keys"}, "db": {"--db"},
                  "model_version": {"--model-version"}, "store": {"--registry-dir", "--model-store"},
-                 "log_level": {"--log-level", "--verbose", "-v"}}
+                 "log_level": {"--log-level", "--verbose", "-v"}, "allow_unsigned": {"--allow-unsigned"},
+                 "rollback_key": {"--rollback-key"}, "version_code": {"--version-code"}, "fleets": {"--fleet"}}
     old = {o for o, _ in _common.DEPRECATED_ALIASES}
     seen: dict[str, list[str]] = {dest: [] for dest in canonical}
     helps: dict[str, set[str]] = {}
@@ -128,7 +129,12 @@ def test_shared_concepts_have_one_spelling_everywhere(monkeypatch: pytest.Monkey
     assert set(seen["mqtt"]) == {"agent run", "deploy", "rollback", "collector run", "fleet simulate"}
     assert set(seen["trusted_keys"]) == {"agent run", "bundle verify", "registry add"}
     assert len(seen["db"]) == 10 and len(seen["json"]) >= 10
-    for flag in ("--db", "--trusted-keys", "--registry-dir", "--model-version"):
+    # issue 13's flags: one parent each, so one spelling and one help text wherever they appear
+    assert set(seen["allow_unsigned"]) == {"agent run", "registry promote", "deploy"}
+    assert set(seen["rollback_key"]) == {"deploy", "rollback"}
+    assert set(seen["version_code"]) == set(seen["fleets"]) == {"convert", "build", "bundle sign"}
+    for flag in ("--db", "--trusted-keys", "--registry-dir", "--model-version", "--allow-unsigned", "--rollback-key",
+                 "--version-code"):
         assert len(helps[flag]) == 1, (flag, helps[flag])  # one definition, shared through a parent parser
 
 
@@ -202,3 +208,62 @@ def test_old_store_flag_of_the_registry_in_a_real_process(signed: tuple[Path, Pa
     assert listed.returncode == 0 and listed.stderr == "" and json.loads(listed.stdout)[0]["version"] == "1"
     missing = run("registry", "show", "m:7", "--store", str(tmp_path / "reg"))  # failure: the error line only
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
+
+
+def _help(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare words
+
+
+def test_convert_to_help_comes_from_the_converter_registry(capsys: pytest.CaptureFixture) -> None:
+    """``--to`` lists what the registered converters produce, computed when help is shown: a converter that is
+    unregistered disappears from the help with no edit in the CLI (a plugin's target would appear the same way)."""
+    from edge_sdk.converters import register, target_formats
+    from edge_sdk.converters.registry import registered_classes, unregister
+    from edge_sdk.formats import Format
+
+    listed = ", ".join(f.value for f in target_formats())
+    assert Format.COREML in target_formats()
+    assert f"from: {listed} (onnx also writes .ort" in _help(["convert"], capsys)
+    coreml = {key: cls for key, cls in registered_classes().items() if key[1] is Format.COREML}
+    try:
+        for key in coreml:
+            unregister(*key)
+        text = _help(["convert"], capsys)
+        assert "from: " in text and "coreml" not in text.split("from: ")[1].split(";")[0], text
+    finally:
+        for cls in coreml.values():
+            register(cls, overwrite=True)
+    assert Format.COREML in target_formats()
+
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+@pytest.mark.parametrize("with_plugin", [True, False])
+def test_agent_runtime_help_lists_plugin_runtimes(with_plugin: bool) -> None:
+    """``agent run --runtime`` help names every registered runtime; the test plugin (tests/plugins, an entry point
+    of group ``edge_sdk.runtimes``) appears with no edit to the CLI, and only when it is installed."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(PLUGINS) if with_plugin else ""}
+    proc = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "agent", "run", "--help"], capture_output=True,
+                          text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "--runtime NAME,NAME,... runtime preference order, comma-separated, from: " in text, text
+    listed = text.split("from: ")[1].split(" (default")[0].split(", ")
+    assert {"onnxruntime", "openvino", "litert", "coreml"} <= set(listed)
+    assert ("echo" in listed) is with_plugin, listed
+
+
+def test_a_command_line_that_needs_no_help_loads_no_registry() -> None:
+    """The registry-derived help is computed only by --help: building the parser (every command's start) imports
+    neither the converters nor the runtimes."""
+    code = ("import sys\nfrom edge_sdk.cli import build_parser\nbuild_parser().parse_args(['agent', 'run', "
+            "'--bundle', 'b'])\nprint(sorted(m for m in sys.modules if m.startswith(('edge_sdk.converters', "
+            "'edge_sdk.runtimes'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout, proc.stderr)

@@ -174,7 +174,7 @@ def test_garbage_requests_do_not_fail_the_canary_error_check(bundle_dir: Path, t
         server = AgentServer(agent, "127.0.0.1", 0)
         port = server.start()
         try:
-            for round_ in range(3):
+            for _ in range(3):
                 for seed in range(20):
                     body = json.dumps({"image": base64.b64encode(_png(seed)).decode()}).encode()
                     assert _post(port, body) == 200
@@ -196,4 +196,5 @@ def test_garbage_requests_do_not_fail_the_canary_error_check(bundle_dir: Path, t
         canary = window_figures(db.query(ROLLOUT_SELECT + "WHERE w.device = ?", ("canary",)))
     assert canary["error_rate"] == 0.0 and canary["client_errors"] == 60
     ref = {"error_rate": 0.0, "p95_ms": canary["p95_ms"], "conf_mean": canary["conf_mean"], "psi_mean": None}
-    assert all(c["ok"] for c in health_checks(canary, ref, Thresholds()).values())
+    check = health_checks(canary, ref, Thresholds())["error_rate"]
+    assert check["ok"] and check["value"] == 0.0, check

@@ -168,11 +168,12 @@ def test_gate_refuses_worse_accepts_better_with_real_models(fashion_bundles: dic
         assert reg.show("fmnist", "2").holdout_result["accuracy"] == cand["accuracy"]
 
         # the CLI says the same on one line and exits 2; --force promotes and records the reason
-        assert main(["registry", "promote", "fmnist", "2", "--db", db_url, "--store", str(tmp_path / "store")]) == 2
+        assert main(["registry", "promote", "fmnist", "2", "--db", db_url, "--store", str(tmp_path / "store"),
+                     "--allow-unsigned"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: promotion of fmnist:2 refused") and "\n" not in err
         assert main(["registry", "promote", "fmnist", "2", "--force", "customer demo needs the small model",
-                     "--db", db_url]) == 0
+                     "--db", db_url, "--allow-unsigned"]) == 0
         assert "FORCED (customer demo needs the small model)" in capsys.readouterr().out
         forced = reg.show("fmnist", "2")
         assert forced.state == "canary" and forced.force_reason == "customer demo needs the small model"

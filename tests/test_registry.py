@@ -224,6 +224,7 @@ def served(built: Path, tmp_path: Path):
     with sqlite_db(tmp_path) as db:
         reg = Registry(db, tmp_path / "store")
         rec = reg.add(built)
+        reg.activate("tiny", "1", "served")  # only versions being deployed or active are served (issue 13)
         with BundleHTTPServer(reg) as srv:
             yield srv, rec
 

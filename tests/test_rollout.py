@@ -372,13 +372,18 @@ def test_cli_deploy_and_rollback(tmp_path: Path, bundles: tuple[Path, Path], cap
     store = str(tmp_path / "store")
     for b in bundles:
         assert main(["registry", "add", str(b), "--db", db_url, "--store", store]) == 0
-    assert main(["registry", "promote", "tiny", "1", "--db", db_url]) == 0  # first version: nothing to compare
+    # unsigned test bundles: refused without --allow-unsigned (issue 13), promoted with it
+    assert main(["registry", "promote", "tiny", "1", "--db", db_url]) == 2
+    assert "unsigned" in capsys.readouterr().err
+    assert main(["registry", "promote", "tiny", "1", "--db", db_url, "--allow-unsigned"]) == 0  # nothing to compare
     out = capsys.readouterr().out
     assert "tiny:1 promoted to canary" in out and "no active version" in out
     devices = ["cam-a", "cam-b", "cam-c"]
     with Subscriber(SYSTEM_BROKER, f"edge/{fleet}/+/cmd/#") as sub:
-        code = main(["deploy", "tiny", "1", "--fleet", fleet, "--hold", "30s", "--devices", ",".join(devices),
-                     "--db", db_url, "--base-url", "http://bundles.local:8081"])
+        deploy = ["deploy", "tiny", "1", "--fleet", fleet, "--hold", "30s", "--devices", ",".join(devices),
+                  "--db", db_url, "--base-url", "http://bundles.local:8081"]
+        assert main(deploy) == 2 and "unsigned" in capsys.readouterr().err  # nothing sent
+        code = main([*deploy, "--allow-unsigned"])
         out = capsys.readouterr().out
         assert code == 0 and "stage 1 sent to" in out
         dep_id = out.split()[1].rstrip(":")

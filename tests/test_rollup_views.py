@@ -86,10 +86,10 @@ def test_views_of_a_range_older_than_raw_retention_come_from_the_rollups(db: Any
         cached_status = {r["device"]: r for r in views.fleet_status(db, since_s=since, now=NOW, cache=cache)}
         assert all(_figures(cached_status[d]) == _figures(after_status[d]) for d in after_status)
 
-    # only the old range: nothing raw is left there, the figures are all rollup
-    old_only = views.model_versions(db, since_s=since, now=NOW - 9 * DAY)[0]
-    assert old_only["windows"] == 80 and old_only["inferences"] == 4000 and old_only["errors"] == 240
-    assert old_only["p95_ms"] is not None and old_only["confidence_mean"] is not None
+    # a range that does not reach back to the rolled-up hours takes no rollup
+    recent = views.model_versions(db, since_s=8 * DAY, now=NOW)[0]
+    assert (recent["windows"], recent["inferences"], recent["errors"]) == (10, 500, 30)
+    assert views.model_versions(db, since_s=8 * DAY, now=NOW, cache=RangeCache())[0]["windows"] == 10
 
     series = views.device_series(db, "f1", "cam-1", since_s=since, now=NOW)
     assert sum(p["windows"] for p in series) == 45 and sum(p["count"] for p in series) == 45 * 50

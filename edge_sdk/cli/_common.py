@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -18,10 +19,12 @@ from typing import Any
 
 from edge_sdk.errors import EdgeSDKError
 
-__all__ = ["DEFAULT_DB", "DEFAULT_MQTT", "DEPRECATED_ALIASES", "NOTICES", "add_alias", "db_parent",
-           "deprecation_notices", "floats", "host_port", "json_parent", "log_parent", "model_store_parent",
-           "mqtt_parent", "mqtt_tls_parent", "named_shape", "named_values", "registry_parent", "setup_logging",
-           "shape", "shape_spec", "size", "stdout_to_stderr", "trusted_keys_parent", "usage", "version"]
+__all__ = ["DEFAULT_DB", "DEFAULT_MQTT", "DEPRECATED_ALIASES", "NOTICES", "RegistryHelpFormatter", "add_alias",
+           "allow_unsigned_parent", "command_group", "db_parent", "deprecation_notices", "floats", "host_port",
+           "json_parent", "log_parent", "model_identity_parent", "model_store_parent", "mqtt_parent",
+           "mqtt_tls_parent", "named_shape", "named_values", "registry_parent", "rollback_key_parent",
+           "setup_logging", "shape", "shape_spec", "size", "stdout_to_stderr", "trusted_keys_parent", "usage",
+           "version", "version_code"]
 
 DEFAULT_DB = "sqlite:///fleet.db"
 DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
@@ -130,6 +133,48 @@ def trusted_keys_parent(*, required: bool = False, old: tuple[str, ...] = ()) ->
                          help="trusted ed25519 public keys (.pub.pem): a directory or a file, repeatable")
     for o in old:
         add_alias(g, act, o)
+    return p
+
+
+def allow_unsigned_parent() -> argparse.ArgumentParser:
+    """``--allow-unsigned``: one meaning everywhere (agent updates, registry promote, deploy), development only."""
+    p = _parent()
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="development only: accept bundles whose signature was not verified by a trusted key")
+    return p
+
+
+def rollback_key_parent() -> argparse.ArgumentParser:
+    """``--rollback-key KEY``: the release key (private) that signs rollback authorisations for ``deploy`` and
+    ``rollback``; devices refuse a lower version without one (edge_sdk.rollback_auth)."""
+    p = _parent()
+    p.add_argument("--rollback-key", metavar="KEY",
+                   help="private release key (`edge-sdk keys new`, trusted by the devices) that signs rollback "
+                        "authorisations; needed for bundles with a version_code")
+    return p
+
+
+def version_code(text: str) -> int:
+    """``--version-code N``: a whole number >= 0 (higher = newer)."""
+    try:
+        code = int(text)
+    except ValueError:
+        code = -1
+    if code < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 0 (higher = newer)")
+    return code
+
+
+def model_identity_parent() -> argparse.ArgumentParser:
+    """``--version-code N`` and ``--fleet F`` (repeatable, dest ``fleets``): the signed model identity that
+    ``convert``/``build`` write into the manifest and ``bundle sign`` signs (devices refuse lower versions)."""
+    p = _parent()
+    g = p.add_argument_group("signed model identity (written into the manifest, under its signature)")
+    g.add_argument("--version-code", type=version_code, metavar="N",
+                   help="monotonic version number, higher = newer: devices refuse a lower one without a signed "
+                        "rollback authorisation")
+    g.add_argument("--fleet", dest="fleets", action="append", metavar="FLEET",
+                   help="a fleet the bundle may run in (repeatable; default: any fleet)")
     return p
 
 
@@ -252,6 +297,30 @@ def stdout_to_stderr(active: bool) -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def command_group(sub: Any, name: str, help: str, usage_line: str) -> Any:
+    """Add the group ``edge-sdk NAME ACTION`` and return the sub-parsers its actions are added to.
+
+    Given without its action the group is a one-line usage error (``usage_line``), never a traceback or a silent
+    no-op; the chosen action is in ``args.<name>_command``."""
+    g = sub.add_parser(name, help=help)
+    g.set_defaults(func=usage(usage_line))
+    return g.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+
+
+class RegistryHelpFormatter(argparse.HelpFormatter):
+    """Help texts given as a callable are computed when help is shown.
+
+    Why: the lists of target formats and runtimes come from the registries (built-ins plus entry-point plugins),
+    so a plugin appears in ``--help`` with no edit here; filling the registries at parser-build time would cost
+    every ``edge-sdk`` start-up the plugin scan, while only ``--help`` needs it."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if callable(action.help):  # argparse itself needs a str: format a copy that has the computed text
+            action = copy.copy(action)
+            action.help = action.help()
+        return super()._format_action(action)
 
 
 def usage(text: str) -> Callable[[argparse.Namespace], int]:

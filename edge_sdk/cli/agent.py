@@ -13,46 +13,45 @@ import argparse
 import sys
 from typing import Any
 
-from edge_sdk.cli._common import (
-    host_port,
-    log_parent,
-    model_store_parent,
-    mqtt_parent,
-    setup_logging,
-    trusted_keys_parent,
-)
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.cli import _common
 
-__all__ = ["register"]
+__all__ = ["register", "runtime_help"]
+
+
+def runtime_help() -> str:
+    """``--runtime`` help naming every registered runtime (built-ins and entry-point plugins), shown by ``--help``."""
+    from edge_sdk.runtimes import RUNTIMES
+
+    return f"runtime preference order, comma-separated, from: {', '.join(RUNTIMES)} (default: that order)"
 
 
 def register(sub: Any) -> None:
     """Add ``agent run`` to the ``edge-sdk`` sub-parsers."""
-    ag = sub.add_parser("agent", help="the device agent")
-    ag.set_defaults(func=_cmd_agent, agent_command=None)
-    agsub = ag.add_subparsers(dest="agent_command", metavar="ACTION")
+    agsub = _common.command_group(sub, "agent", "the device agent",
+                                  "edge-sdk agent run --bundle DIR [--config agent.toml] [--http HOST:PORT] "
+                                  "[--source camera:0|folder:PATH|file:PATH]")
     run = agsub.add_parser("run", help="load a bundle and serve it: local HTTP API and/or an input source",
-                           parents=[mqtt_parent(optional=True, purpose="telemetry: broker"), model_store_parent(),
-                                    trusted_keys_parent(), log_parent()])
+                           formatter_class=_common.RegistryHelpFormatter,
+                           parents=[_common.mqtt_parent(optional=True, purpose="telemetry: broker"),
+                                    _common.model_store_parent(), _common.trusted_keys_parent(),
+                                    _common.allow_unsigned_parent(), _common.log_parent()])
     run.add_argument("--bundle", help="bundle directory or .tar.gz (or `bundle` in the config file)")
     run.add_argument("--config", help="agent.toml (see examples/agent.toml); flags override it")
     run.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API here (default 127.0.0.1:8080 when "
                      "no --source is given)")
     run.add_argument("--source", help="camera:N | folder:PATH | file:PATH | rtsp://... (results as JSON lines)")
-    run.add_argument("--runtime", help="runtime preference order, e.g. onnxruntime,openvino,litert")
+    run.add_argument("--runtime", metavar="NAME,NAME,...", help=runtime_help)  # a callable: computed by --help only
     run.add_argument("--target", help="take the runtime order from this target profile (see `edge-sdk targets`)")
     run.add_argument("--artifact", help="run this artifact (format/precision) instead of choosing")
     run.add_argument("--threads", type=int, help="inference threads")
     run.add_argument("--no-verify", action="store_true", help="skip the artifact's sha256 check at load")
     # -- agent run: telemetry flags (any of them turns telemetry on; --mqtt comes from the shared parent) --
-    run.add_argument("--fleet", help="telemetry: fleet id (default: [telemetry] fleet or 'default')")
+    run.add_argument("--fleet", help="telemetry: fleet id (default: [telemetry] fleet or 'default'); also the "
+                     "fleet checked against a bundle's signed fleets")
     run.add_argument("--device", help="telemetry: device id (default: [telemetry] device or this host's name)")
     run.add_argument("--window", type=float, metavar="S", help="telemetry: seconds per window (default 10)")
     run.add_argument("--outbox", metavar="PATH", help="telemetry: SQLite outbox file (default telemetry-outbox.db)")
-    run.add_argument("--allow-unsigned", action="store_true", help="development only: accept unsigned updates")
-
-
-_host_port = host_port  # the name the other command groups import (``--http HOST:PORT``)
+    run.set_defaults(func=_cmd_agent_run)
 
 
 def _runner_config(args: argparse.Namespace) -> Any:
@@ -61,7 +60,7 @@ def _runner_config(args: argparse.Namespace) -> Any:
     from edge_sdk.device_agent.runner import RunnerConfig
 
     cfg = load_config(args.config) if args.config else AgentConfig()
-    host, port = host_port(args.http) if args.http else (None, None)
+    host, port = _common.host_port(args.http) if args.http else (None, None)
     order = args.runtime.split(",") if args.runtime else None
     if order is None and args.target:
         from edge_sdk.targets import load_profile
@@ -78,13 +77,10 @@ def _runner_config(args: argparse.Namespace) -> Any:
                         trusted_keys=keys, allow_unsigned=args.allow_unsigned, on_switch="restart")
 
 
-def _cmd_agent(args: argparse.Namespace) -> int:
+def _cmd_agent_run(args: argparse.Namespace) -> int:
     from edge_sdk.device_agent.runner import DeviceRunner, exec_restart
 
-    if args.agent_command != "run":
-        raise EdgeSDKError("usage: edge-sdk agent run --bundle DIR [--config agent.toml] [--http HOST:PORT] "
-                           "[--source camera:0|folder:PATH|file:PATH]")
-    setup_logging(args.log_level)
+    _common.setup_logging(args.log_level)
     runner = DeviceRunner(_runner_config(args))
     runner.install_signal_handlers()
     if runner.run():  # an update switched the model: start again on it (same arguments)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.cli._common import json_parent, log_parent, trusted_keys_parent, usage
+from edge_sdk.cli._common import command_group, json_parent, log_parent, model_identity_parent, trusted_keys_parent
 
 __all__ = ["register"]
 
@@ -29,21 +29,19 @@ def register(sub: Any) -> None:
     a.add_argument("--out", help="archive path (default: beside the bundle, BUNDLE_DIR.tar.gz)")
     a.set_defaults(func=_cmd_archive)
 
-    k = sub.add_parser("keys", help="signing keys for bundles")
-    k.set_defaults(func=usage("edge-sdk keys new [--dir DIR] [--name NAME]"))
-    ksub = k.add_subparsers(dest="keys_command", metavar="ACTION")
+    ksub = command_group(sub, "keys", "signing keys for bundles", "edge-sdk keys new [--dir DIR] [--name NAME]")
     kn = ksub.add_parser("new", help="make an ed25519 key pair (NAME.key private, NAME.pub.pem for devices)",
                          parents=[log_parent()])
     kn.add_argument("--dir", default="keys", help="directory for the key files (default ./keys)")
     kn.add_argument("--name", help="file name stem (default key-<key id>)")
     kn.set_defaults(func=_cmd_keys_new)
 
-    b = sub.add_parser("bundle", help="sign a bundle or verify its signature")
-    b.set_defaults(func=usage("edge-sdk bundle sign BUNDLE --key KEY | edge-sdk bundle verify BUNDLE "
-                              "--trusted-keys DIR"))
-    bsub = b.add_subparsers(dest="bundle_command", metavar="ACTION")
-    bs = bsub.add_parser("sign", help="sign a bundle directory's manifest (again with another key to co-sign)",
-                         parents=[log_parent()])
+    bsub = command_group(sub, "bundle", "sign a bundle or verify its signature",
+                         "edge-sdk bundle sign BUNDLE --key KEY [--version-code N] [--fleet F] | edge-sdk bundle "
+                         "verify BUNDLE --trusted-keys DIR")
+    bs = bsub.add_parser("sign", help="sign a bundle directory's manifest (again with another key to co-sign); "
+                         "--version-code and --fleet are written into the manifest first, so they are signed",
+                         parents=[model_identity_parent(), log_parent()])
     bs.add_argument("bundle")
     bs.add_argument("--key", required=True, help="private key file made by `edge-sdk keys new`")
     bs.set_defaults(func=_cmd_bundle_sign)
@@ -103,8 +101,10 @@ def _cmd_keys_new(args: argparse.Namespace) -> int:
 def _cmd_bundle_sign(args: argparse.Namespace) -> int:
     from edge_sdk.signing import sign_bundle
 
-    kid = sign_bundle(args.bundle, args.key)
-    print(f"signed {args.bundle} with key {kid}")
+    kid = sign_bundle(args.bundle, args.key, version_code=args.version_code, fleets=args.fleets)
+    signed = [f"version_code {args.version_code}"] if args.version_code is not None else []
+    signed += [f"fleet(s) {', '.join(args.fleets)}"] if args.fleets else []
+    print(f"signed {args.bundle} with key {kid}" + (f" ({'; '.join(signed)})" if signed else ""))
     return 0
 
 

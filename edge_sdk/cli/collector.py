@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from edge_sdk.cli._common import db_parent, host_port, log_parent, mqtt_parent, mqtt_tls_parent, setup_logging, usage
+from edge_sdk.cli import _common
 from edge_sdk.errors import EdgeSDKError
 
 __all__ = ["register"]
@@ -17,11 +17,12 @@ __all__ = ["register"]
 
 def register(sub: Any) -> None:
     """Add ``collector run``."""
-    c = sub.add_parser("collector", help="the fleet collector: MQTT telemetry into a database, gap repair, alerts")
-    c.set_defaults(func=usage("edge-sdk collector run [--mqtt URL] [--db URL] [--http HOST:PORT] ..."))
-    csub = c.add_subparsers(dest="collector_command", metavar="ACTION")
+    csub = _common.command_group(sub, "collector",
+                                 "the fleet collector: MQTT telemetry into a database, gap repair, alerts",
+                                 "edge-sdk collector run [--mqtt URL] [--db URL] [--http HOST:PORT] ...")
+    service = [_common.mqtt_parent(), _common.mqtt_tls_parent(), _common.db_parent(), _common.log_parent("INFO")]
     run = csub.add_parser("run", help="subscribe to the fleet's telemetry/events/status and store them (SIGTERM stops)",
-                          parents=[mqtt_parent(), mqtt_tls_parent(), db_parent(), log_parent("INFO")])
+                          parents=service)
     run.add_argument("--http", metavar="HOST:PORT", help="also serve the dashboard, JSON API and /metrics here")
     run.add_argument("--fleet", default="+", help="only this fleet (default: every fleet)")
     run.add_argument("--rules", help="alert rules TOML overriding the shipped edge_sdk/fleet/collector/alerts.toml")
@@ -41,14 +42,14 @@ def _cmd_collector_run(args: argparse.Namespace) -> int:
     from edge_sdk.bundle import Bundle
     from edge_sdk.fleet.collector.service import Collector
 
-    setup_logging(args.log_level)
+    _common.setup_logging(args.log_level)
     baselines = {}
     for path in args.bundle:
         m = Bundle.load(path).manifest
         if not m.baseline:
             raise EdgeSDKError(f"--bundle {path}: the manifest has no baseline: rebuild it with calibration data")
         baselines[(m.name, m.version)] = m.baseline
-    listen = host_port(args.http) if args.http else None
+    listen = _common.host_port(args.http) if args.http else None
     col = Collector(args.db, args.mqtt, fleet=args.fleet, client_id=args.client_id, username=args.username,
                     password=args.password or os.environ.get("EDGE_SDK_MQTT_PASSWORD"), ca_file=args.ca_file,
                     cert_file=args.cert_file, key_file=args.key_file, shared=not args.no_shared, rules=args.rules,
@@ -61,6 +62,6 @@ def _cmd_collector_run(args: argparse.Namespace) -> int:
         http = CollectorHTTP(col.db, listen[0], listen[1], stats=col.stats)
         http.start()
         print(f"dashboard: {http.url}", file=sys.stderr)
-    print(f"collector {col.client_id}: {args.mqtt} -> {col.db!r}", file=sys.stderr, flush=True)
+    print(f"collector {col.client_id}: {col.mqtt_display} -> {col.db!r}", file=sys.stderr, flush=True)
     return col.run_forever(on_stop=http.shutdown if http is not None else None)
 

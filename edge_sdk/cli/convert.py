@@ -13,10 +13,12 @@ from typing import Any
 
 from edge_sdk._deps import has_module
 from edge_sdk.cli._common import (
+    RegistryHelpFormatter,
     add_alias,
     floats,
     json_parent,
     log_parent,
+    model_identity_parent,
     named_shape,
     named_values,
     shape_spec,
@@ -25,20 +27,30 @@ from edge_sdk.cli._common import (
 )
 from edge_sdk.errors import EdgeSDKError, ValidationError
 
-__all__ = ["register"]
+__all__ = ["register", "to_help"]
 
 TARGET_HELP = "profile name (see `edge-sdk targets`) or a .toml file"
 
 
+def to_help() -> str:
+    """``--to`` help naming every format a registered converter produces (built-ins and entry-point plugins)."""
+    from edge_sdk.converters import target_formats
+    from edge_sdk.formats import Format
+
+    names = ", ".join(f.value for f in target_formats())
+    ort = " (onnx also writes .ort unless --no-ort)" if Format.ORT in target_formats() else ""
+    return f"target formats, comma-separated, from: {names}{ort}; default onnx"
+
+
 def register(sub: Any) -> None:
     """Add ``convert``, ``build``, ``benchmark`` and ``check``."""
-    json_summary = json_parent("print a JSON summary on stdout, no progress")
+    json_summary, identity = json_parent("print a JSON summary on stdout, no progress"), model_identity_parent()
     c = sub.add_parser("convert", help="convert a model to validated device artifacts in one bundle",
-                       parents=[json_summary, log_parent()])
+                       parents=[json_summary, identity, log_parent()], formatter_class=RegistryHelpFormatter)
     _add_source_args(c)
     c.set_defaults(func=_cmd_convert)
     bld = sub.add_parser("build", help="build for a named device: convert, validate, check, benchmark, select",
-                         parents=[json_summary, log_parent()])
+                         parents=[json_summary, identity, log_parent()])
     bld.add_argument("--target", required=True, help=TARGET_HELP)
     bld.add_argument("--max-accuracy-drop", type=float, metavar="PP",
                      help="accuracy budget in percentage points (default: the profile's)")
@@ -67,7 +79,7 @@ def _add_source_args(c: argparse.ArgumentParser, *, build: bool = False) -> None
     """Arguments shared by ``convert`` and ``build``."""
     c.add_argument("source", help="model file (.pt/.pth/.pt2/TorchScript, .keras/.h5, SavedModel dir, .onnx)")
     if not build:
-        c.add_argument("--to", default="onnx", help="targets: tflite,coreml,openvino,onnx (onnx also writes .ort)")
+        c.add_argument("--to", default="onnx", metavar="FORMAT,...", help=to_help)  # computed by --help only
         c.add_argument("--precision", help="fp32,fp16,dynamic,int8,palettized (default fp32; an existing .tflite or "
                        "OpenVINO IR: its own precision)")
     c.add_argument("--calib", help="calibration data: .npy/.npz of ready tensors or an image folder")
@@ -166,6 +178,7 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 dynamic=args.dynamic, custom_objects=args.custom_objects, route=args.route,
                 model_class=args.model_class, framework=args.framework, name=args.name, version=args.model_version,
                 task=args.task, preprocessing=pre, tolerances=_tolerances(args.tolerance),
+                version_code=args.version_code, fleets=args.fleets,
                 keep_failed=args.keep_failed, overwrite=args.overwrite, quiet=args.json)
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.cli._common import db_parent, json_parent, log_parent, mqtt_parent, usage
+from edge_sdk.cli._common import command_group, db_parent, json_parent, log_parent, mqtt_parent
 from edge_sdk.errors import EdgeSDKError
 
 __all__ = ["register"]
@@ -19,9 +19,8 @@ __all__ = ["register"]
 
 def register(sub: Any) -> None:
     """Add ``fleet status`` and ``fleet simulate``."""
-    f = sub.add_parser("fleet", help="the fleet: status table, simulated devices")
-    f.set_defaults(func=usage("edge-sdk fleet status [--db URL] [--json] | edge-sdk fleet simulate --devices N ..."))
-    fsub = f.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fsub = command_group(sub, "fleet", "the fleet: status table, simulated devices",
+                         "edge-sdk fleet status [--db URL] [--json] | edge-sdk fleet simulate --devices N ...")
     st = fsub.add_parser("status", help="one line per device: state, model, latency, errors, confidence, drift",
                          parents=[db_parent(), json_parent("print the rows as JSON"), log_parent()])
     st.add_argument("--fleet", help="only this fleet")

@@ -2,7 +2,9 @@
 fleet database, the evaluation gate, and staged rollouts to devices over MQTT.
 
 Every command here takes the same ``--db`` and ``--registry-dir`` (parents from ``_common``); ``deploy`` and
-``rollback`` also take ``--mqtt``. The fleet modules are imported inside the handlers.
+``rollback`` also take ``--mqtt`` and ``--rollback-key`` (the release key that signs rollback authorisations, which
+devices need to go back to a lower version_code). ``promote`` and ``deploy`` refuse a version whose signature was
+not verified unless ``--allow-unsigned`` (development). The fleet modules are imported inside the handlers.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from typing import Any
 
 from edge_sdk.cli._common import (
     add_alias,
+    allow_unsigned_parent,
+    command_group,
     db_parent,
     host_port,
     json_parent,
     log_parent,
     mqtt_parent,
     registry_parent,
+    rollback_key_parent,
     setup_logging,
     trusted_keys_parent,
-    usage,
 )
 
 __all__ = ["register"]
@@ -35,9 +39,9 @@ def register(sub: Any) -> None:
     """Add the ``registry`` actions, ``deploy`` and ``rollback``."""
     db, store = db_parent(), registry_parent()
     common = [db, store, log_parent()]
-    r = sub.add_parser("registry", help="model versions: add, list, show, promote (evaluation gate), holdout, serve")
-    r.set_defaults(func=usage("edge-sdk registry add|list|show|promote|holdout|serve ... (see --help)"))
-    rsub = r.add_subparsers(dest="registry_command", metavar="ACTION")
+    unsigned, rollback_key = allow_unsigned_parent(), rollback_key_parent()
+    rsub = command_group(sub, "registry", "model versions: add, list, show, promote (evaluation gate), holdout, serve",
+                         "edge-sdk registry add|list|show|promote|holdout|serve ... (see --help)")
     ra = rsub.add_parser("add", parents=[*common, trusted_keys_parent()],
                          help="register a bundle directory or .tar.gz (name/version from its manifest); with "
                               "--trusted-keys, refuse bundles whose signature does not verify")
@@ -51,7 +55,9 @@ def register(sub: Any) -> None:
     rs.add_argument("ref", metavar="NAME[:VERSION]")
     rs.add_argument("--manifest", action="store_true", help="include the full manifest")
     rs.set_defaults(func=_cmd_show)
-    rp = rsub.add_parser("promote", parents=common, help="evaluation gate against the active version, then canary")
+    rp = rsub.add_parser("promote", parents=[*common, unsigned],
+                         help="evaluation gate against the active version, then canary (signed versions only, "
+                              "unless --allow-unsigned)")
     rp.add_argument("name")
     rp.add_argument("version")
     rp.add_argument("--force", metavar="REASON", help="promote even if the gate refuses (the reason is recorded)")
@@ -70,7 +76,7 @@ def register(sub: Any) -> None:
     rv.set_defaults(func=_cmd_serve)
 
     mq = mqtt_parent(purpose="broker the commands go through")
-    d = sub.add_parser("deploy", parents=[*common, mq],
+    d = sub.add_parser("deploy", parents=[*common, mq, unsigned, rollback_key],
                        help="staged rollout of a promoted version to a fleet over MQTT")
     d.add_argument("name")
     d.add_argument("version")
@@ -86,7 +92,7 @@ def register(sub: Any) -> None:
                    "leaving it to the collector)")
     d.add_argument("--tick", type=float, default=5.0, metavar="S", help="--follow: seconds between checks")
     d.set_defaults(func=_cmd_deploy)
-    rb = sub.add_parser("rollback", parents=[*common, mq],
+    rb = sub.add_parser("rollback", parents=[*common, mq, rollback_key],
                         help="roll back the latest deployment of a model in a fleet")
     rb.add_argument("name")
     rb.add_argument("--fleet", required=True)
@@ -147,7 +153,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     with _registry(args) as reg:
-        p = reg.promote(args.name, args.version, force_reason=args.force, tolerance_pp=args.tolerance)
+        p = reg.promote(args.name, args.version, force_reason=args.force, tolerance_pp=args.tolerance,
+                        allow_unsigned=args.allow_unsigned)
     how = f"FORCED ({args.force}) past a refusing gate" if p.forced else "gate passed"
     print(f"{p.record.ref} promoted to {p.record.state}: {how}: {p.decision.reason}")
     return 0
@@ -183,7 +190,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     with Database.connect(args.db) as db, MqttCommandPublisher(args.mqtt) as publish:
         db.migrate()
-        ro = Rollout(db, publish, args.base_url)
+        ro = Rollout(db, publish, args.base_url, allow_unsigned=args.allow_unsigned, rollback_key=args.rollback_key)
         dep_id = ro.start(args.name, args.version, args.fleet, args.stages, parse_duration(args.hold), devices)
         dep = ro.deployment(dep_id)
         print(f"deployment {dep_id}: {args.name}:{args.version} -> fleet {args.fleet} in stages {dep['stages']} "
@@ -207,6 +214,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
     with Database.connect(args.db) as db, MqttCommandPublisher(args.mqtt) as publish:
         db.migrate()
-        dec = Rollout(db, publish).rollback(args.name, args.fleet, reason=args.reason)
+        ro = Rollout(db, publish, rollback_key=args.rollback_key)
+        dec = ro.rollback(args.name, args.fleet, reason=args.reason)
         print(f"deployment {dec.deployment_id} rolled back: {dec.reason}")
     return 0

@@ -268,24 +268,34 @@ class Database:
         return out
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator[tuple[Any, bool]]:
-        """(connection, inside_transaction) for one call."""
+    def _conn(self) -> Iterator[Any]:
+        """The connection for one call: the current transaction's, or a pooled one whose implicit transaction
+        ends with the call (committed when the call succeeds, rolled back when it raises: :meth:`_finish`)."""
         tx = getattr(self._local, "conn", None)
         if tx is not None:
-            yield tx, True
+            yield tx
             return
         conn = self._acquire()
         broken = False
         try:
-            yield conn, False
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                self._finish(conn, ok)
         except BaseException as exc:
             broken = self._is_broken(conn, exc)
             raise
         finally:
-            if broken:
-                self._discard(conn)
-            else:
-                self._release(conn)
+            self._give_back(conn, broken)
+
+    def _give_back(self, conn: Any, broken: bool) -> None:
+        """Return ``conn`` to the pool, or close it when it broke (a dead PostgreSQL connection must not be reused)."""
+        if broken:
+            self._discard(conn)
+        else:
+            self._release(conn)
 
     def _is_broken(self, conn: Any, exc: BaseException) -> bool:
         if self.dialect == "sqlite":
@@ -302,48 +312,25 @@ class Database:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; returns the number of rows it changed (-1 when not applicable)."""
-        with self._conn() as (conn, in_tx):
-            ok = False
-            try:
-                cur = conn.execute(self._sql(sql), tuple(params))
-                count = cur.rowcount
-                ok = True
-                return count
-            finally:
-                if not in_tx:
-                    self._finish(conn, ok)
+        with self._conn() as conn:
+            return conn.execute(self._sql(sql), tuple(params)).rowcount
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> int:
         """Run one statement for each parameter tuple; returns the total number of rows changed."""
         rows = [tuple(p) for p in seq]
         if not rows:
             return 0
-        with self._conn() as (conn, in_tx):
-            ok = False
-            try:
-                if self.dialect == "sqlite":
-                    count = conn.executemany(sql, rows).rowcount
-                else:
-                    with conn.cursor() as cur:
-                        cur.executemany(self._sql(sql), rows)
-                        count = cur.rowcount
-                ok = True
-                return count
-            finally:
-                if not in_tx:
-                    self._finish(conn, ok)
+        with self._conn() as conn:
+            if self.dialect == "sqlite":
+                return conn.executemany(sql, rows).rowcount
+            with conn.cursor() as cur:
+                cur.executemany(self._sql(sql), rows)
+                return cur.rowcount
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Run a SELECT (or ``... RETURNING``) and return its rows as dicts keyed by column name."""
-        with self._conn() as (conn, in_tx):
-            ok = False
-            try:
-                cur = conn.execute(self._sql(sql), tuple(params))
-                rows = cur.fetchall()
-                ok = True
-            finally:
-                if not in_tx:
-                    self._finish(conn, ok)
+        with self._conn() as conn:
+            rows = conn.execute(self._sql(sql), tuple(params)).fetchall()
         if self.dialect == "sqlite":
             return [dict(r) for r in rows]
         return rows
@@ -375,10 +362,7 @@ class Database:
             raise
         finally:
             self._local.conn = None
-            if broken:
-                self._discard(conn)
-            else:
-                self._release(conn)
+            self._give_back(conn, broken)
 
     def _end(self, conn: Any, how: str) -> None:
         if self.dialect == "sqlite":

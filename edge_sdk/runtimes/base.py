@@ -14,10 +14,20 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from edge_sdk.bundle import TensorSpec
-from edge_sdk.errors import InputError
+from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
 
-__all__ = ["Runtime", "Session", "cast_integers", "check_inputs", "dequantize", "quantize"]
+__all__ = [
+    "Runtime",
+    "Session",
+    "cast_integers",
+    "check_inputs",
+    "check_model_file",
+    "check_threads",
+    "dequantize",
+    "quantize",
+    "run_failed",
+]
 
 
 @runtime_checkable
@@ -105,3 +115,25 @@ def check_inputs(inputs: list[np.ndarray], specs: list[TensorSpec]) -> None:
             raise InputError(f"input {spec.name!r} has shape {list(shape)}, the model expects {list(want)}")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             raise InputError(f"input {spec.name!r} contains NaN or Inf")
+
+
+def check_model_file(path: Path) -> None:
+    """Refuse a missing or empty model file with a one-line InferenceError, before the runtime reports it in its
+    own words (a parser error for an empty file)."""
+    if not path.is_file():
+        raise InferenceError(f"model file {path} does not exist: check the bundle path")
+    if path.stat().st_size == 0:
+        raise InferenceError(f"model file {path} is empty: re-copy the bundle")
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count below 1 (None lets the runtime choose)."""
+    if threads is not None and threads < 1:
+        raise InferenceError(f"threads must be >= 1, got {threads}: pass a positive thread count")
+
+
+def run_failed(runtime: str, path: Path, exc: BaseException) -> InferenceError:
+    """The error of a loaded model that failed to run (inputs it does not take, most often): raise it ``from None``
+    so the runtime's traceback stays out of the one-line message."""
+    return InferenceError(f"{runtime} failed to run {path.name} ({first_line(exc)}): check the inputs match the "
+                          "model's inputs")

@@ -18,7 +18,7 @@ from edge_sdk._deps import has_module, installed_version, require
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
-from edge_sdk.runtimes.base import check_inputs
+from edge_sdk.runtimes.base import check_inputs, run_failed
 
 __all__ = ["RUNTIME", "CoreMLRuntime", "CoreMLSession", "package_io"]
 
@@ -86,8 +86,7 @@ class CoreMLSession:
         try:
             result = self._model.predict(feed)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise InferenceError(f"Core ML failed to run {self.path.name} ({first_line(exc)}): check the inputs "
-                                 "match the model's inputs") from None
+            raise run_failed("Core ML", self.path, exc) from None
         outs = [np.asarray(result[n]) for n in self._out_names]
         return outs if raw else [o.astype(np.float32, copy=False) for o in outs]
 

@@ -20,7 +20,7 @@ from edge_sdk._quiet import native_noise_filtered
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
-from edge_sdk.runtimes.base import cast_integers, check_inputs, quantize
+from edge_sdk.runtimes.base import cast_integers, check_inputs, check_model_file, check_threads, quantize, run_failed
 
 __all__ = ["EDGETPU_LIBRARY", "RUNTIME", "LiteRTRuntime", "LiteRTSession"]
 
@@ -146,8 +146,7 @@ class LiteRTSession:
             interp.invoke()
             outs = [interp.get_tensor(i) for i in self._out_idx]  # get_tensor returns a copy
         except (ValueError, RuntimeError) as exc:
-            raise InferenceError(f"LiteRT failed to run {self.path.name} ({first_line(exc)}): check the inputs "
-                                 "match the model's inputs") from None
+            raise run_failed("LiteRT", self.path, exc) from None
         if raw or not self._any_out_quant:
             return outs
         return [o if dq is None else (o.astype(np.float32) - dq[0]) * dq[1]
@@ -183,12 +182,8 @@ class LiteRTRuntime:
         """
         mod = _interpreter_module()
         path = Path(path)
-        if not path.is_file():
-            raise InferenceError(f"model file {path} does not exist: check the bundle path")
-        if path.stat().st_size == 0:
-            raise InferenceError(f"model file {path} is empty: re-copy the bundle")
-        if threads is not None and threads < 1:
-            raise InferenceError(f"threads must be >= 1, got {threads}: pass a positive thread count")
+        check_model_file(path)
+        check_threads(threads)
         delegates = []
         if delegate is not None:
             if delegate != "edgetpu":

@@ -16,7 +16,15 @@ from edge_sdk._deps import has_module, installed_version, require
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
-from edge_sdk.runtimes.base import cast_integers, check_inputs, dequantize, quantize
+from edge_sdk.runtimes.base import (
+    cast_integers,
+    check_inputs,
+    check_model_file,
+    check_threads,
+    dequantize,
+    quantize,
+    run_failed,
+)
 
 __all__ = ["RUNTIME", "OnnxRuntime", "OnnxRuntimeSession"]
 
@@ -112,8 +120,7 @@ class OnnxRuntimeSession:
         try:
             outs = self._session.run(self._out_names, feed)
         except self._errors as exc:
-            raise InferenceError(f"ONNX Runtime failed to run {self.path.name} ({first_line(exc)}): "
-                                 "check the inputs match the model's inputs") from None
+            raise run_failed("ONNX Runtime", self.path, exc) from None
         if raw or not self._any_out_quant:
             return outs
         return [dequantize(o, s) if q else o for o, s, q in zip(outs, self.outputs, self._out_quant, strict=True)]
@@ -145,15 +152,11 @@ class OnnxRuntime:
         """Create an InferenceSession; raise InferenceError for a missing, corrupt or unsupported file."""
         ort = require("onnxruntime", self.extra, "running ONNX / ORT models")
         path = Path(path)
-        if not path.is_file():
-            raise InferenceError(f"model file {path} does not exist: check the bundle path")
-        if path.stat().st_size == 0:
-            raise InferenceError(f"model file {path} is empty: re-copy the bundle")
+        check_model_file(path)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        check_threads(threads)
         if threads is not None:
-            if threads < 1:
-                raise InferenceError(f"threads must be >= 1, got {threads}: pass a positive thread count")
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         if path.suffix.lower() == ".ort":

@@ -11,7 +11,9 @@ threads) at one window per second cost 3.1x the CPU per window and fell 21 s beh
 
 Delivery is the Publisher's contract: a window is committed to the outbox before it is published, acked in the
 outbox only on a PUBACK with a reason code below 0x80, published again from the outbox after every reconnect
-(and after a crash: the outbox is on disk), and ``cmd/resend`` re-queues acked windows.
+(and after a crash: the outbox is on disk), and ``cmd/resend`` re-queues acked windows. Callbacks are guarded like
+the device's (:func:`edge_sdk.mqtt.guard`): a hostile ``cmd/resend`` is logged (once a minute per kind), never
+raised out of :meth:`DevicePool.poll`; the broker URL is shown without its password.
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 from edge_sdk import __version__
 from edge_sdk.errors import TelemetryError
-from edge_sdk.mqtt import connect_properties, make_client
+from edge_sdk.mqtt import (
+    MAX_COMMAND_BYTES,
+    PayloadRejected,
+    RateLimitedLog,
+    connect_properties,
+    guard,
+    loads_command,
+    make_client,
+    redact_url,
+)
 from edge_sdk.topics import device_topic
 
 if TYPE_CHECKING:
@@ -35,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["DevicePool", "PooledDevice"]
 
 log = logging.getLogger("edge_sdk.testing.mqtt_pool")
+_limited = RateLimitedLog(log)
 _MAX_BACKOFF_S = 30.0
 
 
@@ -88,12 +100,12 @@ class DevicePool:
                              tls=settings.tls_context(), userdata=dev, purpose="simulating MQTT devices")
         client.will_set(dev.status_topic, dev.status("offline", "last will"), qos=1, retain=True)
         client.max_inflight_messages_set(settings.max_inflight + 4)
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
+        client.on_socket_open = guard(self._on_socket_open, _limited, "socket_open")
+        client.on_socket_close = guard(self._on_socket_close, _limited, "socket_close")
+        client.on_connect = guard(self._on_connect, _limited, "connect")
+        client.on_disconnect = guard(self._on_disconnect, _limited, "disconnect")
+        client.on_publish = guard(self._on_publish, _limited, "publish")
+        client.on_message = guard(self._on_message, _limited, "message")
         dev.client = client
         self.devices.append(dev)
         return dev
@@ -109,8 +121,9 @@ class DevicePool:
                 self.poll(0.02)
         missing = [d.settings.device for d in self.devices if not d.connected]
         if missing:
+            url = redact_url(self.devices[0].settings.url)
             raise TelemetryError(f"{len(missing)} of {len(self.devices)} devices (e.g. {missing[0]}) did not connect "
-                                 f"to {self.devices[0].settings.url} within {timeout:g} s: check the broker")
+                                 f"to {url} within {timeout:g} s: check the broker")
 
     def _try_connect(self, dev: PooledDevice) -> None:
         s = dev.settings
@@ -172,11 +185,12 @@ class DevicePool:
         if msg.topic != f"{dev.cmd_prefix}resend" or not msg.payload:
             return  # the simulator answers resend only; update / rollback are for real agents
         try:
-            body = json.loads(msg.payload)
+            body = loads_command(msg.payload, max_bytes=MAX_COMMAND_BYTES)
             stream, ranges = body["stream"], [(int(a), int(b)) for a, b in body["ranges"]][:100]
             requeued, unavailable = dev.outbox.resend(stream, ranges)
-        except (ValueError, KeyError, TypeError, TelemetryError) as exc:
-            log.warning("%s: ignored cmd/resend: %s", dev.settings.device, exc)
+        except (PayloadRejected, ValueError, KeyError, TypeError, TelemetryError) as exc:
+            _limited(logging.WARNING, f"resend:{type(exc).__name__}", "%s: ignored cmd/resend: %s", dev.settings.device,
+                     str(exc)[:200])
             return
         dev.counts["resend_requests"] += 1
         dev.counts["requeued"] += requeued
@@ -185,7 +199,8 @@ class DevicePool:
                      "fleet": dev.settings.fleet, "device": dev.settings.device, "ts": round(time.time(), 3),
                      "kind": "resend.unavailable", "level": "warning",
                      "data": {"stream": stream, "ranges": [list(r) for r in unavailable],
-                              "command_id": body.get("command_id")}}
+                              "command_id": body.get("command_id") if isinstance(body.get("command_id"), str)
+                              and len(body["command_id"]) <= 64 else None}}
             dev.outbox.put(dev.events_topic, event)
         dev.cursor = 0
         self._dirty.add(dev)

@@ -85,6 +85,7 @@ class WindowAggregate:
         self.windows = 0
         self.count = 0
         self.errors = 0
+        self.client_errors = 0  # the part of errors that bad client input caused (HTTP 4xx)
         self.sketches: dict[float, _Bins] = {}  # relative accuracy -> merged bins
         self.conf_weight = 0.0
         self.conf_sum = 0.0
@@ -105,6 +106,7 @@ class WindowAggregate:
         self.windows += 1
         self.count += int(row["count"])
         self.errors += int(row["errors"])
+        self.client_errors += int(row.get("client_errors") or 0)
         end = float(row["end_ts"])
         self.first_ts, self.last_ts = min(self.first_ts, end), max(self.last_ts, end)
         self.devices.add((row["fleet"], row["device"]))
@@ -157,6 +159,7 @@ class WindowAggregate:
         self.windows += other.windows
         self.count += other.count
         self.errors += other.errors
+        self.client_errors += other.client_errors
         self.conf_weight += other.conf_weight
         self.conf_sum += other.conf_sum
         if other.conf_counts is not None and other.conf_edges is not None:
@@ -172,11 +175,12 @@ class WindowAggregate:
         self.devices |= other.devices
 
     def to_rollup(self) -> dict[str, Any]:
-        """The columns of a ``window_rollups`` row (migration 0003) holding this aggregate; the merged sketch (of
+        """The columns of a ``window_rollups`` row (migrations 0003, 0004) holding this aggregate; the merged sketch (of
         the relative accuracy with the most values) is kept as JSON so later merges stay exact."""
         best = max(self.sketches.items(), key=lambda kv: kv[1].count, default=None)
         s = self.summary()
-        return {"windows": self.windows, "count": self.count, "errors": self.errors, "fb_labelled": self.labelled,
+        return {"windows": self.windows, "count": self.count, "errors": self.errors,
+                "client_errors": self.client_errors, "fb_labelled": self.labelled,
                 "fb_correct": self.correct, "dropped_windows": s["dropped_windows"], "conf_sum": self.conf_sum,
                 "conf_weight": self.conf_weight, "psi_max": self.psi_max, "first_end_ts": self.first_ts,
                 "last_end_ts": self.last_ts, "p50_ms": s["p50_ms"], "p95_ms": s["p95_ms"], "p99_ms": s["p99_ms"],
@@ -187,6 +191,7 @@ class WindowAggregate:
         """An aggregate from a ``window_rollups`` row (see :meth:`to_rollup`), ready to merge late windows into."""
         agg = cls()
         agg.windows, agg.count, agg.errors = int(row["windows"]), int(row["count"]), int(row["errors"])
+        agg.client_errors = int(row.get("client_errors") or 0)
         agg.labelled, agg.correct = int(row["fb_labelled"] or 0), int(row["fb_correct"] or 0)
         agg.dropped = {"": int(row["dropped_windows"] or 0)}
         agg.conf_sum, agg.conf_weight = float(row["conf_sum"] or 0.0), float(row["conf_weight"] or 0.0)
@@ -199,7 +204,8 @@ class WindowAggregate:
         return agg
 
     def summary(self) -> dict[str, Any]:
-        """The aggregate as a flat dict: windows, inferences, errors, error_rate (errors / attempts), p50/p95/p99_ms
+        """The aggregate as a flat dict: windows, inferences, errors, error_rate (errors / attempts), client_errors
+        (the part of errors bad client input caused), model_error_rate (the rest / its attempts), p50/p95/p99_ms
         (merged sketch), confidence_mean (count-weighted), confidence_hist, psi_latest, psi_max, labelled, correct,
         accuracy (correct / labelled), dropped_windows."""
         # sketches of different relative accuracy cannot merge: the group with the most values is reported
@@ -207,9 +213,11 @@ class WindowAggregate:
         q = (quantiles(merge_sketches([best[1].as_dict(best[0])])) if best is not None
              else {"p50": None, "p95": None, "p99": None})
         attempts = self.count + self.errors
+        model_errors = self.errors - min(self.client_errors, self.errors)
         return {
             "windows": self.windows, "inferences": self.count, "errors": self.errors,
-            "error_rate": self.errors / attempts if attempts else None,
+            "error_rate": self.errors / attempts if attempts else None, "client_errors": self.client_errors,
+            "model_error_rate": model_errors / (self.count + model_errors) if self.count + model_errors else None,
             "p50_ms": q["p50"], "p95_ms": q["p95"], "p99_ms": q["p99"],
             "confidence_mean": self.conf_sum / self.conf_weight if self.conf_weight else None,
             "confidence_hist": ({"bin_edges": self.conf_edges, "counts": self.conf_counts}

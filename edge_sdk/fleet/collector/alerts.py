@@ -115,7 +115,8 @@ class AlertEngine:
         depth = max(R.drift.windows, R.latency_sla.windows, R.error_rate.windows + R.error_rate.baseline_windows,
                     R.confidence_drop.windows + R.confidence_drop.baseline_windows)
         rows = self.db.query(
-            "SELECT window_id, model_name, model_version, count, errors, p95_ms, conf_mean, psi_max FROM windows "
+            "SELECT window_id, model_name, model_version, count, errors, client_errors, p95_ms, conf_mean, psi_max "
+            "FROM windows "
             "WHERE fleet = ? AND device = ? ORDER BY end_ts DESC LIMIT ?", (fleet, device, depth))
         if not rows:
             return {}
@@ -220,12 +221,16 @@ class AlertEngine:
     def _error_rate(self, rows: list[dict]) -> _Verdict | None:
         rule = self.rules.error_rate
         recent, before = rows[:rule.windows], rows[rule.windows:rule.windows + rule.baseline_windows]
-        errors, total = sum(r["errors"] for r in recent), sum(r["count"] + r["errors"] for r in recent)
+        # model/runtime errors only: a client sending garbage (HTTP 4xx, client_errors) must not raise a model alert
+        def model_errors(r: dict) -> int:
+            return max(0, r["errors"] - (r["client_errors"] or 0))
+
+        errors, total = sum(map(model_errors, recent)), sum(r["count"] + model_errors(r) for r in recent)
         if total < rule.min_events:
             return None
         rate = errors / total
-        base_total = sum(r["count"] + r["errors"] for r in before)
-        base = sum(r["errors"] for r in before) / base_total if base_total >= rule.min_events else None
+        base_total = sum(r["count"] + model_errors(r) for r in before)
+        base = sum(map(model_errors, before)) / base_total if base_total >= rule.min_events else None
         opening = max(rule.threshold, rule.factor * base) if base is not None else rule.threshold
         # opening needs the spike over both; an open alert stays open while the rate is over the absolute threshold
         return _Verdict(rate > opening, rate, opening,

@@ -5,6 +5,9 @@
 * a status message upserts the device (``online``/``offline``, model) unless a newer status is stored;
 * every message moves its device's ``last_seen``;
 * anything that fails validation goes to ``dead_letters`` with its reason;
+* a stream belongs to the device that first sent it (``streams`` row): a window or ``resend.unavailable`` naming
+  another device's stream is dead-lettered, so no device can fill, block or declare lost another's seqs;
+* a window's ``client_errors`` (bad client input, not the model's fault) gets its own column;
 * per outbox stream the ``streams`` row keeps ``contiguous_seq`` (every seq up to it is stored or declared
   lost) and ``max_seq``; gap repair (:mod:`edge_sdk.fleet.collector.service`) asks devices for the missing seqs.
 
@@ -27,7 +30,13 @@ from typing import Any
 
 from edge_sdk.errors import StoreUnavailable
 from edge_sdk.fleet.collector.retention import RetentionPolicy, apply_retention
-from edge_sdk.fleet.collector.validate import MAX_PAYLOAD_BYTES, PayloadError, validate_message
+from edge_sdk.fleet.collector.validate import (
+    MAX_PAYLOAD_BYTES,
+    PayloadError,
+    client_error_count,
+    stream_of,
+    validate_message,
+)
 from edge_sdk.fleet.db import Database
 from edge_sdk.topics import parse_topic
 
@@ -37,8 +46,8 @@ log = logging.getLogger("edge_sdk.fleet.collector.ingest")
 
 _INSERT_WINDOW = (
     "INSERT INTO windows (window_id, fleet, device, stream, seq, model_name, model_version, start_ts, end_ts, "
-    "received_at, count, errors, p50_ms, p95_ms, p99_ms, conf_mean, psi_max, fb_labelled, fb_correct, "
-    "dropped_windows, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "received_at, count, errors, client_errors, p50_ms, p95_ms, p99_ms, conf_mean, psi_max, fb_labelled, fb_correct, "
+    "dropped_windows, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT DO NOTHING")  # a window_id or a (stream, seq) stored before: a duplicate
 _INSERT_EVENT = ("INSERT INTO events (event_id, fleet, device, ts, received_at, kind, level, data) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING")
@@ -82,6 +91,7 @@ class BatchResult:
     events: int = 0            # new events
     statuses: int = 0
     dead_letters: int = 0
+    foreign_streams: int = 0   # dead-lettered because they named another device's stream (also in dead_letters)
     lags: list[float] = field(default_factory=list)   # received_at - end of each new window (s)
     window_devices: set[tuple[str, str]] = field(default_factory=set)
 
@@ -113,6 +123,7 @@ def _window_row(fleet: str, device: str, w: dict[str, Any], text: str, received_
     # int()/float(): JSON Schema counts 1.0 as an integer, and a BIGINT / DOUBLE column wants the exact type
     return (w["window_id"], fleet, device, w["stream"], int(w["seq"]), w["model"]["name"], w["model"]["version"],
             float(w["start"]), float(w["end"]), received_at, int(w["count"]), int(sum(w["errors"].values())),
+            client_error_count(w),
             _real(lat.get("p50")), _real(lat.get("p95")), _real(lat.get("p99")), _real(conf.get("mean")),
             _real(inp.get("psi_max")), int(fb.get("labelled", 0)), int(fb.get("correct", 0)),
             int(w["dropped_windows"]), text)
@@ -124,27 +135,27 @@ def _real(x: float | int | None) -> float | None:
 
 
 class _StreamCache(OrderedDict):
-    """stream -> (contiguous, max) as last written by us; least recently used streams are forgotten beyond
-    ``maxsize`` (a forgotten stream is read again from the ``streams`` table), so memory does not grow with
-    every stream ever seen."""
+    """stream -> (contiguous, max) as last written by us (or -> (fleet, device), its owner); least recently used
+    streams are forgotten beyond ``maxsize`` (a forgotten stream is read again from the ``streams`` table), so
+    memory does not grow with every stream ever seen."""
 
     def __init__(self, maxsize: int) -> None:
         super().__init__()
         self.maxsize = maxsize
 
-    def get(self, key: str, default: tuple[int, int] | None = None) -> tuple[int, int] | None:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
         if key in self:
             self.move_to_end(key)
             return self[key]
         return default
 
-    def __setitem__(self, key: str, value: tuple[int, int]) -> None:
+    def __setitem__(self, key: str, value: tuple) -> None:
         super().__setitem__(key, value)
         self.move_to_end(key)
         while len(self) > self.maxsize:
             self.popitem(last=False)
 
-    def update(self, other: dict[str, tuple[int, int]]) -> None:  # type: ignore[override]
+    def update(self, other: dict[str, tuple]) -> None:  # type: ignore[override]
         for k, v in other.items():
             self[k] = v
 
@@ -160,6 +171,7 @@ class Ingestor:
                  retention: RetentionPolicy | bool | None = None) -> None:
         self.db = db
         self._streams = _StreamCache(max_cached_streams)
+        self._owners = _StreamCache(max_cached_streams)  # stream -> (fleet, device) that owns it (never changes)
         self.retention = RetentionPolicy.from_env() if retention is None or retention is True else retention or None
         self._next_retention = time.monotonic() + (self.retention.interval_s if self.retention else 0.0)
         pg = db.dialect == "postgresql"
@@ -176,6 +188,7 @@ class Ingestor:
             return result
         except Exception as exc:  # any database refusal: retried per message below, nothing is lost
             self._streams.clear()  # the rolled-back transaction may have moved our cached stream state
+            self._owners.clear()  # ... and may have rolled back streams rows we took as owned
             log.warning("batch of %d failed (%s: %s); storing one by one", len(messages), type(exc).__name__,
                         str(exc).splitlines()[0] if str(exc) else "")
         total = BatchResult()
@@ -185,6 +198,7 @@ class Ingestor:
                     r = self._store([m])
             except Exception as exc:  # this message cannot be stored: dead-letter it with the cause
                 self._streams.clear()
+                self._owners.clear()
                 reason = f"could not be stored: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 try:
                     with self.db.transaction():
@@ -225,6 +239,7 @@ class Ingestor:
         dead: list[tuple] = []
         touch: dict[tuple[str, str], list] = {}
         statuses: dict[tuple[str, str], list[tuple]] = {}
+        valid: list[tuple[Message, str, str, str, dict[str, Any]]] = []
         for m in messages:
             try:
                 fleet, device, kind, obj = validate_message(m.topic, m.payload)
@@ -234,6 +249,17 @@ class Ingestor:
                 parsed = parse_topic(m.topic) if isinstance(m.topic, str) else None
                 if parsed:
                     _touch(touch, parsed[0], parsed[1], m.received_at, None)
+                continue
+            valid.append((m, fleet, device, kind, obj))
+        owners = self._stream_owners(valid)
+        for m, fleet, device, kind, obj in valid:
+            named = stream_of(kind, obj)
+            if named is not None and owners.get(named[1], (fleet, device)) != (fleet, device):
+                reason = (f"field {named[0]}: stream {named[1]} belongs to device {'/'.join(owners[named[1]])}, "
+                          f"not {fleet}/{device}: a device may write only its own outbox streams")
+                dead.append((m.received_at, _safe_text(str(m.topic)), _safe_text(reason), bytes(m.payload)))
+                r.foreign_streams += 1
+                _touch(touch, fleet, device, m.received_at, None)
                 continue
             if kind == "telemetry":
                 windows.append(_window_row(fleet, device, obj, bytes(m.payload).decode("utf-8"), m.received_at))
@@ -259,6 +285,8 @@ class Ingestor:
         if dead:
             self.db.executemany(_INSERT_DEAD, dead)
             r.dead_letters = len(dead)
+            if r.foreign_streams:
+                log.warning("dead-lettered %d message(s) naming another device's stream", r.foreign_streams)
         if windows:
             new = self.db.executemany(_INSERT_WINDOW, windows)
             r.stored = new
@@ -291,6 +319,30 @@ class Ingestor:
         return r
 
     # -- streams ------------------------------------------------------------------------------------------------
+    def _stream_owners(self, valid: list[tuple[Message, str, str, str, dict[str, Any]]]
+                       ) -> dict[str, tuple[str, str]]:
+        """(fleet, device) owning each stream the batch names. The first message naming an unowned stream claims
+        it: its ``streams`` row is inserted now, in stream order, inside the batch's transaction (a second
+        collector's claim waits for ours, then reads our row)."""
+        claims: dict[str, tuple[str, str]] = {}
+        for _m, fleet, device, kind, obj in valid:
+            named = stream_of(kind, obj)
+            if named is not None:
+                claims.setdefault(named[1], (fleet, device))
+        owners = {st: self._owners.get(st) for st in claims}
+        unknown = sorted(st for st, owner in owners.items() if owner is None)
+        if unknown:
+            now = time.time()
+            self.db.executemany("INSERT INTO streams (stream, fleet, device, contiguous_seq, max_seq, updated_at) "
+                                "VALUES (?, ?, ?, 0, 0, ?) ON CONFLICT (stream) DO NOTHING",
+                                [(st, *claims[st], now) for st in unknown])
+            for i in range(0, len(unknown), 500):
+                chunk = unknown[i:i + 500]
+                for row in self.db.query(f"SELECT stream, fleet, device FROM streams WHERE stream IN "
+                                         f"({', '.join('?' * len(chunk))})", chunk):
+                    owners[row["stream"]] = self._owners[row["stream"]] = (row["fleet"], row["device"])
+        return owners  # type: ignore[return-value]
+
     def _update_streams(self, meta: list[tuple[str, str, str, int, float, float]]) -> None:
         by_stream: dict[str, tuple[str, str, set[int]]] = {}
         for fleet, device, stream, seq, _end, _rec in meta:
@@ -440,11 +492,7 @@ def _touch(touch: dict[tuple[str, str], list], fleet: str, device: str, at: floa
 
 
 def _merge(total: BatchResult, r: BatchResult) -> None:
-    total.received += r.received
-    total.stored += r.stored
-    total.duplicates += r.duplicates
-    total.events += r.events
-    total.statuses += r.statuses
-    total.dead_letters += r.dead_letters
+    for name in ("received", "stored", "duplicates", "events", "statuses", "dead_letters", "foreign_streams"):
+        setattr(total, name, getattr(total, name) + getattr(r, name))
     total.lags.extend(r.lags)
     total.window_devices |= r.window_devices

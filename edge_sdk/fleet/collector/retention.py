@@ -8,7 +8,8 @@ At 1,000 devices x one window per 10 s the ``windows`` table gains ~8.6 M rows a
   sketch's accuracy) and deleted; a late window of an already rolled-up hour merges into its row. The streams'
   gap state moves past the deleted seqs (seqs never received are counted ``lost``), so gap repair does not ask
   devices for windows that were deleted on purpose;
-* rollups older than ``rollup_days`` are deleted;
+* rollups older than ``rollup_days`` are deleted; the fleet views read them for ranges older than the raw
+  windows (``dashboard.range_cache.rollups_since``);
 * events and dead letters older than their age limit, or beyond their row cap (oldest first), are deleted and
   counted in ``retention_drops`` per device and event kind / dead-letter reason.
 
@@ -38,8 +39,9 @@ __all__ = ["RetentionPolicy", "apply_retention"]
 DAY = 86400.0
 HOUR = 3600.0
 _PAGE = 2000  # rows per transaction
-_ROLLUP_COLUMNS = ("windows", "count", "errors", "fb_labelled", "fb_correct", "dropped_windows", "conf_sum",
-                   "conf_weight", "psi_max", "first_end_ts", "last_end_ts", "p50_ms", "p95_ms", "p99_ms", "sketch")
+_ROLLUP_COLUMNS = ("windows", "count", "errors", "client_errors", "fb_labelled", "fb_correct", "dropped_windows",
+                   "conf_sum", "conf_weight", "psi_max", "first_end_ts", "last_end_ts", "p50_ms", "p95_ms", "p99_ms",
+                   "sketch")
 _KEY = ("fleet", "device", "model_name", "model_version", "hour_ts")
 
 

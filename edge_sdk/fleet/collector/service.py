@@ -33,6 +33,13 @@ ranges / 5000 seqs), at most once per ``resend_interval_s`` per stream across al
 stream makes no progress (at most every 10 min), and not while the device's status is ``offline``. The device
 re-publishes what its outbox still holds and answers the rest with a ``resend.unavailable`` event
 (``data = {"stream", "ranges"}``), after which those seqs count as lost and the stream moves on.
+
+Hostile input (issue 13): paho callbacks are guarded (nothing ends the network thread; failures logged once a
+minute per kind); a message that cannot be queued is acknowledged and counted (``dropped``); payloads are capped
+and parsed without unbounded recursion in :mod:`.validate` (bad ones become dead letters). The maintenance thread
+is the network loop's watchdog (:class:`edge_sdk.mqtt.LoopWatch`; ``watchdog_restarts``). The password may come
+from ``password_file``, ``$EDGE_SDK_MQTT_PASSWORD_FILE`` or ``$EDGE_SDK_MQTT_PASSWORD``;
+:attr:`Collector.mqtt_display` is the broker URL without its password, for printing.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edge_sdk import mqtt as mq
 from edge_sdk.errors import CollectorError
 from edge_sdk.fleet.collector.ingest import BatchResult, Ingestor, Message, StoreUnavailable
 from edge_sdk.fleet.collector.store_process import StoreProcess
@@ -81,8 +89,7 @@ class Collector:
                  gap_grace_s: float = 2.0, resend_interval_s: float = 5.0, alert_interval_s: float | None = None,
                  session_expiry_s: int = 7 * 24 * 3600, receive_maximum: int = 2000, keepalive: int = 30,
                  baselines: dict[tuple[str, str], dict] | None = None, rollout_interval_s: float = 5.0,
-                 protocol: str = "auto",
-                 store_process: bool = True) -> None:
+                 protocol: str = "auto", store_process: bool = True, password_file: str | None = None) -> None:
         if fleet != "+":
             from edge_sdk.topics import validate_id
 
@@ -97,7 +104,8 @@ class Collector:
         url = parse_mqtt_url(mqtt_url, where="--mqtt", error=CollectorError)
         self.host, self.port, self.tls = url.host, url.port, url.tls
         self.username = username if username is not None else url.username
-        self.password = password if password is not None else url.password
+        self.password = mq.resolve_password(password, password_file, url.password, error=CollectorError)
+        self.mqtt_display = mq.redact_url(mqtt_url.strip())  # for messages: never the password
         self.ca_file, self.cert_file, self.key_file = ca_file, cert_file, key_file
         for label, path in (("--ca-file", ca_file), ("--cert-file", cert_file), ("--key-file", key_file)):
             if path is not None and not Path(path).is_file():
@@ -145,11 +153,14 @@ class Collector:
         self._lags: deque[float] = deque(maxlen=10_000)
         self._counts = {k: 0 for k in ("received", "stored", "duplicates", "events", "statuses", "dead_letters",
                                        "resend_requests", "batches", "acked", "db_errors", "alerts_opened",
-                                       "alerts_resolved")}
+                                       "alerts_resolved", "foreign_streams")}
         self.started_at: float | None = None
         self._silent_since: float | None = None
         self._ever_connected = False
         self._v5_refused = False
+        self._limited = mq.RateLimitedLog(log)
+        self._watch = mq.LoopWatch(self._limited, lambda: self._client)
+        self._counts["dropped"] = self._counts["watchdog_restarts"] = 0
 
     # -- MQTT -----------------------------------------------------------------------------------------------------
     def _make_client(self) -> Any:
@@ -159,9 +170,12 @@ class Collector:
         client = make_client(self.client_id, protocol=self.protocol, username=self.username, password=self.password,
                              tls=tls, manual_ack=True, extra="fleet", purpose="the fleet collector")
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_pre_connect = self._watch.wrap(lambda *_a: None, "connect")
+        client.on_connect = self._watch.wrap(self._on_connect, "connect")
+        client.on_connect_fail = self._watch.wrap(lambda *_a: None, "connect")
+        client.on_disconnect = self._watch.wrap(self._on_disconnect, "disconnect")
+        client.on_message = self._watch.wrap(self._on_message, "message")
+        client.on_subscribe = client.on_unsubscribe = self._watch.wrap(lambda *_a: None, "subscribe")
         props = connect_properties(self.session_expiry_s, self.receive_maximum) if self.protocol == "5" else None
         try:
             if props is not None:
@@ -171,8 +185,24 @@ class Collector:
                 client.connect_async(self.host, self.port, keepalive=self.keepalive)
         except (OSError, ValueError) as exc:
             raise CollectorError(f"cannot connect to MQTT {self.host}:{self.port}: {exc}") from None
-        client.loop_start()
-        return client
+        self._watch.reset()
+        return client  # the caller assigns self._client, then calls loop_start(): callbacks check the client
+
+    def _watchdog(self) -> None:
+        """Maintenance thread: replace a client whose network thread died or stopped answering (module doc)."""
+        client = self._client
+        if client is None or self._stop.is_set():
+            return
+        why = self._watch.verdict(client, self.connected, self.keepalive, "edge/-collector-watchdog")
+        if why is None:
+            return
+        self._limited(logging.ERROR, "watchdog", "MQTT %s; reconnecting to %s with a new client", why,
+                      self.mqtt_display)
+        self._counts["watchdog_restarts"] += 1
+        self._connected.clear()
+        self._client = self._make_client()
+        self._client.loop_start()
+        mq.release_client(client)
 
     def _maybe_fall_back(self) -> None:
         """``protocol="auto"``: a broker that refuses MQTT v5 (reason 0x84) or never answers a v5 CONNECT within
@@ -198,6 +228,7 @@ class Collector:
         self.protocol = "3.1.1"
         self.subscriptions = collector_subscriptions(self.fleet, shared=False)
         self._client = self._make_client()
+        self._client.loop_start()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
@@ -219,9 +250,16 @@ class Collector:
             log.warning("disconnected from %s:%d (%s); reconnecting", self.host, self.port, reason_code)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        topic = msg._topic.decode("utf-8", "replace") if isinstance(msg._topic, bytes) else str(msg._topic)
-        self._counts["received"] += 1
-        self._queue.put(Message(topic, msg.payload, time.time(), (self._generation, msg.mid, msg.qos)))
+        try:
+            topic = msg._topic.decode("utf-8", "replace") if isinstance(msg._topic, bytes) else str(msg._topic)
+            self._counts["received"] += 1
+            self._queue.put(Message(topic, msg.payload, time.time(), (self._generation, msg.mid, msg.qos)))
+        except Exception as exc:  # acknowledge what cannot even be queued: re-delivered, it would fail again
+            self._counts["dropped"] += 1
+            self._limited(logging.ERROR, f"message:{type(exc).__name__}", "dropped an MQTT message: %s: %s",
+                          type(exc).__name__, str(exc)[:200], exc_info=True)
+            if getattr(msg, "qos", 0) > 0:
+                client.ack(msg.mid, msg.qos)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def start(self, *, wait_s: float = 0.0) -> None:
@@ -233,6 +271,7 @@ class Collector:
             return
         self.started_at = time.time()
         self._client = self._make_client()
+        self._client.loop_start()
         for name, target in (("writer", self._writer), ("maintenance", self._maintenance)):
             t = threading.Thread(target=target, name=f"edge-collector-{name}", daemon=True)
             t.start()
@@ -354,6 +393,7 @@ class Collector:
         c["events"] += r.events
         c["statuses"] += r.statuses
         c["dead_letters"] += r.dead_letters
+        c["foreign_streams"] += r.foreign_streams
         self._lags.extend(r.lags)
         if r.window_devices:
             with self._dirty_lock:
@@ -379,6 +419,7 @@ class Collector:
         first = True
         while not self._stop.wait(0.5):
             try:
+                self._watchdog()
                 self._maybe_fall_back()
                 self.repair_gaps()
                 if time.monotonic() >= next_rollout:

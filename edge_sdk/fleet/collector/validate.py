@@ -26,8 +26,8 @@ from edge_sdk._deps import require
 from edge_sdk.errors import PayloadError
 from edge_sdk.topics import parse_topic
 
-__all__ = ["BACKENDS", "KIND_SCHEMAS", "MAX_PAYLOAD_BYTES", "PayloadError", "schema_backend", "validate_message",
-           "validate_payload"]
+__all__ = ["BACKENDS", "KIND_SCHEMAS", "LEGACY_CLIENT_ERROR_KINDS", "MAX_PAYLOAD_BYTES", "PayloadError",
+           "client_error_count", "schema_backend", "stream_of", "validate_message", "validate_payload"]
 
 MAX_PAYLOAD_BYTES = 256 * 1024
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
@@ -35,6 +35,8 @@ KIND_SCHEMAS = {"telemetry": "telemetry.schema.json", "events": "event.schema.js
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # what an INTEGER / BIGINT column holds
 _SKETCH_MAX_LOG_MS = math.log(1e9)  # a bin beyond 1e-9 .. 1e9 ms is not a latency
 BACKENDS = ("jsonschema-rs", "fastjsonschema")
+#: error kinds that agents without ``client_errors`` in their windows recorded only for bad client input
+LEGACY_CLIENT_ERROR_KINDS = ("input", "preprocess")
 _validators: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
 _backend: str | None = None
@@ -317,6 +319,38 @@ def validate_payload(kind: str, payload: bytes, *, fleet: str | None = None, dev
         if obj["kind"] == "resend.unavailable":
             _check_unavailable(obj["data"])
     return obj
+
+
+def client_error_count(window: dict[str, Any]) -> int:
+    """How many of a window's ``errors`` the client's input caused (HTTP 4xx; not the model's fault).
+
+    From ``client_errors``, each kind clamped to the same kind in ``errors`` (a device cannot hide model errors
+    by over-claiming); a window without the field (older agents) counts its ``input`` and ``preprocess`` kinds,
+    which those agents recorded only for bad input. Works on any dict (a damaged stored payload counts 0).
+    """
+    errors = window.get("errors") if isinstance(window, dict) else None
+    if not isinstance(errors, dict):
+        return 0
+    client = window.get("client_errors")
+    if not isinstance(client, dict):
+        client = {k: errors.get(k) for k in LEGACY_CLIENT_ERROR_KINDS}
+    total = 0
+    for kind, n in client.items():
+        have = errors.get(kind)
+        if isinstance(n, (int, float)) and isinstance(have, (int, float)) and n > 0 and have > 0:
+            total += int(min(n, have))
+    return total
+
+
+def stream_of(kind: str, obj: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, stream) of the outbox stream a validated payload writes to: a window's ``stream``, a
+    ``resend.unavailable`` event's ``data.stream``; None otherwise. The collector lets only the stream's owner
+    (the device that first sent it) write to it."""
+    if kind == "telemetry":
+        return "stream", obj["stream"]
+    if kind == "events" and obj["kind"] == "resend.unavailable":
+        return "data.stream", obj["data"]["stream"]
+    return None
 
 
 def validate_message(topic: str, payload: bytes) -> tuple[str, str, str, dict[str, Any]]:

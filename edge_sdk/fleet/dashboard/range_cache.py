@@ -10,6 +10,12 @@ model version, time bucket). Each call asks the database, in one GROUP BY withou
 windows every bucket holds and when the last one arrived; only buckets whose signature changed (the current one,
 or an old one that got a re-sent window) are read again. With a cache, a range starts at a bucket boundary (up to
 one bucket earlier than asked). Buckets are 60 s for ranges up to an hour, 5 min up to 6 h, 30 min beyond.
+
+Windows older than the raw retention live on only as hourly ``window_rollups`` rows (``collector.retention``): a
+range also takes every rollup whose last window ended in it (:func:`rollups_since`; so the range's start is
+rounded down to the hour for that part). A window is in exactly one of the two tables, so nothing is counted
+twice. The cache keeps one aggregate per rollup row too, read again only when its ``windows`` / ``updated_at``
+change (a late window merged into it).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from edge_sdk.fleet.collector.aggregate import WindowAggregate
 if TYPE_CHECKING:
     from edge_sdk.fleet.db import Database
 
-__all__ = ["WINDOW_COLUMNS", "RangeCache", "fleet_clause", "window_parts", "window_parts_sql", "windows_since"]
+__all__ = ["WINDOW_COLUMNS", "RangeCache", "fleet_clause", "rollups_since", "window_parts", "window_parts_sql",
+           "windows_since"]
 
 WINDOW_COLUMNS = ("fleet, device, stream, model_name, model_version, start_ts, end_ts, received_at, count, errors, "
-                  "p50_ms, p95_ms, p99_ms, conf_mean, psi_max, fb_labelled, fb_correct, dropped_windows")
+                  "client_errors, p50_ms, p95_ms, p99_ms, conf_mean, psi_max, fb_labelled, fb_correct, dropped_windows")
 FineKey = tuple[str, str, str, str]  # fleet, device, model name, model version
 _BUCKETS = ((3600.0, 60.0), (6 * 3600.0, 300.0), (math.inf, 1800.0))  # ranges up to .. use buckets of ..
 
@@ -69,6 +76,16 @@ def windows_since(db: Database, fleet: str | None, since: float, until: float | 
         yield row, *window_parts(row)
 
 
+def rollups_since(db: Database, fleet: str | None, since: float, *, device: str | None = None,
+                  columns: str = "*", extra: str = "", params: tuple = ()) -> list[dict[str, Any]]:
+    """``window_rollups`` rows (``columns``) whose last window ended at or after ``since``, oldest hour first;
+    ``device`` narrows to one device of ``fleet``; ``extra`` (SQL) and ``params`` add conditions."""
+    clause, fparams = fleet_clause(fleet)
+    dclause, dparams = ("", ()) if device is None else (" AND device = ?", (device,))
+    return db.query(f"SELECT {columns} FROM window_rollups WHERE last_end_ts >= ?{clause}{dclause}{extra} "
+                    "ORDER BY hour_ts", (since, *fparams, *dparams, *params))
+
+
 def _bucket_sql(db: Database) -> str:
     if getattr(db, "dialect", "sqlite") == "postgresql":
         return "CAST(FLOOR(end_ts / ?) AS BIGINT)"
@@ -85,6 +102,7 @@ class RangeCache:
     def __init__(self, *, max_entries: int = 200_000) -> None:
         self.max_entries = max_entries
         self._entries: dict[tuple[Any, ...], tuple[tuple[int, float], WindowAggregate]] = {}
+        self._rollups: dict[tuple[Any, ...], tuple[tuple[int, float], WindowAggregate]] = {}
         self._lock = threading.Lock()
         self.reads = 0  # windows read from the database (to see the cache work)
 
@@ -113,9 +131,37 @@ class RangeCache:
                 entry = self._entries.get((size, *fine, int(s["b"])))
                 if entry is not None:
                     parts.setdefault(group(fine), []).append(entry[1])
+            for fine, agg in self._rollup_aggregates(db, fleet, since):
+                parts.setdefault(group(fine), []).append(agg)
             out = {key: WindowAggregate().merge(aggs) for key, aggs in parts.items()}
             if len(self._entries) > self.max_entries:
                 self._entries = {k: v for k, v in self._entries.items() if k[0] == size and k[-1] >= first}
+        return out
+
+    def _rollup_aggregates(self, db: Database, fleet: str | None, since: float
+                           ) -> list[tuple[FineKey, WindowAggregate]]:
+        """(fine key, aggregate) of every rollup in the range; rows whose signature changed are read again."""
+        sigs = rollups_since(db, fleet, since, columns="fleet, device, model_name, model_version, hour_ts, windows, "
+                             "updated_at")
+        keys = [(s["fleet"], s["device"], s["model_name"], s["model_version"], float(s["hour_ts"])) for s in sigs]
+        stale = {k for k, s in zip(keys, sigs, strict=True)
+                 if self._rollups.get(k, (None,))[0] != (int(s["windows"]), float(s["updated_at"]))}
+        if stale:
+            lo, hi = min(k[-1] for k in stale), max(k[-1] for k in stale)
+            for row in rollups_since(db, fleet, since, extra=" AND hour_ts >= ? AND hour_ts <= ?", params=(lo, hi)):
+                key = (row["fleet"], row["device"], row["model_name"], row["model_version"], float(row["hour_ts"]))
+                if key in stale:
+                    sig = (int(row["windows"]), float(row["updated_at"]))
+                    self._rollups[key] = (sig, WindowAggregate.from_rollup(row).compact())
+                    self.reads += 1
+        if len(self._rollups) > self.max_entries:
+            wanted = set(keys)
+            self._rollups = {k: v for k, v in self._rollups.items() if k in wanted}
+        out = []
+        for k in keys:
+            entry = self._rollups.get(k)
+            if entry is not None:
+                out.append((k[:4], entry[1]))
         return out
 
     def _signature(self, size: float, s: dict[str, Any]) -> tuple[int, float] | None:

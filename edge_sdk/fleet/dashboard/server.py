@@ -9,12 +9,18 @@ Routes (GET / HEAD)::
     /api/devices/<fleet>/<device>/series?since=3600&max_points=300
                                                device_series points         {"fleet", "device", "points": [...]}
     /api/alerts?state=open&limit=200           alerts, newest first         {"alerts": [...]}
-    /api/dead_letters?limit=100                rejected messages            {"dead_letters": [...]}
+    /api/dead_letters?limit=100                rejected messages (previews) {"dead_letters": [...]}  (limit <= 500)
+    /api/dead_letters/<id>                     one rejected payload, capped {"id", "payload", "truncated", ...}
     /healthz                                   {"status": "ok", "db": dialect} (503 when the database fails)
     /metrics                                   Prometheus text format 0.0.4 (see :func:`metrics_text`)
 
-Errors are JSON ``{"error": "<one line>"}``: 400 bad parameter, 404 unknown route or file, 405 other methods,
-500 when the database fails (the reason in one line, the traceback in the log).
+Errors are JSON ``{"error": "<one line>"}``: 400 bad parameter, 401 without the token, 404 unknown route or
+file, 405 other methods, 500 when the database fails (the reason in one line, the traceback in the log).
+
+With a token (:class:`~edge_sdk.httpbase.HTTPSecurity`) everything but ``/healthz`` and the bundle downloads
+(``/bundles/``, which devices fetch and which serve only versions being deployed) needs it: ``Authorization:
+Bearer <token>``, or HTTP Basic with the token as password (a browser prompts for it). A non-loopback address
+without a token refuses to start unless ``allow_insecure``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from edge_sdk.errors import EdgeSDKError, HTTPError, first_line
 from edge_sdk.fleet.dashboard import views
 from edge_sdk.fleet.dashboard.range_cache import RangeCache
-from edge_sdk.httpbase import HTTPServer, RequestHandler, base_url, bind, prometheus_escape
+from edge_sdk.httpbase import HTTPLimits, HTTPSecurity, HTTPServer, RequestHandler, base_url, bind, prometheus_escape
 from edge_sdk.topics import validate_id
 
 if TYPE_CHECKING:
@@ -134,8 +140,9 @@ def metrics_text(db: Database, stats: Callable[[], dict[str, Any]] | None = None
 
 class _Handler(RequestHandler):
     server_version = "edge-sdk-collector"
-    timeout = 60  # an idle keep-alive connection frees its thread after a minute
     logger = log
+    public_routes = frozenset({"/healthz"})
+    public_prefixes = ("/bundles/",)
     extra_headers: ClassVar[dict[str, str]] = {"X-Content-Type-Options": "nosniff"}
     server: HTTPServer
 
@@ -182,26 +189,30 @@ class CollectorHTTP:
 
     ``port=0`` picks a free port (bound at construction; see :attr:`port` / :attr:`url`). ``stats`` is an
     optional callable returning the collector's counters for ``/metrics``; ``since_s`` is the default range of
-    the device and model aggregates.
+    the device and model aggregates. ``security``: token and TLS (default none: loopback ``host`` only);
+    ``limits``: worker threads, deadlines (default :class:`~edge_sdk.httpbase.HTTPLimits`).
     """
 
     def __init__(self, db: Database, host: str = "127.0.0.1", port: int = 8000, *,
                  stats: Callable[[], dict[str, Any]] | None = None, since_s: float = 900,
-                 static_dir: Path | str = STATIC_DIR) -> None:
+                 static_dir: Path | str = STATIC_DIR, security: HTTPSecurity | None = None,
+                 limits: HTTPLimits | None = None) -> None:
         self.db = db
         self.stats = stats
         self.cache = RangeCache()  # per-minute aggregates: a refreshing dashboard re-reads only the newest minute
         self.since_s = float(since_s)
         self.static_dir = Path(static_dir).resolve()
         self.host = host
-        self._httpd = bind(host, port, _Handler, self)
+        self.security = security or HTTPSecurity()
+        self._httpd = bind(host, port, _Handler, self, limits=limits, security=self.security,
+                           what="the collector's dashboard and API")
         self.port: int = self._httpd.server_address[1]
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         """Base URL (``0.0.0.0`` / ``::`` shown as the loopback address)."""
-        return base_url(self.host, self.port)
+        return base_url(self.host, self.port, self.security.tls)
 
     def start(self) -> int:
         """Serve from a background thread; returns the bound port."""
@@ -276,9 +287,20 @@ class CollectorHTTP:
             limit = int(_float(query, "limit", 200, 1, 10_000))
             return {"alerts": views.alerts(self.db, state, limit, fleet=fleet)}
         if path == "dead_letters":
-            return {"dead_letters": views.dead_letters(self.db, int(_float(query, "limit", 100, 1, 10_000)))}
+            limit = int(_float(query, "limit", 100, 1, views.DEAD_LETTERS_MAX_LIMIT))
+            return {"dead_letters": views.dead_letters(self.db, limit)}
+        if len(segs) == 2 and segs[0] == "dead_letters":
+            text = unquote(segs[1])
+            if not (text.isascii() and text.isdigit() and len(text) <= 18):
+                raise HTTPError(400, "bad_request", f"dead letter id {text[:40]!r} is not an integer: use the id "
+                                "from /api/dead_letters")
+            row = views.dead_letter(self.db, int(text))
+            if row is None:
+                raise HTTPError(404, "not_found", f"no dead letter {text}: it was never stored or retention "
+                                "removed it")
+            return row
         raise HTTPError(404, "not_found", f"no API route /api/{path}: use devices, models, "
-                        "devices/<fleet>/<device>/series, alerts or dead_letters")
+                        "devices/<fleet>/<device>/series, alerts, dead_letters or dead_letters/<id>")
 
     def _static(self, name: str) -> tuple[int, str, bytes, dict[str, str]]:
         name = unquote(name)

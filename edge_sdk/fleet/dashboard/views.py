@@ -11,7 +11,9 @@ Device state: ``offline`` when the device said so (last will or clean shutdown);
 arrived within 3 × its window length (or it announced itself online that recently); ``stale`` otherwise —
 connected as far as the broker knows, but silent.
 
-Ranges are windows with ``end_ts >= now - since_s`` (the device's end time). ``fleet_status`` and
+Ranges are windows with ``end_ts >= now - since_s`` (the device's end time), plus, for the part of a range older
+than the collector's raw-window retention, the hourly rollups retention left in their place (each rollup whose
+last window ended in the range: the figures of such a range are hourly). ``fleet_status`` and
 ``model_versions`` take an optional :class:`~.range_cache.RangeCache` (the HTTP server keeps one):
 same answers, the range then starting on a bucket boundary, and only changed minutes read again.
 """
@@ -28,6 +30,7 @@ from edge_sdk.fleet.dashboard.range_cache import (
     FineKey,
     RangeCache,
     fleet_clause,
+    rollups_since,
     window_parts,
     window_parts_sql,
     windows_since,
@@ -56,6 +59,9 @@ def _aggregates(db: Database, fleet: str | None, since: float, now: float, cache
     for row, sketch, conf in windows_since(db, fleet, since):
         key = group((row["fleet"], row["device"], row["model_name"], row["model_version"]))
         aggs.setdefault(key, WindowAggregate()).add(row, sketch, conf)
+    for row in rollups_since(db, fleet, since):  # windows older than the raw retention: their hourly rollups
+        key = group((row["fleet"], row["device"], row["model_name"], row["model_version"]))
+        aggs.setdefault(key, WindowAggregate()).merge([WindowAggregate.from_rollup(row).compact()])
     return aggs
 
 
@@ -69,8 +75,9 @@ def fleet_status(db: Database, fleet: str | None = None, *, since_s: float = 900
 
     Row keys: fleet, device, state (online/offline/stale), state_reason, last_seen, last_window_at, window_s,
     model_name, model_version, artifact, runtime, windows, inferences, errors, error_rate (errors / attempts),
-    p50_ms, p95_ms, p99_ms (merged sketches), confidence_mean (count-weighted), confidence_hist, psi_latest,
-    psi_max, labelled, correct, accuracy (correct / labelled, None without feedback), alerts_open,
+    client_errors (the part of errors bad client input caused), model_error_rate (the rest / its attempts), p50_ms,
+    p95_ms, p99_ms (merged sketches), confidence_mean (count-weighted), confidence_hist, psi_latest, psi_max,
+    labelled, correct, accuracy (correct / labelled, None without feedback), alerts_open,
     dropped_windows (outbox drops reported by the device), lost_windows (seqs the collector could not recover).
     """
     t = _now(now)
@@ -139,41 +146,51 @@ def model_versions(db: Database, fleet: str | None = None, *, since_s: float = 9
 
 def device_series(db: Database, fleet: str, device: str, *, since_s: float = 3600, max_points: int = 300,
                   now: float | None = None) -> list[dict[str, Any]]:
-    """One point per window of one device over the last ``since_s`` s, oldest first.
+    """One point per window of one device over the last ``since_s`` s, oldest first; for the part of the range
+    older than the raw retention, one point per hourly rollup (``windows`` > 1 there).
 
-    Point keys: end_ts, windows, count, errors, error_rate, p50_ms, p95_ms, p99_ms, conf_mean, psi_max, accuracy.
-    With more than ``max_points`` windows the range is cut into ``max_points`` equal time buckets: counts add up,
-    percentiles come from the bucket's merged sketches, confidence is count-weighted, PSI is the bucket's max.
+    Point keys: end_ts, windows, count, errors, client_errors, error_rate, p50_ms, p95_ms, p99_ms, conf_mean,
+    psi_max, accuracy. With more than ``max_points`` points the range is cut into ``max_points`` equal time
+    buckets: counts add up, percentiles come from the bucket's merged sketches, confidence is count-weighted, PSI
+    is the bucket's max.
     """
     if max_points < 1:
         raise ValueError(f"max_points must be >= 1, got {max_points}")
     t = _now(now)
     since = t - since_s
+    rollups = rollups_since(db, fleet, since, device=device)
     where = "FROM windows WHERE fleet = ? AND device = ? AND end_ts >= ?"
     n = int(db.query(f"SELECT COUNT(*) AS n {where}", (fleet, device, since))[0]["n"])
-    if n <= max_points:
+    if n + len(rollups) <= max_points:
         rows = db.query(f"SELECT {WINDOW_COLUMNS} {where} ORDER BY end_ts", (fleet, device, since))
-        return [_point(r) for r in rows]
+        points = [_agg_point(WindowAggregate.from_rollup(r)) for r in rollups] + [_point(r) for r in rows]
+        return sorted(points, key=lambda p: p["end_ts"])
     rows = db.query(f"SELECT {WINDOW_COLUMNS}, {window_parts_sql(db)} {where} ORDER BY end_ts", (fleet, device, since))
-    lo, hi = float(rows[0]["end_ts"]), float(rows[-1]["end_ts"])
+    items = [(float(r["last_end_ts"]), WindowAggregate.from_rollup(r).compact()) for r in rollups]
+    ends = [e for e, _ in items] + [float(r["end_ts"]) for r in rows]
+    lo, hi = min(ends), max(ends)
     width = (hi - lo) / max_points or 1.0
     buckets: dict[int, WindowAggregate] = {}
+    for end, agg in items:
+        buckets.setdefault(min(int((end - lo) / width), max_points - 1), WindowAggregate()).merge([agg])
     for r in rows:
         i = min(int((float(r["end_ts"]) - lo) / width), max_points - 1)
         buckets.setdefault(i, WindowAggregate()).add(r, *window_parts(r))
-    points = []
-    for _, agg in sorted(buckets.items()):
-        s = agg.summary()
-        points.append({"end_ts": agg.last_ts, "windows": agg.windows, "count": s["inferences"], "errors": s["errors"],
-                       "error_rate": s["error_rate"], "p50_ms": s["p50_ms"], "p95_ms": s["p95_ms"],
-                       "p99_ms": s["p99_ms"], "conf_mean": s["confidence_mean"], "psi_max": s["psi_max"],
-                       "accuracy": s["accuracy"]})
-    return points
+    return [_agg_point(agg) for _, agg in sorted(buckets.items())]
+
+
+def _agg_point(agg: WindowAggregate) -> dict[str, Any]:
+    s = agg.summary()
+    return {"end_ts": agg.last_ts, "windows": agg.windows, "count": s["inferences"], "errors": s["errors"],
+            "client_errors": s["client_errors"], "error_rate": s["error_rate"], "p50_ms": s["p50_ms"],
+            "p95_ms": s["p95_ms"], "p99_ms": s["p99_ms"], "conf_mean": s["confidence_mean"], "psi_max": s["psi_max"],
+            "accuracy": s["accuracy"]}
 
 
 def _point(r: dict[str, Any]) -> dict[str, Any]:
     count, errors, labelled = int(r["count"]), int(r["errors"]), int(r["fb_labelled"] or 0)
     return {"end_ts": r["end_ts"], "windows": 1, "count": count, "errors": errors,
+            "client_errors": int(r["client_errors"] or 0),
             "error_rate": errors / (count + errors) if count + errors else None,
             "p50_ms": r["p50_ms"], "p95_ms": r["p95_ms"], "p99_ms": r["p99_ms"], "conf_mean": r["conf_mean"],
             "psi_max": r["psi_max"], "accuracy": int(r["fb_correct"] or 0) / labelled if labelled else None}

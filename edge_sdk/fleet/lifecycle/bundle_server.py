@@ -6,6 +6,11 @@ Content`` with ``Content-Range``; a range starting beyond the end gets ``416`` w
 */size``; a malformed or multi-part range is ignored (full ``200``, as RFC 9110 allows). ``If-Range`` with a
 stale ETag gets the full archive, ``If-None-Match`` with the current one ``304``.
 
+Only versions some fleet is meant to run are served (:func:`servable`): the active version, the version of each
+fleet's latest deployment (unless it was rolled back) and that deployment's rollback target. A candidate, a
+promoted version not yet deployed and a retired one are ``404``: the archive server is not a catalogue of every
+model ever registered.
+
 :func:`handle_bundle_request` plugs into any ``http.server`` handler (the collector's dashboard server mounts
 it); :class:`BundleHTTPServer` is a small standalone server (``edge-sdk registry serve``, tests).
 """
@@ -22,13 +27,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
 
 from edge_sdk.errors import HTTPError, RangeNotSatisfiable
-from edge_sdk.httpbase import HTTPServer, RequestHandler
+from edge_sdk.httpbase import HTTPLimits, HTTPServer, RequestHandler
 
 if TYPE_CHECKING:
     from edge_sdk.fleet.lifecycle.registry import Registry
 
 __all__ = ["BUNDLE_PREFIX", "BundleHTTPServer", "RangeNotSatisfiable", "bundle_path", "handle_bundle_request",
-           "parse_range", "serve_file"]
+           "parse_range", "servable", "serve_file"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,25 @@ def serve_file(handler: BaseHTTPRequestHandler, path: str | os.PathLike, etag: s
     return status
 
 
+def servable(registry: Registry, name: str, version: str) -> bool:
+    """True when devices may download ``name:version`` (module doc): active, or named by a fleet's latest deployment."""
+    rec = registry.get(name, version)
+    if rec is None:
+        return False
+    if rec.state == "active":
+        return True
+    latest: dict[str, dict] = {}
+    for d in registry.db.query("SELECT fleet, version, previous_version, state FROM deployments WHERE name = ? "
+                               "ORDER BY created_at", (name,)):
+        latest[d["fleet"]] = d
+    for d in latest.values():
+        if d["version"] == version and d["state"] != "rolled_back":
+            return True
+        if d["previous_version"] == version and d["state"] in ("running", "rolled_back"):
+            return True  # the rollback target: sent again when the deployment is (or was) rolled back
+    return False
+
+
 def handle_bundle_request(handler: RequestHandler, registry: Registry, *, head: bool = False) -> bool:
     """Serve ``/bundles/<name>/<version>.tar.gz`` for ``handler`` (GET, or HEAD with ``head=True``).
 
@@ -136,8 +160,9 @@ def handle_bundle_request(handler: RequestHandler, registry: Registry, *, head: 
         return True
     name, version = unquote(parts[0]), unquote(parts[1][: -len(".tar.gz")])
     rec = registry.get(name, version)
-    if rec is None:
-        handler.send_json(404, {"error": f"{name}:{version} is not in the registry"})
+    if rec is None or not servable(registry, name, version):
+        handler.send_json(404, {"error": f"{name}:{version} is not being deployed: only the active version and "
+                                         "those of the fleets' latest deployments are served"})
         return True
     archive = Path(rec.archive_path)
     if not archive.is_file() or archive.stat().st_size != rec.size_bytes:
@@ -162,11 +187,16 @@ class _Handler(RequestHandler):
 
 
 class BundleHTTPServer(HTTPServer):
-    """A standalone HTTP server for registry archives (``with BundleHTTPServer(reg) as s: s.url``)."""
+    """A standalone HTTP server for registry archives (``with BundleHTTPServer(reg) as s: s.url``).
 
-    def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0) -> None:
+    The bounded pool of :mod:`edge_sdk.http_pool` (``limits``); no token: devices download by the URL in their
+    signed-bundle update command, and only versions being deployed are served.
+    """
+
+    def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, *,
+                 limits: HTTPLimits | None = None) -> None:
         self.registry = registry
-        super().__init__((host, port), _Handler)
+        super().__init__((host, port), _Handler, limits)
         self._thread: threading.Thread | None = None
 
     @property

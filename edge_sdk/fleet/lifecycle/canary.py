@@ -1,7 +1,9 @@
 """Canary health: aggregate telemetry windows and compare a canary with a reference (the previous version).
 
 :func:`window_figures` aggregates rows of the ``windows`` table (``device, count, errors, conf_mean, psi_max,
-payload``): error rate = errors / (inferences + errors), p95 latency from the **merged** DDSketches of the
+payload``): error rate = model errors / (inferences + model errors), where model errors leave out the errors the
+client's input caused (``client_errors`` of the window payload: HTTP 4xx, which anyone reaching a device's port can
+produce, so garbage requests cannot roll back a healthy version), p95 latency from the **merged** DDSketches of the
 windows, mean confidence weighted by inference count, and the mean of the windows' ``psi_max`` (input drift
 against the bundle baseline). :func:`health_checks` compares a canary with a reference under
 :class:`Thresholds`; a check with no data on either side is left out rather than guessed.
@@ -13,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from edge_sdk.fleet.collector.validate import client_error_count
 from edge_sdk.sketch import merge_sketches, quantiles
 
 __all__ = ["Thresholds", "health_checks", "window_figures"]
@@ -43,21 +46,33 @@ class Thresholds:
 
 
 def window_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate telemetry windows: error rate, merged p95, count-weighted confidence, mean psi_max."""
+    """Aggregate telemetry windows: model error rate, merged p95, count-weighted confidence, mean psi_max.
+
+    ``errors`` / ``error_rate`` count model and runtime errors only; ``client_errors`` (bad client input, from each
+    window's payload) is reported beside them and judged by nothing.
+    """
     count = sum(int(r["count"]) for r in rows)
-    errors = sum(int(r["errors"]) for r in rows)
+    errors = client = 0
     conf = [(float(r["conf_mean"]), int(r["count"])) for r in rows if r["conf_mean"] is not None and r["count"]]
     psi = [float(r["psi_max"]) for r in rows if r["psi_max"] is not None]
     sketches = []
     for r in rows:
         try:
-            sketches.append(json.loads(r["payload"])["latency_ms"]["sketch"])
-        except (ValueError, KeyError, TypeError):
-            continue  # stored windows were schema-validated; a damaged row only loses its latency
+            window = json.loads(r["payload"])
+        except (ValueError, TypeError):
+            window = None
+        # stored windows were schema-validated; a damaged row loses its latency and counts all errors as the model's
+        n_client = min(client_error_count(window), int(r["errors"])) if isinstance(window, dict) else 0
+        client += n_client
+        errors += int(r["errors"]) - n_client
+        try:
+            sketches.append(window["latency_ms"]["sketch"])  # type: ignore[index]
+        except (KeyError, TypeError):
+            continue
     p95 = quantiles(merge_sketches(sketches), (0.95,))["p95"] if sketches else None
     weight = sum(n for _, n in conf)
     return {"windows": len(rows), "devices": len({r["device"] for r in rows}), "count": count, "errors": errors,
-            "error_rate": errors / (count + errors) if count + errors else None, "p95_ms": p95,
+            "client_errors": client, "error_rate": errors / (count + errors) if count + errors else None, "p95_ms": p95,
             "conf_mean": sum(c * n for c, n in conf) / weight if weight else None,
             "psi_mean": sum(psi) / len(psi) if psi else None}
 
