@@ -6,11 +6,20 @@ asked: an ML program, the right inputs / outputs and shapes, a spec version the 
 deployment target can load, and weights actually stored in the requested precision (fp32 / fp16
 ``const`` tensors, int8 ``constexpr_affine_dequantize`` / ``constexpr_blockwise_shift_scale``, or
 ``constexpr_lut_to_dense`` palettes).
+
+Image models also get an ``ImageType`` input built from the manifest's preprocessing (:func:`image_input_for`,
+:func:`image_type`): the tensor the agent computes is ``(pixel * scale - mean) / std`` per channel, which is
+``pixel * (scale / std) + (-mean / std)``. Core ML's ``ImageType`` documents one scale; with a per-channel std
+the scale is passed as a per-channel (3, 1, 1) constant, so coremltools' preprocessing pass emits the exact
+normalisation as the program's first two ops (``mul`` then ``add``) and nothing is folded or approximated.
+:func:`check_package` reads those ops back and compares them with the manifest's math, and checks the classifier
+labels and the metadata (:func:`describe_model`) the Vision / Xcode side reads.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import shutil
@@ -19,7 +28,9 @@ import warnings
 from collections.abc import Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from edge_sdk._deps import require
 from edge_sdk.bundle import size_of
@@ -27,15 +38,23 @@ from edge_sdk.converters.base import ArtifactDraft
 from edge_sdk.converters.shims import SHIMS, apply_shims
 from edge_sdk.errors import ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Precision
+from edge_sdk.runtimes.coreml import INPUTS_KEY, ImageInput, image_inputs
+
+if TYPE_CHECKING:
+    from edge_sdk.converters.model_card import ModelCard
 
 __all__ = [
     "LINUX_SKIP_REASON",
     "check_package",
     "check_palette_bits",
     "compress_and_save",
+    "compress_program",
     "compute_precision",
     "deployment_target",
+    "describe_model",
     "finish_draft",
+    "image_input_for",
+    "image_type",
     "import_coremltools",
     "inspect_package",
     "numeric_validation_skip_reason",
@@ -56,6 +75,7 @@ _ARRAY_DTYPES = {65568: "float32", 65552: "float16", 65600: "float64", 131104: "
 _SPEC_VERSION_OS = {4: "iOS13", 5: "iOS14", 6: "iOS15", 7: "iOS16", 8: "iOS17", 9: "iOS18", 10: "iOS26"}
 _QUANT_OPS = {"constexpr_affine_dequantize": "quantized_data", "constexpr_blockwise_shift_scale": "data"}
 _MIN_WEIGHT_SHARE = 0.5  # int8 / palettized: at least half of the weight elements must be compressed
+_VISION_CROP = {"center_crop": "centerCrop", "stretch": "scaleFill"}  # VNImageCropAndScaleOption per resize_mode
 
 
 def import_coremltools() -> Any:
@@ -109,8 +129,12 @@ def _dims(tensor_type: Any) -> list[int | None]:
     return [d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in tensor_type.dimensions]
 
 
-def _feature(desc: Any) -> dict[str, Any]:
+def _feature(desc: Any, images: dict[str, ImageInput] | None = None) -> dict[str, Any]:
     kind = desc.type.WhichOneof("Type")
+    if images and desc.name in images:
+        img = images[desc.name]
+        return {"name": desc.name, "kind": kind, "shape": img.shape, "dtype": "float32", "color": img.color,
+                "layout": img.layout, "scale": list(img.scale), "bias": list(img.bias)}
     if kind != "multiArrayType":
         return {"name": desc.name, "kind": kind, "shape": None, "dtype": None}
     arr = desc.type.multiArrayType
@@ -140,8 +164,9 @@ def _weights(spec: Any) -> dict[str, dict[str, Any]]:
     block = func.block_specializations[func.opset]
     consts = {op.outputs[0].name: op.outputs[0].type.tensorType for op in block.operations if op.type == "const"}
     consumed: set[str] = set()  # consts feeding a constexpr op are parts of a compressed weight
-    for op in block.operations:
-        if op.type.startswith("constexpr_"):
+    for op in block.operations:  # or the image input's scale / bias (fp32: they act on the fp32 image)
+        if op.type.startswith("constexpr_") or (op.outputs and op.outputs[0].name.endswith(("__scaled__",
+                                                                                            "__biased__"))):
             for arg in op.inputs.values():
                 consumed.update(a.name for a in arg.arguments if a.WhichOneof("binding") == "name")
     groups: dict[str, dict[str, Any]] = {}
@@ -188,19 +213,123 @@ def inspect_package(path: str | Path) -> dict[str, Any]:
         raise ConversionError(f"cannot read Core ML package {path} ({exc}): re-run the Core ML conversion") from None
     spec = model.get_spec()
     model_type = spec.WhichOneof("Type")
+    images = image_inputs(spec)
+    desc = spec.description
+    meta = desc.metadata
     info: dict[str, Any] = {
         "model_type": model_type,
         "spec_version": int(spec.specificationVersion),
         "minimum_os": _SPEC_VERSION_OS.get(int(spec.specificationVersion), "unknown"),
-        "inputs": [_feature(d) for d in spec.description.input],
-        "outputs": [_feature(d) for d in spec.description.output],
+        "inputs": [_feature(d, images) for d in desc.input],
+        # tensors only: a classifier's label / probability-dictionary outputs are described under "classifier"
+        "outputs": [_feature(d) for d in desc.output if d.type.WhichOneof("Type") == "multiArrayType"],
         "size_bytes": size_of(path),
+        "metadata": {"author": meta.author, "license": meta.license, "version": meta.versionString,
+                     "description": meta.shortDescription,
+                     "user_defined": {k: v for k, v in meta.userDefined.items() if k.startswith("edge_sdk.")}},
     }
+    if desc.predictedFeatureName:
+        labels = _classifier_labels(spec)
+        info["classifier"] = {"predicted_feature": desc.predictedFeatureName,
+                              "probabilities": desc.predictedProbabilitiesName, "classes": len(labels),
+                              "labels": labels}
     if model_type == "mlProgram":
         func = spec.mlProgram.functions["main"]
         info["opset"] = func.opset
         info["weights"] = _weights(spec)
     return info
+
+
+def _classifier_labels(spec: Any) -> list[str]:
+    """The class labels of the program's ``classify`` op (what Vision reports as identifiers)."""
+    func = spec.mlProgram.functions["main"]
+    block = func.block_specializations[func.opset]
+    for op in block.operations:
+        if op.type == "classify" and op.inputs["classes"].arguments:
+            arg = op.inputs["classes"].arguments[0]
+            items = arg.value.immediateValue.list.values
+            out = []
+            for v in items:
+                t = v.immediateValue.tensor
+                out.extend(str(x) for x in (t.strings.values if t.WhichOneof("value") == "strings"
+                                            else t.longInts.values))
+            return out
+    return []
+
+
+def image_input_for(pre: Any, name: str, shape: Sequence[int], layout: str) -> ImageInput | None:
+    """The ``ImageInput`` that reproduces ``pre`` (a :class:`Preprocessing`) on a 4-D input, or None when the input
+    is not an image the preprocessing describes (wrong rank, channel count or layout, no size)."""
+    if pre is None or not pre.size or len(shape) != 4 or layout not in ("NCHW", "NHWC") or pre.layout != layout:
+        return None
+    n = 1 if pre.color == "GRAY" else 3
+    c, h, w = (shape[1], shape[2], shape[3]) if layout == "NCHW" else (shape[3], shape[1], shape[2])
+    if c != n or (h, w) != tuple(pre.size) or int(shape[0]) != 1:
+        return None
+    mean = list(pre.mean) * n if len(pre.mean) == 1 else list(pre.mean)
+    std = list(pre.std) * n if len(pre.std) == 1 else list(pre.std)
+    if len(mean) != n or len(std) != n:
+        return None
+    scale = tuple(float(pre.scale) / float(s) for s in std)
+    bias = tuple(-float(m) / float(s) for m, s in zip(mean, std, strict=True))
+    return ImageInput(name, pre.color, int(h), int(w), scale, bias, layout)
+
+
+def image_type(ct: Any, img: ImageInput) -> Any:
+    """The ``ct.ImageType`` for ``img``: one scale when every channel shares it, else a (3, 1, 1) per-channel
+    constant (coremltools' preprocessing pass emits it as the program's first ``mul``; exact, nothing folded)."""
+    same = len(set(img.scale)) == 1
+    scale: Any = img.scale[0] if same else [[[s]] for s in img.scale]
+    bias: Any = img.bias[0] if img.color == "GRAY" else list(img.bias)
+    color = {"RGB": ct.colorlayout.RGB, "BGR": ct.colorlayout.BGR, "GRAY": ct.colorlayout.GRAYSCALE}[img.color]
+    return ct.ImageType(name=img.name, shape=tuple(img.shape), scale=scale, bias=bias, color_layout=color,
+                        channel_first=img.layout == "NCHW")
+
+
+def describe_model(mlmodel: Any, card: ModelCard, image: ImageInput | None, frontend: str) -> None:
+    """Author / licence / version / description, feature descriptions and the preprocessing (for Xcode, Vision and
+    anyone matching the agent by hand) written into the model's metadata."""
+    mlmodel.author, mlmodel.license = card.author_or_default, card.license_or_default
+    mlmodel.version, mlmodel.short_description = card.version, card.summary
+    user = mlmodel.user_defined_metadata
+    user["com.github.apple.coremltools.source"] = frontend  # a classifier passes through MIL: name the real source
+    user["edge_sdk.name"], user["edge_sdk.task"] = card.name, card.task
+    pre = card.preprocessing
+    if pre is not None:
+        user["edge_sdk.preprocessing"] = json.dumps(pre.to_dict(), sort_keys=True)
+    if image is not None:
+        user[INPUTS_KEY] = json.dumps({image.name: {"layout": image.layout, "shape": image.shape}})
+        crop = pre.resize_mode if pre is not None else "stretch"
+        user["edge_sdk.vision.imageCropAndScaleOption"] = _VISION_CROP[crop]
+        if pre is not None and crop == "center_crop":
+            user["edge_sdk.vision.note"] = (f"the agent crops the central {pre.crop_fraction:.1%} of the short side "
+                                            "and Vision's centerCrop the whole short side: crop the frame to that "
+                                            "fraction first for identical inputs")
+    spec = mlmodel.get_spec()
+    for f in spec.description.input:
+        mlmodel.input_description[f.name] = (
+            f"{image.color} image {image.width}x{image.height}; Core ML computes pixel*scale+bias per channel = "
+            "the manifest's (pixel*scale-mean)/std" if image is not None and f.name == image.name
+            else "float32 tensor as the manifest's inputs describe")
+    for f in spec.description.output:
+        mlmodel.output_description[f.name] = {
+            "stringType": "most likely class label", "int64Type": "most likely class",
+            "dictionaryType": "probability of each class label"}.get(
+                f.type.WhichOneof("Type"), "float32 tensor (the source model's output; the agent reads it)")
+
+
+def _check_image(problems: list[str], got: dict[str, Any], want: ImageInput) -> None:
+    """The image input Core ML will build equals the manifest's preprocessing (colour, size, scale, bias)."""
+    if got.get("kind") != "imageType":
+        problems.append(f"input {want.name!r} is a {got.get('kind')}, expected an image")
+        return
+    _expect(problems, got["color"] == want.color, f"image input colour is {got['color']}, the manifest has "
+            f"{want.color}")
+    for key in ("scale", "bias"):
+        ok = len(got[key]) == len(getattr(want, key)) and np.allclose(got[key], getattr(want, key), rtol=1e-6,
+                                                                       atol=1e-6)
+        _expect(problems, ok, f"image input {key} is {got[key]}, the manifest's preprocessing gives "
+                f"{list(getattr(want, key))}")
 
 
 def _expect(problems: list[str], ok: bool, message: str) -> None:
@@ -217,8 +346,13 @@ def check_package(
     output_shapes: Sequence[Sequence[int]] | None = None,
     output_names: Sequence[str] | None = None,
     target: str = "iOS16",
+    image: ImageInput | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Inspect the package and compare it with the request; return the checks for ``ArtifactDraft.spec_checks``.
+
+    ``image``: the image input the manifest's preprocessing implies (else every input must be a tensor);
+    ``labels``: the class labels a classifier package must carry.
 
     Every contradiction is collected, then one ConversionError lists them all.
     """
@@ -236,6 +370,18 @@ def check_package(
         if input_names is not None and i < len(input_names):
             _expect(problems, got["name"] == input_names[i],
                     f"input {i} is named {got['name']!r}, the source calls it {input_names[i]!r}")
+        if image is not None and got["name"] == image.name:
+            _check_image(problems, got, image)
+        else:
+            _expect(problems, got["kind"] == "multiArrayType", f"input {got['name']!r} is a {got['kind']}, "
+                    "expected a tensor")
+    classifier = info.get("classifier")
+    if labels is not None:
+        _expect(problems, classifier is not None and classifier["labels"] == list(labels),
+                f"the package should classify into the {len(labels)} labels but has "
+                f"{classifier['classes'] if classifier else 'no classifier'}")
+    else:
+        _expect(problems, classifier is None, "the package is a classifier but no labels were asked for")
     if output_shapes is not None:
         _expect(problems, len(outs) == len(output_shapes), f"{len(outs)} outputs, the source has {len(output_shapes)}")
         for got, shape in zip(outs, output_shapes, strict=False):
@@ -289,24 +435,51 @@ def check_palette_bits(bits: int) -> None:
                                          "set coreml_palette_bits to one of them")
 
 
-def compress_and_save(mlmodel: Any, precision: Precision, out: Path, *, palette_bits: int) -> list[str]:
-    """Quantize / palettize the weights of an fp16 ML program as ``precision`` asks, save it, return notes."""
+def _compression(precision: Precision, palette_bits: int) -> tuple[str, Any, str] | None:
+    """(coremltools compression pass, its config, the artifact note) for ``precision``; None for fp32 / fp16."""
     import_coremltools()
     cto = require("coremltools.optimize.coreml", "coreml", "Core ML weight compression")
-    notes: list[str] = []
     if precision is Precision.INT8:
-        config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric",
-                                                                                  dtype="int8"))
-        with redirect_stderr(io.StringIO()):  # progress bars
-            mlmodel = cto.linear_quantize_weights(mlmodel, config=config)
-        notes.append("int8 linear symmetric per-channel weights, fp16 compute; activations stay fp16 "
-                     "(no calibration used)")
-    elif precision is Precision.PALETTIZED:
+        return ("compression::linear_quantize_weights",
+                cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric",
+                                                                                 dtype="int8")),
+                "int8 linear symmetric per-channel weights, fp16 compute; activations stay fp16 (no calibration used)")
+    if precision is Precision.PALETTIZED:
         check_palette_bits(palette_bits)
-        config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=palette_bits))
-        with redirect_stderr(io.StringIO()):
-            mlmodel = cto.palettize_weights(mlmodel, config=config)
-        notes.append(f"{palette_bits}-bit k-means palettized weights (per tensor), fp16 compute")
+        return ("compression::palettize_weights",
+                cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=palette_bits)),
+                f"{palette_bits}-bit k-means palettized weights (per tensor), fp16 compute")
+    return None
+
+
+def compress_program(prog: Any, precision: Precision, *, palette_bits: int) -> list[str]:
+    """Compress the weights of a MIL program in place (the pass ``linear_quantize_weights`` / ``palettize_weights``
+    run): used before a classifier is added, since coremltools 9 cannot re-export a classifier it re-loaded."""
+    how = _compression(precision, palette_bits)
+    if how is None:
+        return []
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    graph_pass = PASS_REGISTRY[how[0]]
+    graph_pass.set_options([PassOption("config", how[1]), PassOption("joint_compression", False)])
+    with redirect_stderr(io.StringIO()):  # progress bars
+        graph_pass.apply(prog)
+    return [how[2]]
+
+
+def compress_and_save(mlmodel: Any, precision: Precision, out: Path, *, palette_bits: int,
+                      compressed: bool = False) -> list[str]:
+    """Quantize / palettize the weights of an fp16 ML program as ``precision`` asks (unless ``compressed``
+    already), save it, return notes."""
+    how = None if compressed else _compression(precision, palette_bits)
+    notes: list[str] = []
+    if how is not None:
+        cto = require("coremltools.optimize.coreml", "coreml", "Core ML weight compression")
+        compress = cto.linear_quantize_weights if precision is Precision.INT8 else cto.palettize_weights
+        with redirect_stderr(io.StringIO()):  # progress bars
+            mlmodel = compress(mlmodel, config=how[1])
+        notes.append(how[2])
     if out.exists():
         shutil.rmtree(out)
     mlmodel.save(str(out))

@@ -39,7 +39,8 @@ def _serving_signature(saved_model: Any) -> Any:
 def _rename_outputs(ct: Any, mlmodel: Any, names: list[str]) -> Any:
     """Give the Core ML outputs the source's output names (TF calls them Identity, Identity_1, ...)."""
     spec = mlmodel.get_spec()
-    current = [o.name for o in spec.description.output]
+    # tensors only: a classifier's classLabel / classLabel_probs keep their names
+    current = [o.name for o in spec.description.output if o.type.WhichOneof("Type") == "multiArrayType"]
     if len(current) != len(names) or current == names:
         return mlmodel
     for i, old in enumerate(current):  # through temporary names, so swapped names cannot clash

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import installed_version, require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, LadderStep, check_precision, register
+from edge_sdk.converters.base import (
+    ArtifactDraft,
+    ConversionContext,
+    LadderStep,
+    OptionSpec,
+    check_precision,
+    register,
+)
 from edge_sdk.converters.onnx_common import run_tool
 from edge_sdk.errors import ConversionError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
@@ -170,9 +177,56 @@ class TFLiteConverter:
     target = Format.TFLITE
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
     budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
-        LadderStep("int16-activations", not_offered="TFLite int16x8 is not wired into this ladder yet"),
+        LadderStep("int16-activations", (("tflite_activation_bits", 16),)),
         LadderStep("fp16", precision=Precision.FP16),
     )
+    extra_options = (
+        OptionSpec("tflite_quantizer", str, "", ("aeq", "native"),
+                   help="int8 quantizer: aeq = AI Edge Quantizer on the fp32 .tflite (fully integer graph; the "
+                        "PyTorch default), native = the source's own path (PT2E, TF converter, onnx2tf)"),
+        OptionSpec("tflite_activation_bits", int, 8, (8, 16),
+                   help="16 = int16 activations with int8 weights (AI Edge Quantizer a16w8; slower, closer to fp32)"),
+    )
+    default_quantizer = "native"  # what the int8 path uses without --option tflite_quantizer
+
+    def int8_with_aeq(self, ctx: ConversionContext) -> tuple[ArtifactDraft | None, str]:
+        """The int8 artifact through the AI Edge Quantizer (converters/tflite_quantize.py) when this converter
+        uses it, as (draft, ""); (None, one-line reason) when it is not used or failed and the native int8 path
+        should run instead. int16 activations have no native fallback: their failure raises."""
+        extra = ctx.options.extra
+        bits = int(extra.get("tflite_activation_bits", 8))
+        choice = str(extra.get("tflite_quantizer") or self.default_quantizer).strip().lower()
+        if bits == 8 and choice != "aeq":
+            return None, ""
+        from edge_sdk.converters.tflite_quantize import float_ops, quantize_tflite
+
+        samples = ctx.require_calibration("TFLite full-integer quantization (AI Edge Quantizer)")
+        samples.check(ctx.source.input_shapes, "calibration")
+        fp32 = self.convert(ctx, Precision.FP32)[0]  # the converter's own fp32 .tflite (cached where it can be)
+        out = ctx.path_for(Format.TFLITE, Precision.INT8, ".tflite")
+        try:
+            res = quantize_tflite(fp32.path, out, samples.arrays, list(ctx.source.input_names), activation_bits=bits,
+                                  int8_io=bool(ctx.options.tflite_int8_io))
+            left = float_ops(out)
+            if left:
+                raise ConversionError(f"the AI Edge Quantizer left {len(left)} ops in float "
+                                      f"({', '.join(sorted(set(left))[:5])})")
+        except ConversionError as exc:
+            if bits == 16:
+                raise
+            return None, str(exc)
+        summary = tflite_summary(out)
+        check_builtin_ops(summary, "the AI Edge Quantizer")
+        kept = {k: v for k, v in fp32.runtime.items()
+                if k not in ("runtime", "input_dtypes", "output_dtypes", "edgetpu", "input_order")}
+        notes = [*res.notes, *(n for n in fp32.notes if not n.startswith("TFLite inputs are ordered"))]
+        versions = {**fp32.tool_versions, "ai-edge-quantizer": version_of("ai-edge-quantizer")}
+        draft = tflite_draft(out, Precision.INT8, summary, list(ctx.source.input_names), notes, versions,
+                             input_layout=fp32.input_layout, extra_runtime=kept)
+        draft.runtime["quantizer"] = f"ai-edge-quantizer {res.recipe}"
+        if bits == 16:
+            draft.runtime.pop("edgetpu", None)  # int16 activations: not an Edge TPU model
+        return draft, ""
 
 
 @register
@@ -185,10 +239,16 @@ class KerasToTFLite(TFLiteConverter):
         """Convert the source's SavedModel export to one .tflite file of ``precision``."""
         check_precision(self, precision)
         src = ctx.source
+        notes: list[str] = []
+        if precision is Precision.INT8:
+            draft, why = self.int8_with_aeq(ctx)
+            if draft is not None:
+                return [draft]
+            if why:
+                notes.append(f"{why}: used the TF converter's int8 instead")
         samples = ctx.require_calibration("TFLite full-integer (int8) quantization") \
             if precision is Precision.INT8 else ctx.calibration
         tf = require("tensorflow", "tflite", "converting Keras models to TFLite")
-        notes: list[str] = []
         int8_io = bool(ctx.options.tflite_int8_io)
         out = ctx.path_for(Format.TFLITE, precision, ".tflite")
         req: dict[str, Any] = {"saved_model": str(src.saved_model_dir()), "precision": precision.value,

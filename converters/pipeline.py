@@ -21,6 +21,7 @@ from edge_sdk.calibration import CalibrationSource, SampleSet, load_samples
 from edge_sdk.converters.accuracy_budget import AccuracyBudget, BudgetLadder
 from edge_sdk.converters.attempts import ArtifactResult, Judge, place, produce_artifact
 from edge_sdk.converters.base import ConversionContext, ConvertOptions, check_options, needs_calibration
+from edge_sdk.converters.model_card import card_of, with_card
 from edge_sdk.converters.registry import BUILTIN_CONVERTERS, load_builtin_converters, registered
 from edge_sdk.converters.routes import (
     all_route_converters,
@@ -30,6 +31,7 @@ from edge_sdk.converters.routes import (
     routes_with_precision,
 )
 from edge_sdk.converters.sources import InputDtypes, ShapeSpec, load_source
+from edge_sdk.converters.tflite_metadata import annotate_tflite
 from edge_sdk.converters.validate import DEFAULT_TOLERANCES, Tolerance, reference_outputs
 from edge_sdk.errors import CalibrationError, EdgeSDKError, UnsupportedConversionError, ValidationError
 from edge_sdk.formats import Format, Precision, Task, parse_list
@@ -211,6 +213,9 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
     results: list[ArtifactResult] = list(unsupported)
     artifacts: list[Artifact] = []
     workdir = Path(tempfile.mkdtemp(prefix="edge_sdk_work_"))
+    # the model card (labels, preprocessing, name ...) the Core ML converters and the TFLite metadata describe
+    options = with_card(options, name=name or (src.path.stem if src.path else "model"), version=str(version),
+                        task=the_task.value, labels=label_names, preprocessing=preprocessing)
     ctx = ConversionContext(src, workdir, calibration=calib_set, options=options)
     try:
         ladders: dict[int, BudgetLadder] = {}
@@ -229,6 +234,7 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
                     results.append(res)
                     if d is not None and (res.status != "failed" or keep_failed):
                         artifacts.append(place(d, res, bdir))
+                        annotate_tflite(bdir, artifacts[-1], card_of(options), res)  # sha256 redone after
             if not artifacts:
                 err = ValidationError("no artifact passed: nothing was written; " + _summary(results),
                                       [f"{r.key}: {r.reason}" for r in results])

@@ -21,6 +21,7 @@ from typing import Any
 from edge_sdk._deps import require
 from edge_sdk.converters.base import ConversionContext, OptionSpec, register
 from edge_sdk.converters.coreml_common import CoreMLCapture, CoreMLConverter
+from edge_sdk.converters.model_card import CARD_OPTIONS
 from edge_sdk.converters.shims import explain
 from edge_sdk.errors import ConversionError, first_line
 from edge_sdk.formats import Framework
@@ -66,7 +67,7 @@ class TorchToCoreML(CoreMLConverter):
     sources = (Framework.PYTORCH,)
     frontend = "pytorch"
     source_label = "the PyTorch model"
-    extra_options = (OptionSpec("coreml_capture", str, "export", ("export", "trace"),
+    extra_options = (*CARD_OPTIONS, OptionSpec("coreml_capture", str, "export", ("export", "trace"),
                                 "how the model is captured (route coremltools-trace sets trace)"),)
 
     def capture(self, ctx: ConversionContext, ct: Any) -> CoreMLCapture:

@@ -9,11 +9,13 @@ A source spec is one string:
 - ``rtsp://…``, ``rtmp://…``, ``http(s)://…`` — a network video stream through ``VideoCapture``.
 
 :func:`iter_source` yields ``(name, frame)`` pairs (frame: BGR uint8 as OpenCV decodes it);
-:func:`run_source` feeds them to ``Agent.predict_image`` and hands each result to a callback.
+:func:`run_source` feeds them to ``Agent.predict_image`` and hands each result to a callback; given a callable
+returning the current agent (and the lock its owner swaps it under), it follows over-the-air model switches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -151,15 +153,21 @@ def iter_source(spec: str, *, stop_event: threading.Event | None = None,
                                  "the stream is unreachable or its codec unsupported by this OpenCV build")
 
 
-def run_source(agent: Agent, spec: str, on_result: Callable[[str, Prediction], Any],
+def run_source(agent: Agent | Callable[[], Agent], spec: str, on_result: Callable[[str, Prediction], Any],
                stop_event: threading.Event | None = None, max_items: int | None = None, *,
-               on_error: Callable[[str, Exception], Any] | None = None, poll_interval: float = 0.2) -> int:
-    """Run ``agent.predict_image`` on every frame of a source; returns how many predictions were made.
+               on_error: Callable[[str, Exception], Any] | None = None, poll_interval: float = 0.2,
+               lock: contextlib.AbstractContextManager[Any] | None = None) -> int:
+    """Run ``predict_image`` on every frame of a source; returns how many predictions were made.
 
+    ``agent``: the Agent, or a zero-argument callable returning the agent serving now (the device runner's
+    ``current_agent``), asked again for every frame under ``lock`` (the lock its owner swaps the agent under, so an
+    agent is never closed mid-frame): a model switched by an update takes over from the next frame.
     Each result goes to ``on_result(name, prediction)``. A frame the model rejects (InputError) goes to
     ``on_error(name, error)`` when given, else is logged; the source keeps running. Stops after
     ``max_items`` predictions, when the source ends, or when ``stop_event`` is set.
     """
+    current: Callable[[], Agent] = (lambda: agent) if hasattr(agent, "predict_image") else agent  # type: ignore
+    guard: contextlib.AbstractContextManager[Any] = lock if lock is not None else contextlib.nullcontext()
     stop = stop_event or threading.Event()
     done = 0
     if max_items is not None and max_items <= 0:
@@ -168,7 +176,8 @@ def run_source(agent: Agent, spec: str, on_result: Callable[[str, Prediction], A
     try:
         for name, frame in frames:
             try:
-                pred = agent.predict_image(frame)
+                with guard:
+                    pred = current().predict_image(frame)
             except InputError as exc:
                 if on_error is not None:
                     on_error(name, exc)

@@ -5,21 +5,23 @@
     start():  ModelStore + Updater (recover after a crash; install the first bundle when the store is empty)
               -> Agent (the store's current version; one that does not start is rolled back to the previous)
               -> Outbox -> Publisher (MQTT; cmd/# -> Updater.on_command) -> Telemetry (model.loaded, windows)
-              -> HTTP server (AgentServer)
+              -> HTTP server (AgentServer, token and TLS from the config)
     run():    the input source (results as JSON lines) or wait for stop_event; then stop()
     switch:   an update or rollback switched the store -> ``on_switch`` policy:
-              "swap"    load the new Agent in this process, swap it in under the lock, restart telemetry on it
-                        (the old window is closed with the old version), tell the publisher the new model;
-                        an Agent that does not load raises, so the Updater rolls the switch back
+              "swap"    (default) load the new Agent in this process, swap it in under the lock, restart
+                        telemetry on it (the old window is closed with the old version), tell the publisher the new
+                        model; an Agent that does not load raises, so the Updater rolls the switch back
               "restart" stop cleanly and let the caller start the process again (:func:`exec_restart`): the
                         new process starts on the store's current version through the same start()
     stop():   updater worker, HTTP server, last telemetry window, outbox delivered (up to flush_s), offline
               status, outbox and agent closed. Idempotent; SIGTERM / SIGINT call it (install_signal_handlers).
 
-Why two policies: the CLI serves HTTP and reads sources whose objects hold the agent, so it restarts the
-process (a new process also releases the old runtime's memory for sure); the test fleet runs 25 devices per
-process and swaps in place. Everything else (store, install, rollback at start, telemetry, outbox, publisher,
-commands, stop) is the same code for both.
+The HTTP server and the input source do not hold an agent: they ask :meth:`DeviceRunner.current_agent` for it and
+run each inference under :attr:`DeviceRunner.lock`, the lock the swap assigns the new agent under. So requests
+during a switch are answered by the old model until the new one (already loaded, outside the lock) is assigned,
+then by the new one; the old one is closed only once no inference uses it. ``edge-sdk agent run`` and the
+simulated fleet therefore run the same switch path. "restart" stays as an option: a new process returns all of
+the old runtime's memory (allocator fragmentation on small devices), at the cost of an HTTP outage while it loads.
 
 Subclasses (the test fleet) hook in with :meth:`on_update_event`, :meth:`on_command_received`,
 :meth:`on_model_loaded` and :meth:`on_result`; they read :attr:`agent` under :attr:`lock`.
@@ -79,9 +81,6 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.on_switch not in SWITCH_POLICIES:
             raise ConfigError(f"on_switch {self.on_switch!r} is unknown: choose from {', '.join(SWITCH_POLICIES)}")
-        if self.on_switch == "swap" and self.store and (self.serve_http or self.agent.source):
-            raise ConfigError("on_switch='swap' cannot follow a model switch in the HTTP server or an input source: "
-                              "use on_switch='restart'")
 
     def replace(self, **changes: Any) -> RunnerConfig:
         """A copy with ``changes`` applied (validated again)."""
@@ -140,8 +139,21 @@ class DeviceRunner:
         self.started = True
         return self
 
+    def current_agent(self) -> Agent:
+        """The agent serving now (the HTTP server and the input source call this for every inference, under
+        :attr:`lock`, so a swap takes effect at once)."""
+        agent = self.agent
+        if agent is None:
+            raise EdgeSDKError("the device has no model loaded (it is starting or stopping): retry")
+        return agent
+
     def _start(self) -> None:
         cfg = self.config.agent
+        security = None
+        if self.config.serve_http:  # a missing token or a bad certificate fails before the model store and the broker
+            security = cfg.http_security()
+            security.check_bind(cfg.host, cfg.port, "the agent API")
+            security.ssl_context()
         if self.config.store:
             self.updater = self._open_store()
         bundle = str(self.updater.current_bundle()) if self.updater is not None else cfg.bundle
@@ -160,8 +172,9 @@ class DeviceRunner:
         if self.config.serve_http:
             from edge_sdk.device_agent.server import AgentServer
 
-            self.server = AgentServer(agent, cfg.host, cfg.port, queue_size=cfg.queue_size,
-                                      max_body_bytes=cfg.max_body_bytes)
+            self.server = AgentServer(self.current_agent, cfg.host, cfg.port, queue_size=cfg.queue_size,
+                                      max_body_bytes=cfg.max_body_bytes, security=security,
+                                      workers=cfg.http_workers, lock=self.lock)
             self.server.start()
             self.say(f"agent: serving {self.server.url} (POST /predict, GET /healthz /metrics /ping)")
 
@@ -301,7 +314,7 @@ class DeviceRunner:
             if source:
                 from edge_sdk.device_agent.inputs import run_source
 
-                run_source(self.agent, source, self.on_result, stop_event=self.stop_event)  # type: ignore[arg-type]
+                run_source(self.current_agent, source, self.on_result, stop_event=self.stop_event, lock=self.lock)
             if not source or self.server is not None:
                 self.stop_event.wait()
         finally:

@@ -22,6 +22,7 @@ without one, ``POST /feedback`` is accepted from loopback clients only (ground t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -68,7 +69,10 @@ class _Handler(RequestHandler):
         self.server.owner.metrics.request(self.route(), self.command, status)
 
     def on_error(self, exc: HTTPError) -> None:
-        self.server.owner.metrics.error(exc.kind)
+        owner = self.server.owner
+        owner.metrics.error(exc.kind)
+        if exc.status in (401, 403) and self.route() == "/feedback":
+            owner.rejected_feedback()  # counted, so forging attempts show; never in accuracy
 
     def handle_request(self) -> None:
         owner, route, method = self.server.owner, self.route(), self.command
@@ -95,8 +99,21 @@ class _Handler(RequestHandler):
             self.send_json(status, {"status": "ok" if status == 200 else "unavailable"})
 
 
+def _follow(agent: Agent | Callable[[], Agent]) -> Callable[[], Agent]:
+    """A zero-argument callable returning the agent to use: ``agent`` itself when it is one (fixed)."""
+    if hasattr(agent, "predict_image"):
+        return lambda: agent  # type: ignore[return-value]
+    return agent  # type: ignore[return-value]
+
+
 class AgentServer:
     """Serve one :class:`~edge_sdk.device_agent.agent.Agent` over HTTP.
+
+    ``agent`` is the Agent, or a zero-argument callable returning the agent serving now (the device runner's
+    :meth:`~edge_sdk.device_agent.runner.DeviceRunner.current_agent`): each request asks for it again, so a model
+    swapped in by an over-the-air update serves the next request with no restart. ``lock`` (the runner's) is held
+    while a request uses the agent (parsing, inference, feedback): the owner assigns a new agent under the same
+    lock, so it never closes an agent a request is still using.
 
     Bind happens at construction (``port=0`` picks a free port; see :attr:`port` / :attr:`url`).
     ``start()`` serves from a background thread, ``serve_forever()`` from the calling thread, ``shutdown()``
@@ -108,10 +125,10 @@ class AgentServer:
     ``request_timeout_s`` bounds both the wait for a result (504) and receiving a request (at least 2 s).
     """
 
-    def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 8080, *, queue_size: int = 8,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float = 30.0,
+    def __init__(self, agent: Agent | Callable[[], Agent], host: str = "127.0.0.1", port: int = 8080, *,
+                 queue_size: int = 8, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float = 30.0,
                  security: HTTPSecurity | None = None, workers: int | None = None,
-                 limits: HTTPLimits | None = None) -> None:
+                 limits: HTTPLimits | None = None, lock: contextlib.AbstractContextManager[Any] | None = None) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
         receive_s = max(float(request_timeout_s), 2.0)
@@ -120,7 +137,9 @@ class AgentServer:
                                       max_body_bytes=int(max_body_bytes),
                                       buffer_budget_bytes=max(4 * int(max_body_bytes), 16 << 20))
         self.security = security or HTTPSecurity()
-        self.agent = agent
+        self._current: Callable[[], Agent] = _follow(agent)
+        self._lock: contextlib.AbstractContextManager[Any] = lock if lock is not None else contextlib.nullcontext()
+        self._dtypes: tuple[Agent, dict[str, str | None]] | None = None
         self.max_body_bytes = int(max_body_bytes)
         self.request_timeout_s = float(request_timeout_s)
         self.metrics = Metrics(tuple(ROUTES))
@@ -134,8 +153,28 @@ class AgentServer:
         self._httpd = bind(host, port, _Handler, self, limits=limits, security=self.security, what="the agent API")
         self.host = host
         self.port: int = self._httpd.server_address[1]
-        spec_dtypes = {s.name: s.dtype for s in getattr(agent, "input_specs", None) or []}
-        self._input_dtypes: dict[str, str | None] = spec_dtypes
+
+    @property
+    def agent(self) -> Agent:
+        """The agent serving now (read it under the owner's lock to use it)."""
+        return self._current()
+
+    def _input_dtypes(self, agent: Agent) -> dict[str, str | None]:
+        """Input name -> dtype of ``agent`` (cached per agent: a swap brings other inputs)."""
+        cached = self._dtypes
+        if cached is None or cached[0] is not agent:
+            cached = (agent, {s.name: s.dtype for s in getattr(agent, "input_specs", None) or []})
+            self._dtypes = cached
+        return cached[1]
+
+    def rejected_feedback(self) -> None:
+        """A ``/feedback`` refused for a missing or wrong token (401/403): counted in the agent's telemetry."""
+        try:
+            tel = getattr(self.agent, "telemetry", None)
+        except EdgeSDKError:  # no model loaded (starting or stopping): nothing to count it in
+            return
+        if tel is not None:
+            tel.record_rejected_feedback()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     @property
@@ -254,7 +293,7 @@ class AgentServer:
         try:
             pred = self.submit(self._job_for(body, content_type))
         except HTTPError as exc:  # 429 / 503 / 504 from the queue, or a 400 from parsing on the worker
-            tel = getattr(self.agent, "telemetry", None)
+            tel = getattr(self.agent, "telemetry", None) if exc.status == 400 else None
             if tel is not None and exc.status == 400:  # the request never reached the model: a bad input
                 tel.record_error("input")
             raise
@@ -277,26 +316,33 @@ class AgentServer:
         """``POST /feedback``: give the agent the true label of an earlier prediction (answered on the HTTP thread)."""
         prediction_id, label = parse_feedback_body(req.read_body(FEEDBACK_MAX_BODY_BYTES))
         try:
-            correct = self.agent.feedback(prediction_id, label)
+            with self._lock:
+                agent = self.agent
+                correct = agent.feedback(prediction_id, label)
         except InputError as exc:
             raise HTTPError(400, "bad_feedback", first_line(exc, 1000)) from None
         if correct is None:
             raise HTTPError(404, "unknown_prediction", f"prediction {prediction_id[:100]!r} is unknown: it is not one "
-                            f"of the last {self.agent.remember} predictions, or it was labelled already")
+                            f"of the last {agent.remember} predictions, or it was labelled already")
         return 200, {"prediction_id": prediction_id, "correct": correct}
 
     def _job_for(self, body: bytes, content_type: str) -> Callable[[], Prediction]:
-        """The worker's job: parse the body (HTTPError 400) and run the model on it."""
+        """The worker's job: parse the body (HTTPError 400) and run the current model on it, under the lock."""
         def job() -> Prediction:
-            kind, value = parse_predict_body(body, content_type, self._input_dtypes)
-            if kind == "image":
-                return self.agent.predict_image(value)  # type: ignore[arg-type]
-            return self.agent.predict(value)  # type: ignore[arg-type]
+            with self._lock:
+                agent = self.agent
+                kind, value = parse_predict_body(body, content_type, self._input_dtypes(agent))
+                if kind == "image":
+                    return agent.predict_image(value)  # type: ignore[arg-type]
+                return agent.predict(value)  # type: ignore[arg-type]
         return job
 
     # -- health and metrics ------------------------------------------------------------------------------
     def _info(self) -> dict[str, str]:
-        a = self.agent
+        try:
+            a = self.agent
+        except EdgeSDKError:  # between stop and exit: no model loaded
+            return {"model_version": "", "runtime": "", "artifact": ""}
         return {"model_version": str(a.model_version), "runtime": str(a.runtime_name), "artifact": a.artifact.key}
 
     def health(self) -> dict[str, Any]:

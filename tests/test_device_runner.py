@@ -1,21 +1,36 @@
 """Issue 12, item 1: one device runner. `edge-sdk agent run` and the simulated test fleet both drive
-:class:`edge_sdk.device_agent.runner.DeviceRunner`; proved by behaviour (real processes, real broker, real signed
-bundles), not by reading the source:
+:class:`edge_sdk.device_agent.runner.DeviceRunner` with the same switch policy (``swap``); proved by behaviour (real
+processes, real broker, real signed bundles served over HTTP), not by reading the source:
 
 - the CLI process builds a DeviceRunner and serves HTTP from the runner's server; an over-the-air update sent to
-  it over MQTT switches the model store and the runner's restart policy re-executes the process on the new model;
-- a test-fleet device is a DeviceRunner: an update hot-swaps the model in place (runner policy ``swap``) and the
-  runner's ``model.loaded`` event (which the old fleet wiring never sent) reaches the broker for both versions.
+  it over MQTT is swapped in place: the same process (no re-execution: its HTTP uptime keeps counting) answers
+  ``/predict`` with the new version, and requests sent all through the switch are answered by v1 then v2, never
+  refused or dropped;
+- ``--on-switch restart`` still re-executes the process on the new model (same pid, new start-up);
+- a test-fleet device is a DeviceRunner: an update hot-swaps the model in place and the runner's
+  ``model.loaded`` event reaches the broker for both versions.
+
+Updates from MQTT are accepted only as http(s) URLs with ``size_bytes`` (issue 13), so the archives are served by a
+local HTTP file server here.
 """
 
 from __future__ import annotations
 
+import functools
+import http.server
+import io
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +68,47 @@ class Material:
             sign_bundle(d, key)
             self.archives[version] = Bundle.load(d).archive(root / f"tiny-{version}.tar.gz")
 
-    def update_command(self, version: str) -> bytes:
+        self.www = root
+
+    def update_command(self, version: str, server: FileServer) -> bytes:
+        """A ``cmd/update`` as the rollout sends it: an http URL with the archive's sha256 and size."""
         path = self.archives[version]
-        return json.dumps({"deployment_id": f"dep-{version}", "model": {
-            "url": str(path), "sha256": sha256_file(path), "size_bytes": path.stat().st_size, "name": "tiny",
-            "version": version}}).encode()
+        return json.dumps({"schema": "edge-sdk/command", "schema_version": "1.0", "command": "update",
+                           "command_id": uuid.uuid4().hex, "ts": time.time(), "expires_at": time.time() + 3600,
+                           "deployment_id": f"dep-{version}", "model": {
+                               "url": server.url(path.name), "sha256": sha256_file(path),
+                               "size_bytes": path.stat().st_size, "name": "tiny", "version": version}}).encode()
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """The archives over plain HTTP on loopback (SimpleHTTPRequestHandler sends Content-Length)."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
 
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
     return Material(tmp_path_factory.mktemp("runner_material"))
+
+
+@pytest.fixture()
+def files(material: Material) -> Iterator[FileServer]:
+    srv = FileServer(material.www)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
 
 
 def _get(url: str) -> dict[str, Any] | None:
@@ -73,12 +119,14 @@ def _get(url: str) -> dict[str, Any] | None:
         return None
 
 
-def test_swap_policy_refuses_what_it_cannot_follow() -> None:
-    with pytest.raises(ConfigError) as exc:
-        RunnerConfig(agent=AgentConfig(bundle="b"), serve_http=True, store="s", on_switch="swap")
-    assert "on_switch='restart'" in str(exc.value) and "\n" not in str(exc.value)
-    with pytest.raises(ConfigError, match="choose from swap, restart"):
+def test_swap_is_the_default_and_follows_http_and_sources() -> None:
+    """The HTTP server and the input source follow the runner's current agent: swap is accepted with both."""
+    cfg = RunnerConfig(agent=AgentConfig(bundle="b", source="folder:/tmp"), serve_http=True, store="s")
+    assert cfg.on_switch == "swap"
+    assert cfg.replace(on_switch="restart").on_switch == "restart"
+    with pytest.raises(ConfigError, match="choose from swap, restart") as exc:
         RunnerConfig(on_switch="reload")
+    assert "\n" not in str(exc.value)
 
 
 # the CLI, run as a real process, with DeviceRunner.start wrapped to say which object serves which port
@@ -97,7 +145,105 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_agent_run_is_a_device_runner_and_restarts_on_an_ota_update(material: Material, tmp_path: Path) -> None:
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Hammer:
+    """POST /predict back to back from one thread; records (time, model_version or the error) of every request."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/predict"
+        self.results: list[tuple[float, str | None, str | None]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        body, k = _png(0), 0
+        while not self.stop.is_set():
+            req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "image/png"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    self.results.append((time.monotonic(), json.load(r)["model_version"], None))
+            except urllib.error.HTTPError as exc:
+                self.results.append((time.monotonic(), None, f"HTTP {exc.code}: {exc.read()[:200]!r}"))
+            except OSError as exc:
+                self.results.append((time.monotonic(), None, f"{type(exc).__name__}: {exc}"))
+            k += 1
+
+    def versions(self) -> list[str | None]:
+        return [v for _, v, _ in self.results]
+
+    def errors(self) -> list[str]:
+        return [e for _, _, e in self.results if e is not None]
+
+
+def test_agent_run_swaps_an_ota_update_in_place_without_an_http_outage(material: Material, files: FileServer,
+                                                                        tmp_path: Path) -> None:
+    require_system_broker()
+    from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
+
+    fleet, port = unique_fleet("runnerswap"), free_port()
+    log = tmp_path / "agent.log"
+    args = ["agent", "run", "--model-store", str(tmp_path / "store"), "--bundle", str(material.archives["1"]),
+            "--trusted-keys", str(material.pub), "--http", f"127.0.0.1:{port}", "--mqtt", SYSTEM_BROKER,
+            "--fleet", fleet, "--device", "cam1", "--window", "0.5", "--outbox", str(tmp_path / "outbox.db")]
+    health = f"http://127.0.0.1:{port}/healthz"
+    hammer = Hammer(port)
+    with Subscriber(SYSTEM_BROKER, f"edge/{fleet}/cam1/#") as sub, \
+            MqttCommandPublisher(SYSTEM_BROKER, timeout=5.0) as publish, open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _CLI, *args], stderr=err, stdout=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        try:
+            assert wait_until(lambda: (_get(health) or {}).get("model_version") == "tiny:1", 90, 0.2), \
+                log.read_text()
+            assert f"RUNNER DeviceRunner swap {port}" in log.read_text()  # the CLI's server is the runner's
+            assert wait_until(lambda: any(m.topic.endswith("/status") and m.payload for m in sub.received()), 20)
+            hammer.thread.start()
+            assert wait_until(lambda: len(hammer.results) >= 5, 30), hammer.results
+            up_before, t_before = _get(health)["uptime_s"], time.monotonic()  # type: ignore[index]
+            publish(f"edge/{fleet}/cam1/cmd/update", material.update_command("2", files), True)
+            assert wait_until(lambda: "tiny:2" in hammer.versions(), 90, 0.2), (hammer.errors(), log.read_text())
+            n = len(hammer.results)
+            assert wait_until(lambda: len(hammer.results) >= n + 5, 30)  # and it keeps answering on v2
+            hammer.stop.set()
+            hammer.thread.join(35)
+            after = _get(health)
+            assert after is not None and after["model_version"] == "tiny:2"
+            # the same process and the same server: a re-executed process would have restarted its uptime
+            assert proc.poll() is None
+            assert after["uptime_s"] >= up_before + (time.monotonic() - t_before) - 1.0, (up_before, after)
+            assert wait_until(lambda: [e["data"]["version"] for e in _events(sub, "model.loaded")] == ["1", "2"],
+                              20), _events(sub, "model.loaded")
+            assert [e["data"]["to"] for e in _events(sub, "update.switched")] == ["tiny:2"]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log.read_text()
+        finally:
+            hammer.stop.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for topic in (f"edge/{fleet}/cam1/cmd/update", f"edge/{fleet}/cam1/status"):
+                publish(topic, b"", True)
+    # every request through the switch was answered, by v1 then by v2 (never refused, dropped or reset)
+    versions = hammer.versions()
+    assert hammer.errors() == [], hammer.errors()[:5]
+    first_v2 = versions.index("tiny:2")
+    assert set(versions[:first_v2]) == {"tiny:1"} and set(versions[first_v2:]) == {"tiny:2"}, versions
+    times = [t for t, _, _ in hammer.results]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) < 10.0, max(gaps)  # no outage: at worst one request waits for the agent assignment
+    text = log.read_text()
+    assert "agent: switched to tiny:2" in text and "restarting" not in text, text
+    assert text.count("RUNNER DeviceRunner") == 1, text
+
+
+def test_agent_run_on_switch_restart_re_executes_on_an_ota_update(material: Material, files: FileServer,
+                                                                  tmp_path: Path) -> None:
     require_system_broker()
     from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
 
@@ -105,7 +251,8 @@ def test_agent_run_is_a_device_runner_and_restarts_on_an_ota_update(material: Ma
     log = tmp_path / "agent.log"
     args = ["agent", "run", "--model-store", str(tmp_path / "store"), "--bundle", str(material.archives["1"]),
             "--trusted-keys", str(material.pub), "--http", f"127.0.0.1:{port}", "--mqtt", SYSTEM_BROKER,
-            "--fleet", fleet, "--device", "cam1", "--window", "0.5", "--outbox", str(tmp_path / "outbox.db")]
+            "--fleet", fleet, "--device", "cam1", "--window", "0.5", "--outbox", str(tmp_path / "outbox.db"),
+            "--on-switch", "restart"]
     health = f"http://127.0.0.1:{port}/healthz"
     with Subscriber(SYSTEM_BROKER, f"edge/{fleet}/cam1/#") as sub, \
             MqttCommandPublisher(SYSTEM_BROKER, timeout=5.0) as publish, open(log, "w") as err:
@@ -116,7 +263,7 @@ def test_agent_run_is_a_device_runner_and_restarts_on_an_ota_update(material: Ma
                 log.read_text()
             assert f"RUNNER DeviceRunner restart {port}" in log.read_text()  # the CLI's server is the runner's
             assert wait_until(lambda: any(m.topic.endswith("/status") and m.payload for m in sub.received()), 20)
-            publish(f"edge/{fleet}/cam1/cmd/update", material.update_command("2"), True)
+            publish(f"edge/{fleet}/cam1/cmd/update", material.update_command("2", files), True)
             # the runner stops, re-executes the same process (same pid) and serves the new model on the same port
             assert wait_until(lambda: (_get(health) or {}).get("model_version") == "tiny:2", 90, 0.2), \
                 log.read_text()
@@ -140,7 +287,8 @@ def _events(sub: Subscriber, kind: str) -> list[dict[str, Any]]:
     return [p for p in (m.json() for m in sub.received() if m.topic.endswith("/events")) if p["kind"] == kind]
 
 
-def test_a_test_fleet_device_is_a_device_runner_that_hot_swaps(material: Material, tmp_path: Path) -> None:
+def test_a_test_fleet_device_is_a_device_runner_that_hot_swaps(material: Material, files: FileServer,
+                                                              tmp_path: Path) -> None:
     require_system_broker()
     from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
     from edge_sdk.testing.agent_fleet import FleetDevice, FleetSpec
@@ -159,7 +307,7 @@ def test_a_test_fleet_device_is_a_device_runner_that_hot_swaps(material: Materia
             assert wait_until(lambda: dev.inferences.get("1", 0) >= 5, 20)
             first = dev.agent
             with MqttCommandPublisher(SYSTEM_BROKER, timeout=5.0) as publish:
-                publish(f"edge/{fleet}/dev000/cmd/update", material.update_command("2"), True)
+                publish(f"edge/{fleet}/dev000/cmd/update", material.update_command("2", files), True)
                 assert wait_until(lambda: dev.versions_run == ["1", "2"], 60), dev.report()
                 publish(f"edge/{fleet}/dev000/cmd/update", b"", True)
             assert dev.agent is not first and dev.agent.model_version == "tiny:2"  # swapped in place, same process

@@ -13,7 +13,6 @@ refused, 2 bad input or a missing dependency (nothing written), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -39,15 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edge-sdk`` (console script and ``python -m edge_sdk.cli``)."""
-    import warnings
+    from edge_sdk._quiet import quiet_third_party
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
-    # frameworks' deprecation notices are for their API users, not for someone running a conversion
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
+    # before any framework loads: third-party logs and warnings off unless --verbose / EDGE_SDK_VERBOSE=1, and
+    # OpenVINO's telemetry declined in-process (it forks per event: a deadlock risk once JAX is loaded)
+    quiet_third_party(getattr(args, "log_level", None) == "DEBUG")
     if args.command is None:
         parser.print_help()
         return 2

@@ -21,7 +21,8 @@ from edge_sdk.errors import EdgeSDKError
 
 __all__ = ["DEFAULT_DB", "DEFAULT_MQTT", "DEPRECATED_ALIASES", "NOTICES", "RegistryHelpFormatter", "add_alias",
            "allow_unsigned_parent", "command_group", "db_parent", "deprecation_notices", "floats", "host_port",
-           "json_parent", "log_parent", "model_identity_parent", "model_store_parent", "mqtt_parent",
+           "http_security", "http_security_parent", "http_workers", "json_parent", "log_parent",
+           "model_identity_parent", "model_store_parent", "mqtt_parent",
            "mqtt_tls_parent", "named_shape", "named_values", "registry_parent", "rollback_key_parent",
            "setup_logging", "shape", "shape_spec", "size", "stdout_to_stderr", "trusted_keys_parent", "usage",
            "version", "version_code"]
@@ -176,6 +177,48 @@ def model_identity_parent() -> argparse.ArgumentParser:
     g.add_argument("--fleet", dest="fleets", action="append", metavar="FLEET",
                    help="a fleet the bundle may run in (repeatable; default: any fleet)")
     return p
+
+
+def http_workers(text: str) -> int:
+    """``--http-workers N``: HTTP threads, 1 to 256."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of threads between 1 and 256")
+    return n
+
+
+def http_security_parent(what: str = "the HTTP API") -> argparse.ArgumentParser:
+    """Bearer token, TLS and threads of an HTTP server (``agent run`` and ``collector run`` alike).
+
+    Why one parent: the agent's API and the collector's dashboard enforce the same rule (a non-loopback address
+    needs a token unless ``--http-insecure``), so they take the same flags. The token is read from a file or an
+    environment variable, never from a command-line value (``ps`` shows those to every user)."""
+    p = _parent()
+    g = p.add_argument_group(f"security of {what} (--http)")
+    # both token flags given is a one-line ConfigError from HTTPSecurity.load (an argparse mutually exclusive group
+    # would move them out of this help section when the parent is copied)
+    g.add_argument("--http-token-file", metavar="FILE", help="file holding the API token (one line, >= 16 "
+                     "characters): every route but /ping and /healthz then needs 'Authorization: Bearer <token>'")
+    g.add_argument("--http-token-env", metavar="NAME", help="environment variable holding the API token "
+                     "(instead of --http-token-file; e.g. a container secret)")
+    g.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)")
+    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--http-insecure", action="store_true", default=None,
+                   help="serve a non-loopback --http address without a token (refused otherwise)")
+    g.add_argument("--http-workers", type=http_workers, metavar="N", help="HTTP threads (default: sized to the "
+                   "server's queue)")
+    return p
+
+
+def http_security(args: argparse.Namespace) -> Any:
+    """The :class:`~edge_sdk.httpbase.HTTPSecurity` of the :func:`http_security_parent` flags (token read now)."""
+    from edge_sdk.httpbase import HTTPSecurity
+
+    return HTTPSecurity.load(token_file=args.http_token_file, token_env=args.http_token_env, tls_cert=args.tls_cert,
+                             tls_key=args.tls_key, allow_insecure=bool(args.http_insecure))
 
 
 def db_parent() -> argparse.ArgumentParser:

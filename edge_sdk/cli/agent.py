@@ -10,6 +10,7 @@ The command only turns flags (over the config file) into a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -34,7 +35,8 @@ def register(sub: Any) -> None:
                            formatter_class=_common.RegistryHelpFormatter,
                            parents=[_common.mqtt_parent(optional=True, purpose="telemetry: broker"),
                                     _common.model_store_parent(), _common.trusted_keys_parent(),
-                                    _common.allow_unsigned_parent(), _common.log_parent()])
+                                    _common.allow_unsigned_parent(), _common.http_security_parent("the agent API"),
+                                    _common.log_parent()])
     run.add_argument("--bundle", help="bundle directory or .tar.gz (or `bundle` in the config file)")
     run.add_argument("--config", help="agent.toml (see examples/agent.toml); flags override it")
     run.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API here (default 127.0.0.1:8080 when "
@@ -45,6 +47,10 @@ def register(sub: Any) -> None:
     run.add_argument("--artifact", help="run this artifact (format/precision) instead of choosing")
     run.add_argument("--threads", type=int, help="inference threads")
     run.add_argument("--no-verify", action="store_true", help="skip the artifact's sha256 check at load")
+    run.add_argument("--on-switch", choices=["swap", "restart"], default="swap",
+                     help="after an over-the-air update or rollback: swap = load the new model in this process "
+                          "and serve on without a pause (default); restart = re-execute the process on it (returns "
+                          "all of the old runtime's memory, e.g. against fragmentation on small devices)")
     # -- agent run: telemetry flags (any of them turns telemetry on; --mqtt comes from the shared parent) --
     run.add_argument("--fleet", help="telemetry: fleet id (default: [telemetry] fleet or 'default'); also the "
                      "fleet checked against a bundle's signed fleets")
@@ -55,7 +61,7 @@ def register(sub: Any) -> None:
 
 
 def _runner_config(args: argparse.Namespace) -> Any:
-    """The flags over the config file (``--config``), as a RunnerConfig (``on_switch="restart"``)."""
+    """The flags over the config file (``--config``), as a RunnerConfig."""
     from edge_sdk.device_agent.config import AgentConfig, load_config
     from edge_sdk.device_agent.runner import RunnerConfig
 
@@ -67,14 +73,20 @@ def _runner_config(args: argparse.Namespace) -> Any:
 
         order = list(load_profile(args.target).runtimes)
     cfg = cfg.merged(bundle=args.bundle, source=args.source, artifact=args.artifact, threads=args.threads,
-                     runtime_order=order, host=host, port=port, verify=False if args.no_verify else None)
+                     runtime_order=order, host=host, port=port, verify=False if args.no_verify else None,
+                     http_token_file=args.http_token_file, http_token_env=args.http_token_env,
+                     tls_cert=args.tls_cert, tls_key=args.tls_key, http_insecure=args.http_insecure,
+                     http_workers=args.http_workers)
+    if bool(args.http_token_file) != bool(args.http_token_env):  # a token flag replaces the file's other source
+        cfg = dataclasses.replace(cfg, **({"http_token_env": None} if args.http_token_file else
+                                          {"http_token_file": None}))
     cfg = cfg.with_telemetry(fleet=args.fleet, device=args.device, mqtt_url=args.mqtt, window_s=args.window,
                              outbox=args.outbox)
     keys = args.trusted_keys
     keys = keys[0] if isinstance(keys, list) and len(keys) == 1 else tuple(keys) if keys else None
-    # the HTTP server and the input source hold the agent: a model switch restarts the process on the new model
+    # the HTTP server and the input source follow the runner's current agent: "swap" serves on through a switch
     return RunnerConfig(agent=cfg, serve_http=bool(args.http or not cfg.source), store=args.store,
-                        trusted_keys=keys, allow_unsigned=args.allow_unsigned, on_switch="restart")
+                        trusted_keys=keys, allow_unsigned=args.allow_unsigned, on_switch=args.on_switch)
 
 
 def _cmd_agent_run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
                                  "edge-sdk collector run [--mqtt URL] [--db URL] [--http HOST:PORT] ...")
     service = [_common.mqtt_parent(), _common.mqtt_tls_parent(), _common.db_parent(), _common.log_parent("INFO")]
     run = csub.add_parser("run", help="subscribe to the fleet's telemetry/events/status and store them (SIGTERM stops)",
-                          parents=service)
+                          parents=[*service, _common.http_security_parent("the dashboard and API")])
     run.add_argument("--http", metavar="HOST:PORT", help="also serve the dashboard, JSON API and /metrics here")
     run.add_argument("--fleet", default="+", help="only this fleet (default: every fleet)")
     run.add_argument("--rules", help="alert rules TOML overriding the shipped edge_sdk/fleet/collector/alerts.toml")
@@ -50,6 +50,11 @@ def _cmd_collector_run(args: argparse.Namespace) -> int:
             raise EdgeSDKError(f"--bundle {path}: the manifest has no baseline: rebuild it with calibration data")
         baselines[(m.name, m.version)] = m.baseline
     listen = _common.host_port(args.http) if args.http else None
+    security = None
+    if listen is not None:  # a missing token or a bad certificate fails here, before the database and the broker
+        security = _common.http_security(args)
+        security.check_bind(listen[0], listen[1], "the collector's dashboard and API")
+        security.ssl_context()
     col = Collector(args.db, args.mqtt, fleet=args.fleet, client_id=args.client_id, username=args.username,
                     password=args.password or os.environ.get("EDGE_SDK_MQTT_PASSWORD"), ca_file=args.ca_file,
                     cert_file=args.cert_file, key_file=args.key_file, shared=not args.no_shared, rules=args.rules,
@@ -58,8 +63,10 @@ def _cmd_collector_run(args: argparse.Namespace) -> int:
     http = None
     if listen is not None:
         from edge_sdk.fleet.dashboard.server import CollectorHTTP  # the dashboard (loaded only when asked for)
+        from edge_sdk.httpbase import HTTPLimits
 
-        http = CollectorHTTP(col.db, listen[0], listen[1], stats=col.stats)
+        limits = HTTPLimits(workers=args.http_workers) if args.http_workers else None
+        http = CollectorHTTP(col.db, listen[0], listen[1], stats=col.stats, security=security, limits=limits)
         http.start()
         print(f"dashboard: {http.url}", file=sys.stderr)
     print(f"collector {col.client_id}: {col.mqtt_display} -> {col.db!r}", file=sys.stderr, flush=True)
