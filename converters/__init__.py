@@ -6,6 +6,14 @@ entry-point group ``edge_sdk.converters``. None of them imports a framework unti
 
 from __future__ import annotations
 
+import sys
+
+from edge_sdk.errors import EdgeSDKError
+
+if sys.version_info < (3, 11):  # noqa: UP036 -- the device side runs on 3.10 (Jetson, Ubuntu 22.04); this does not
+    raise EdgeSDKError(f"edge_sdk.converters needs Python 3.11+ (this is {sys.version.split()[0]}): convert on a "
+                       "3.11+ host; Python 3.10 runs the device side (edge-sdk agent) only")
+
 from edge_sdk.converters.base import (
     ArtifactDraft,
     ConversionContext,

@@ -4,6 +4,12 @@ Precisions: ``fp32``; ``fp16`` (float16 weights, float32 compute on CPU); ``dyna
 activations quantized at run time); ``int8`` (full integer, calibrated on representative samples, int8
 inputs/outputs unless ``ConvertOptions.tflite_int8_io`` is False).
 
+``TFLiteConverter`` (the base of every X -> TFLite converter) also offers the AI Edge Quantizer path
+(converters/tflite_quantize.py: fp32 ``.tflite`` -> full integer): ``extra["tflite_quantizer"] = "aeq"`` (the
+PyTorch default; Keras and ONNX keep their own full-integer paths unless asked, measured equal on Fashion-MNIST),
+and ``extra["tflite_activation_bits"] = 16`` for int16 activations / int8 weights — the accuracy budget's
+``int16-activations`` rung for TFLite.
+
 Only LiteRT builtin ops are allowed: a model needing Flex (select TensorFlow) ops cannot run on the plain
 LiteRT runtime, so it is rejected with the op names. The helpers :func:`tflite_summary` and
 :func:`check_builtin_ops` are shared by the other ``*_to_tflite`` converters.
@@ -31,7 +37,7 @@ from edge_sdk.converters.base import (
     register,
 )
 from edge_sdk.converters.onnx_common import run_tool
-from edge_sdk.errors import ConversionError, UnsupportedConversionError
+from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 
 __all__ = [
@@ -205,16 +211,19 @@ class TFLiteConverter:
         fp32 = self.convert(ctx, Precision.FP32)[0]  # the converter's own fp32 .tflite (cached where it can be)
         out = ctx.path_for(Format.TFLITE, Precision.INT8, ".tflite")
         try:
-            res = quantize_tflite(fp32.path, out, samples.arrays, list(ctx.source.input_names), activation_bits=bits,
+            perms = fp32.runtime.get("input_permutations") or [None] * len(samples.arrays)  # onnx2tf: NCHW -> NHWC
+            arrays = [np.ascontiguousarray(a.transpose(p)) if p else a
+                      for a, p in zip(samples.arrays, perms, strict=True)]
+            res = quantize_tflite(fp32.path, out, arrays, list(ctx.source.input_names), activation_bits=bits,
                                   int8_io=bool(ctx.options.tflite_int8_io))
             left = float_ops(out)
             if left:
                 raise ConversionError(f"the AI Edge Quantizer left {len(left)} ops in float "
                                       f"({', '.join(sorted(set(left))[:5])})")
-        except ConversionError as exc:
+        except (ConversionError, MissingDependencyError) as exc:
             if bits == 16:
                 raise
-            return None, str(exc)
+            return None, first_line(exc, 300)
         summary = tflite_summary(out)
         check_builtin_ops(summary, "the AI Edge Quantizer")
         kept = {k: v for k, v in fp32.runtime.items()

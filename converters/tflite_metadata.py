@@ -125,9 +125,12 @@ def _outputs(path: Path) -> list[np.ndarray] | None:
 def annotate_tflite(bundle_dir: Path, art: Artifact, card: ModelCard | None, result: Any = None) -> None:
     """Write TFLite Metadata into the bundle's copy of a ``.tflite`` artifact, then recompute its sha256 / size.
 
-    No-op for other formats and without a card. ``result`` (the ArtifactResult) gets the new size too.
+    No-op for other formats, without a card, and for a ``.tflite`` bundled as it is (route ``as-is``).
+    ``result`` (the ArtifactResult) gets the new size too.
     """
     if card is None or art.format != Format.TFLITE.value:
+        return
+    if getattr(result, "route", None) == "as-is":  # a user's own .tflite ships byte for byte (its own metadata, if any)
         return
     path = Path(bundle_dir) / art.path
     old = path.stat().st_size

@@ -162,6 +162,8 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
     float_model = Path(float_path).read_bytes()
     n = int(arrays[0].shape[0])
     try:
+        if not litert.Interpreter(model_content=float_model).get_signature_list():
+            float_model = _with_signature(float_model)  # onnx2tf writes none; the quantizer calibrates by signature
         key, names = _signature(litert.Interpreter(model_content=float_model))
         order = _feed_order(names, list(source_inputs))
         data = _dataset(key, names, order, arrays, n)
@@ -192,6 +194,27 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
                      + (f"{io_bits} inputs/outputs" if int8_io else "float32 inputs/outputs (QUANTIZE/DEQUANTIZE "
                         "at the graph boundary)"))
     return res
+
+
+def _with_signature(model: bytes) -> bytes:
+    """``model`` with a ``serving_default`` signature naming the graph inputs/outputs by their tensor names."""
+    fb = require("ai_edge_litert.tools.flatbuffer_utils", "tflite", "editing .tflite files")
+    schema = require("ai_edge_litert.schema_py_generated", "tflite", "editing .tflite files")
+    m = fb.read_model_from_bytearray(bytearray(model))
+    sg = m.subgraphs[0]
+
+    def tensor_map(idx: int) -> Any:
+        tm = schema.TensorMapT()
+        name = sg.tensors[idx].name
+        tm.name, tm.tensorIndex = name.decode() if isinstance(name, bytes) else name, idx
+        return tm
+
+    sig = schema.SignatureDefT()
+    sig.signatureKey, sig.subgraphIndex = "serving_default", 0
+    sig.inputs = [tensor_map(i) for i in sg.inputs]
+    sig.outputs = [tensor_map(i) for i in sg.outputs]
+    m.signatureDefs = [sig]
+    return bytes(fb.convert_object_to_bytearray(m))
 
 
 def _repack(model: bytes) -> bytes:

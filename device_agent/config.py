@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,15 +202,21 @@ def _file(path: Path, key: str, value: Any) -> str:
     return str(p)
 
 
+def _table_items(path: Path, section: str, table: Any, keys: Sequence[str]) -> Iterator[tuple[str, str, Any]]:
+    """(key, "section.key", value) of a validated ``[section]`` table: a table, every key one of ``keys``."""
+    if not isinstance(table, dict):
+        raise _bad(path, section, f"must be a table ([{section}]) with {', '.join(keys)}")
+    for key, value in table.items():
+        name = f"{section}.{key}"
+        if key not in keys:
+            raise _bad(path, name, f"is unknown: the [{section}] table takes {', '.join(keys)}")
+        yield key, name, value
+
+
 def _telemetry_table(path: Path, table: Any) -> dict[str, Any]:
     """Validated [telemetry] keys as TelemetrySettings keywords."""
-    if not isinstance(table, dict):
-        raise _bad(path, "telemetry", f"must be a table ([telemetry]) with {', '.join(TELEMETRY_KEYS)}")
     out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = f"telemetry.{key}"
-        if key not in TELEMETRY_KEYS:
-            raise _bad(path, name, f"is unknown: the [telemetry] table takes {', '.join(TELEMETRY_KEYS)}")
+    for key, name, value in _table_items(path, "telemetry", table, TELEMETRY_KEYS):
         if key == "enabled":
             out["enabled"] = _bool(path, name, value)
         elif key == "window_s":
@@ -231,13 +238,8 @@ def _telemetry_table(path: Path, table: Any) -> dict[str, Any]:
 
 def _mqtt_table(path: Path, table: Any) -> dict[str, Any]:
     """Validated [mqtt] keys as MqttSettings keywords (password_file read into password)."""
-    if not isinstance(table, dict):
-        raise _bad(path, "mqtt", f"must be a table ([mqtt]) with {', '.join(MQTT_KEYS)}")
     out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = f"mqtt.{key}"
-        if key not in MQTT_KEYS:
-            raise _bad(path, name, f"is unknown: the [mqtt] table takes {', '.join(MQTT_KEYS)}")
+    for key, name, value in _table_items(path, "mqtt", table, MQTT_KEYS):
         if key == "url":
             out[key] = _mqtt_url(_str(path, name, value), f"{path}: key {name!r}")
         elif key in ("client_id", "username"):
@@ -322,14 +324,11 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
         if key in ("telemetry", "mqtt"):
             continue
         if key == "http":
-            if not isinstance(value, dict):
-                raise _bad(path, "http", f"must be a table ([http]) with {', '.join(_HTTP_KEYS)}")
-            for sub, subval in value.items():
-                if sub in ("token", "password"):
-                    raise _bad(path, f"http.{sub}", "is not accepted: keep the token out of the config file, in "
-                               'token_file = "<file>" or token_env = "<VARIABLE>"')
-                if sub not in _HTTP_KEYS:
-                    raise _bad(path, f"http.{sub}", f"is unknown: the [http] table takes {', '.join(_HTTP_KEYS)}")
+            if isinstance(value, dict) and ({"token", "password"} & value.keys()):
+                sub = "token" if "token" in value else "password"
+                raise _bad(path, f"http.{sub}", "is not accepted: keep the token out of the config file, in "
+                           'token_file = "<file>" or token_env = "<VARIABLE>"')
+            for sub, _name, subval in _table_items(path, "http", value, _HTTP_KEYS):
                 flat[_HTTP_FIELDS.get(sub, sub)] = _http_key(path, sub, subval, value)
             continue
         if key not in known:

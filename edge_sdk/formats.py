@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import Enum
 
 __all__ = ["Format", "Framework", "Precision", "Task", "parse_list"]
 
 
-class _Choice(StrEnum):
+class _Choice(str, Enum):  # noqa: UP042 (StrEnum is 3.11+)
+    """A str-valued choice; ``str()`` and f-strings give the value (as ``enum.StrEnum`` does on 3.11+).
+
+    Not ``StrEnum`` itself: that is 3.11+, and the device side runs on 3.10 (Jetson, Ubuntu 22.04).
+    """
+
     @classmethod
     def parse(cls, value: str) -> _Choice:
         """Parse a user-given name; unknown names raise a ValueError listing the choices."""
@@ -19,6 +24,9 @@ class _Choice(StrEnum):
 
     def __str__(self) -> str:
         return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 class Format(_Choice):

@@ -38,7 +38,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -357,7 +357,7 @@ def sign_bundle(bundle_dir: str | os.PathLike, private_key_path: str | os.PathLi
         else:
             log.warning("%s: dropping %d signature(s) over an older manifest.json", root, len(existing["signatures"]))
     entry = {"algorithm": ALGORITHM, "key_id": kid, "signature": base64.b64encode(key.sign(data)).decode("ascii"),
-             "signed_at": datetime.now(UTC).isoformat(timespec="seconds")}
+             "signed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # noqa: UP017 (UTC is 3.11+)
     doc = {"schema_version": SCHEMA_VERSION, "manifest_sha256": digest, "signatures": [*kept, entry]}
     fd, tmp = tempfile.mkstemp(prefix=".signature.", suffix=".tmp", dir=root)
     try:

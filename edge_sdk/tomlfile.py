@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import ConfigError, EdgeSDKError
+
+try:
+    import tomllib  # novermin: 3.10 takes the fallback below
+except ModuleNotFoundError:  # Python 3.10 (Jetson JetPack 6, Ubuntu 22.04): the same parser, pyproject's `tomli`
+    import tomli as tomllib
 
 __all__ = ["read_toml"]
 

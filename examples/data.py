@@ -1,6 +1,9 @@
 """Real test material that works offline, numpy-only (no torch / TensorFlow import).
 
-- Fashion-MNIST (60k train + 10k test, labelled) from the Debian package `dataset-fashion-mnist`.
+- Fashion-MNIST (60k train + 10k test, labelled) from the Debian package `dataset-fashion-mnist`; where that is
+  absent (macOS, a non-root user without it) from `fashion_mnist_subset.npz` shipped beside this file: the first
+  6000 training and 2000 test images of the same real dataset (3.5 MB; Fashion-MNIST is MIT-licensed, (c) Zalando
+  SE). No PyPI package ships the images themselves (keras, torchvision and tfds download them at run time).
 - ImageNet preprocessing of RGB photos, and hundreds of real 224x224 inputs made from scikit-image's bundled
   colour photos with random crops and flips (for fp32-vs-int8 top-1 agreement on a real classifier).
 """
@@ -17,6 +20,7 @@ import numpy as np
 __all__ = [
     "FASHION_CLASSES",
     "FASHION_DIR",
+    "FASHION_SUBSET",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PHOTO_NAMES",
@@ -30,6 +34,9 @@ __all__ = [
 
 FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 """Directory of the IDX .gz files (override with env FASHION_MNIST_DIR)."""
+
+FASHION_SUBSET = Path(__file__).resolve().parent / "fashion_mnist_subset.npz"
+"""The shipped real subset (6000 train + 2000 test), used when `FASHION_DIR` holds no IDX files."""
 
 FASHION_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -68,13 +75,17 @@ def _read_idx(path: Path) -> np.ndarray:
 def _fashion_cached(split: str) -> tuple[np.ndarray, np.ndarray]:
     images_name, labels_name = _FASHION_FILES[split]
     images_path, labels_path = FASHION_DIR / images_name, FASHION_DIR / labels_name
-    for path in (images_path, labels_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Fashion-MNIST file {path} not found: apt-get install -y dataset-fashion-mnist "
-                "(or set FASHION_MNIST_DIR to a folder holding the IDX .gz files)"
-            )
-    x, y = _read_idx(images_path), _read_idx(labels_path)
+    if not FASHION_DIR.is_dir() and FASHION_SUBSET.is_file():  # no Debian package here: the shipped real subset
+        with np.load(FASHION_SUBSET) as npz:
+            x, y = npz[f"{split}_images"], npz[f"{split}_labels"]
+    else:
+        for path in (images_path, labels_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"Fashion-MNIST file {path} not found: apt-get install -y dataset-fashion-mnist "
+                    "(or set FASHION_MNIST_DIR to a folder holding the IDX .gz files)"
+                )
+        x, y = _read_idx(images_path), _read_idx(labels_path)
     x.flags.writeable = False
     y.flags.writeable = False
     return x, y
@@ -82,6 +93,8 @@ def _fashion_cached(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Return (images uint8 (N, 28, 28), labels uint8 (N,)) of split "train" (60000) or "test" (10000).
+
+    Without the Debian package the shipped subset answers: 6000 train and 2000 test images (see module doc).
 
     The arrays are cached and read-only; copy them before modifying.
     """

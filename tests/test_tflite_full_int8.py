@@ -208,3 +208,22 @@ def test_mobilenet_v2_int8_maps_whole_onto_edgetpu(mobilenet_v2: Any, photo_crop
           f"{tpu['ops_total']} ops on CPU")
     assert tpu["ops_on_cpu"] == 0 and report.ok, report.summary()
     assert art.validation.top1_agreement >= 0.83  # measured 0.854 (PT2E: 0.8375)
+
+
+@pytest.mark.slow
+def test_onnx_source_through_quantizer(residual_data: dict, tmp_path: Path) -> None:
+    """ONNX -> onnx2tf fp32 (no signature, NHWC inputs) -> AI Edge Quantizer: calibration is transposed like the
+    inputs and a signature is added, so the quantizer path is used, not onnx2tf's int8."""
+    pytest.importorskip("onnx2tf")
+    from edge_sdk.converters.pipeline import convert
+
+    onnx_bundle = convert(residual_data["net"], out=tmp_path / "onnx", to="onnx", precision="fp32",
+                          input_shape=(1, 3, 32, 32), quiet=True, ort=False)
+    (onnx_art,) = onnx_bundle.artifacts
+    bundle = convert(str(onnx_bundle.root / onnx_art.path), out=tmp_path / "b", to="tflite", precision="int8",
+                     calib=residual_data["calib"], val=residual_data["val"], quiet=True,
+                     options=ConvertOptions(extra={"tflite_quantizer": "aeq"}))
+    (art,) = bundle.artifacts
+    assert art.runtime["quantizer"] == "ai-edge-quantizer a8w8", art.notes
+    assert art.runtime["input_layout"] == "NHWC" and art.validation.passed, art.validation.failures
+    assert art.validation.cosine >= 0.99

@@ -34,9 +34,13 @@ TARGET_HELP = "profile name (see `edge-sdk targets`) or a .toml file"
 
 def to_help() -> str:
     """``--to`` help naming every format a registered converter produces (built-ins and entry-point plugins)."""
-    from edge_sdk.converters import target_formats
+    from edge_sdk.errors import EdgeSDKError
     from edge_sdk.formats import Format
 
+    try:
+        from edge_sdk.converters import target_formats
+    except EdgeSDKError as exc:  # Python 3.10 (a device): help still prints, with the reason
+        return f"target formats (unavailable: {exc})"
     names = ", ".join(f.value for f in target_formats())
     ort = " (onnx also writes .ort unless --no-ort)" if Format.ORT in target_formats() else ""
     return f"target formats, comma-separated, from: {names}{ort}; default onnx"

@@ -162,7 +162,8 @@ class OpenVINORuntime:
         try:
             model = core.read_model(str(xml))
         except RuntimeError as exc:
-            raise InferenceError(f"cannot read OpenVINO model {xml} ({_one_line(exc)}): the .xml/.bin pair is "
+            why = _one_line(exc).replace(str(xml), xml.name)  # OpenVINO repeats the full path: once is enough
+            raise InferenceError(f"cannot read OpenVINO model {xml} ({why}): the .xml/.bin pair is "
                                  "corrupt or truncated; copy both files again") from None
         try:
             compiled = core.compile_model(model, device, config)
