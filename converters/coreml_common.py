@@ -110,11 +110,11 @@ class CoreMLConverter:
         compressed: list[str] = []
         try:
             with redirect_stdout(log), redirect_stderr(log):
-                if labels is None:
+                if labels is None and precision in (Precision.FP32, Precision.FP16):
                     mlmodel = ct.convert(cap.model, convert_to="mlprogram", **kwargs)
-                else:  # the weights are compressed on the MIL program, before the classifier is added
-                    mlmodel, compressed = _convert_classifier(ct, cap.model, kwargs, labels, _is_probabilities(ref[0]),
-                                                              precision, ctx.options.coreml_palette_bits)
+                else:  # the weights are compressed on the MIL program (before a classifier is added)
+                    mlmodel, compressed = _convert_on_mil(ct, cap.model, kwargs, labels, _is_probabilities(ref[0]),
+                                                          precision, ctx.options.coreml_palette_bits)
         except (RuntimeError, ValueError, TypeError, NotImplementedError, KeyError) as exc:
             tail = " | ".join(str(exc).strip().splitlines()[-2:])[:300]
             raise ConversionError(f"coremltools could not convert {self.source_label} ({type(exc).__name__}: "
@@ -128,7 +128,7 @@ class CoreMLConverter:
         notes += shim_notes(self.frontend)
         notes += compressed
         notes += compress_and_save(mlmodel, precision, out, palette_bits=ctx.options.coreml_palette_bits,
-                                   compressed=labels is not None)
+                                   compressed=True)
         checks = check_package(out, precision, input_names=cap.input_names, input_shapes=src.input_shapes,
                                output_shapes=out_shapes, output_names=src.output_names, target=target_name,
                                image=image, labels=labels)
@@ -156,12 +156,17 @@ def _is_probabilities(out: np.ndarray) -> bool:
     return bool(a.size) and bool(a.min() >= 0.0 and a.max() <= 1.0 and abs(a.sum() - 1.0) < 1e-3)
 
 
-def _convert_classifier(ct: Any, model: Any, kwargs: dict[str, Any], labels: list[str], probabilities: bool,
-                        precision: Precision, palette_bits: int) -> tuple[Any, list[str]]:
-    """Convert to MIL, compress the weights, add ``<output>_probabilities`` = softmax(output) (or the output itself)
-    as an extra output, then finish the ML program with ``ClassifierConfig`` on it: ``classify`` replaces that
-    extra output, so the source's tensor output survives next to ``classLabel`` and ``classLabel_probs``.
-    Returns the model and the compression notes."""
+def _convert_on_mil(ct: Any, model: Any, kwargs: dict[str, Any], labels: list[str] | None, probabilities: bool,
+                    precision: Precision, palette_bits: int) -> tuple[Any, list[str]]:
+    """Convert to MIL, compress the weights there, and (with labels) add ``<output>_probabilities`` =
+    softmax(output) (or the output itself) as an extra output, then finish the ML program, with ``ClassifierConfig``
+    on it: ``classify`` replaces that extra output, so the source's tensor output survives next to ``classLabel``
+    and ``classLabel_probs``. Returns the model and the compression notes.
+
+    Why on MIL, with or without labels: coremltools 9 cannot re-export a classifier it re-loaded, and compressing a
+    saved model (``coremltools.optimize.coreml``) re-loads it and re-runs the default passes, whose
+    ``fuse_elementwise_to_batchnorm`` turns the ``ImageType``'s scale ``mul`` / bias ``add`` into a ``batch_norm``
+    with epsilon 1e-5: Core ML's image math would drift from the manifest's and the spec check finds no scale."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
@@ -171,6 +176,10 @@ def _convert_classifier(ct: Any, model: Any, kwargs: dict[str, Any], labels: lis
     # when it re-loads a saved model (the scopes are debugging information only)
     main._essential_scope_sources = []
     notes = compress_program(prog, precision, palette_bits=palette_bits)
+    finish = {"compute_precision": kwargs["compute_precision"],
+              "minimum_deployment_target": kwargs["minimum_deployment_target"]}
+    if labels is None:
+        return ct.convert(prog, convert_to="mlprogram", **finish), notes
     logits = main.outputs[0]
     name = f"{logits.name}_probabilities"
     with mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=["edge_sdk_classifier"])), main:
@@ -178,9 +187,7 @@ def _convert_classifier(ct: Any, model: Any, kwargs: dict[str, Any], labels: lis
     main.set_outputs([logits, probs])
     main.output_types = None  # the classifier's outputs are typed by the exporter
     config = ct.ClassifierConfig(labels, predicted_probabilities_output=name)
-    return ct.convert(prog, convert_to="mlprogram", classifier_config=config,
-                      compute_precision=kwargs["compute_precision"],
-                      minimum_deployment_target=kwargs["minimum_deployment_target"]), notes
+    return ct.convert(prog, convert_to="mlprogram", classifier_config=config, **finish), notes
 
 
 def _card_notes(card: ModelCard, image: Any, labels: list[str] | None, probabilities: bool) -> list[str]:

@@ -471,7 +471,8 @@ def compress_program(prog: Any, precision: Precision, *, palette_bits: int) -> l
 def compress_and_save(mlmodel: Any, precision: Precision, out: Path, *, palette_bits: int,
                       compressed: bool = False) -> list[str]:
     """Quantize / palettize the weights of an fp16 ML program as ``precision`` asks (unless ``compressed``
-    already), save it, return notes."""
+    already), save it, return notes. The converters compress on MIL (compress_program) instead: re-exporting a
+    saved model fuses an ``ImageType``'s scale / bias ops into a ``batch_norm`` (epsilon 1e-5)."""
     how = None if compressed else _compression(precision, palette_bits)
     notes: list[str] = []
     if how is not None:

@@ -195,6 +195,13 @@ class TFLiteConverter:
     )
     default_quantizer = "native"  # what the int8 path uses without --option tflite_quantizer
 
+    def aeq_or_note(self, ctx: ConversionContext, native: str, notes: list[str]) -> ArtifactDraft | None:
+        """:meth:`int8_with_aeq`'s draft, or None after noting why the ``native`` int8 path runs instead."""
+        draft, why = self.int8_with_aeq(ctx)
+        if draft is None and why:
+            notes.append(f"{why}: used {native} instead")
+        return draft
+
     def int8_with_aeq(self, ctx: ConversionContext) -> tuple[ArtifactDraft | None, str]:
         """The int8 artifact through the AI Edge Quantizer (converters/tflite_quantize.py) when this converter
         uses it, as (draft, ""); (None, one-line reason) when it is not used or failed and the native int8 path
@@ -249,12 +256,8 @@ class KerasToTFLite(TFLiteConverter):
         check_precision(self, precision)
         src = ctx.source
         notes: list[str] = []
-        if precision is Precision.INT8:
-            draft, why = self.int8_with_aeq(ctx)
-            if draft is not None:
-                return [draft]
-            if why:
-                notes.append(f"{why}: used the TF converter's int8 instead")
+        if precision is Precision.INT8 and (draft := self.aeq_or_note(ctx, "the TF converter's int8", notes)):
+            return [draft]
         samples = ctx.require_calibration("TFLite full-integer (int8) quantization") \
             if precision is Precision.INT8 else ctx.calibration
         tf = require("tensorflow", "tflite", "converting Keras models to TFLite")

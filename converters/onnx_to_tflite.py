@@ -163,11 +163,8 @@ class OnnxToTFLite(TFLiteConverter):
         notes: list[str] = []
         samples = None
         if precision is Precision.INT8:
-            draft, why = self.int8_with_aeq(ctx)
-            if draft is not None:
+            if draft := self.aeq_or_note(ctx, "onnx2tf's int8", notes):
                 return [draft]
-            if why:
-                notes.append(f"{why}: used onnx2tf's int8 instead")
             samples = ctx.require_calibration("TFLite int8 quantization of an ONNX model (onnx2tf)")
             samples.check(src.input_shapes, "calibration")
             digest = _digest(model, samples)

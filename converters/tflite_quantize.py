@@ -253,23 +253,22 @@ def float_io(model: bytes) -> bytes:
 
     remap: dict[int, int] = {}
     quantized = (schema.TensorType.INT8, schema.TensorType.UINT8, schema.TensorType.INT16)
-    front, back = [], []
-    for pos, idx in enumerate(list(sg.inputs)):
-        if sg.tensors[idx].type in quantized:
-            f = float_twin(idx, "_float")
-            op = schema.OperatorT()
-            op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.QUANTIZE), [f], [idx]
-            front.append(op)
-            sg.inputs[pos] = f
-            remap[idx] = f
-    for pos, idx in enumerate(list(sg.outputs)):
-        if sg.tensors[idx].type in quantized:
-            f = float_twin(idx, "_float")
-            op = schema.OperatorT()
-            op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.DEQUANTIZE), [idx], [f]
-            back.append(op)
-            sg.outputs[pos] = f
-            remap[idx] = f
+    def fence(ids: Any, kind: int, inbound: bool) -> list[Any]:
+        """A QUANTIZE (inputs) / DEQUANTIZE (outputs) op between each integer graph-boundary tensor and a float twin."""
+        ops = []
+        for pos, idx in enumerate(list(ids)):
+            if sg.tensors[idx].type in quantized:
+                f = float_twin(idx, "_float")
+                op = schema.OperatorT()
+                op.opcodeIndex = opcode(kind)
+                op.inputs, op.outputs = ([f], [idx]) if inbound else ([idx], [f])
+                ops.append(op)
+                ids[pos] = f
+                remap[idx] = f
+        return ops
+
+    front = fence(sg.inputs, schema.BuiltinOperator.QUANTIZE, True)
+    back = fence(sg.outputs, schema.BuiltinOperator.DEQUANTIZE, False)
     sg.operators = [*front, *sg.operators, *back]
     for sig in m.signatureDefs or []:
         for tm in [*(sig.inputs or []), *(sig.outputs or [])]:

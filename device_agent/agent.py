@@ -55,6 +55,19 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _best(scores: np.ndarray, k: int) -> list[tuple[float, int]]:
+    """The ``k`` highest ``(score, class)`` pairs, best first; ties go to the lower class index (the order of
+    ``np.argsort(-scores, kind="stable")``) so top-k is deterministic. Linear time: only the candidates at or above
+    the k-th score (every tie at the boundary included) are sorted."""
+    n = scores.size
+    kth = scores[np.argpartition(scores, n - k)[n - k]]
+    cand = np.flatnonzero(scores >= kth)  # ascending class index
+    if cand.size < k:  # NaN scores compare false: rank them all (argsort puts NaN last)
+        cand = np.arange(n)
+    order = cand[np.argsort(-scores[cand], kind="stable")[:k]]
+    return list(zip(scores[order].tolist(), order.tolist(), strict=True))
+
+
 @dataclass(eq=False)
 class Prediction:
     """One inference result: named ``outputs``, inference ``latency_ms``, the ``model_version`` and a unique
@@ -353,16 +366,15 @@ class Agent:
         return bool(scores.min() >= 0.0 and scores.max() <= 1.0 and abs(total - 1.0) < 1e-3)
 
     def _top_k(self, out: np.ndarray) -> list[dict[str, Any]]:
-        """The ``top_k`` best classes of one classifier output (called lazily by :class:`Prediction`)."""
+        """The ``top_k`` best classes of one classifier output (called lazily by :class:`Prediction`); equal scores
+        (frequent with int8 models' dequantized outputs) are ranked by class index, lowest first."""
         scores = out.reshape(-1)
         n = scores.size
         if n < 2 or out.shape[0] != 1:
             return []
         if self._probabilities is None:  # decided once: does the model already end in a softmax?
             self._probabilities = self._is_probabilities(scores)
-        k = min(self.top_k, n)
-        idx = np.argpartition(scores, n - k)[n - k:]
-        top = sorted(zip(scores[idx].tolist(), idx.tolist(), strict=True), reverse=True)
+        top = _best(scores, min(self.top_k, n))
         if self._probabilities:
             probs = [v for v, _ in top]
         else:  # softmax of the logits

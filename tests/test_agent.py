@@ -87,12 +87,22 @@ def test_agent_equals_bare_runtime(tiny_bundle: Path, key: str) -> None:
             # top-k is the softmax of those very logits, with labels
             probs = np.exp(want[0] - want[0].max())
             probs /= probs.sum()
-            order = np.argsort(-probs)[:5]
+            order = np.argsort(-want[0], kind="stable")[:5]  # the agent's rule: ties to the lower class index
             assert [t["class"] for t in pred.top_k] == order.tolist()
             assert pred.class_index == order[0] and pred.label == LABELS[order[0]]
             assert pred.confidence == pytest.approx(float(probs[order[0]]), rel=1e-6)
             assert [t["label"] for t in pred.top_k] == [LABELS[i] for i in order]
         bare.close()
+
+
+def test_top_k_ties_go_to_the_lower_class_index(tiny_bundle: Path) -> None:
+    """int8 models' dequantized outputs often tie: equal scores rank by class index, lowest first, also when the
+    tie straddles the k-th place."""
+    logits = np.array([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.5, 2.0, 3.0, 2.0]], np.float32)
+    with Agent(tiny_bundle, artifact="onnx/fp32", threads=1) as agent:  # its own: the softmax decision is cached
+        top = agent._top_k(logits)
+    assert [t["class"] for t in top] == [1, 3, 8, 2, 4]
+    assert top[0]["score"] == top[1]["score"] == top[2]["score"] and top[3]["score"] == top[4]["score"]
 
 
 def test_dict_and_list_inputs_and_json(tiny_agent: Agent) -> None:

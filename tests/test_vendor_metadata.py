@@ -119,6 +119,55 @@ def test_coreml_image_input_matches_agent_preprocessing(classifier_packages):
 
 
 @coreml
+@pytest.mark.parametrize("precision", [Precision.INT8, Precision.PALETTIZED])
+def test_coreml_compressed_image_model_without_labels_keeps_the_image_math(torch_cnn, tmp_path, precision):
+    """No labels (``--preset imagenet`` without ``--labels``): the weights used to be compressed on the saved
+    model, whose re-export fused the image ``mul``/``add`` into a ``batch_norm`` (epsilon 1e-5, so Core ML's math
+    drifted from the manifest's and the spec check found no scale). Now compressed on the MIL program."""
+    from edge_sdk.converters.coreml_spec import inspect_package
+    from edge_sdk.runtimes.coreml import image_inputs
+
+    ctx = ConversionContext(torch_cnn, tmp_path, options=_card_options(labels=None))
+    draft = get_converter(Framework.PYTORCH, Format.COREML).convert(ctx, precision)[0]
+    assert draft.spec_checks["passed"] is True
+    spec = _spec(draft.path)
+    f = spec.mlProgram.functions["main"]
+    types = [o.type for o in f.block_specializations[f.opset].operations]
+    assert "batch_norm" not in types and {"mul", "add"} <= set(types)
+    img = image_inputs(spec)["input"]
+    np.testing.assert_allclose(img.scale, [IMAGENET.scale / s for s in IMAGENET.std], rtol=1e-6)
+    np.testing.assert_allclose(img.bias, [-m / s for m, s in zip(IMAGENET.mean, IMAGENET.std, strict=True)],
+                               rtol=1e-6)
+    assert not spec.description.predictedFeatureName  # no labels: no classifier
+    weights = inspect_package(draft.path)["weights"]
+    assert ("int8" if precision is Precision.INT8 else "palettized") in weights, weights
+
+
+@coreml
+def test_coreml_image_inputs_reads_a_fused_batch_norm(torch_cnn, tmp_path):
+    """A package whose image ``mul``/``add`` a coremltools pass fused into ``batch_norm`` (compressing a saved
+    model does it): the read-back gives what Core ML computes, gamma / sqrt(variance + epsilon) and beta."""
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+
+    from edge_sdk.runtimes.coreml import image_inputs
+
+    ctx = ConversionContext(torch_cnn, tmp_path, options=_card_options(labels=None))
+    draft = get_converter(Framework.PYTORCH, Format.COREML).convert(ctx, Precision.FP32)[0]
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric"))
+    fused = cto.linear_quantize_weights(ct.models.MLModel(str(draft.path), skip_model_load=True), config=config)
+    spec = fused.get_spec()
+    f = spec.mlProgram.functions["main"]
+    bn = [o for o in f.block_specializations[f.opset].operations if o.type == "batch_norm"]
+    assert [o.outputs[0].name for o in bn] == ["input__biased__"]
+    img = image_inputs(spec)["input"]
+    eps = 1e-5  # coremltools' fuse_elementwise_to_batchnorm leaves batch_norm's default epsilon
+    np.testing.assert_allclose(img.scale, [IMAGENET.scale / s / np.sqrt(1 + eps) for s in IMAGENET.std], rtol=1e-6)
+    np.testing.assert_allclose(img.bias, [-m / s for m, s in zip(IMAGENET.mean, IMAGENET.std, strict=True)],
+                               rtol=1e-6)
+
+
+@coreml
 def test_coreml_non_image_model_keeps_tensor_types(tmp_path):
     torch = pytest.importorskip("torch")
     from edge_sdk.converters.sources import load_source

@@ -111,6 +111,19 @@ def _const(block: Any, op: Any, key: str) -> list[float] | None:
     return None
 
 
+def _batch_norm(block: Any, op: Any) -> tuple[list[float], list[float]]:
+    """Per-channel (scale, bias) of a ``batch_norm`` op: coremltools' ``fuse_elementwise_to_batchnorm`` pass turns
+    the image ``mul`` / ``add`` into one when a saved package is re-exported (compressing it does), and Core ML then
+    computes (x - mean) / sqrt(variance + epsilon) * gamma + beta."""
+    gamma, beta = _const(block, op, "gamma") or [1.0], _const(block, op, "beta") or [0.0]
+    mean, var = _const(block, op, "mean") or [0.0], _const(block, op, "variance") or [1.0]
+    eps = (_const(block, op, "epsilon") or [1e-5])[0]
+    n = max(len(gamma), len(beta), len(mean), len(var))
+    g, b, m, v = (np.broadcast_to(np.asarray(a, np.float64), (n,)) for a in (gamma, beta, mean, var))
+    scale = g / np.sqrt(v + eps)
+    return [float(x) for x in scale], [float(x) for x in b - m * scale]
+
+
 def image_inputs(spec: Any) -> dict[str, ImageInput]:
     """The ``ImageType`` inputs of a package spec, with the scale / bias ops Core ML runs on them."""
     layouts = json.loads(spec.description.metadata.userDefined.get(INPUTS_KEY) or "{}")
@@ -128,8 +141,11 @@ def image_inputs(spec: Any) -> dict[str, ImageInput]:
         color = _COLOR_SPACES.get(img.colorSpace, "RGB")
         n = 1 if color == "GRAY" else 3
         scaled, biased = ops.get(f"{f.name}__scaled__"), ops.get(f"{f.name}__biased__")
-        scale = (_const(block, scaled, "y") if scaled is not None else None) or [1.0]
-        bias = (_const(block, biased, "y") if biased is not None else None) or [0.0]
+        if biased is not None and biased.type == "batch_norm":
+            scale, bias = _batch_norm(block, biased)
+        else:
+            scale = (_const(block, scaled, "y") if scaled is not None else None) or [1.0]
+            bias = (_const(block, biased, "y") if biased is not None else None) or [0.0]
         out[f.name] = ImageInput(f.name, color, int(img.height), int(img.width),
                                  tuple(scale * n if len(scale) == 1 else scale),
                                  tuple(bias * n if len(bias) == 1 else bias),
