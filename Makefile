@@ -58,7 +58,7 @@ demo: $(STAMP) demo-deps
 # 2 xdist workers, whole test files per worker (tests/conftest.py); the soaks run apart: `make test-soak`.
 WORKERS ?= 2
 PYTEST := OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider
-XDIST = -n $(WORKERS) --dist loadgroup
+XDIST = -n $(WORKERS) --dist loadfile
 
 test: install
 	$(PYTEST) $(XDIST) -m "not soak" --durations=25 $(PYTEST_ARGS)

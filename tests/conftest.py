@@ -3,8 +3,8 @@
 Tests import the example modules directly: `import torch_models, keras_models, data, train`.
 Heavy frameworks are imported inside the fixtures only.
 
-`make test` runs on 2 xdist workers with ``--dist loadgroup``. Every test file is its own group unless a test says
-otherwise (``@pytest.mark.xdist_group("name")``), so a file's module- and session-scoped fixtures (the acceptance
+`make test` runs on 2 xdist workers with ``--dist loadfile``: every test file goes whole to one worker, so a file's
+module- and session-scoped fixtures (the acceptance
 bundle, the converted MobileNetV2s) are built once per run, by the one worker that runs the file, and tests within
 a file keep their order and shared state. Across files the only shared things are the broker and PostgreSQL (every
 test uses its own uuid-named fleet/topic/database) and the on-disk model cache (``examples/train.py`` writes it
@@ -23,14 +23,6 @@ import pytest
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 if str(EXAMPLES_DIR) not in sys.path:
     sys.path.insert(0, str(EXAMPLES_DIR))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give every test without an explicit ``xdist_group`` its file as group (whole files go to one worker)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ from mqtt_helpers import SYSTEM_BROKER, Subscriber, require_system_broker, uniqu
 
 from edge_sdk.errors import EdgeSDKError
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # the file runs in order on one worker (make test: --dist loadfile)
 
 N_DEVICES = 50
 PROCESSES = 2
