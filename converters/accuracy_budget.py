@@ -43,7 +43,7 @@ from edge_sdk.errors import EdgeSDKError
 from edge_sdk.formats import Format, Precision
 from edge_sdk.progress import Reporter
 
-__all__ = ["AccuracyBudget", "BudgetLadder", "FallbackStep"]
+__all__ = ["AccuracyBudget", "BudgetLadder", "FallbackStep", "latency_p50", "method_of"]
 
 MIXED_K = (1, 2, 4, 8)
 _MIXED_RECIPES = ("onnx", "openvino")  # LadderStep.mixed values: how "keep layer X in float" is told to the tool
@@ -61,6 +61,8 @@ class AccuracyBudget:
     max_drop_pp: float | None = None
     min_agreement: float | None = None
     min_cosine: float | None = None
+    #: measure each passing step's latency against fp32 of its format on this host and prefer one that is faster
+    speed_check: bool = True
 
     def __post_init__(self) -> None:
         if self.max_drop_pp is None and self.min_agreement is None and self.min_cosine is None:
@@ -97,7 +99,7 @@ class AccuracyBudget:
 
     def to_dict(self) -> dict[str, float]:
         """The limits that are set."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "speed_check"}
 
 
 @dataclass
@@ -111,6 +113,7 @@ class FallbackStep:
     precision: str = "int8"
     detail: str = ""
     float_nodes: list[str] = field(default_factory=list)
+    latency_ratio: float | None = None  # p50 of this step / p50 of fp32 of the same format, this host, 1 thread
 
 
 Validate = Callable[[ArtifactDraft], Validation]
@@ -128,6 +131,7 @@ class BudgetLadder:
         self._subs: dict[str, ConversionContext] = {}
         self._ranked: list[Any] | None = None
         self._rank_error: str | None = None
+        self._fp32: dict[Format, ArtifactDraft | str] = {}  # the fp32 draft per format, or why there is none
 
     def _sub(self, name: str, extra: dict[str, Any]) -> ConversionContext:
         key = f"{name} {sorted((k, repr(v)) for k, v in extra.items())}"  # ONNX and ORT share; OpenVINO differs
@@ -167,13 +171,15 @@ class BudgetLadder:
             if any(str(extra.get(k, "")).strip().lower() == str(v) for k, v in rung.unless):
                 continue
             if rung.mixed:
-                steps.extend((name, opts, rung.precision, nodes, "") for name, opts, nodes in self._mixed(rung.mixed))
+                steps.extend((name, {**dict(rung.options), **opts}, rung.precision, nodes, "")
+                             for name, opts, nodes in self._mixed(rung.mixed))
             else:
                 steps.append((rung.name, dict(rung.options), rung.precision, [], rung.not_offered))
         return steps
 
     def _mixed(self, recipe: str) -> list[tuple[str, dict[str, Any], list[str]]]:
-        """``mixed:kN`` rungs: the N most sensitive layers in float, the options that say so for ``recipe``."""
+        """``mixed:kN`` rungs: the N most sensitive layers in float, the options that say so for ``recipe``.
+        The rung's own ``options`` are added to each."""
         from edge_sdk.converters.onnx_quantize import _quantizer
         from edge_sdk.converters.sensitivity import float_nodes_for
 
@@ -205,18 +211,64 @@ class BudgetLadder:
             out.append((f"mixed:k{k}", opts, nodes))
         return out
 
+    def _fp32_of(self, fmt: Format, conv: Converter) -> ArtifactDraft | str:
+        """The fp32 draft of ``fmt`` to time a step against (made once, in its own work directory)."""
+        if fmt not in self._fp32:
+            try:
+                if Precision.FP32 not in getattr(conv, "precisions", (Precision.FP32,)):
+                    raise EdgeSDKError(f"{fmt.value} has no fp32 artifact to compare with")
+                self._fp32[fmt] = produce(self._sub("fp32-reference", {}), conv, Precision.FP32)[0]
+            except EdgeSDKError as exc:
+                self._fp32[fmt] = f"no fp32 {fmt.value} to compare with ({str(exc).splitlines()[0][:160]})"
+        return self._fp32[fmt]
+
+    def _speed(self, fmt: Format, conv: Converter, d: ArtifactDraft) -> tuple[float | None, str]:
+        """(latency of ``d`` / latency of fp32 of ``fmt``, how it was measured) on this host; None when it cannot
+        be measured here (the ratio is then unknown, never guessed)."""
+        if not self.budget.speed_check:
+            return None, "not measured (speed_check off)"
+        if d.validation_skipped:
+            return None, f"not measured: {d.validation_skipped}"
+        base = self._fp32_of(fmt, conv)
+        if isinstance(base, str):
+            return None, base
+        if base.path == d.path:
+            return 1.0, "the fp32 artifact itself"
+        try:
+            with self.report.step(f"timing {fmt.value}/{d.precision.value} against fp32 ({SPEED_ROUNDS} rounds)"):
+                p50 = latency_p50(fmt, [base, d])
+        except EdgeSDKError as exc:
+            return None, f"not measured: {str(exc).splitlines()[0][:160]}"
+        return p50[1] / p50[0], (f"p50 {p50[1]:.3f} ms vs fp32 {p50[0]:.3f} ms, 1 thread, {SPEED_ROUNDS} "
+                                 f"interleaved rounds x {SPEED_RUNS} runs, this host")
+
     def run(self, fmt: Format, conv: Converter, draft: ArtifactDraft, validate: Validate
             ) -> tuple[ArtifactDraft, Validation]:
         """Judge ``draft`` (plain int8) against the budget; fall back step by step while it is over.
 
-        Returns the kept draft and its validation (with ``checks["accuracy_budget"]`` filled in); when no step
-        fits, the plain draft with ``passed=False`` and the reason.
+        Speed-aware: a step within budget that runs slower than fp32 of its format on this host (measured,
+        1 thread, interleaved rounds) is remembered and the ladder goes on; the first step within budget and
+        faster than fp32 is kept. When only slower ones fit, the fastest of them is kept and marked
+        ``validation.checks["slower_than_fp32"] = True``. Returns the kept draft and its validation (with
+        ``checks["accuracy_budget"]`` filled in); when no step fits, the plain draft with ``passed=False``.
         """
         key = f"{fmt.value}/int8"
         v = validate(draft)
         ok, metric = self.budget.judge(v)
         steps = [FallbackStep("int8", bool(ok and v.passed), metric, _size(draft), detail="; ".join(v.failures))]
-        kept: tuple[ArtifactDraft, Validation, FallbackStep] | None = (draft, v, steps[0]) if steps[0].passed else None
+        kept: tuple[ArtifactDraft, Validation, FallbackStep] | None = None
+        slow: list[tuple[ArtifactDraft, Validation, FallbackStep]] = []
+        speed_how: dict[str, str] = {}
+
+        def fast_enough(d: ArtifactDraft, sv: Validation, step: FallbackStep) -> bool:
+            step.latency_ratio, speed_how[step.name] = self._speed(fmt, conv, d)
+            if step.latency_ratio is not None and step.latency_ratio >= 1.0:
+                slow.append((d, sv, step))
+                return False
+            return True
+
+        if steps[0].passed and fast_enough(draft, v, steps[0]):
+            kept = (draft, v, steps[0])
         if kept is None:
             for name, extra, precision, nodes, not_offered in self._steps(conv):
                 fkey = f"{fmt.value}/{precision.value}"
@@ -239,9 +291,12 @@ class BudgetLadder:
                 step = FallbackStep(name, bool(s_ok and sv.passed), s_metric, _size(d), precision.value,
                                     "; ".join(sv.failures), nodes)
                 steps.append(step)
-                if step.passed:
+                if step.passed and fast_enough(d, sv, step):
                     kept = (d, sv, step)
                     break
+        slower = kept is None and bool(slow)
+        if slower:  # only steps slower than fp32 fit: the fastest of them, said so
+            kept = min(slow, key=lambda k: k[2].latency_ratio or 0.0)
         if self._rank_error and any(rung.mixed for rung in budget_ladder_of(conv)):
             steps.append(FallbackStep("mixed", None, detail=f"no layer ranking: {self._rank_error}"))
         record = {"budget": self.budget.to_dict(), "steps": [asdict(s) for s in steps],
@@ -253,15 +308,79 @@ class BudgetLadder:
             v = replace(v, passed=False, failures=[*v.failures, why], checks={**v.checks, "accuracy_budget": record})
             return draft, v
         d, sv, step = kept
-        sv = replace(sv, checks={**sv.checks, "accuracy_budget": record})
+        record["method"] = method_of(d, step)
+        speed = {"latency_ratio": step.latency_ratio, "measured": speed_how.get(step.name, "not measured")}
+        checks = {**sv.checks, "accuracy_budget": record, "latency_vs_fp32": speed}
+        if step.latency_ratio is not None:
+            checks["slower_than_fp32"] = step.latency_ratio >= 1.0
+        sv = replace(sv, checks=checks)
         notes = [f"accuracy budget {self.budget.to_dict()}: " + " -> ".join(
-            f"{s.name} {'ok' if s.passed else 'over' if s.passed is False else 'n/a'}" for s in steps)
-            + f"; kept {step.name} ({step.metric})"]
+            f"{s.name} {'ok' if s.passed else 'over' if s.passed is False else 'n/a'}"
+            + (f" ({s.latency_ratio:.2f}x fp32 latency)" if s.latency_ratio is not None else "") for s in steps)
+            + f"; kept {step.name} ({step.metric}) by {record['method']}"]
+        if slower:
+            notes.append(f"slower than fp32 on this host ({step.latency_ratio:.2f}x): no faster step met the budget")
         if step.float_nodes:
             notes.append(f"kept in float by the accuracy budget ({len(step.float_nodes)} nodes): "
                          + ", ".join(step.float_nodes))
         d = replace(d, notes=[*d.notes, *notes])
         return d, sv
+
+
+def method_of(d: ArtifactDraft, step: FallbackStep) -> str:
+    """How the kept artifact was made, in one phrase (quantizer, weight rounding, calibration, float layers)."""
+    tv = d.tool_versions
+    if step.precision != Precision.INT8.value:
+        return f"{step.precision} ({step.name})"
+    parts = [tv.get("onnx_quantizer") or tv.get("quantizer") or d.runtime.get("quantizer") or
+             ("nncf" if "nncf" in tv else d.format.value)]
+    for k in ("onnx_weight_rounding", "openvino_weight_rounding", "onnx_calibration", "openvino_ranges"):
+        if tv.get(k) and tv[k] != "nearest":
+            parts.append(str(tv[k]).split(" (")[0])
+    if step.float_nodes:
+        parts.append(f"{len(step.float_nodes)} nodes in float")
+    return " + ".join(parts) + f" [{step.name}]"
+
+
+SPEED_ROUNDS = 5
+SPEED_RUNS = 10
+
+
+def latency_p50(fmt: Format, drafts: list[ArtifactDraft], *, rounds: int = SPEED_ROUNDS, runs: int = SPEED_RUNS,
+                warmup: int = 3) -> list[float]:
+    """Median latency (ms) of each draft on this host, 1 thread, loaded as the device loads it (its runtime
+    hints), timed in interleaved rounds so machine load hits every draft alike (edge_sdk.benchmark's method)."""
+    import inspect
+    import time
+
+    from edge_sdk._bench_worker import make_inputs
+    from edge_sdk.runtimes import runtime_for
+
+    rt = runtime_for(fmt)
+    if rt is None:
+        raise EdgeSDKError(f"no {fmt.value} runtime installed here")
+    params = inspect.signature(rt.load).parameters
+    sessions = [rt.load(d.path, threads=1, **{k: v for k, v in d.runtime.items()
+                                              if k in params and k not in ("path", "threads")}) for d in drafts]
+    try:
+        inputs = [make_inputs(s.inputs, 0) for s in sessions]
+        for s, x in zip(sessions, inputs, strict=True):
+            for _ in range(warmup):
+                s.run(x)
+        times: list[list[float]] = [[] for _ in sessions]
+        for r in range(rounds):
+            order = list(range(len(sessions)))
+            if r % 2:
+                order.reverse()
+            for i in order:
+                for _ in range(runs):
+                    t = time.perf_counter_ns()
+                    sessions[i].run(inputs[i])
+                    times[i].append((time.perf_counter_ns() - t) / 1e6)
+    finally:
+        for s in sessions:
+            s.close()
+    return [float(sorted(t)[len(t) // 2]) for t in times]
 
 
 def _size(d: ArtifactDraft) -> int:

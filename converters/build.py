@@ -7,6 +7,8 @@ benchmarked on target hardware" and chosen by the profile's preference order: ne
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,9 +114,13 @@ def select_for_target(bundle: Bundle, profile: Any, budget: float, *, runs: int 
     report = Reporter(quiet=quiet)
     order = {f"{c.format.value}/{c.precision.value}": i for i, c in enumerate(profile.candidates)}
     cands: list[Candidate] = []
+    compiled_any = False
     for a in bundle.artifacts:
         c = Candidate(a.key, order.get(a.key, len(order)))
-        comp = check_artifact(profile, bundle, a)
+        edgetpu_out = _edgetpu_workdir(profile, bundle, a)
+        comp = check_artifact(profile, bundle, a, edgetpu_out=edgetpu_out)
+        if edgetpu_out is not None:
+            compiled_any |= _ship_edgetpu(bundle, a, comp.details.get("edgetpu") or {}, edgetpu_out)
         c.compatible = comp.ok
         c.reasons += [f"incompatible ({i.check}): {i.message}" for i in comp.errors]
         c.reasons += [f"note ({i.check}): {i.message}" for i in comp.warnings]
@@ -143,6 +149,8 @@ def select_for_target(bundle: Bundle, profile: Any, budget: float, *, runs: int 
         for c in cands:
             c.reasons.append("not benchmarked on target hardware")
         selection = _select_by_preference(cands, profile.name)
+    if compiled_any:  # the Edge TPU files are recorded on their artifacts before the benchmark reloads the bundle
+        bundle.save()
     bundle = Bundle.load(bundle.root)  # the benchmark stored its results in the manifest
     bundle.manifest.extra["build"] = {
         "target": profile.name, "profile": profile.to_dict(), "max_accuracy_drop_pp": budget,
@@ -153,6 +161,28 @@ def select_for_target(bundle: Bundle, profile: Any, budget: float, *, runs: int 
     if not quiet:
         _print_selection(bundle.manifest.extra["build"])
     return bundle
+
+
+def _edgetpu_workdir(profile: Any, bundle: Bundle, artifact: Artifact) -> Path | None:
+    """Where ``edgetpu_compiler`` writes for ``artifact`` (kept, to ship), or None when it will not run."""
+    if artifact.format != "tflite" or artifact.precision != "int8" or profile.constraints.supported_ops != "edgetpu" \
+            or shutil.which("edgetpu_compiler") is None:
+        return None
+    return Path(tempfile.mkdtemp(prefix="edgetpu_", dir=bundle.root))
+
+
+def _ship_edgetpu(bundle: Bundle, artifact: Artifact, details: dict[str, Any], workdir: Path) -> bool:
+    """Keep the compiled ``_edgetpu.tflite`` in the bundle (issue 16); True when one was shipped."""
+    from edge_sdk.targets.edgetpu_ops import attach_compiled
+
+    try:
+        compiled = details.get("compiled")
+        if not compiled or not Path(compiled).is_file():
+            return False
+        attach_compiled(bundle, artifact, Path(compiled), details)
+        return True
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _pref(c: Candidate) -> tuple[int, str]:

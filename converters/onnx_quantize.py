@@ -40,6 +40,8 @@ __all__ = [
 _ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")  # 16-bit: ORT quantizer only (accuracy fallback)
 _CALIBRATIONS = ("minmax-mean", "minmax", "percentile", "entropy")
 _QUANTIZERS = ("auto", "nncf", "ort")
+_ROUNDINGS = ("nearest", "gptq")
+_GPTQ = (("onnx_weight_rounding", "gptq"),)
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
 _WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -143,6 +145,15 @@ def _calibration(quant: Any, options: ConvertOptions) -> tuple[str, Any, dict[st
         pct = float(options.extra.get("onnx_calib_percentile", 99.999))
         return f"percentile-{pct:g}", method.Percentile, {"CalibPercentile": pct, "CalibStridedMinMax": 1}
     return name, method.Entropy, {"CalibStridedMinMax": 1}  # strided: histograms merged per sample, low memory
+
+
+def _weight_rounding(options: ConvertOptions) -> str:
+    """How int8 weights are rounded: ``options.extra['onnx_weight_rounding']``, ``nearest`` (default) or ``gptq``
+    (error-compensating rounding on the calibration data, converters/weight_rounding.py)."""
+    name = str(options.extra.get("onnx_weight_rounding", "nearest")).strip().lower()
+    if name not in _ROUNDINGS:
+        raise ConversionError(f"onnx_weight_rounding {name!r} is not supported: choose from {', '.join(_ROUNDINGS)}")
+    return name
 
 
 def _input_layers(model: Any) -> list[str]:
@@ -355,7 +366,18 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
         raise CalibrationError("calibration data is empty: give 100-500 representative inputs")
     if tool == "ort":
         _calibration(require("onnxruntime.quantization", "onnx", "ONNX static quantization"), options)
+    rounding = _weight_rounding(options)
     pre = _pre_process(fp32_path, out_path)
+    rounding_info: dict[str, str] = {"onnx_weight_rounding": rounding}
+    if rounding == "gptq":
+        from edge_sdk.converters.weight_rounding import gptq_onnx
+
+        rounded = pre.with_name(pre.stem + ".gptq.onnx")
+        try:
+            rounding_info = gptq_onnx(pre, rounded, samples, names)
+            rounded.replace(pre)
+        finally:
+            rounded.unlink(missing_ok=True)
     onnx = require("onnx", "onnx", "ONNX quantization")
     float_layers = (_input_layers(onnx.load(str(pre), load_external_data=False))
                     if options.extra.get("onnx_float_input_layers", tool == "ort") else [])
@@ -385,7 +407,7 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
     finally:
         pre.unlink(missing_ok=True)
     floats = _float_outputs(out_path) if options.extra.get("onnx_float_outputs", True) else 0
-    return {**onnx_versions(), **info, "onnx_quantizer": tool, "onnx_activation_type": act,
+    return {**onnx_versions(), **info, **rounding_info, "onnx_quantizer": tool, "onnx_activation_type": act,
             "onnx_per_channel": str(options.onnx_per_channel),
             "onnx_float_layers": ",".join(float_layers) or "none", "onnx_float_outputs": str(floats)}
 
@@ -437,6 +459,9 @@ def derive_onnx_precision(ctx: ConversionContext, precision: Precision, note: st
                      f"{'per-channel' if ctx.options.onnx_per_channel else 'per-tensor'} int8 weights) "
                      f"calibrated on {len(samples)} samples ({versions['onnx_calibration']} ranges); "
                      "inputs and outputs stay float32")
+        if versions.get("onnx_weight_rounding", "nearest") != "nearest":
+            notes.append(f"int8 weights rounded by {versions['onnx_weight_rounding']} (error-compensating, "
+                         "on the calibration data; converters/weight_rounding.py)")
         if versions["onnx_float_layers"] != "none":
             notes.append(f"kept in float: {versions['onnx_float_layers']}")
         if versions["onnx_float_outputs"] != "0":
@@ -462,7 +487,7 @@ class OnnxExporter:
         LadderStep("calibration:ort-minmax-mean", (("onnx_quantizer", "ort"),), unless=(("onnx_quantizer", "ort"),)),
         LadderStep("calibration:percentile", (("onnx_quantizer", "ort"), ("onnx_calibration", "percentile"))),
         LadderStep("mixed", mixed="onnx"),
-        LadderStep("int16-activations", (("onnx_quantizer", "ort"), ("onnx_activation_type", "uint16"))),
+        LadderStep("int16-activations", (("onnx_quantizer", "ort"), ("onnx_activation_type", "uint16"), *_GPTQ)),
         LadderStep("fp16", precision=Precision.FP16),
     )
     extra_options = (
@@ -472,6 +497,7 @@ class OnnxExporter:
         OptionSpec("onnx_float_input_layers", bool, None, (), "keep the layers reading the inputs in float"),
         OptionSpec("onnx_float_outputs", bool, True, (), "no Q/DQ pair on the graph outputs"),
         OptionSpec("onnx_float_nodes", (list, tuple), (), (), "node names kept in float"),
+        OptionSpec("onnx_weight_rounding", str, "nearest", _ROUNDINGS, "int8 weight rounding: nearest or GPTQ"),
     )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:

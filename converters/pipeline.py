@@ -7,9 +7,10 @@ artifact that fails validation is left out (unless ``keep_failed``), the others 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from edge_sdk.topics import validate_id
 
 # BUILTIN_CONVERTERS and load_builtin_converters live in converters/registry.py (importing edge_sdk.converters
 # already ran it); they are re-exported here for callers of the old names.
-__all__ = ["BUILTIN_CONVERTERS", "ArtifactResult", "convert", "load_builtin_converters"]
+__all__ = ["BUILTIN_CONVERTERS", "ArtifactResult", "conversion_record", "convert", "load_builtin_converters"]
 
 
 def _as_list(value: str | Iterable[Any], enum: type) -> list:
@@ -130,6 +131,13 @@ def convert(
     (unknown target/precision, unreadable source, missing calibration data, wrong shapes).
     """
     identity = _identity(version_code, fleets)  # refused before the (possibly slow) model load
+    conversion = conversion_record(to=to, precision=precision, variants=variants, ort=ort,
+                                   skip_unsupported=skip_unsupported, keep_failed=keep_failed,
+                                   input_shape=input_shape, input_dtypes=input_dtypes, dynamic=dynamic,
+                                   custom_objects=custom_objects, route=route, model_class=model_class,
+                                   framework=framework, task=task, preprocessing=preprocessing, options=options,
+                                   tolerances=tolerances, budget=budget, calib=calib, val=val,
+                                   val_labels=val_labels)
     forced = parse_forced_routes(route)
     dyn = [d for d in (dynamic.split(",") if isinstance(dynamic, str) else dynamic) if str(d).strip()]
     # bad names are refused before the (possibly slow) model load
@@ -202,14 +210,15 @@ def convert(
         classifier = the_task is Task.CLASSIFICATION
         return _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task,
                       out, name, version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported,
-                      budget, identity)
+                      budget, identity, conversion)
     finally:
         src.close()
 
 
 def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, classifier, the_task, out, name,
            version, preprocessing, options, tols, keep_failed, overwrite, report, unsupported,
-           budget: AccuracyBudget | None = None, identity: dict[str, Any] | None = None) -> Bundle:
+           budget: AccuracyBudget | None = None, identity: dict[str, Any] | None = None,
+           conversion: dict[str, Any] | None = None) -> Bundle:
     results: list[ArtifactResult] = list(unsupported)
     artifacts: list[Artifact] = []
     workdir = Path(tempfile.mkdtemp(prefix="edge_sdk_work_"))
@@ -258,7 +267,8 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
                          for n, r in zip(src.output_names, ref, strict=False)],
                 extra={"validation_data": val_origin,
                        "calibration_samples": len(calib_set) if calib_set is not None else 0,
-                       "smoke_test": smoke_extra},
+                       "smoke_test": smoke_extra,
+                       **({"conversion": conversion} if conversion else {})},
                 **(identity or {}),
             )
             bundle = Bundle(bdir, manifest)
@@ -280,6 +290,57 @@ def _build(src, plan, calib_set, val_set, val_origin, ref, val_y, label_names, c
         raise err
     bundle.results = results  # type: ignore[attr-defined]
     return bundle
+
+
+def _described(data: Any) -> dict[str, Any] | None:
+    """Where calibration / validation data came from (a path is kept; arrays are only counted)."""
+    if data is None:
+        return None
+    if isinstance(data, (str, Path)):
+        return {"path": str(data)}
+    return {"kind": type(data).__name__, "samples": len(data) if hasattr(data, "__len__") else None}
+
+
+def conversion_record(**opts: Any) -> dict[str, Any]:
+    """The options of one ``convert`` call as JSON (``manifest.extra.conversion``), so that a retraining pipeline
+    (edge_sdk.pipeline) can replay them for the next version: the same targets, precisions, shapes, preprocessing,
+    converter options, tolerances and accuracy budget. Data is recorded by origin only (a path, or a count)."""
+    from dataclasses import asdict
+
+    def listed(v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        return [str(getattr(x, "value", x)) for x in v]
+
+    def dims(v: Any) -> list[int | None]:
+        return [None if d is None else int(d) for d in v]
+
+    shape = opts["input_shape"]
+    tols = opts["tolerances"]
+    record = {
+        "to": listed(opts["to"]), "precision": listed(opts["precision"]),
+        "variants": [[str(getattr(f, "value", f)), str(getattr(p, "value", p))] for f, p in opts["variants"]]
+        if opts["variants"] is not None else None,
+        "ort": bool(opts["ort"]), "skip_unsupported": bool(opts["skip_unsupported"]),
+        "keep_failed": bool(opts["keep_failed"]),
+        "input_shape": {str(k): dims(v) for k, v in shape.items()} if isinstance(shape, Mapping)
+        else dims(shape) if shape else None,
+        "input_dtypes": {str(k): str(v) for k, v in opts["input_dtypes"].items()} if opts["input_dtypes"] else None,
+        "dynamic": [d.strip() for d in opts["dynamic"].split(",") if d.strip()] if isinstance(opts["dynamic"], str)
+        else listed(opts["dynamic"]) or None,
+        "custom_objects": listed(opts["custom_objects"]), "route": opts["route"] if isinstance(opts["route"],
+                                                                                               (str, dict)) else
+        listed(opts["route"]),
+        "model_class": opts["model_class"], "framework": opts["framework"],
+        "task": str(getattr(opts["task"], "value", opts["task"])) if opts["task"] else None,
+        "preprocessing": opts["preprocessing"].to_dict() if opts["preprocessing"] else None,
+        "options": asdict(opts["options"]) if opts["options"] else None,
+        "tolerances": {str(getattr(p, "value", p)): asdict(t) for p, t in tols.items()} if tols else None,
+        "budget": asdict(opts["budget"]) if opts["budget"] else None,
+        "calibration": _described(opts["calib"]), "validation": _described(opts["val"]),
+        "validation_labels": opts["val_labels"] is not None,
+    }
+    return json.loads(json.dumps(record, default=str))  # plain JSON (e.g. a ConvertOptions.extra of any values)
 
 
 def _identity(version_code: int | None, fleets: Sequence[str] | None) -> dict[str, Any]:

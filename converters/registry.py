@@ -40,7 +40,7 @@ ENTRY_POINT_GROUP = "edge_sdk.converters"
 BUILTIN_CONVERTERS = (
     "torch_to_onnx", "keras_to_onnx", "onnx_to_onnx", "onnx_to_ort", "onnx_to_openvino",
     "keras_to_tflite", "torch_to_tflite", "onnx_to_tflite", "torch_to_coreml", "keras_to_coreml",
-    "prebuilt", "tflite_to_onnx", "tflite_to_openvino",
+    "prebuilt", "tflite_to_onnx", "tflite_to_openvino", "onnx_to_web",
 )
 
 _CLASSES: dict[tuple[Framework, Format], type] = {}

@@ -27,11 +27,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_sdk.bundle import Bundle, TensorSpec
+from edge_sdk.device_agent.metrics import InferenceStats, TelemetryTee
 from edge_sdk.errors import BundleError, InferenceError, InputError
 from edge_sdk.preprocessing import Preprocessing
 from edge_sdk.runtimes import Runtime, default_order
@@ -39,6 +41,7 @@ from edge_sdk.runtimes.selection import check_order, select_artifact
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.aggregates import WindowAggregator
+    from edge_sdk.device_agent.capture import Capture
 
 __all__ = ["DEFAULT_REMEMBER", "DEFAULT_RUNTIME_ORDER", "Agent", "Prediction"]
 
@@ -145,6 +148,9 @@ class Agent:
         self.runtime_order = order
         self.remember = int(remember)
         self._telemetry: WindowAggregator | None = None
+        self.stats = InferenceStats()  # cumulative counts of every call, any source (the HTTP server's /metrics)
+        self._sink: Any = self.stats  # what each call feeds: the stats, plus the telemetry aggregator once set
+        self._capture: Capture | None = None
         self._recent: OrderedDict[str, int] = OrderedDict()
         self._unresolved: list[tuple[str, np.ndarray]] = []  # (id, scores) whose class is not worked out yet
         self._recent_lock = threading.Lock()
@@ -174,7 +180,29 @@ class Agent:
         hints = self.artifact.runtime
         params = inspect.signature(rt.load).parameters
         kwargs = {k: hints[k] for k in _LOAD_HINTS if k in hints and k in params}
-        return rt.load(self.bundle.path_of(self.artifact), threads=threads, **kwargs)
+        path = self.bundle.path_of(self.artifact)
+        compiled = self._accelerated(rt, hints, params)
+        if compiled is not None:
+            path, kwargs["delegate"] = compiled
+        return rt.load(path, threads=threads, **kwargs)
+
+    def _accelerated(self, rt: Runtime, hints: dict[str, Any], params: Any) -> tuple[Path, str] | None:
+        """(compiled file, delegate) when the artifact ships an accelerator build (the Edge TPU's
+        ``_edgetpu.tflite``) whose delegate this device has; None keeps the portable file."""
+        entry = hints.get("edgetpu")
+        if not isinstance(entry, dict) or not entry.get("path") or "delegate" not in params:
+            return None
+        delegate = str(entry.get("delegate") or "edgetpu")
+        has = getattr(rt, "has_delegate", None)
+        if has is None or not has(delegate):
+            self.selection_reason += f"; {entry['path']} not used: no {delegate} runtime on this device"
+            return None
+        path = self.bundle.root / str(entry["path"])
+        if not path.is_file():
+            raise BundleError(f"{self.artifact.key}: {entry['path']} is missing from bundle {self.bundle.root}: "
+                              "re-fetch or rebuild the bundle")
+        self.selection_reason += f"; running {entry['path']} with the {delegate} delegate"
+        return path, delegate
 
     # ---- precomputation --------------------------------------------------------------------------------------
 
@@ -293,7 +321,11 @@ class Agent:
 
     def predict(self, inputs: np.ndarray | list[np.ndarray] | dict[str, np.ndarray]) -> Prediction:
         """Run ready tensors (the source model's layout and dtype: ``input_specs``); InputError if they do not fit."""
-        tel = self._telemetry
+        return self._predict(inputs, None)
+
+    def _predict(self, inputs: Any, raw: Any) -> Prediction:
+        """:meth:`predict`; ``raw`` is the input as the caller gave it (image bytes or array) for data capture."""
+        tel = self._sink
         try:
             xs = self._as_list(inputs)
             if len(xs) != len(self._shapes):
@@ -328,6 +360,12 @@ class Agent:
             self._observe_class(pred, outs[0], tel)
         elif tel is not None:
             tel.record(latency)
+        cap = self._capture
+        if cap is not None:
+            try:
+                cap.offer(self, pred, raw, xs[0])
+            except Exception:  # capture must never fail an inference
+                log.exception("data capture failed for prediction %s", pred.id)
         return pred
 
     def _observe_class(self, pred: Prediction, out: np.ndarray, tel: WindowAggregator | None) -> None:
@@ -411,16 +449,20 @@ class Agent:
             else:
                 raise InputError(f"an image must be encoded bytes or a decoded array, not {type(data).__name__}")
         except InputError:
-            if self._telemetry is not None:
-                self._telemetry.record_error(stage)
+            self._sink.record_error(stage)
             raise
-        return self.predict(x)
+        return self._predict(x, data)
 
     # ---- telemetry and feedback ---------------------------------------------------------------------------
 
     def set_telemetry(self, aggregator: WindowAggregator | None) -> None:
         """Feed every following call's latency, class, confidence, input and errors to ``aggregator`` (None: stop)."""
         self._telemetry = aggregator
+        self._sink = TelemetryTee(self.stats, aggregator) if aggregator is not None else self.stats
+
+    def set_capture(self, capture: Capture | None) -> None:
+        """Offer every following prediction (and feedback) to ``capture`` (edge_sdk/device_agent/capture.py)."""
+        self._capture = capture
 
     @property
     def telemetry(self) -> WindowAggregator | None:
@@ -453,7 +495,7 @@ class Agent:
             if self._unresolved:
                 self._resolve_ids()
             predicted = self._recent.pop(prediction_id, None) if isinstance(prediction_id, str) else None
-        tel = self._telemetry
+        tel = self._sink
         if predicted is None:
             if tel is not None:
                 tel.record_unknown_feedback()
@@ -461,6 +503,12 @@ class Agent:
         correct = predicted == index
         if tel is not None:
             tel.record_feedback(correct)
+        cap = self._capture
+        if cap is not None:
+            try:
+                cap.on_feedback(prediction_id, index, predicted)
+            except Exception:  # capture must never fail a feedback
+                log.exception("data capture failed for feedback on %s", prediction_id)
         return correct
 
     def describe(self) -> dict[str, Any]:

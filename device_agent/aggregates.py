@@ -177,6 +177,7 @@ class WindowAggregator:
         self._calls = 0
         self._lock = threading.Lock()
         self._w = _Window(len(self.conf_edges) - 1, self._stats)
+        self.last_input: dict[str, Any] | None = None  # the last taken window's ``input`` (the agent's /metrics)
 
     # ---- per inference ------------------------------------------------------------------------------------
 
@@ -351,7 +352,9 @@ class WindowAggregator:
         fresh = _Window(len(self.conf_edges) - 1, self._stats)
         with self._lock:
             w, self._w = self._w, fresh
-        return self._summarise(w)
+        summary = self._summarise(w)
+        self.last_input = summary["input"]
+        return summary
 
     def _summarise(self, w: _Window) -> dict[str, Any]:
         self._fold_pending(w)

@@ -41,6 +41,12 @@ Every key is optional; command-line flags override the file (see :meth:`AgentCon
     session_expiry_s = 604800               # the broker keeps the session (and QoS 1 messages) this long
     max_inflight = 100                      # unacknowledged publishes at a time
 
+    [capture]                               # data capture (off unless this table is present; see capture.py)
+    sample_rate = 0.01                      # policies: random fraction, low_confidence = 0.5, drift = true,
+    feedback_disagree = true                #   feedback_disagree = true (at least one)
+    upload_url = "https://collector:8000"   # the collector's HTTP; token_file = "..." (its bearer token)
+    max_bytes = 268435456                   # on-device cap (the oldest samples are dropped beyond it)
+
 The same four HTTP keys are also accepted at top level (``host``, ``port``, ``queue_size``,
 ``max_body_bytes``); the token, TLS, ``workers`` and ``insecure`` keys only in ``[http]``. The token itself is
 never a value in this file (nor a command-line flag): ``token_file`` or ``token_env``. Relative paths
@@ -60,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.device_agent.agent import DEFAULT_RUNTIME_ORDER
+from edge_sdk.device_agent.capture import CAPTURE_KEYS, CaptureSettings
 from edge_sdk.device_agent.telemetry import TelemetrySettings
 from edge_sdk.errors import ConfigError, TelemetryError
 from edge_sdk.httpbase import HTTPSecurity
@@ -98,6 +105,7 @@ class AgentConfig:
     http_insecure: bool = False
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     mqtt: dict[str, Any] | None = field(default=None, repr=False)  # MqttSettings keywords but fleet and device
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
 
     def merged(self, **overrides: Any) -> AgentConfig:
         """A copy with every override that is not None applied (for command-line flags)."""
@@ -236,6 +244,30 @@ def _telemetry_table(path: Path, table: Any) -> dict[str, Any]:
     return out
 
 
+def _capture_table(path: Path, table: Any) -> CaptureSettings:
+    """Validated [capture] keys (present: capture on unless ``enabled = false``)."""
+    out: dict[str, Any] = {"enabled": True}
+    for key, name, value in _table_items(path, "capture", table, CAPTURE_KEYS):
+        if key in ("enabled", "drift", "feedback_disagree"):
+            out[key] = _bool(path, name, value)
+        elif key in ("sample_rate", "low_confidence", "drift_psi", "upload_interval_s"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _bad(path, name, f"must be a number, got {value!r}")
+            out[key] = float(value)
+        elif key == "dir":
+            out[key] = str(_path(path, name, value))
+        elif key in ("token_file", "ca_file"):
+            out[key] = _file(path, name, value)
+        elif key == "upload_url":
+            out[key] = _str(path, name, value)
+        else:
+            out[key] = _int(path, name, value, 1)
+    try:
+        return CaptureSettings(**out)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: [capture] {exc}") from None
+
+
 def _mqtt_table(path: Path, table: Any) -> dict[str, Any]:
     """Validated [mqtt] keys as MqttSettings keywords (password_file read into password)."""
     out: dict[str, Any] = {}
@@ -311,8 +343,8 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
     """Read an agent TOML file; relative ``bundle`` and ``folder:``/``file:`` paths are resolved against it."""
     path = Path(path)
     data = read_toml(path, kind="config file", missing_hint="check the --config path")
-    known = {f.name for f in dataclasses.fields(AgentConfig)} - {"telemetry", "mqtt", *_HTTP_FIELDS.values(),
-                                                                "tls_cert", "tls_key"}
+    known = {f.name for f in dataclasses.fields(AgentConfig)} - {"telemetry", "mqtt", "capture",
+                                                                *_HTTP_FIELDS.values(), "tls_cert", "tls_key"}
     flat: dict[str, Any] = {}
     tel_keys = _telemetry_table(path, data["telemetry"]) if "telemetry" in data else None
     mqtt = _mqtt_table(path, data["mqtt"]) if "mqtt" in data else None
@@ -320,8 +352,10 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
         tel_keys = {"enabled": True, **(tel_keys or {})}
         flat["telemetry"] = TelemetrySettings(**tel_keys)
         flat["mqtt"] = mqtt
+    if "capture" in data:
+        flat["capture"] = _capture_table(path, data["capture"])
     for key, value in data.items():
-        if key in ("telemetry", "mqtt"):
+        if key in ("telemetry", "mqtt", "capture"):
             continue
         if key == "http":
             if isinstance(value, dict) and ({"token", "password"} & value.keys()):
@@ -332,7 +366,7 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
                 flat[_HTTP_FIELDS.get(sub, sub)] = _http_key(path, sub, subval, value)
             continue
         if key not in known:
-            valid = ", ".join(sorted(known | {"http", "telemetry", "mqtt"}))
+            valid = ", ".join(sorted(known | {"http", "telemetry", "mqtt", "capture"}))
             raise _bad(path, key, f"is unknown: valid keys are {valid}")
         flat[key] = _check(path, key, value)
     base = path.resolve().parent

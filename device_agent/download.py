@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from edge_sdk import safe_json
 from edge_sdk.errors import DownloadError
 
 __all__ = ["DownloadError", "FetchResult", "copy_tree", "fetch", "is_remote", "local_path", "redact_text",
@@ -94,7 +95,7 @@ def _sha256(path: Path) -> str:
 
 def _read_meta(meta: Path) -> dict:
     try:
-        data = json.loads(meta.read_text())
+        data = safe_json.loads(meta.read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}

@@ -1,8 +1,9 @@
 """Request parsing and Prometheus metrics for the agent's HTTP API (standard library + numpy only).
 
-:func:`parse_predict_body` turns a ``POST /predict`` body (JSON with base64 ``image`` or ``inputs``,
-multipart/form-data, or a raw image) into image bytes or input arrays; :class:`Metrics` counts requests,
-errors and inference latency and renders them in the Prometheus text format 0.0.4.
+:func:`parse_predict_body` turns a ``POST /predict`` body (JSON with base64 ``image``, ``inputs`` or TF Serving
+``instances``, multipart/form-data, a raw image or a ``.npy`` array) into image bytes, input arrays or the
+``instances`` document. :class:`Metrics` (the ``/metrics``
+document) lives in :mod:`edge_sdk.device_agent.metrics` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -10,80 +11,21 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import threading
 from email.message import Message
 from typing import Any
 
 import numpy as np
 
+from edge_sdk import safe_json
+from edge_sdk.device_agent.metrics import LATENCY_BUCKETS_S, Metrics  # moved; re-exported for old imports
+from edge_sdk.device_agent.protocols.sagemaker import NPY, X_IMAGE, load_npy
 from edge_sdk.errors import HTTPError, InputError, first_line
-from edge_sdk.httpbase import prometheus_escape as _escape
 
 __all__ = ["LATENCY_BUCKETS_S", "MAX_MULTIPART_PARTS", "HTTPError", "Metrics", "parse_feedback_body", "parse_multipart",
            "parse_predict_body", "to_array"]
 
 MAX_MULTIPART_PARTS = 32  # a form upload has a handful; thousands of tiny parts only cost parsing time
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NUMERIC_KINDS = "iuf"
-
-
-class Metrics:
-    """Thread-safe counters and the inference latency histogram, rendered as Prometheus text."""
-
-    def __init__(self, routes: tuple[str, ...] | list[str] = ()) -> None:
-        self.routes = frozenset(routes)
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.errors: dict[str, int] = {}
-        self.bucket_counts = [0] * len(LATENCY_BUCKETS_S)
-        self.latency_sum = 0.0
-        self.latency_count = 0
-
-    def request(self, route: str, method: str, status: int) -> None:
-        """Count one answered request (unknown paths are folded into route="other")."""
-        key = (route if route in self.routes else "other", method, status)
-        with self._lock:
-            self.requests[key] = self.requests.get(key, 0) + 1
-
-    def error(self, kind: str) -> None:
-        """Count one error of ``kind`` (bad_json, bad_input, queue_full, inference, ...)."""
-        with self._lock:
-            self.errors[kind] = self.errors.get(kind, 0) + 1
-
-    def observe(self, seconds: float) -> None:
-        """Record one inference latency."""
-        with self._lock:
-            for i, le in enumerate(LATENCY_BUCKETS_S):
-                if seconds <= le:
-                    self.bucket_counts[i] += 1
-            self.latency_sum += seconds
-            self.latency_count += 1
-
-    def render(self, *, queue_depth: int, info: dict[str, str], uptime_s: float) -> str:
-        """The Prometheus text exposition (format 0.0.4)."""
-        with self._lock:
-            requests, errors = dict(self.requests), dict(self.errors)
-            buckets, total, count = list(self.bucket_counts), self.latency_sum, self.latency_count
-        out = ["# HELP edge_agent_requests_total HTTP requests answered, by route, method and status code.",
-               "# TYPE edge_agent_requests_total counter"]
-        out += [f'edge_agent_requests_total{{route="{r}",method="{m}",code="{c}"}} {n}'
-                for (r, m, c), n in sorted(requests.items())]
-        out += ["# HELP edge_agent_errors_total Errors answered, by kind.", "# TYPE edge_agent_errors_total counter"]
-        out += [f'edge_agent_errors_total{{kind="{_escape(k)}"}} {n}' for k, n in sorted(errors.items())]
-        out += ["# HELP edge_agent_inference_seconds Inference latency (runtime call only).",
-                "# TYPE edge_agent_inference_seconds histogram"]
-        out += [f'edge_agent_inference_seconds_bucket{{le="{le}"}} {n}'
-                for le, n in zip(LATENCY_BUCKETS_S, buckets, strict=True)]
-        out += [f'edge_agent_inference_seconds_bucket{{le="+Inf"}} {count}',
-                f"edge_agent_inference_seconds_sum {total!r}", f"edge_agent_inference_seconds_count {count}"]
-        out += ["# HELP edge_agent_queue_depth Requests waiting for the inference worker.",
-                "# TYPE edge_agent_queue_depth gauge", f"edge_agent_queue_depth {queue_depth}"]
-        labels = ",".join(f'{k}="{_escape(v)}"' for k, v in info.items())
-        out += ["# HELP edge_agent_model_info The model being served (always 1).",
-                "# TYPE edge_agent_model_info gauge", f"edge_agent_model_info{{{labels}}} 1"]
-        out += ["# HELP edge_agent_uptime_seconds Seconds since the server started.",
-                "# TYPE edge_agent_uptime_seconds gauge", f"edge_agent_uptime_seconds {uptime_s:.3f}"]
-        return "\n".join(out) + "\n"
 
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
@@ -137,10 +79,14 @@ def to_array(name: str, value: Any, dtype: str | None) -> np.ndarray:
 
 
 def parse_predict_body(body: bytes, content_type: str,
-                       input_dtypes: dict[str, str | None]) -> tuple[str, bytes | np.ndarray | dict[str, np.ndarray]]:
-    """("image", encoded image bytes) or ("inputs", array | {name: array}); HTTPError 400 for a bad body.
+                       input_dtypes: dict[str, str | None]) -> tuple[str, Any]:
+    """("image", encoded image bytes), ("inputs", array | {name: array}) or ("instances", the TF Serving / Vertex
+    JSON document); HTTPError 400 for a bad body.
 
-    ``input_dtypes`` maps the model's input names to their dtypes (JSON numbers are converted to them).
+    Images come as JSON ``{"image": "<base64>"}``, multipart/form-data, or a raw ``image/*``,
+    ``application/x-image`` or ``application/octet-stream`` body; tensors as JSON ``{"inputs": ...}`` or an
+    ``application/x-npy`` body (SageMaker; read safely, see :func:`~edge_sdk.device_agent.protocols.sagemaker.
+    load_npy`). ``input_dtypes`` maps the model's input names to their dtypes (JSON numbers are converted to them).
     """
     ctype = content_type.split(";", 1)[0].strip().lower()
     if ctype == "multipart/form-data":
@@ -151,10 +97,12 @@ def parse_predict_body(body: bytes, content_type: str,
             raise HTTPError(400, "missing_field", "multipart upload without a file: send the image in a field "
                             "named 'image'")
         return "image", picked[1]
-    if ctype.startswith("image/") or ctype == "application/octet-stream":
+    if ctype.startswith("image/") or ctype in ("application/octet-stream", X_IMAGE):
         return "image", body
+    if ctype == NPY:
+        return "inputs", load_npy(body)
     try:
-        doc = json.loads(body)
+        doc = safe_json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HTTPError(400, "bad_json", f"body is not valid JSON ({first_line(exc, 1000)}): send "
                         f'{{"image": "<base64>"}} or {{"inputs": ...}}') from None
@@ -165,7 +113,10 @@ def parse_predict_body(body: bytes, content_type: str,
         return "image", _b64(doc["image"])
     if isinstance(doc, dict) and "inputs" in doc:
         return "inputs", _arrays(doc["inputs"], input_dtypes)
-    raise HTTPError(400, "missing_field", 'JSON body needs an "image" (base64 JPEG/PNG) or an "inputs" field')
+    if isinstance(doc, dict) and "instances" in doc:
+        return "instances", doc
+    raise HTTPError(400, "missing_field", 'JSON body needs an "image" (base64 JPEG/PNG) or an "inputs" field (or '
+                    'TF Serving / Vertex "instances")')
 
 
 def parse_feedback_body(body: bytes) -> tuple[str, int | str]:
@@ -173,7 +124,7 @@ def parse_feedback_body(body: bytes) -> tuple[str, int | str]:
     HTTPError 400 with a one-line reason otherwise."""
     usage = 'send {"prediction_id": "<id from /predict>", "label": <class index> or "<label name>"}'
     try:
-        doc = json.loads(body)
+        doc = safe_json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise HTTPError(400, "bad_json", f"body is not valid JSON ({first_line(exc, 1000)}): {usage}") from None
     if not isinstance(doc, dict):

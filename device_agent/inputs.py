@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_sdk._deps import require
+from edge_sdk.device_agent.metrics import inference_source
 from edge_sdk.errors import InputError
 from edge_sdk.preprocessing import IMAGE_SUFFIXES, decode_image
 
@@ -173,10 +174,11 @@ def run_source(agent: Agent | Callable[[], Agent], spec: str, on_result: Callabl
     if max_items is not None and max_items <= 0:
         return 0
     frames = iter_source(spec, stop_event=stop, poll_interval=poll_interval)
+    kind = parse_source(spec)[0]  # counted as edge_agent_inferences_total{source=kind} (/metrics)
     try:
         for name, frame in frames:
             try:
-                with guard:
+                with guard, inference_source(kind):
                     pred = current().predict_image(frame)
             except InputError as exc:
                 if on_error is not None:

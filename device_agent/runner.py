@@ -4,6 +4,7 @@
 
     start():  ModelStore + Updater (recover after a crash; install the first bundle when the store is empty)
               -> Agent (the store's current version; one that does not start is rolled back to the previous)
+              -> Capture ([capture]: data capture and upload, capture.py; offered every prediction and feedback)
               -> Outbox -> Publisher (MQTT; cmd/# -> Updater.on_command) -> Telemetry (model.loaded, windows)
               -> HTTP server (AgentServer, token and TLS from the config)
     run():    the input source (results as JSON lines) or wait for stop_event; then stop()
@@ -104,6 +105,7 @@ class DeviceRunner:
         self.outbox: Any = None
         self.publisher: Any = None
         self.telemetry: Telemetry | None = None
+        self.capture: Any = None  # edge_sdk.device_agent.capture.Capture when [capture] is enabled
         self.server: Any = None
         self.lock = threading.RLock()  # guards agent / telemetry swaps against inference on the agent
         self.stop_event = threading.Event()
@@ -164,6 +166,8 @@ class DeviceRunner:
             self.agent = agent
         self.say(f"agent: {agent.model_version} on {agent.artifact.key} with {agent.runtime_name} "
                  f"({agent.selection_reason})")
+        if cfg.capture.enabled:
+            self._start_capture(agent)
         if self.settings.enabled:
             self._start_reporting(agent)
         self.on_model_loaded(agent, None)
@@ -217,6 +221,20 @@ class DeviceRunner:
             self.say(f"agent: the current model does not start ({exc}); rolling back")
             return self._new_agent(self.updater.rollback(reason=str(exc)))
 
+    def _start_capture(self, agent: Agent) -> None:
+        """Open the capture store, start its writer and uploader, and offer ``agent``'s predictions to it."""
+        from edge_sdk.device_agent.capture import Capture
+
+        cs = self.config.agent.capture
+        if cs.drift and not self.settings.enabled:
+            raise ConfigError("[capture] drift = true needs telemetry (the windows' input PSI): add a [telemetry] "
+                              "table or turn drift off")
+        self.capture = Capture(cs, fleet=self.settings.fleet, device=self.settings.device).start()
+        agent.set_capture(self.capture)
+        where = cs.upload_url or "nowhere (no upload_url: kept on the device)"
+        self.say(f"agent: capturing {', '.join(cs.policies())} into {cs.dir} (cap {cs.max_bytes} bytes); "
+                 f"uploading to {where}")
+
     def _start_reporting(self, agent: Agent) -> None:
         """Open the outbox, start the publisher (when a broker is configured) and the telemetry of ``agent``."""
         from edge_sdk.device_agent.outbox import Outbox
@@ -242,6 +260,8 @@ class DeviceRunner:
         from edge_sdk.device_agent.telemetry import Telemetry, model_info
 
         telemetry = Telemetry.for_agent(agent, self.settings, outbox=self.outbox, publisher=self.publisher)
+        if self.capture is not None:
+            telemetry.on_window = self.capture.on_window
         telemetry.emit_event("model.loaded", {**model_info(agent), "runtime_version": agent.runtime_version,
                                               "reason": agent.selection_reason[:500]})
         return telemetry
@@ -274,6 +294,7 @@ class DeviceRunner:
         from edge_sdk.device_agent.telemetry import model_info
 
         agent = self._new_agent(bundle_path)
+        agent.set_capture(self.capture)
         telemetry = None
         if self.outbox is not None:
             try:
@@ -339,6 +360,8 @@ class DeviceRunner:
                 self.telemetry.stop()
             except EdgeSDKError as exc:  # the outbox could not store the last window: say so, still shut down
                 failed = exc
+        if self.capture is not None:
+            self.capture.stop(flush_s=flush)
         if self.publisher is not None:
             if self.publisher.connected and flush > 0:
                 self.publisher.flush(flush)

@@ -1,23 +1,38 @@
-"""The agent's local HTTP API (standard library only): predict, health, Prometheus metrics.
+"""The agent's local HTTP API (standard library only): predict in the agent's own format and in the standard
+serving protocols, feedback, health, Prometheus metrics.
 
-Routes (``POST /invocations`` and ``GET /ping`` follow the SageMaker / Vertex AI / Azure ML custom
-container contract, so the same image serves there):
+Routes (the standard ones let other people's clients work unchanged; the protocol logic lives in
+:mod:`edge_sdk.device_agent.protocols`, one module per protocol):
 
-    POST /predict, /invocations   JSON {"image": "<base64>"} | {"inputs": {name: nested list}} | {"inputs": [...]},
-                                  multipart/form-data with one image file, or a raw image/* body
+    POST /predict, /invocations,  JSON {"image": "<base64>"} | {"inputs": {name: nested list}} | {"inputs": [...]}
+         /score                   (-> the prediction: id, outputs, class, label, confidence, top_k) or TF Serving /
+                                  Vertex {"instances": [...]} (-> {"predictions": [...]}); multipart/form-data with
+                                  one image file; a raw image/*, application/x-image or octet-stream body; or an
+                                  application/x-npy array. /invocations (SageMaker) also honours Accept:
+                                  application/json (default) or application/x-npy (the one output as .npy);
+                                  /score is Azure ML's scoring route
     POST /feedback                JSON {"prediction_id": "<id of a prediction>", "label": 3 | "tabby"}: ground truth
                                   -> 200 {"prediction_id", "correct"} | 404 unknown (or already labelled) id
-    GET  /ping                    200 once the model is loaded
+    GET  /ping                    200 once the model is loaded (SageMaker / Vertex / Azure health probe)
     GET  /healthz                 status, model version, runtime, artifact, uptime, queue depth
     GET  /metrics                 Prometheus text format 0.0.4
+    Open Inference Protocol v2 (KServe / Triton / OpenVINO Model Server clients; protocols/oip_v2.py):
+    GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}][/ready]
+    POST /v2/models/{name}[/versions/{v}]/infer      JSON or binary tensors (Inference-Header-Content-Length)
+    TF Serving (protocols/tf_serving.py):
+    POST /v1/models/{name}[/versions/{v}]:predict    {"instances"} -> {"predictions"} | {"inputs"} -> {"outputs"}
+    GET  /v1/models/{name}[/versions/{v}]            model version status
+    Vertex AI: $AIP_PREDICT_ROUTE answers like :predict, $AIP_HEALTH_ROUTE like /ping (when set)
 
 HTTP threads (a fixed pool, :mod:`edge_sdk.http_pool`: idle and slow sockets hold no thread and are closed at
-their deadline) only read bodies: parsing the JSON / multipart / image body and inference both run on ONE worker
-thread fed by a bounded queue, so a body costs CPU and memory only once admitted; a request that finds the queue
-full is answered 429 (with ``Retry-After``) at once, unparsed.
+their deadline) only read bodies: parsing any predict or infer body (JSON, multipart, image, .npy, v2 binary) and
+inference both run on ONE worker thread fed by a bounded queue, so a body costs CPU and memory only once admitted;
+a request that finds the queue full is answered 429 (with ``Retry-After``) at once, unparsed. Every route shares
+the body limit, the token and the one-line error body ``{"error": "..."}`` (also the v2 and TF Serving error body).
 
-With a token (:class:`~edge_sdk.httpbase.HTTPSecurity`) every route but ``/ping`` and ``/healthz`` needs it;
-without one, ``POST /feedback`` is accepted from loopback clients only (ground truth steers canary judgement).
+With a token (:class:`~edge_sdk.httpbase.HTTPSecurity`) every route but the health probes (``/ping``,
+``/healthz``, ``/v2/health/live|ready``, ``$AIP_HEALTH_ROUTE``) needs it; without one, ``POST /feedback`` is
+accepted from loopback clients only (ground truth steers canary judgement).
 """
 
 from __future__ import annotations
@@ -30,43 +45,61 @@ import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edge_sdk.device_agent.http_io import Metrics, parse_feedback_body, parse_multipart, parse_predict_body
-from edge_sdk.errors import EdgeSDKError, HTTPError, InputError, first_line
+from edge_sdk.device_agent.protocols import oip_v2, sagemaker, tf_serving
+from edge_sdk.device_agent.protocols.base import (
+    Outcome,
+    Reply,
+    RouteTable,
+    ServedModel,
+    finite,
+    json_reply,
+    served_model,
+)
+from edge_sdk.errors import ConfigError, EdgeSDKError, HTTPError, InputError, first_line
 from edge_sdk.httpbase import HTTPLimits, HTTPSecurity, HTTPServer, RequestHandler, base_url, bind, is_loopback
 
 if TYPE_CHECKING:
-    from edge_sdk.device_agent.agent import Agent, Prediction
+    from edge_sdk.device_agent.agent import Agent
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "FEEDBACK_MAX_BODY_BYTES", "PREDICT_ROUTES", "ROUTES", "AgentServer",
            "parse_multipart"]
 
 log = logging.getLogger("edge_sdk.agent.http")
+_T = TypeVar("_T")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 FEEDBACK_MAX_BODY_BYTES = 16 * 1024
-PREDICT_ROUTES = ("/predict", "/invocations")
+PREDICT_ROUTES = ("/predict", "/invocations", "/score")
+#: Route (a path, or a template of :mod:`~edge_sdk.device_agent.protocols`) -> allowed methods; the route is also
+#: the ``route`` label of the request metrics.
 ROUTES: dict[str, tuple[str, ...]] = {
-    "/predict": ("POST",), "/invocations": ("POST",), "/feedback": ("POST",), "/ping": ("GET", "HEAD"),
-    "/healthz": ("GET", "HEAD"), "/metrics": ("GET", "HEAD"),
+    "/predict": ("POST",), "/invocations": ("POST",), "/score": ("POST",), "/feedback": ("POST",),
+    "/ping": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/metrics": ("GET", "HEAD"),
+    **oip_v2.ROUTES, **tf_serving.ROUTES,
 }
+_TABLE = RouteTable(ROUTES)
+_PUBLIC = frozenset({"/ping", "/healthz", *oip_v2.PUBLIC_ROUTES})
 
 
 class _Handler(RequestHandler):
     server_version = "edge-sdk-agent"
     logger = log
-    public_routes = frozenset({"/ping", "/healthz"})
     server: HTTPServer
 
     @property
     def max_body_bytes(self) -> int:  # type: ignore[override]  # the owner's limit, for Expect: 100-continue
         return int(self.server.owner.max_body_bytes)
 
+    @property
+    def public_routes(self) -> frozenset[str]:  # type: ignore[override]  # the owner's (Vertex adds one)
+        return self.server.owner.public_routes  # type: ignore[no-any-return]
+
     def on_response(self, status: int) -> None:
-        self.server.owner.metrics.request(self.route(), self.command, status)
+        found = self.server.owner.resolve(self.route())
+        self.server.owner.metrics.request(found[0] if found else self.route(), self.command, status)
 
     def on_error(self, exc: HTTPError) -> None:
         owner = self.server.owner
@@ -74,17 +107,26 @@ class _Handler(RequestHandler):
         if exc.status in (401, 403) and self.route() == "/feedback":
             owner.rejected_feedback()  # counted, so forging attempts show; never in accuracy
 
+    def send_reply(self, reply: Reply) -> None:
+        """Send a protocol module's answer."""
+        self.send_body(reply.status, reply.body, reply.content_type, reply.headers)
+
     def handle_request(self) -> None:
         owner, route, method = self.server.owner, self.route(), self.command
-        allowed = ROUTES.get(route)
-        if allowed is None:
-            raise HTTPError(404, "not_found", f"no route {route}: use POST /predict, POST /invocations, "
-                                              f"POST /feedback, GET /ping, /healthz or /metrics")
+        found = owner.resolve(route)
+        if found is None:
+            raise HTTPError(404, "not_found", f"no route {route}: use POST /predict, /invocations, /score, "
+                            "/v2/models/{name}/infer or /v1/models/{name}:predict, POST /feedback, GET /ping, "
+                            "/healthz, /metrics or /v2/...")
+        label, params = found
+        allowed = ROUTES[label]
         if method not in allowed:
             raise HTTPError(405, "method_not_allowed", f"{method} is not allowed on {route}: use "
                             f"{' or '.join(allowed)}", {"Allow": ", ".join(allowed)})
-        if route in PREDICT_ROUTES:
-            self.send_json(*owner.handle_predict(self))
+        if label in PREDICT_ROUTES:
+            self.send_reply(owner.handle_predict(self, label))
+        elif label.startswith(("/v2", "/v1/")):
+            self.send_reply(owner.handle_protocol(self, label, params))
         elif route == "/feedback":
             if self.server.token is None and not is_loopback(self.client_address[0]):
                 raise HTTPError(403, "forbidden", f"POST /feedback from {self.client_address[0]} needs an API token: "
@@ -123,14 +165,18 @@ class AgentServer:
     ``security``: token and TLS (default none: loopback ``host`` only). ``workers``: HTTP threads (default
     ``queue_size + 4``: every admitted request can wait for its result while health checks are still answered).
     ``request_timeout_s`` bounds both the wait for a result (504) and receiving a request (at least 2 s).
+    ``vertex``: Vertex AI's predict and health routes (default: ``AIP_PREDICT_ROUTE`` / ``AIP_HEALTH_ROUTE`` from
+    the environment, when set).
     """
 
     def __init__(self, agent: Agent | Callable[[], Agent], host: str = "127.0.0.1", port: int = 8080, *,
                  queue_size: int = 8, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float = 30.0,
                  security: HTTPSecurity | None = None, workers: int | None = None,
-                 limits: HTTPLimits | None = None, lock: contextlib.AbstractContextManager[Any] | None = None) -> None:
+                 limits: HTTPLimits | None = None, lock: contextlib.AbstractContextManager[Any] | None = None,
+                 vertex: tf_serving.VertexRoutes | None = None) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
+        self._custom, self.public_routes = self._vertex_routes(vertex or tf_serving.VertexRoutes.from_env())
         receive_s = max(float(request_timeout_s), 2.0)
         limits = limits or HTTPLimits(workers=workers or queue_size + 4, backlog=max(16, 2 * queue_size),
                                       header_timeout_s=min(10.0, receive_s), request_timeout_s=receive_s,
@@ -140,11 +186,12 @@ class AgentServer:
         self._current: Callable[[], Agent] = _follow(agent)
         self._lock: contextlib.AbstractContextManager[Any] = lock if lock is not None else contextlib.nullcontext()
         self._dtypes: tuple[Agent, dict[str, str | None]] | None = None
+        self._served: tuple[Agent, ServedModel] | None = None
         self.max_body_bytes = int(max_body_bytes)
         self.request_timeout_s = float(request_timeout_s)
         self.metrics = Metrics(tuple(ROUTES))
         self.before_inference: Callable[[], None] | None = None
-        self._queue: queue.Queue[tuple[Callable[[], Prediction], Future[Prediction]] | None] = queue.Queue(
+        self._queue: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue(
             maxsize=queue_size)
         self._started = time.monotonic()
         self._worker: threading.Thread | None = None
@@ -158,6 +205,50 @@ class AgentServer:
     def agent(self) -> Agent:
         """The agent serving now (read it under the owner's lock to use it)."""
         return self._current()
+
+    @staticmethod
+    def _vertex_routes(vertex: tf_serving.VertexRoutes) -> tuple[dict[str, str], frozenset[str]]:
+        """(custom path -> route it is answered as, public paths) for Vertex AI's routes; ConfigError on a clash."""
+        custom: dict[str, str] = {}
+        public = set(_PUBLIC)
+        if vertex.predict is not None:
+            found = _TABLE.match(vertex.predict)
+            if found is None:
+                custom[vertex.predict] = "/v1/models/{name}:predict"
+            elif found[0] not in PREDICT_ROUTES and not found[0].endswith(":predict"):
+                raise ConfigError(f"AIP_PREDICT_ROUTE={vertex.predict} is the agent's {found[0]} route: choose "
+                                  "another path, or /predict")
+        if vertex.health is not None:
+            found = _TABLE.match(vertex.health)
+            if found is None:
+                custom[vertex.health] = "/ping"
+            elif found[0] not in ("/ping", "/healthz", *oip_v2.PUBLIC_ROUTES):
+                raise ConfigError(f"AIP_HEALTH_ROUTE={vertex.health} is the agent's {found[0]} route: choose "
+                                  "another path, or /ping")
+            public.add(vertex.health)
+        return custom, frozenset(public)
+
+    def resolve(self, path: str) -> tuple[str, dict[str, str]] | None:
+        """``(route, parameters)`` of a request path (a Vertex route resolves to the route it is answered as)."""
+        if path in self._custom:
+            return self._custom[path], {}
+        return _TABLE.match(path)
+
+    def served(self, agent: Agent) -> ServedModel:
+        """The name, version and tensors of ``agent`` as the protocols give them (cached per agent)."""
+        cached = self._served
+        if cached is None or cached[0] is not agent:
+            cached = (agent, served_model(agent))
+            self._served = cached
+        return cached[1]
+
+    def _served_now(self) -> tuple[Agent, ServedModel]:
+        """The agent serving now and its :meth:`served` model; HTTPError 503 when none is loaded."""
+        try:
+            agent = self.agent
+        except EdgeSDKError as exc:  # starting or stopping
+            raise HTTPError(503, "unavailable", f"no model is loaded ({first_line(exc, 200)}): retry later") from None
+        return agent, self.served(agent)
 
     def _input_dtypes(self, agent: Agent) -> dict[str, str | None]:
         """Input name -> dtype of ``agent`` (cached per agent: a swap brings other inputs)."""
@@ -266,11 +357,11 @@ class AgentServer:
             except BaseException as exc:  # handed to the waiting request thread, which answers for it
                 future.set_exception(exc)
 
-    def submit(self, job: Callable[[], Prediction]) -> Prediction:
+    def submit(self, job: Callable[[], _T]) -> _T:
         """Queue ``job`` for the worker and wait for it; HTTPError 429 at once when the queue is full."""
         if self._stopping.is_set():
             raise HTTPError(503, "shutting_down", "the agent is shutting down: retry on another instance")
-        future: Future[Prediction] = Future()
+        future: Future[_T] = Future()
         try:
             self._queue.put_nowait((job, future))
         except queue.Full:
@@ -286,12 +377,14 @@ class AgentServer:
             raise HTTPError(503, "shutting_down", "the agent is shutting down: retry on another instance") from None
 
     # -- request handling (HTTP threads) -----------------------------------------------------------------
-    def handle_predict(self, req: _Handler) -> tuple[int, dict[str, Any]]:
-        """Read a predict request; parse it and run it on the worker (after admission); return (status, JSON)."""
-        body = req.read_body(self.max_body_bytes)
-        content_type = req.headers.get("Content-Type", "")
+    def run(self, job: Callable[[Agent], Outcome]) -> Reply:
+        """Run ``job`` (parse a body and predict) on the worker with the agent serving now, under the lock; record
+        the latencies; refuse NaN / Inf outputs; render the answer (on the calling HTTP thread)."""
+        def locked() -> Outcome:
+            with self._lock:
+                return job(self.agent)
         try:
-            pred = self.submit(self._job_for(body, content_type))
+            outcome = self.submit(locked)
         except HTTPError as exc:  # 429 / 503 / 504 from the queue, or a 400 from parsing on the worker
             tel = getattr(self.agent, "telemetry", None) if exc.status == 400 else None
             if tel is not None and exc.status == 400:  # the request never reached the model: a bad input
@@ -306,11 +399,48 @@ class AgentServer:
             log.exception("inference failed")
             raise HTTPError(500, "inference",
                             f"inference failed: {type(exc).__name__}: {first_line(exc, 1000)}") from None
-        self.metrics.observe(pred.latency_ms / 1000.0)
-        if not all(np.isfinite(v).all() for v in pred.outputs.values() if v.dtype.kind == "f"):
+        for pred in outcome.predictions:
+            self.metrics.observe(pred.latency_ms / 1000.0)
+        if not all(finite(pred.outputs.values()) for pred in outcome.predictions):
             raise HTTPError(500, "non_finite_output", "the model produced NaN or Inf outputs: check the input "
                             "range and the artifact's validation")
-        return 200, pred.to_json()
+        return outcome.render()
+
+    def handle_predict(self, req: _Handler, route: str = "/predict") -> Reply:
+        """``POST /predict``, ``/invocations``, ``/score``: read the body; parse it and run it on the worker (after
+        admission). ``/invocations`` answers in the type its ``Accept`` header asks for (SageMaker)."""
+        body = req.read_body(self.max_body_bytes)
+        content_type = req.headers.get("Content-Type", "")
+        answer = sagemaker.JSON
+        if route == "/invocations":
+            answer = sagemaker.response_type(req.headers.get("Accept"), len(self._served_now()[1].outputs))
+        return self.run(self._job_for(body, content_type, answer))
+
+    def handle_protocol(self, req: _Handler, route: str, params: dict[str, str]) -> Reply:
+        """A route of the Open Inference Protocol v2 (``/v2...``) or of TF Serving (``/v1/models...``)."""
+        name, version = params.get("name"), params.get("version")
+        if route == "/v2":
+            return json_reply(oip_v2.server_metadata())
+        if route == "/v2/health/live":
+            return json_reply({"live": True})
+        if route == "/v2/health/ready":
+            return json_reply({"ready": self.ready}, 200 if self.ready else 503)
+        if route.endswith(("/infer", ":predict")):
+            body = req.read_body(self.max_body_bytes)
+            if route.endswith(":predict"):
+                return self.run(lambda agent: tf_serving.predict(agent, self.served(agent), body, name=name,
+                                                                 version=version))
+            length, encoding = req.headers.get(oip_v2.HEADER_LENGTH), req.headers.get("Content-Encoding")
+            return self.run(lambda agent: oip_v2.infer(agent, self.served(agent), body, name=str(name),
+                                                       version=version, header_length=length,
+                                                       content_encoding=encoding, max_bytes=self.max_body_bytes))
+        model = self._served_now()[1]
+        model.check(str(name), version)
+        if route.startswith("/v1/"):
+            return json_reply(tf_serving.model_status(model, self.ready))
+        if route.endswith("/ready"):
+            return json_reply({"name": model.name, "ready": self.ready}, 200 if self.ready else 503)
+        return json_reply(oip_v2.model_metadata(model))
 
     def handle_feedback(self, req: _Handler) -> tuple[int, dict[str, Any]]:
         """``POST /feedback``: give the agent the true label of an earlier prediction (answered on the HTTP thread)."""
@@ -326,15 +456,16 @@ class AgentServer:
                             f"of the last {agent.remember} predictions, or it was labelled already")
         return 200, {"prediction_id": prediction_id, "correct": correct}
 
-    def _job_for(self, body: bytes, content_type: str) -> Callable[[], Prediction]:
-        """The worker's job: parse the body (HTTPError 400) and run the current model on it, under the lock."""
-        def job() -> Prediction:
-            with self._lock:
-                agent = self.agent
-                kind, value = parse_predict_body(body, content_type, self._input_dtypes(agent))
-                if kind == "image":
-                    return agent.predict_image(value)  # type: ignore[arg-type]
-                return agent.predict(value)  # type: ignore[arg-type]
+    def _job_for(self, body: bytes, content_type: str, answer: str = sagemaker.JSON) -> Callable[[Agent], Outcome]:
+        """The worker's job for a predict route: parse the body (HTTPError 400) and run the model on it."""
+        def job(agent: Agent) -> Outcome:
+            kind, value = parse_predict_body(body, content_type, self._input_dtypes(agent))
+            if kind == "instances":
+                return tf_serving.predict_document(agent, value)
+            pred = agent.predict_image(value) if kind == "image" else agent.predict(value)
+            if answer == sagemaker.NPY:
+                return Outcome([pred], lambda: sagemaker.npy_reply(pred))
+            return Outcome([pred], lambda: json_reply(pred.to_json()))
         return job
 
     # -- health and metrics ------------------------------------------------------------------------------
@@ -351,6 +482,10 @@ class AgentServer:
                 "uptime_s": round(time.monotonic() - self._started, 3), "queue_depth": self.queue_depth}
 
     def metrics_text(self) -> str:
-        """The /metrics document."""
+        """The /metrics document (edge_sdk/device_agent/metrics.py: the serving agent's counts, any source)."""
+        try:
+            agent: Agent | None = self.agent
+        except EdgeSDKError:  # between stop and exit: no model loaded
+            agent = None
         return self.metrics.render(queue_depth=self.queue_depth, info=self._info(),
-                                   uptime_s=time.monotonic() - self._started)
+                                   uptime_s=time.monotonic() - self._started, agent=agent)

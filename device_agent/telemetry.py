@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,8 @@ class Telemetry:
         self.events_topic = device_topic(settings.fleet, settings.device, "events")
         self.windows_emitted = 0
         self.windows_failed = 0
+        #: called with every stored window's payload (data capture's drift policy reads its input PSI)
+        self.on_window: Callable[[dict[str, Any]], None] | None = None
         self._disk_path = Path(settings.outbox_path).expanduser().resolve().parent
         self._window_start = time.time()
         self._emit_lock = threading.Lock()
@@ -193,6 +196,11 @@ class Telemetry:
                 raise
             self.windows_emitted += 1
         self._wake()
+        if self.on_window is not None:
+            try:
+                self.on_window(payload)
+            except Exception:  # a hook must not cost the window loop
+                log.exception("the telemetry window hook failed")
         return payload
 
     def emit_event(self, kind: str, data: dict[str, Any] | None = None, level: str = "info") -> dict[str, Any]:

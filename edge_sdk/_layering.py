@@ -8,7 +8,7 @@ imported or executed) and checks each import against the layers below.
 
 Layers, lowest first (an import may only point to its own layer or a lower one)::
 
-    core ← runtimes ← {targets | benchmark} ← {converters | agent} ← fleet ← testing ← cli
+    core ← runtimes ← {targets | benchmark} ← {converters | agent} ← fleet ← {testing | pipeline} ← cli
 
 Layers in braces are siblings: they share a rank and must not import each other (the agent never imports the
 converters and the converters never import the agent). Three placements are decisions, not givens:
@@ -89,6 +89,7 @@ CORE_MODULES: tuple[str, ...] = (
     "edge_sdk.preprocessing",
     "edge_sdk.progress",
     "edge_sdk.rollback_auth",
+    "edge_sdk.safe_json",
     "edge_sdk.schema",
     "edge_sdk.signing",
     "edge_sdk.sketch",
@@ -107,6 +108,8 @@ LAYERS: tuple[Layer, ...] = (
     Layer("agent", 3, ("edge_sdk.device_agent",)),
     Layer("fleet", 4, ("edge_sdk.fleet",)),
     Layer("testing", 5, ("edge_sdk.testing",)),
+    # the retraining pipeline drives the converters, the registry, the gate and the rollout (issue 18)
+    Layer("pipeline", 5, ("edge_sdk.pipeline",)),
     Layer("cli", 6, ("edge_sdk.cli",)),
 )
 

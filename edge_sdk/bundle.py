@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from edge_sdk import safe_json
 from edge_sdk.errors import BundleError
 
 __all__ = [
@@ -266,7 +267,7 @@ class Bundle:
         if not mpath.is_file():
             raise BundleError(f"{p} is not a bundle: {MANIFEST_NAME} not found")
         try:
-            data = json.loads(mpath.read_text())
+            data = safe_json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{mpath} is not valid JSON ({exc}): the bundle is damaged, rebuild it") from None
         return cls(p, Manifest.from_dict(data))

@@ -43,6 +43,7 @@ class Format(_Choice):
     OPENVINO = "openvino"
     ONNX = "onnx"
     ORT = "ort"
+    WEB = "web"  # a folder: ONNX model + predict.js + demo page + vendored ONNX Runtime Web (WASM)
 
 
 class Precision(_Choice):

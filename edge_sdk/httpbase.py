@@ -182,6 +182,16 @@ class RequestHandler(BaseHTTPRequestHandler):
     def finish(self) -> None:
         """The server owns the socket (kept alive or closed by it)."""
 
+    def handle(self) -> None:
+        """Answer ONE request; the pool parks a keep-alive connection until its next request arrives.
+
+        (``BaseHTTPRequestHandler.handle`` loops over the connection's requests on this thread: the next one was
+        then read straight from the socket under the first request's deadline, and a connection still in use when
+        that deadline passed was closed without a ``Connection: close``, so the client's next request failed.)
+        """
+        self.close_connection = True
+        self.handle_one_request()
+
     def check_access(self) -> None:
         """HTTPError 401 unless the route is public, no token is configured, or the request carries it."""
         token = getattr(self.server, "token", None)

@@ -42,6 +42,7 @@ from urllib.parse import unquote, urlsplit
 
 from edge_sdk._deps import require
 from edge_sdk.errors import ConfigError, EdgeSDKError
+from edge_sdk.safe_json import json_depth
 
 __all__ = ["MAX_COMMAND_BYTES", "MAX_COMMAND_DEPTH", "PASSWORD_ENV", "PASSWORD_FILE_ENV", "PROTOCOLS", "SCHEMES",
            "URL_FORMS", "LoopWatch", "MqttURL", "PayloadRejected", "RateLimitedLog", "connect_properties", "guard",
@@ -231,34 +232,13 @@ class PayloadRejected(ValueError):
         self.kind, self.reason = kind, reason
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*"?', re.DOTALL)  # an unclosed string runs to the end: one pass
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def json_depth(payload: bytes, limit: int) -> int:
-    """The bracket nesting depth of ``payload`` (brackets inside JSON strings do not count), without recursion;
-    the scan stops as soon as it exceeds ``limit`` (returning a value > limit)."""
-    brackets = _JSON_STRING.sub(b'""', payload).translate(None, _NOT_BRACKETS)
-    depth = deepest = 0
-    for b in brackets:
-        if b in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    break
-        else:
-            depth -= 1
-    return deepest
-
-
 def loads_command(payload: bytes, *, max_bytes: int = MAX_COMMAND_BYTES, max_depth: int = MAX_COMMAND_DEPTH) -> Any:
     """Parse an untrusted JSON payload or raise :class:`PayloadRejected`: the size is checked first, then the
     nesting depth (an iterative scan), and only then is ``json.loads`` run (whose recursion a 200 kB ``[[[...``
     would otherwise exhaust); any parser error, ``RecursionError`` included, becomes ``not_json``."""
     if len(payload) > max_bytes:
         raise PayloadRejected("too_large", f"{len(payload)} bytes exceed the limit of {max_bytes}")
-    depth = json_depth(bytes(payload), max_depth)
+    depth = json_depth(payload, max_depth)
     if depth > max_depth:
         raise PayloadRejected("too_deep", f"JSON nested deeper than {max_depth} levels")
     try:

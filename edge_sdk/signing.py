@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from edge_sdk import safe_json
 from edge_sdk._deps import require
 from edge_sdk.bundle import MANIFEST_NAME, Bundle, Manifest, sha256_path
 from edge_sdk.errors import BundleError, SignatureError
@@ -268,7 +269,7 @@ def _manifest_bytes(root: Path) -> bytes:
 
 def _parse_manifest(root: Path, data: bytes) -> Manifest:
     try:
-        doc = json.loads(data)
+        doc = safe_json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SignatureError(f"{root / MANIFEST_NAME} is not valid JSON ({exc}): rebuild the bundle") from None
     if not isinstance(doc, dict):
@@ -295,7 +296,7 @@ def _parse_signatures(data: bytes, spath: Path | str) -> dict[str, Any]:
     bad = f"{spath} is malformed"
     fix = "re-sign the bundle with `edge-sdk bundle sign`"
     try:
-        doc = json.loads(data)
+        doc = safe_json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SignatureError(f"{bad} (not JSON: {exc}): {fix}") from None
     sigs = doc.get("signatures") if isinstance(doc, dict) else None

@@ -30,6 +30,7 @@ __all__ = [
     "EDGETPU_OPS",
     "EDGETPU_SOURCE",
     "EDGETPU_SRAM_MB",
+    "attach_compiled",
     "check_edgetpu",
     "compile_edgetpu",
     "op_blockers",
@@ -197,8 +198,43 @@ def compile_edgetpu(path: Path, report: Any, out_dir: Path | None = None, timeou
            for _ in range(count)]
     _report(report, "edgetpu_compiler", sum(c for _, c, _ in rows), cpu)
     report.details["edgetpu"]["compiler_log"] = proc.stdout.strip().splitlines()[-40:]
+    report.details["edgetpu"]["op_mapping"] = [{"op": op, "count": count, "status": status}
+                                               for op, count, status in rows]
+    version = re.search(r"Edge TPU Compiler version\s+(\S+)", proc.stdout)
+    if version:
+        report.details["edgetpu"]["compiler_version"] = version.group(1)
     compiled = work / f"{Path(path).stem}_edgetpu.tflite"
     if keep and compiled.is_file():
         report.details["edgetpu"]["compiled"] = str(compiled)
         return compiled
     return None
+
+
+def attach_compiled(bundle: Any, artifact: Any, compiled: Path, details: dict[str, Any]) -> dict[str, Any]:
+    """Ship ``edgetpu_compiler``'s output beside the int8 ``artifact`` it was compiled from (issue 16).
+
+    The compiled file goes into the bundle next to the artifact as ``<stem>_edgetpu.tflite`` and is recorded as a
+    side file (hashed, so ``Bundle.verify`` checks it) and in ``artifact.runtime["edgetpu"]``: its path, the
+    delegate it needs (``edgetpu``) and the compiler's op mapping. The plain int8 file stays the artifact: it runs
+    everywhere, and the agent loads the compiled one instead only where ``libedgetpu`` is present. Returns the
+    ``runtime["edgetpu"]`` entry. The bundle's manifest is not saved here.
+    """
+    from edge_sdk.bundle import sha256_path
+
+    src = bundle.path_of(artifact)
+    dest = src.with_name(f"{src.stem}_edgetpu.tflite")
+    if Path(compiled).resolve() != dest.resolve():
+        shutil.copyfile(compiled, dest)
+    rel = dest.relative_to(bundle.root).as_posix()
+    side = {"path": rel, "sha256": sha256_path(dest), "size_bytes": dest.stat().st_size, "role": "edgetpu"}
+    artifact.files = [f for f in artifact.files if f.get("path") != rel] + [side]
+    entry = {"path": rel, "delegate": "edgetpu", "op_mapping": list(details.get("op_mapping", [])),
+             "ops_on_cpu": details.get("ops_on_cpu"), "ops_total": details.get("ops_total")}
+    if details.get("compiler_version"):
+        entry["compiler_version"] = details["compiler_version"]
+    artifact.runtime["edgetpu"] = entry
+    note = f"{rel}: compiled by edgetpu_compiler; the agent runs it where libedgetpu is installed"
+    if note not in artifact.notes:
+        artifact.notes.append(note)
+    return entry
+

@@ -204,3 +204,141 @@ def test_fragile_cnn_tflite_recovers_with_int16_activations(fashion_torch_cnn: A
     assert record["steps"][0]["name"] == "int8" and record["steps"][0]["passed"] is False
     v = art.validation
     assert 100 * (v.source_accuracy - v.accuracy) <= 0.5
+
+
+# --- issue 14: GPTQ weight rounding and the speed-aware ladder ---------------------------------------------------
+
+
+def test_gptq_round_beats_nearest_and_keeps_the_scale() -> None:
+    """On correlated inputs, error-compensating rounding gives a smaller layer-output error than nearest rounding,
+    every level is an int8 level, and each row's largest weight keeps +-127 (the quantizer recomputes the same
+    scale from the rounded weights)."""
+    from edge_sdk.converters.weight_rounding import QMAX, gptq_round
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 64)) @ rng.normal(size=(64, 64))  # correlated inputs, as real activations are
+    w = rng.normal(size=(1, 32, 64))
+    h = (x.T @ x)[None]
+    q, scale = gptq_round(w, h)
+    nearest = np.clip(np.round(w / scale[..., None]), -QMAX, QMAX)
+    assert np.array_equal(q, np.round(q)) and np.abs(q).max() == QMAX
+    assert (np.abs(q).max(axis=2) == QMAX).all()
+    assert np.allclose(np.abs(q * scale[..., None]).max(axis=2) / QMAX, scale)
+    err_gptq = np.linalg.norm(x @ (w[0] - q[0] * scale[0][:, None]).T)
+    err_nearest = np.linalg.norm(x @ (w[0] - nearest[0] * scale[0][:, None]).T)
+    assert err_gptq < 0.8 * err_nearest, (err_gptq, err_nearest)
+
+
+@pytest.mark.parametrize(("group", "stride", "pads"), [(1, 1, (1, 1, 1, 1)), (1, 2, (0, 1, 1, 0)),
+                                                       (8, 2, (1, 1, 1, 1)), (2, 1, (0, 0, 0, 0))])
+def test_conv_patches_is_the_convolution(group: int, stride: int, pads: tuple[int, int, int, int]) -> None:
+    from edge_sdk.converters.weight_rounding import conv_patches
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 8, 9, 7)).astype(np.float32)
+    w = rng.normal(size=(8, 8 // group, 3, 3)).astype(np.float32)
+    xt = torch.nn.functional.pad(torch.from_numpy(x), (pads[1], pads[3], pads[0], pads[2]))
+    ref = torch.nn.functional.conv2d(xt, torch.from_numpy(w), stride=stride, groups=group).numpy()
+    p = conv_patches(x[0], (3, 3), (stride, stride), pads, group)  # (group, positions, cols)
+    rows = w.reshape(group, 8 // group, -1)
+    got = np.einsum("gpc,grc->grp", p, rows).reshape(8, *ref.shape[2:])
+    assert np.allclose(got, ref[0], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fashion_onnx(tmp_path_factory: pytest.TempPathFactory, fashion_torch_cnn: Any) -> Path:
+    path = tmp_path_factory.mktemp("fashion") / "fashion.onnx"
+    torch.onnx.export(fashion_torch_cnn, torch.zeros(1, 1, 28, 28), path, input_names=["x"], output_names=["y"],
+                      opset_version=18, dynamo=False)
+    return path
+
+
+def test_gptq_onnx_int8_weights_are_the_rounded_ones(fashion_onnx: Path, fashion_test: tuple,
+                                                     fashion_calibration: np.ndarray, tmp_path: Path) -> None:
+    """ORT's quantizer keeps exactly the GPTQ levels (no second rounding), the manifest info says so, and the int8
+    model is at least as accurate as with nearest rounding on 1000 Fashion-MNIST test images."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edge_sdk.calibration import SampleSet
+    from edge_sdk.converters.base import ConvertOptions
+    from edge_sdk.converters.onnx_quantize import quantize_static_qdq
+    from edge_sdk.converters.weight_rounding import gptq_onnx
+
+    calib = SampleSet([fashion_calibration[:200]])
+    info = gptq_onnx(fashion_onnx, tmp_path / "g.onnx", calib, ["x"])
+    assert info["onnx_weight_rounding"].startswith("gptq (4 layers")
+    rounded = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "g.onnx")).graph.initializer}
+    x, y = fashion_test
+    acc = {}
+    for rounding in ("nearest", "gptq"):
+        out = tmp_path / f"{rounding}.onnx"
+        v = quantize_static_qdq(fashion_onnx, out, calib, ConvertOptions(
+            extra={"onnx_quantizer": "ort", "onnx_weight_rounding": rounding}), ["x"])
+        assert v["onnx_weight_rounding"].split(" ")[0] == rounding
+        model = onnx.load(str(out))
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        if rounding == "gptq":  # every int8 weight dequantizes to the GPTQ-rounded float weight
+            checked = 0
+            for node in model.graph.node:
+                if node.op_type == "DequantizeLinear" and inits.get(node.input[0], np.zeros(0)).dtype == np.int8:
+                    q, s = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
+                    name = node.input[0].removesuffix("_quantized")
+                    want = next(w for k, w in rounded.items() if k == name)
+                    deq = q * s.reshape([-1] + [1] * (q.ndim - 1))
+                    assert np.allclose(deq, want, rtol=0, atol=1e-6 * np.abs(want).max()), name
+                    checked += 1
+            assert checked == 4
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+        pred = np.array([sess.run(None, {"x": x[i:i + 1]})[0].argmax() for i in range(1000)])
+        acc[rounding] = float((pred == y[:1000]).mean())
+    assert acc["gptq"] >= acc["nearest"] - 0.002, acc
+
+
+def test_gptq_refuses_unknown_rounding(fashion_onnx: Path, fashion_calibration: np.ndarray, tmp_path: Path) -> None:
+    from edge_sdk.calibration import SampleSet
+    from edge_sdk.converters.base import ConvertOptions
+    from edge_sdk.converters.onnx_quantize import quantize_static_qdq
+    from edge_sdk.errors import ConversionError
+
+    with pytest.raises(ConversionError, match="onnx_weight_rounding 'adaround' is not supported: choose from"):
+        quantize_static_qdq(fashion_onnx, tmp_path / "q.onnx", SampleSet([fashion_calibration[:20]]),
+                            ConvertOptions(extra={"onnx_weight_rounding": "adaround"}), ["x"])
+
+
+def test_speed_aware_ladder_records_latency_and_skips_slow_steps(fashion_onnx: Path, fashion_calibration: np.ndarray,
+                                                                 fashion_test: tuple, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """A cosine budget plain int8 cannot meet: every step within budget is timed against fp32 (1 thread,
+    interleaved rounds); a step slower than fp32 does not end the ladder; the kept one is the first faster
+    step, or — when none is faster — the fastest one, marked ``slower_than_fp32``."""
+    x, _ = fashion_test
+    np.save(tmp_path / "calib.npy", fashion_calibration[:200])
+    np.save(tmp_path / "val.npy", x[:200])
+    out = tmp_path / "bundle"
+    code, summary = _cli(capsys, "convert", fashion_onnx, "--to", "onnx", "--no-ort", "--precision", "int8",
+                         "--calib", tmp_path / "calib.npy", "--val", tmp_path / "val.npy", "--min-cosine", "0.99999",
+                         "--out", out, "--json")
+    assert code == 0, summary
+    (art,) = Bundle.load(out).artifacts
+    checks = art.validation.checks
+    record = checks["accuracy_budget"]
+    steps = record["steps"]
+    assert steps[0]["name"] == "int8" and steps[0]["passed"] is False
+    passing = [s for s in steps if s["passed"]]
+    kept = next(s for s in steps if s["name"] == record["kept"])
+    assert all(s["latency_ratio"] is not None and s["latency_ratio"] > 0 for s in passing), passing
+    before = passing[:passing.index(kept)]
+    assert all(s["latency_ratio"] >= 1.0 for s in before)  # a slower step did not end the ladder
+    assert checks["latency_vs_fp32"]["latency_ratio"] == kept["latency_ratio"]
+    assert "interleaved rounds" in checks["latency_vs_fp32"]["measured"]
+    assert checks["slower_than_fp32"] is (kept["latency_ratio"] >= 1.0)
+    if checks["slower_than_fp32"]:  # only slower steps fit: the fastest of them, and the notes say so
+        assert all(s["latency_ratio"] >= 1.0 for s in passing)
+        assert kept["latency_ratio"] == min(s["latency_ratio"] for s in passing)
+        assert any("slower than fp32 on this host" in n for n in art.notes)
+    assert record["method"] and record["kept"] in record["method"]
+    print({s["name"]: (s["passed"], s["latency_ratio"]) for s in steps}, record["method"])

@@ -1,10 +1,13 @@
 """Alert rules on a real SQLite fleet database filled through the collector's storing path: each rule fires once
-and resolves, the webhook is POSTed to a real local HTTP server, and the rules file is checked key by key."""
+and resolves, notifications are grouped per rule and fleet (1,000 devices offline at once = one notification) and
+POSTed to a real local HTTP server in Alertmanager's webhook format (v4), and the rules file is checked key by key."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -66,11 +69,12 @@ def _rules(tmp_path: Path, text: str):
     return load_rules(path)
 
 
-def _only(tmp_path: Path, rule: str, extra: str = "") -> Any:
-    """Rules with every rule but ``rule`` disabled; ``extra`` lines go into the section of ``rule``."""
+def _only(tmp_path: Path, rule: str, extra: str = "", notify: str = "") -> Any:
+    """Rules with every rule but ``rule`` disabled; ``extra`` lines go into the section of ``rule``, ``notify`` lines
+    into [notify]."""
     names = ("drift", "latency_sla", "error_rate", "confidence_drop", "offline")
     return _rules(tmp_path, "\n".join(f"[{n}]\nenabled = {'true' if n == rule else 'false'}\n"
-                                      + (extra if n == rule else "") for n in names))
+                                      + (extra if n == rule else "") for n in names) + f"\n[notify]\n{notify}")
 
 
 def _cycle(fleet: Fleet, engine: AlertEngine, rule: str, normal: dict, bad: dict, *, before: int = 10) -> None:
@@ -211,7 +215,8 @@ def hook() -> Iterator[ThreadingHTTPServer]:
 def test_webhook_gets_opened_and_resolved_alerts_without_blocking(fleet: Fleet, tmp_path: Path,
                                                                   hook: ThreadingHTTPServer) -> None:
     url = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
-    engine = AlertEngine(fleet.db, _only(tmp_path, "drift"), webhook=url)
+    rules = _only(tmp_path, "drift", notify="group_wait_s = 0\ngroup_interval_s = 1\n")
+    engine = AlertEngine(fleet.db, rules, webhook=url, external_url="http://collector:8000")
     try:
         fleet.windows(3, psi=0.9)
         opened = engine.evaluate(now=fleet.now)  # returns while the webhook still holds the request
@@ -221,19 +226,124 @@ def test_webhook_gets_opened_and_resolved_alerts_without_blocking(fleet: Fleet, 
         hook.release.set()
         assert wait_until(lambda: fleet.alerts()[0]["webhook_status"] == "sent 200")
         body = hook.received[0]
-        assert body["event"] == "alert.opened" and body["alert"]["rule"] == "drift"
-        assert body["alert"]["device"] == DEV and body["alert"]["id"] == opened[0].id
+        check_alertmanager_v4(body)
+        assert body["status"] == "firing" and body["groupLabels"] == {"alertname": "drift", "fleet": FLEET}
+        assert body["externalURL"] == "http://collector:8000"
+        [alert] = body["alerts"]
+        assert alert["labels"] == {"alertname": "drift", "fleet": FLEET, "device": DEV, "severity": "warning",
+                                   "model": "net", "model_version": "1.0"}
+        assert alert["endsAt"] == "0001-01-01T00:00:00Z" and "votes" in alert["annotations"]["description"]
         hook.code = 500
         fleet.windows(3, psi=0.01)
         engine.evaluate(now=fleet.now)
         assert wait_until(lambda: fleet.alerts()[0]["webhook_status"] == "failed: HTTP 500")
-        assert hook.received[1]["event"] == "alert.resolved"
+        resolved = hook.received[1]
+        check_alertmanager_v4(resolved)
+        assert resolved["status"] == "resolved" and resolved["alerts"][0]["status"] == "resolved"
+        assert resolved["alerts"][0]["fingerprint"] == alert["fingerprint"]
+        assert resolved["alerts"][0]["endsAt"] > resolved["alerts"][0]["startsAt"]
     finally:
         engine.close()
 
 
+_RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def check_alertmanager_v4(body: dict[str, Any]) -> None:
+    """Keys and types of Alertmanager's webhook payload, version 4 (and nothing else at the top level)."""
+    assert set(body) == {"version", "status", "receiver", "groupKey", "groupLabels", "commonLabels",
+                         "commonAnnotations", "externalURL", "truncatedAlerts", "alerts"}, sorted(body)
+    assert body["version"] == "4" and body["status"] in ("firing", "resolved") and body["receiver"] == "edge-sdk"
+    assert isinstance(body["groupKey"], str) and isinstance(body["externalURL"], str)
+    assert isinstance(body["truncatedAlerts"], int) and body["truncatedAlerts"] >= 0
+    for key in ("groupLabels", "commonLabels", "commonAnnotations"):
+        assert isinstance(body[key], dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in body[key].items()), key
+    assert body["commonLabels"].items() >= body["groupLabels"].items()
+    assert isinstance(body["alerts"], list) and body["alerts"]
+    for a in body["alerts"]:
+        assert set(a) == {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}
+        assert a["status"] in ("firing", "resolved")
+        assert all(isinstance(v, str) for v in (*a["labels"].values(), *a["annotations"].values()))
+        assert a["labels"].items() >= body["commonLabels"].items()
+        assert {"alertname", "fleet", "device", "severity"} <= set(a["labels"])
+        assert _RFC3339.match(a["startsAt"]) and _RFC3339.match(a["endsAt"])
+        assert (a["endsAt"] == "0001-01-01T00:00:00Z") == (a["status"] == "firing")
+        assert re.fullmatch(r"[0-9a-f]{16}", a["fingerprint"]) and isinstance(a["generatorURL"], str)
+
+
+def test_a_thousand_devices_offline_at_once_are_one_grouped_notification(
+        tmp_path: Path, hook: ThreadingHTTPServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15: 1,000 devices stop together -> ONE grouped firing notification (one log line, one webhook in
+    Alertmanager's format) and, when they are back, ONE resolved notification; the per-device rows stay."""
+    n, fleet_name = 1000, "outage"
+    db = Database.connect(f"sqlite:///{tmp_path / 'fleet.db'}")
+    db.migrate()
+    ingestor = Ingestor(db)
+    names = [f"cam-{i:04d}" for i in range(n)]
+    t = time.time() - 3600
+
+    def statuses(state: str, at: float) -> None:
+        ingestor.store_batch([Message(f"edge/{fleet_name}/{d}/status",
+                                      payload_bytes(status(fleet_name, d, state, ts=at)), at) for d in names])
+
+    hook.release.set()
+    url = f"http://127.0.0.1:{hook.server_address[1]}/hook"
+    rules = _only(tmp_path, "offline", notify="group_wait_s = 30\ngroup_interval_s = 120\nmax_alerts = 50\n")
+    engine = AlertEngine(db, rules, webhook=url)
+    caplog.set_level(logging.DEBUG, logger="edge_sdk.fleet.collector.alerts")
+    try:
+        statuses("online", t)
+        ingestor.store_batch([Message(f"edge/{fleet_name}/{d}/telemetry", payload_bytes(window(
+            fleet_name, d, seq=1, end=t + 5)), t + 5) for d in names])
+        assert engine.evaluate(now=t + 6) == []
+        statuses("offline", t + 60)  # every device's last will, within one batch: a fleet-wide outage
+        t0 = time.perf_counter()
+        opened = engine.evaluate(now=t + 61)
+        evaluate_s = time.perf_counter() - t0
+        assert len(opened) == n and len(db.query("SELECT id FROM alerts WHERE state = 'open'")) == n
+        assert engine.evaluate(now=t + 80) == [] and hook.received == []  # group_wait: nothing sent yet
+        engine.evaluate(now=t + 92)  # 31 s after the group began
+        assert wait_until(lambda: len(hook.received) == 1)
+        firing = hook.received[0]
+        check_alertmanager_v4(firing)
+        assert firing["status"] == "firing" and firing["groupLabels"] == {"alertname": "offline", "fleet": fleet_name}
+        assert len(firing["alerts"]) == 50 and firing["truncatedAlerts"] == n - 50
+        assert firing["commonLabels"] == {"alertname": "offline", "fleet": fleet_name, "severity": "critical",
+                                          "model": "net", "model_version": "1.0"}
+        assert firing["commonAnnotations"]["summary"] == f"devices offline in fleet {fleet_name}"
+        assert {a["labels"]["device"] for a in firing["alerts"]} == set(names[:50])
+        assert len({a["fingerprint"] for a in firing["alerts"]}) == 50
+        for later in (t + 120, t + 200, t + 230):  # still offline: nothing new to say
+            assert engine.evaluate(now=later) == []
+        statuses("online", t + 250)  # all back, more than group_interval after the firing notification
+        assert len([c for c in engine.evaluate(now=t + 251) if c.action == "resolved"]) == n
+        assert wait_until(lambda: len(hook.received) == 2)
+        resolved = hook.received[1]
+        check_alertmanager_v4(resolved)
+        assert resolved["status"] == "resolved" and resolved["groupKey"] == firing["groupKey"]
+        assert len(resolved["alerts"]) + resolved["truncatedAlerts"] == n
+        assert all(a["status"] == "resolved" for a in resolved["alerts"])
+        for later in (t + 255, t + 265):  # the group is closed: no more notifications
+            assert engine.evaluate(now=later) == []
+        time.sleep(0.2)
+        assert len(hook.received) == 2
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert len(lines) == 2, lines[:5]
+        assert lines[0].startswith(f"alerts firing: offline in fleet {fleet_name}: 1000 firing: cam-0000, ")
+        assert lines[0].endswith("and 995 more") and lines[1].startswith("alerts resolved: offline")
+        assert wait_until(lambda: db.query("SELECT COUNT(*) AS n FROM alerts WHERE webhook_status = 'sent 200'")[0]
+                          ["n"] == n)
+        print(f"\n{n} devices offline: {len(opened)} alert rows, evaluation {evaluate_s:.2f} s, 1 firing + 1 resolved "
+              f"webhook ({len(json.dumps(firing))} bytes), {len(lines)} log lines")
+    finally:
+        engine.close()
+        db.close()
+
+
 def test_unreachable_webhook_is_recorded_as_failed(fleet: Fleet, tmp_path: Path) -> None:
-    engine = AlertEngine(fleet.db, _only(tmp_path, "drift"), webhook="http://127.0.0.1:1/hook")
+    engine = AlertEngine(fleet.db, _only(tmp_path, "drift", notify="group_wait_s = 0\n"),
+                         webhook="http://127.0.0.1:1/hook")
     try:
         fleet.windows(3, psi=0.9)
         assert len(engine.evaluate(now=fleet.now)) == 1
@@ -243,8 +353,10 @@ def test_unreachable_webhook_is_recorded_as_failed(fleet: Fleet, tmp_path: Path)
 
 
 def test_rules_file_overrides_and_bad_keys(tmp_path: Path) -> None:
-    rules = _rules(tmp_path, "interval_s = 2\n[latency_sla]\np95_ms = 80\n[drift]\nmethod = 'votes'\n")
+    rules = _rules(tmp_path, "interval_s = 2\n[latency_sla]\np95_ms = 80\n[drift]\nmethod = 'votes'\n"
+                   "[notify]\ngroup_wait_s = 0\n")
     assert rules.interval_s == 2.0 and rules.latency_sla.p95_ms == 80.0 and rules.drift.method == "votes"
+    assert rules.notify.group_wait_s == 0 and rules.notify.group_interval_s == 300.0 and rules.notify.max_alerts == 100
     assert rules.drift.threshold == 0.2 and rules.error_rate.threshold == 0.05  # the shipped defaults
     for text, key in (("[drift]\nthreshhold = 0.3\n", "drift.threshhold"),
                       ("[drift]\nthreshold = 'high'\n", "drift.threshold"),
@@ -253,6 +365,8 @@ def test_rules_file_overrides_and_bad_keys(tmp_path: Path) -> None:
                       ("[nosuch]\nx = 1\n", "nosuch"),
                       ("[drift]\nseverity = 'loud'\n", "drift.severity"),
                       ("[drift]\nwindows = 2\nmin_windows = 3\n", "drift.min_windows"),
+                      ("[notify]\ngroup_interval_s = 0\n", "notify.group_interval_s"),
+                      ("[notify]\nmax_alerts = 1.5\n", "notify.max_alerts"),
                       ("interval_s = -1\n", "interval_s")):
         with pytest.raises(ConfigError) as info:
             _rules(tmp_path, text)

@@ -20,13 +20,13 @@ LEAVES = {
     "convert", "build", "benchmark", "check", "agent run", "targets", "inspect", "verify", "archive", "keys new",
     "bundle sign", "bundle verify", "registry add", "registry list", "registry show", "registry promote",
     "registry holdout", "registry serve", "deploy", "rollback", "collector run", "fleet status", "fleet simulate",
-    "distill", "prune",
+    "distill", "prune", "pipeline run", "pipeline serve", "pipeline check",
 }
 GROUP_MODULE = {"convert": "convert", "build": "convert", "benchmark": "convert", "check": "convert",
                 "agent": "agent", "targets": "targets", "inspect": "bundle", "verify": "bundle", "archive": "bundle",
                 "keys": "bundle", "bundle": "bundle", "registry": "registry", "deploy": "registry",
                 "rollback": "registry", "collector": "collector", "fleet": "fleet", "distill": "optimize",
-                "prune": "optimize"}
+                "prune": "optimize", "pipeline": "pipeline"}
 #: (old spelling, canonical spelling) -> a command line using the canonical spelling (the alias replaces it)
 ALIAS_CASES = {
     ("--keys", "--trusted-keys"): ["bundle", "verify", "B", "--trusted-keys", "trust"],
@@ -57,7 +57,7 @@ def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def test_every_leaf_command_is_registered_once_by_its_group_module() -> None:
     found = list(_walk(build_parser()))
     names = [path for path, _, _ in found]
-    assert len(names) == len(set(names)) == 25, sorted(names)
+    assert len(names) == len(set(names)) == len(LEAVES), sorted(names)
     assert set(names) == LEAVES
     funcs = {}
     for path, _, defaults in found:
@@ -65,7 +65,7 @@ def test_every_leaf_command_is_registered_once_by_its_group_module() -> None:
         assert func.__module__ == f"edge_sdk.cli.{GROUP_MODULE[path.split()[0]]}", path
         assert func.__name__ != "_usage", f"{path} has no handler of its own"
         funcs[path] = func
-    assert len(set(funcs.values())) == 25  # one handler per leaf
+    assert len(set(funcs.values())) == len(LEAVES)  # one handler per leaf
 
 
 def test_console_script_and_module_entry_points() -> None:

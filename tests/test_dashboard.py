@@ -72,13 +72,15 @@ def test_api_metrics_static_and_errors(served: tuple[CollectorHTTP, dict[str, An
     text = body.decode()
     assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
     assert 'edge_fleet_devices{state="online"} 2' in text and 'edge_fleet_devices{state="offline"} 1' in text
-    assert f'edge_device_up{{fleet="{FLEET}",device="cam-03"}} 0' in text
-    assert re.search(rf'edge_device_latency_ms{{fleet="{FLEET}",device="cam-02",quantile="0.95"}} \d+\.\d+', text)
-    assert re.search(rf'edge_device_psi_max{{fleet="{FLEET}",device="cam-02"}} (\d\.\d+)', text)
-    assert 'edge_alerts_open{rule="drift"} 1' in text and 'edge_alerts_open{rule="offline"} 1' in text
+    assert f'edge_device_up{{device="cam-03",fleet="{FLEET}"}} 0' in text  # prometheus_client sorts labels
+    # issue 15: histograms (tests/test_prometheus.py checks them), counters from the server's start, alerts per device
+    assert f'edge_device_inference_seconds_bucket{{device="cam-02",fleet="{FLEET}",le="+Inf"}} 0' in text
+    assert re.search(rf'edge_device_psi_max{{device="cam-02",fleet="{FLEET}"}} (\d\.\d+)', text)
+    assert re.search(rf'edge_alerts_open{{device="[^"]*",fleet="{FLEET}",rule="drift",severity="warning"}} 1', text)
+    assert re.search(rf'edge_alerts_open{{device="[^"]*",fleet="{FLEET}",rule="offline",severity="critical"}} 1', text)
     assert "edge_collector_received_total 153" in text and "edge_collector_dead_letters_schema_total 2" in text
     assert "# TYPE edge_collector_stored_total counter" in text
-    assert "# TYPE edge_collector_queue gauge" in text and "edge_collector_lag_p99_s 0.25" in text
+    assert "# TYPE edge_collector_queue gauge" in text and "edge_collector_lag_p99_seconds 0.25" in text
     assert "protocol" not in text
 
     code, ctype, body = _get(server, "/")

@@ -16,6 +16,7 @@ local HTTP file server here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import io
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 from mqtt_helpers import SYSTEM_BROKER, Subscriber, free_port, require_system_broker, unique_fleet, wait_until
+from ota_helpers import LoopbackServer, serving
 
 from edge_sdk.bundle import Bundle, sha256_file
 from edge_sdk.device_agent.config import AgentConfig, ConfigError
@@ -80,20 +82,15 @@ class Material:
                                "size_bytes": path.stat().st_size, "name": "tiny", "version": version}}).encode()
 
 
-class FileServer(http.server.ThreadingHTTPServer):
+class FileServer(LoopbackServer):
     """The archives over plain HTTP on loopback (SimpleHTTPRequestHandler sends Content-Length)."""
-
-    daemon_threads = True
 
     def __init__(self, root: Path) -> None:
         class Quiet(http.server.SimpleHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
 
-        super().__init__(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+        super().__init__(functools.partial(Quiet, directory=str(root)))
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +100,8 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
 
 @pytest.fixture()
 def files(material: Material) -> Iterator[FileServer]:
-    srv = FileServer(material.www)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(FileServer(material.www)) as srv:
+        yield srv
 
 
 def _get(url: str) -> dict[str, Any] | None:
@@ -182,53 +175,83 @@ class Hammer:
         return [e for _, _, e in self.results if e is not None]
 
 
-def test_agent_run_swaps_an_ota_update_in_place_without_an_http_outage(material: Material, files: FileServer,
-                                                                        tmp_path: Path) -> None:
+class AgentCli:
+    """``edge-sdk agent run`` as a real process on bundle v1 (HTTP + MQTT), its log, and a subscriber to its
+    topics; started by :func:`agent_cli`."""
+
+    def __init__(self, fleet: str, port: int, log: Path, sub: Subscriber, publish: Any,
+                 proc: subprocess.Popen) -> None:
+        self.fleet, self.port, self.log, self.sub, self.publish, self.proc = fleet, port, log, sub, publish, proc
+        self.health = f"http://127.0.0.1:{port}/healthz"
+
+    def update_to(self, version: str, material: Material, files: FileServer) -> None:
+        self.publish(f"edge/{self.fleet}/cam1/cmd/update", material.update_command(version, files), True)
+
+    def assert_switched_once_to_v2(self) -> None:
+        assert wait_until(lambda: [e["data"]["version"] for e in _events(self.sub, "model.loaded")] == ["1", "2"],
+                          20), _events(self.sub, "model.loaded")
+        assert [e["data"]["to"] for e in _events(self.sub, "update.switched")] == ["tiny:2"]
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=30) == 0, self.log.read_text()
+
+
+@contextlib.contextmanager
+def agent_cli(material: Material, tmp_path: Path, name: str, *extra: str) -> Iterator[AgentCli]:
+    """Start the agent on v1, wait until it serves and reports status; kill it and clear retained topics after."""
     require_system_broker()
     from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
 
-    fleet, port = unique_fleet("runnerswap"), free_port()
+    fleet, port = unique_fleet(name), free_port()
     log = tmp_path / "agent.log"
     args = ["agent", "run", "--model-store", str(tmp_path / "store"), "--bundle", str(material.archives["1"]),
             "--trusted-keys", str(material.pub), "--http", f"127.0.0.1:{port}", "--mqtt", SYSTEM_BROKER,
-            "--fleet", fleet, "--device", "cam1", "--window", "0.5", "--outbox", str(tmp_path / "outbox.db")]
-    health = f"http://127.0.0.1:{port}/healthz"
-    hammer = Hammer(port)
+            "--fleet", fleet, "--device", "cam1", "--window", "0.5", "--outbox", str(tmp_path / "outbox.db"), *extra]
     with Subscriber(SYSTEM_BROKER, f"edge/{fleet}/cam1/#") as sub, \
             MqttCommandPublisher(SYSTEM_BROKER, timeout=5.0) as publish, open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", _CLI, *args], stderr=err, stdout=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        agent = AgentCli(fleet, port, log, sub, publish, proc)
         try:
-            assert wait_until(lambda: (_get(health) or {}).get("model_version") == "tiny:1", 90, 0.2), \
+            assert wait_until(lambda: (_get(agent.health) or {}).get("model_version") == "tiny:1", 90, 0.2), \
                 log.read_text()
-            assert f"RUNNER DeviceRunner swap {port}" in log.read_text()  # the CLI's server is the runner's
+            policy = extra[extra.index("--on-switch") + 1] if "--on-switch" in extra else "swap"
+            assert f"RUNNER DeviceRunner {policy} {port}" in log.read_text()  # the CLI's server is the runner's
             assert wait_until(lambda: any(m.topic.endswith("/status") and m.payload for m in sub.received()), 20)
-            hammer.thread.start()
-            assert wait_until(lambda: len(hammer.results) >= 5, 30), hammer.results
-            up_before, t_before = _get(health)["uptime_s"], time.monotonic()  # type: ignore[index]
-            publish(f"edge/{fleet}/cam1/cmd/update", material.update_command("2", files), True)
-            assert wait_until(lambda: "tiny:2" in hammer.versions(), 90, 0.2), (hammer.errors(), log.read_text())
-            n = len(hammer.results)
-            assert wait_until(lambda: len(hammer.results) >= n + 5, 30)  # and it keeps answering on v2
-            hammer.stop.set()
-            hammer.thread.join(35)
-            after = _get(health)
-            assert after is not None and after["model_version"] == "tiny:2"
-            # the same process and the same server: a re-executed process would have restarted its uptime
-            assert proc.poll() is None
-            assert after["uptime_s"] >= up_before + (time.monotonic() - t_before) - 1.0, (up_before, after)
-            assert wait_until(lambda: [e["data"]["version"] for e in _events(sub, "model.loaded")] == ["1", "2"],
-                              20), _events(sub, "model.loaded")
-            assert [e["data"]["to"] for e in _events(sub, "update.switched")] == ["tiny:2"]
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0, log.read_text()
+            yield agent
         finally:
-            hammer.stop.set()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             for topic in (f"edge/{fleet}/cam1/cmd/update", f"edge/{fleet}/cam1/status"):
                 publish(topic, b"", True)
+
+
+def test_agent_run_swaps_an_ota_update_in_place_without_an_http_outage(material: Material, files: FileServer,
+                                                                        tmp_path: Path) -> None:
+    with agent_cli(material, tmp_path, "runnerswap") as agent:
+        hammer = Hammer(agent.port)
+        try:
+            hammer.thread.start()
+            assert wait_until(lambda: len(hammer.results) >= 5, 30), hammer.results
+            up_before, t_before = _get(agent.health)["uptime_s"], time.monotonic()  # type: ignore[index]
+            agent.update_to("2", material, files)
+            assert wait_until(lambda: "tiny:2" in hammer.versions(), 90, 0.2), \
+                (hammer.errors(), agent.log.read_text())
+            n = len(hammer.results)
+            assert wait_until(lambda: len(hammer.results) >= n + 5, 30)  # and it keeps answering on v2
+            hammer.stop.set()
+            hammer.thread.join(35)
+            after = _get(agent.health)
+            assert after is not None and after["model_version"] == "tiny:2"
+            # the same process and the same server: a re-executed process would have restarted its uptime
+            assert agent.proc.poll() is None
+            assert after["uptime_s"] >= up_before + (time.monotonic() - t_before) - 1.0, (up_before, after)
+            agent.assert_switched_once_to_v2()
+            agent.terminate()
+        finally:
+            hammer.stop.set()
     # every request through the switch was answered, by v1 then by v2 (never refused, dropped or reset)
     versions = hammer.versions()
     assert hammer.errors() == [], hammer.errors()[:5]
@@ -237,49 +260,22 @@ def test_agent_run_swaps_an_ota_update_in_place_without_an_http_outage(material:
     times = [t for t, _, _ in hammer.results]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < 10.0, max(gaps)  # no outage: at worst one request waits for the agent assignment
-    text = log.read_text()
+    text = agent.log.read_text()
     assert "agent: switched to tiny:2" in text and "restarting" not in text, text
     assert text.count("RUNNER DeviceRunner") == 1, text
 
 
 def test_agent_run_on_switch_restart_re_executes_on_an_ota_update(material: Material, files: FileServer,
                                                                   tmp_path: Path) -> None:
-    require_system_broker()
-    from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
-
-    fleet, port = unique_fleet("runner"), free_port()
-    log = tmp_path / "agent.log"
-    args = ["agent", "run", "--model-store", str(tmp_path / "store"), "--bundle", str(material.archives["1"]),
-            "--trusted-keys", str(material.pub), "--http", f"127.0.0.1:{port}", "--mqtt", SYSTEM_BROKER,
-            "--fleet", fleet, "--device", "cam1", "--window", "0.5", "--outbox", str(tmp_path / "outbox.db"),
-            "--on-switch", "restart"]
-    health = f"http://127.0.0.1:{port}/healthz"
-    with Subscriber(SYSTEM_BROKER, f"edge/{fleet}/cam1/#") as sub, \
-            MqttCommandPublisher(SYSTEM_BROKER, timeout=5.0) as publish, open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", _CLI, *args], stderr=err, stdout=subprocess.DEVNULL,
-                                env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-        try:
-            assert wait_until(lambda: (_get(health) or {}).get("model_version") == "tiny:1", 90, 0.2), \
-                log.read_text()
-            assert f"RUNNER DeviceRunner restart {port}" in log.read_text()  # the CLI's server is the runner's
-            assert wait_until(lambda: any(m.topic.endswith("/status") and m.payload for m in sub.received()), 20)
-            publish(f"edge/{fleet}/cam1/cmd/update", material.update_command("2", files), True)
-            # the runner stops, re-executes the same process (same pid) and serves the new model on the same port
-            assert wait_until(lambda: (_get(health) or {}).get("model_version") == "tiny:2", 90, 0.2), \
-                log.read_text()
-            assert proc.poll() is None
-            assert wait_until(lambda: [e["data"]["version"] for e in _events(sub, "model.loaded")] == ["1", "2"],
-                              20), _events(sub, "model.loaded")
-            assert [e["data"]["to"] for e in _events(sub, "update.switched")] == ["tiny:2"]
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0, log.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for topic in (f"edge/{fleet}/cam1/cmd/update", f"edge/{fleet}/cam1/status"):
-                publish(topic, b"", True)
-    text = log.read_text()
+    with agent_cli(material, tmp_path, "runner", "--on-switch", "restart") as agent:
+        agent.update_to("2", material, files)
+        # the runner stops, re-executes the same process (same pid) and serves the new model on the same port
+        assert wait_until(lambda: (_get(agent.health) or {}).get("model_version") == "tiny:2", 90, 0.2), \
+            agent.log.read_text()
+        assert agent.proc.poll() is None
+        agent.assert_switched_once_to_v2()
+        agent.terminate()
+    text = agent.log.read_text()
     assert "agent: model switched; restarting on it" in text and text.count("RUNNER DeviceRunner") == 1, text
 
 

@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ota_helpers import Events, LoopbackServer, make_updater, serving
 
 from edge_sdk.bundle import Bundle, sha256_file
-from edge_sdk.device_agent.updater import ModelStore, UpdateError, Updater
+from edge_sdk.device_agent.updater import UpdateError, Updater
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -132,46 +133,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class FileServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
+class FileServer(LoopbackServer):
     def __init__(self, root: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.root = root
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
 
 
 @pytest.fixture()
 def server(material: Material) -> Iterator[FileServer]:
-    srv = FileServer(material.www)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-class Events:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, dict[str, Any], str]] = []
-
-    def __call__(self, kind: str, data: dict[str, Any], level: str) -> None:
-        self.items.append((kind, data, level))
-
-    @property
-    def kinds(self) -> list[str]:
-        return [k for k, _, _ in self.items]
-
-    def last(self, kind: str) -> dict[str, Any]:
-        return [d for k, d, _ in self.items if k == kind][-1]
+    with serving(FileServer(material.www)) as srv:
+        yield srv
 
 
 def _updater(material: Material, root: Path, **kw: Any) -> tuple[Updater, Events]:
-    events = Events()
-    kw.setdefault("trusted_keys", material.pub)
-    return Updater(ModelStore(root), emit_event=events, **kw), events
+    return make_updater(material.pub, root, **kw)
 
 
 def _label(up: Updater) -> str | None:

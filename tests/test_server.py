@@ -303,7 +303,7 @@ def test_full_queue_answers_429_at_once(agent: Agent) -> None:
         assert out_a[0][0] == 200 and out_b[0][0] == 200 and out_a[0][1]["class"] == out_b[0][1]["class"]
         metrics = _req(srv, "GET", "/metrics")[2].decode()
         assert 'edge_agent_errors_total{kind="queue_full"} 1' in metrics
-        assert 'edge_agent_requests_total{route="/predict",method="POST",code="429"} 1' in metrics
+        assert 'edge_agent_requests_total{code="429",method="POST",route="/predict"} 1' in metrics
 
 
 def test_request_timeout_is_504(agent: Agent) -> None:
@@ -336,7 +336,7 @@ def test_metrics_parse_and_counters_increase(server: AgentServer) -> None:
         _still_serving(server)
     assert _req(server, "GET", "/nowhere")[0] == 404
     after = _scrape(server)
-    key = 'edge_agent_requests_total{route="/predict",method="POST",code="200"}'
+    key = 'edge_agent_requests_total{code="200",method="POST",route="/predict"}'
     assert after[key] - before.get(key, 0) == 3
     assert after["edge_agent_inference_seconds_count"] - before["edge_agent_inference_seconds_count"] == 3
     assert after["edge_agent_inference_seconds_sum"] > before["edge_agent_inference_seconds_sum"]
@@ -344,5 +344,5 @@ def test_metrics_parse_and_counters_increase(server: AgentServer) -> None:
                                                                             0) == 1
     buckets = [v for k, v in after.items() if k.startswith("edge_agent_inference_seconds_bucket")]
     assert buckets == sorted(buckets) and buckets[-1] == after["edge_agent_inference_seconds_count"]
-    assert after['edge_agent_model_info{model_version="tiny:7",runtime="onnxruntime",artifact="onnx/fp32"}'] == 1
+    assert after['edge_agent_model_info{artifact="onnx/fp32",model_version="tiny:7",runtime="onnxruntime"}'] == 1
     assert after["edge_agent_queue_depth"] == 0

@@ -379,3 +379,51 @@ def test_ort_built_with_profile_options_is_compatible(tmp_path: Path) -> None:
     ops = {op for e in report.details["required_operators"] for op in e["ops"]}
     assert {"FusedConv", "MaxPool"} <= ops  # arm layout: plain NCHW kernels, no x86-only NCHWc ops
     assert not any(e["domain"] == "com.microsoft.nchwc" for e in report.details["required_operators"])
+
+
+def test_edgetpu_compiled_file_ships_with_its_int8_artifact(keras_tflite: Bundle, tmp_path: Path) -> None:
+    """Issue 16: the compiler's ``_edgetpu.tflite`` is kept in the bundle, hashed, with its op mapping; the agent
+    runs the portable int8 file where libedgetpu is absent and says so.
+
+    ``edgetpu_compiler`` cannot be installed on this machine (it comes only from Google's apt repository), so the
+    compiled file is stood in by a copy of the int8 model: what is tested is the bundle bookkeeping and the agent's
+    choice, not compilation (the compiler's log parsing is tested above)."""
+    import shutil
+
+    from edge_sdk.device_agent.agent import Agent
+    from edge_sdk.runtimes.litert import edgetpu_library_present
+    from edge_sdk.targets.edgetpu_ops import attach_compiled
+
+    root = tmp_path / "bundle"
+    shutil.copytree(keras_tflite.root, root)
+    bundle = Bundle.load(root)
+    art = bundle.artifact("tflite", "int8")
+    stand_in = tmp_path / "model_edgetpu.tflite"
+    shutil.copyfile(bundle.path_of(art), stand_in)
+    log = "Operator  Count  Status\n\nCONV_2D  2  Mapped to Edge TPU\nFULLY_CONNECTED  1  Mapped to Edge TPU\n"
+    details = {"op_mapping": [{"op": o, "count": c, "status": s} for o, c, s in parse_compiler_log(log)],
+               "ops_on_cpu": 0, "ops_total": 3, "compiler_version": "16.0.384591198"}
+    entry = attach_compiled(bundle, art, stand_in, details)
+    bundle.save()
+
+    again = Bundle.load(root)
+    a = again.artifact("tflite", "int8")
+    assert a.runtime["edgetpu"] == entry and entry["delegate"] == "edgetpu"
+    assert entry["path"] == str(Path(art.path).with_name(Path(art.path).stem + "_edgetpu.tflite").as_posix())
+    assert [m["op"] for m in entry["op_mapping"]] == ["CONV_2D", "FULLY_CONNECTED"]
+    (side,) = [f for f in a.files if f["path"] == entry["path"]]
+    assert side["role"] == "edgetpu" and side["size_bytes"] == (root / entry["path"]).stat().st_size
+    again.verify(a)  # the compiled file is hashed like every side file
+
+    if not edgetpu_library_present():
+        agent = Agent(root, artifact="tflite/int8")
+        try:
+            assert "not used: no edgetpu runtime" in agent.selection_reason
+            x = np.random.default_rng(0).random((1, 16, 16, 3), dtype=np.float32)
+            assert agent.predict(x).outputs  # the portable int8 file serves
+        finally:
+            agent.close()
+
+    (root / entry["path"]).write_bytes(b"tampered")
+    with pytest.raises(BundleError, match="edgetpu"):
+        Bundle.load(root).verify(a)

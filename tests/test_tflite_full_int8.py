@@ -8,6 +8,7 @@ what fp32 knew, and that the int16-activation recipe and the PT2E fallback work.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -195,13 +196,27 @@ def test_mobilenet_v2_int8_maps_whole_onto_edgetpu(mobilenet_v2: Any, photo_crop
     from data import photo_crops as make_crops
 
     from edge_sdk.converters.pipeline import convert
+    from edge_sdk.preprocessing import Preprocessing
     from edge_sdk.targets import check_bundle, load_profile
 
     torch.set_num_threads(1)
+    pre = Preprocessing(size=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    labels = [f"imagenet_{i:04d}" for i in range(1000)]
     bundle = convert(mobilenet_v2, out=tmp_path / "b", to="tflite", precision="int8", calib=make_crops(n=200, seed=1),
-                     val=photo_crops, input_shape=(1, 3, 224, 224), quiet=True)
+                     val=photo_crops, input_shape=(1, 3, 224, 224), labels=labels, preprocessing=pre,
+                     name="mobilenet_v2", version="1.0", quiet=True)
     (art,) = bundle.artifacts
     assert art.runtime["quantizer"] == "ai-edge-quantizer a8w8"
+    # issue 16: the standard metadata reader (Android Studio ML binding, Task Library) sees labels and normalization
+    md_reader = pytest.importorskip("mediapipe.tasks.python.metadata.metadata")
+    shown = md_reader.MetadataDisplayer.with_model_file(str(bundle.path_of(art)))
+    md = json.loads(shown.get_metadata_json())
+    assert md["name"] == "mobilenet_v2" and md["version"] == "1.0"
+    assert shown.get_associated_file_buffer("labels.txt").decode().splitlines() == labels
+    (inp,) = md["subgraph_metadata"][0]["input_tensor_metadata"]
+    norm = next(u for u in inp["process_units"] if u["options_type"] == "NormalizationOptions")["options"]
+    np.testing.assert_allclose(norm["mean"], [m * 255 for m in pre.mean], rtol=1e-5)
+    np.testing.assert_allclose(norm["std"], [s * 255 for s in pre.std], rtol=1e-5)
     (report,) = check_bundle(load_profile("coral-edgetpu"), bundle)
     tpu = report.details["edgetpu"]
     print(f"MobileNetV2 int8: agreement {art.validation.top1_agreement:.3f}, edgetpu {tpu['ops_on_cpu']} of "

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ota_helpers import Events, LoopbackServer, make_updater, serving
 
 from edge_sdk.bundle import Bundle, sha256_file
 from edge_sdk.device_agent.agent import Agent
@@ -191,55 +192,29 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-class RangeServer(http.server.ThreadingHTTPServer):
+class RangeServer(LoopbackServer):
     """Serves files from ``root`` with Range/If-Range/ETag; ``drop_after`` cuts the next transfers after so many
     bytes; ``rate`` throttles (bytes/s); ``log`` records every request."""
 
-    daemon_threads = True
-
     def __init__(self, root: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _RangeHandler)
+        super().__init__(_RangeHandler)
         self.root = root
         self.drop_after: list[int] = []
         self.rate: float | None = None
         self.log: list[dict[str, Any]] = []
 
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
-
 
 @pytest.fixture()
 def server(material: Material) -> Iterator[RangeServer]:
-    srv = RangeServer(material.www)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(RangeServer(material.www)) as srv:
+        yield srv
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
 
-class Events:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, dict[str, Any], str]] = []
-
-    def __call__(self, kind: str, data: dict[str, Any], level: str) -> None:
-        self.items.append((kind, data, level))
-
-    @property
-    def kinds(self) -> list[str]:
-        return [k for k, _, _ in self.items]
-
-    def last(self, kind: str) -> dict[str, Any]:
-        return [d for k, d, _ in self.items if k == kind][-1]
-
-
 def _updater(material: Material, root: Path, **kw: Any) -> tuple[Updater, Events]:
-    events = Events()
-    kw.setdefault("trusted_keys", material.pub)
-    return Updater(ModelStore(root), emit_event=events, **kw), events
+    return make_updater(material.pub, root, **kw)
 
 
 def _label(path: Path | None) -> str | None:

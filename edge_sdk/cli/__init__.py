@@ -16,14 +16,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edge_sdk.cli import agent, bundle, collector, convert, fleet, optimize, registry, targets
+from edge_sdk.cli import agent, bundle, collector, convert, data, fleet, optimize, pipeline, registry, targets, web
 from edge_sdk.cli._common import deprecation_notices, setup_logging, version
 from edge_sdk.errors import EdgeSDKError, MissingDependencyError
 
 __all__ = ["GROUPS", "build_parser", "main"]
 
 #: the command-group modules, in the order ``edge-sdk --help`` lists their commands
-GROUPS = (convert, agent, targets, bundle, registry, collector, fleet, optimize)
+GROUPS = (convert, agent, targets, bundle, registry, collector, fleet, data, pipeline, optimize, web)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,6 +67,10 @@ def _runner_config(args: argparse.Namespace) -> Any:
 
     cfg = load_config(args.config) if args.config else AgentConfig()
     host, port = _common.host_port(args.http) if args.http else (None, None)
+    if port is None:  # Vertex AI custom containers: listen on $AIP_HTTP_PORT (over the file, under --http)
+        from edge_sdk.device_agent.protocols.tf_serving import vertex_port
+
+        port = vertex_port()
     order = args.runtime.split(",") if args.runtime else None
     if order is None and args.target:
         from edge_sdk.targets import load_profile

@@ -24,6 +24,10 @@ def register(sub: Any) -> None:
     run = csub.add_parser("run", help="subscribe to the fleet's telemetry/events/status and store them (SIGTERM stops)",
                           parents=[*service, _common.http_security_parent("the dashboard and API")])
     run.add_argument("--http", metavar="HOST:PORT", help="also serve the dashboard, JSON API and /metrics here")
+    run.add_argument("--samples-dir", metavar="DIR", help="take devices' captured data samples (POST /api/samples on "
+                     "--http) and keep them here, indexed in the database (`edge-sdk data export` reads them)")
+    run.add_argument("--max-sample-bytes", type=int, default=8 * 1024 * 1024, metavar="N",
+                     help="largest sample accepted (default 8 MiB)")
     run.add_argument("--fleet", default="+", help="only this fleet (default: every fleet)")
     run.add_argument("--rules", help="alert rules TOML overriding the shipped edge_sdk/fleet/collector/alerts.toml")
     run.add_argument("--webhook", help="POST opened/resolved alerts as JSON to this URL")
@@ -50,6 +54,8 @@ def _cmd_collector_run(args: argparse.Namespace) -> int:
             raise EdgeSDKError(f"--bundle {path}: the manifest has no baseline: rebuild it with calibration data")
         baselines[(m.name, m.version)] = m.baseline
     listen = _common.host_port(args.http) if args.http else None
+    if args.samples_dir and listen is None:
+        raise EdgeSDKError("--samples-dir needs --http HOST:PORT: devices upload their samples over HTTP")
     security = None
     if listen is not None:  # a missing token or a bad certificate fails here, before the database and the broker
         security = _common.http_security(args)
@@ -66,7 +72,13 @@ def _cmd_collector_run(args: argparse.Namespace) -> int:
         from edge_sdk.httpbase import HTTPLimits
 
         limits = HTTPLimits(workers=args.http_workers) if args.http_workers else None
-        http = CollectorHTTP(col.db, listen[0], listen[1], stats=col.stats, security=security, limits=limits)
+        samples = None
+        if args.samples_dir:
+            from edge_sdk.fleet.samples.store import SampleStore
+
+            samples = SampleStore(col.db, args.samples_dir, max_sample_bytes=args.max_sample_bytes)
+        http = CollectorHTTP(col.db, listen[0], listen[1], stats=col.stats, security=security, limits=limits,
+                             samples=samples)
         http.start()
         print(f"dashboard: {http.url}", file=sys.stderr)
     print(f"collector {col.client_id}: {col.mqtt_display} -> {col.db!r}", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ from edge_sdk.errors import InferenceError, InputError, first_line
 from edge_sdk.formats import Format
 from edge_sdk.runtimes.base import cast_integers, check_inputs, check_model_file, check_threads, quantize, run_failed
 
-__all__ = ["EDGETPU_LIBRARY", "RUNTIME", "LiteRTRuntime", "LiteRTSession"]
+__all__ = ["EDGETPU_LIBRARY", "RUNTIME", "LiteRTRuntime", "LiteRTSession", "edgetpu_library_present"]
 
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 _QUANT_DTYPES = ("int8", "uint8", "int16")
@@ -47,6 +47,15 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
         return TensorSpec(name=detail["name"], shape=shape, dtype=dtype, scale=float(scale),
                           zero_point=int(zero_point))
     return TensorSpec(name=detail["name"], shape=shape, dtype=dtype)
+
+
+def edgetpu_library_present() -> bool:
+    """True when the Edge TPU runtime library (``libedgetpu.so.1``, apt ``libedgetpu1-std``) can be loaded."""
+    try:
+        ctypes.CDLL(EDGETPU_LIBRARY)
+    except OSError:
+        return False
+    return True
 
 
 def _edgetpu_delegate(mod: ModuleType) -> Any:
@@ -174,6 +183,10 @@ class LiteRTRuntime:
     def version(self) -> str | None:
         """The installed interpreter package version, or None."""
         return installed_version("ai-edge-litert", "ai-edge-litert-nightly", "tflite-runtime")
+
+    def has_delegate(self, delegate: str) -> bool:
+        """True when ``delegate`` (only ``"edgetpu"``) can be loaded on this device: ``libedgetpu`` is installed."""
+        return delegate == "edgetpu" and edgetpu_library_present()
 
     def load(self, path: Path, *, threads: int | None = None, delegate: str | None = None) -> LiteRTSession:
         """Create and allocate an interpreter; ``delegate="edgetpu"`` adds the Edge TPU delegate.

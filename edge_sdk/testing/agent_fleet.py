@@ -42,7 +42,8 @@ import numpy as np
 from edge_sdk.device_agent.runner import DeviceRunner
 from edge_sdk.errors import AgentFleetError, EdgeSDKError
 
-__all__ = ["AgentFleet", "AgentFleetError", "FleetDevice", "FleetSpec", "device_ids", "run_agent_fleet"]
+__all__ = ["AgentFleet", "AgentFleetError", "FleetDevice", "FleetSpec", "capture_settings", "device_ids",
+           "run_agent_fleet"]
 
 log = logging.getLogger("edge_sdk.testing.agent_fleet")
 
@@ -60,7 +61,9 @@ class FleetSpec:
     """What every device of a simulated fleet shares (JSON-ready: it is handed to the child processes).
 
     ``inputs_path``: an ``.npz`` with ``images`` (uint8, N x H x W or N x H x W x 3 BGR) and optionally ``labels``;
-    ``feedback_every``: send the true label of every n-th prediction back (0: never; needs labels).
+    ``feedback_every``: send the true label of every n-th prediction back (0: never; needs labels);
+    ``capture``: the device's ``[capture]`` table (keys of
+    :class:`~edge_sdk.device_agent.capture.CaptureSettings`; ``dir`` is ``<store_root>/<device>/capture``), None: off.
     """
 
     fleet: str
@@ -76,6 +79,23 @@ class FleetSpec:
     report_every_s: float = 1.0
     runtime_order: list[str] = field(default_factory=lambda: ["onnxruntime"])
     seed: int = 0
+    capture: dict[str, Any] | None = None
+
+
+def capture_settings(table: dict[str, Any] | None, directory: str | os.PathLike) -> Any:
+    """The :class:`~edge_sdk.device_agent.capture.CaptureSettings` of a ``[capture]`` table for one device (None:
+    capture off); ``dir`` is always ``directory`` (each device has its own store). ConfigError for a bad table."""
+    from edge_sdk.device_agent.capture import CAPTURE_KEYS, CaptureSettings
+    from edge_sdk.errors import ConfigError
+
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(f"capture must be a [capture] table (a dict), got {type(table).__name__}")
+    unknown = sorted(set(table) - set(CAPTURE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown [capture] key(s) {', '.join(unknown)}: valid keys are {', '.join(CAPTURE_KEYS)}")
+    return CaptureSettings(**{"enabled": True, **table, "dir": str(directory)})
 
 
 class FleetDevice(DeviceRunner):
@@ -99,9 +119,11 @@ class FleetDevice(DeviceRunner):
         self.rng = np.random.default_rng([spec.seed, zlib.crc32(device.encode())])
         telemetry = TelemetrySettings(enabled=True, window_s=float(spec.window_s), fleet=spec.fleet, device=device,
                                       outbox_path=str(self.root / "outbox.db"))
+        capture = capture_settings(spec.capture, self.root / "capture")
         agent = AgentConfig(bundle=spec.initial_bundle, runtime_order=tuple(spec.runtime_order), threads=1,
                             telemetry=telemetry,
-                            mqtt={"url": spec.mqtt_url, "session_expiry_s": int(spec.session_expiry_s)})
+                            mqtt={"url": spec.mqtt_url, "session_expiry_s": int(spec.session_expiry_s)},
+                            **({"capture": capture} if capture is not None else {}))
         super().__init__(RunnerConfig(agent=agent, store=str(self.root / "models"),
                                       trusted_keys=tuple(spec.trusted_keys), on_switch="swap",
                                       outbox_synchronous="NORMAL"), say=lambda line: log.debug("%s %s", device, line))
@@ -200,7 +222,30 @@ class FleetDevice(DeviceRunner):
                 "inferences": inferences,
                 "confidence_mean": {v: confidence.get(v, 0.0) / n for v, n in inferences.items() if n},
                 "errors": self.errors, "publisher": self.publisher.stats() if self.publisher is not None else None,
+                "capture": self._capture_stats(),
                 "started_at": self.started_at, "ts": time.time()}
+
+    def _capture_stats(self) -> dict[str, Any] | None:
+        """The capture counters (None when capture is off); the last ones seen once the store is closed."""
+        cap = self.capture
+        if cap is None:
+            return None
+        if not self._stopped:
+            try:
+                return cap.stats()
+            except Exception:  # stopping meanwhile: read the counters as below
+                pass
+        from edge_sdk.device_agent.capture import LocalSampleStore
+
+        with cap._lock:  # the device stopped: its store is closed; the counters stay, the store is read again
+            out: dict[str, Any] = {**cap._counts, "captured": dict(cap._captured)}
+        store = LocalSampleStore(cap.settings.dir, max_bytes=cap.settings.max_bytes)
+        try:
+            out.update(stored=store.count(), stored_bytes=store.total_bytes, dropped=store.dropped,
+                       max_bytes=cap.settings.max_bytes)
+        finally:
+            store.close()
+        return out
 
     def write_report(self) -> None:
         """Write :meth:`report` to ``<store_root>/<device>/report.json`` atomically."""
@@ -281,7 +326,9 @@ class AgentFleet:
 
     ``initial_bundle``: a signed bundle archive (or directory) every device installs first; ``trusted_keys``:
     public key file(s) or directory; ``inputs``: raw uint8 images (N x H x W gray or N x H x W x 3 BGR) fed at
-    ``rate_hz`` per device, ``labels`` their classes (used with ``feedback_every``). Use as a context manager::
+    ``rate_hz`` per device, ``labels`` their classes (used with ``feedback_every``); ``capture``: the devices'
+    ``[capture]`` table (data capture, each device storing under ``<store_root>/<device>/capture``; a fleet started
+    again on the same ``store_root`` finds what was not uploaded yet). Use as a context manager::
 
         with AgentFleet(50, fleet=f, mqtt_url=url, store_root=d, initial_bundle=a, trusted_keys=k,
                         inputs=x) as fleet:
@@ -294,7 +341,7 @@ class AgentFleet:
                  trusted_keys: str | os.PathLike | Sequence[str | os.PathLike], inputs: np.ndarray,
                  labels: np.ndarray | None = None, window_s: float = 1.0, rate_hz: float = 5.0,
                  feedback_every: int = 0, device_prefix: str = "dev", session_expiry_s: int = 600,
-                 start_timeout_s: float = 180.0, seed: int = 0) -> None:
+                 start_timeout_s: float = 180.0, seed: int = 0, capture: dict[str, Any] | None = None) -> None:
         from edge_sdk.topics import validate_id
 
         if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
@@ -316,6 +363,12 @@ class AgentFleet:
                 validate_id(d, "device")
         except ValueError as exc:
             raise AgentFleetError(str(exc)) from None
+        from edge_sdk.errors import ConfigError
+
+        try:
+            capture_settings(capture, "capture")  # a bad [capture] table fails here, not in every child
+        except (ConfigError, TypeError) as exc:
+            raise AgentFleetError(f"capture: {exc}") from None
         if not Path(initial_bundle).exists():
             raise AgentFleetError(f"initial bundle {initial_bundle} not found: pass a signed bundle archive")
         keys = [trusted_keys] if isinstance(trusted_keys, (str, os.PathLike)) else list(trusted_keys)
@@ -328,7 +381,8 @@ class AgentFleet:
                               initial_bundle=str(Path(initial_bundle).resolve()),
                               trusted_keys=[str(Path(k).resolve()) for k in keys], inputs_path=str(inputs_path),
                               window_s=float(window_s), rate_hz=float(rate_hz), feedback_every=int(feedback_every),
-                              session_expiry_s=int(session_expiry_s), seed=int(seed))
+                              session_expiry_s=int(session_expiry_s), seed=int(seed),
+                              capture=dict(capture) if capture is not None else None)
         self.processes = min(processes, n_devices)
         self.start_timeout_s = float(start_timeout_s)
         self.ready: set[str] = set()

@@ -13,7 +13,7 @@ from edge_sdk.errors import ConfigError
 from edge_sdk.tomlfile import read_toml
 
 __all__ = ["DEFAULT_RULES_FILE", "AlertRules", "ConfidenceRule", "ConfigError", "DriftRule", "ErrorRateRule",
-           "LatencyRule", "OfflineRule", "load_rules"]
+           "LatencyRule", "NotifySettings", "OfflineRule", "load_rules"]
 
 DEFAULT_RULES_FILE = Path(__file__).resolve().parent / "alerts.toml"
 _SEVERITIES = ("info", "warning", "critical")
@@ -80,8 +80,19 @@ class OfflineRule:
 
 
 @dataclass(frozen=True)
+class NotifySettings:
+    """How alert changes are grouped into notifications (per rule and fleet, like Alertmanager); see alerts.toml."""
+
+    group_wait_s: float
+    group_interval_s: float
+    repeat_interval_s: float
+    max_alerts: int
+    sample_devices: int
+
+
+@dataclass(frozen=True)
 class AlertRules:
-    """Every rule plus the evaluation interval and the webhook timeout."""
+    """Every rule plus the evaluation interval, the webhook timeout and the notification grouping."""
 
     interval_s: float
     webhook_timeout_s: float
@@ -90,10 +101,12 @@ class AlertRules:
     error_rate: ErrorRateRule
     confidence_drop: ConfidenceRule
     offline: OfflineRule
+    notify: NotifySettings
 
 
 _SECTIONS: dict[str, type] = {"drift": DriftRule, "latency_sla": LatencyRule, "error_rate": ErrorRateRule,
-                              "confidence_drop": ConfidenceRule, "offline": OfflineRule}
+                              "confidence_drop": ConfidenceRule, "offline": OfflineRule, "notify": NotifySettings}
+_ZERO_OK = ("threshold", "floor", "delta", "min_samples", "group_wait_s", "repeat_interval_s", "max_alerts")
 _TOP = ("interval_s", "webhook_timeout_s")
 
 
@@ -111,7 +124,7 @@ def _value(path: Path, key: str, value: Any, kind: type) -> Any:
         if wrong:
             raise ConfigError(f"{path}: key {key!r} must be {'an integer' if kind is int else 'a number'}, "
                               f"not {value!r}")
-        if value < 0 or (value == 0 and not key.endswith(("threshold", "floor", "delta", "min_samples"))):
+        if value < 0 or (value == 0 and not key.endswith(_ZERO_OK)):
             raise ConfigError(f"{path}: key {key!r} must be {'>= 0' if key.endswith('threshold') else '> 0'}, "
                               f"not {value!r}")
         return kind(value)

@@ -3,9 +3,11 @@
 The rules and their thresholds are data: ``edge_sdk/fleet/collector/alerts.toml`` (read by
 :func:`~edge_sdk.fleet.collector.alert_rules.load_rules`, re-exported here) documents every key; a user file overrides
 some. :class:`AlertEngine` evaluates the rules per device, opens an alert once (never a second one while it is
-open), resolves it when the condition clears, stores both in ``alerts`` and, when a webhook is configured,
-POSTs them as JSON from a background thread whose result goes to ``alerts.webhook_status`` (a slow or failing
-webhook never holds up ingest or evaluation).
+open), resolves it when the condition clears, and stores both in ``alerts`` (one row per device and rule). What it
+tells people is grouped per rule and fleet like Alertmanager does (:mod:`.alert_notify`, ``[notify]`` in
+alerts.toml): one log line per group notification and, when a webhook is configured, one POST in Alertmanager's
+webhook format (version 4) from a background thread whose result goes to ``alerts.webhook_status`` of every alert
+it carried (a slow or failing webhook never holds up ingest or evaluation).
 
 Drift: when the baseline of the window's model version is known (``baselines=`` from ``--bundle``, or the
 ``manifest`` stored by the model registry) the input counts of the last K windows are pooled and compared
@@ -25,6 +27,7 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from edge_sdk.fleet.collector.alert_notify import Notifier
 from edge_sdk.fleet.collector.alert_rules import (
     DEFAULT_RULES_FILE,
     AlertRules,
@@ -33,13 +36,14 @@ from edge_sdk.fleet.collector.alert_rules import (
     DriftRule,
     ErrorRateRule,
     LatencyRule,
+    NotifySettings,
     OfflineRule,
     load_rules,
 )
 from edge_sdk.fleet.db import Database
 
 __all__ = ["DEFAULT_RULES_FILE", "AlertChange", "AlertEngine", "AlertRules", "ConfidenceRule", "ConfigError",
-           "DriftRule", "ErrorRateRule", "LatencyRule", "OfflineRule", "load_rules"]
+           "DriftRule", "ErrorRateRule", "LatencyRule", "NotifySettings", "OfflineRule", "load_rules"]
 
 log = logging.getLogger("edge_sdk.fleet.collector.alerts")
 _BASELINE_TTL_S = 60.0
@@ -71,23 +75,27 @@ class _Verdict:
 
 
 class AlertEngine:
-    """Evaluates :class:`AlertRules` on a fleet database and keeps the ``alerts`` table up to date."""
+    """Evaluates :class:`AlertRules` on a fleet database, keeps the ``alerts`` table up to date and sends grouped
+    notifications (:attr:`notifier`; ``external_url``: the dashboard's address, for the webhook's links)."""
 
     def __init__(self, db: Database, rules: AlertRules | None = None, *, webhook: str | None = None,
-                 baselines: dict[tuple[str, str], dict] | None = None, fleet: str | None = None) -> None:
+                 baselines: dict[tuple[str, str], dict] | None = None, fleet: str | None = None,
+                 external_url: str = "") -> None:
         self.db = db
         self.rules = rules or load_rules()
         self.webhook = webhook
         self.fleet = None if fleet in (None, "+") else fleet
         self._baselines: dict[tuple[str, str], tuple[dict | None, float]] = {
             k: (v, float("inf")) for k, v in (baselines or {}).items()}
-        self._posts: queue.Queue[tuple[int, dict] | None] = queue.Queue(maxsize=10_000)
+        self._posts: queue.Queue[tuple[list[int], dict] | None] = queue.Queue(maxsize=10_000)
         self._poster: threading.Thread | None = None
         if webhook:
             if not webhook.startswith(("http://", "https://")):
                 raise ConfigError(f"webhook {webhook!r} must be an http:// or https:// URL")
             self._poster = threading.Thread(target=self._post_loop, name="edge-alerts-webhook", daemon=True)
             self._poster.start()
+        self.notifier = Notifier(self.rules.notify, post=self._queue_post if webhook else None,
+                                 external_url=external_url)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, devices: Iterable[tuple[str, str]] | None = None, *, now: float | None = None,
@@ -108,7 +116,13 @@ class AlertEngine:
                 verdict = self._offline(r, now, collector_started)
                 if verdict is not None:
                     verdicts[(r["fleet"], r["device"], "offline")] = (verdict, None)
-        return self._apply(verdicts, now)
+        changes = self._apply(verdicts, now)
+        self.flush(now)
+        return changes
+
+    def flush(self, now: float | None = None) -> list[dict]:
+        """Send the group notifications due at ``now`` (:meth:`evaluate` calls it); returns their webhook bodies."""
+        return self.notifier.flush(time.time() if now is None else now)
 
     def _device_verdicts(self, fleet: str, device: str) -> dict[str, tuple[_Verdict, str | None]]:
         R = self.rules
@@ -296,11 +310,19 @@ class AlertEngine:
                                     (now, row["id"]))
                     changes.append(AlertChange("resolved", int(row["id"]), fleet, device, rule, row["severity"],
                                                verdict.value, row["threshold"], message, row["model_version"], now))
-        for ch in changes:
-            log.warning("alert %s: %s/%s %s: %s", ch.action, ch.fleet, ch.device, ch.rule, ch.message)
-            if self._poster is not None:
-                self._queue_post(ch)
+        for ch in changes:  # per device at debug level: the notifier logs one line per group
+            log.debug("alert %s: %s/%s %s: %s", ch.action, ch.fleet, ch.device, ch.rule, ch.message)
+        if changes:
+            self.notifier.add(changes, self._models({ch.fleet for ch in changes}))
         return changes
+
+    def _models(self, fleets: set[str]) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+        """(fleet, device) -> (model name, model version) of the devices of ``fleets`` (notification labels)."""
+        out: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        for fleet in sorted(fleets):
+            for r in self.db.query("SELECT device, model_name, model_version FROM devices WHERE fleet = ?", (fleet,)):
+                out[(fleet, r["device"])] = (r["model_name"], r["model_version"])
+        return out
 
     def _still_open(self, rule: str, verdict: _Verdict, row: dict) -> bool:
         """Resolution hysteresis: error rate resolves under the absolute threshold, confidence above the level
@@ -314,22 +336,19 @@ class AlertEngine:
         return False
 
     # -- webhook ------------------------------------------------------------------------------------------------
-    def _queue_post(self, ch: AlertChange) -> None:
-        body = {"event": f"alert.{ch.action}", "alert": {
-            "id": ch.id, "fleet": ch.fleet, "device": ch.device, "rule": ch.rule, "severity": ch.severity,
-            "state": "open" if ch.action == "opened" else "resolved", "value": ch.value, "threshold": ch.threshold,
-            "message": ch.message, "model_version": ch.model_version, "at": ch.at}}
+    def _queue_post(self, alert_ids: list[int], body: dict) -> None:
+        """Queue one group notification (Alertmanager webhook v4 body) for the webhook thread."""
         try:
-            self._posts.put_nowait((ch.id, body))
+            self._posts.put_nowait((alert_ids, body))
         except queue.Full:
-            self._set_webhook_status(ch.id, "failed: webhook queue full (the webhook is too slow)")
+            self._set_webhook_status(alert_ids, "failed: webhook queue full (the webhook is too slow)")
 
     def _post_loop(self) -> None:
         while True:
             item = self._posts.get()
             if item is None:
                 return
-            alert_id, body = item
+            alert_ids, body = item
             req = urllib.request.Request(self.webhook, data=json.dumps(body).encode(), method="POST",
                                          headers={"Content-Type": "application/json",
                                                   "User-Agent": "edge-sdk-collector"})
@@ -340,13 +359,16 @@ class AlertEngine:
                 status = f"failed: HTTP {exc.code}"
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 status = f"failed: {getattr(exc, 'reason', exc)}"[:200]
-            self._set_webhook_status(alert_id, status)
+            self._set_webhook_status(alert_ids, status)
 
-    def _set_webhook_status(self, alert_id: int, status: str) -> None:
+    def _set_webhook_status(self, alert_ids: list[int], status: str) -> None:
         try:
-            self.db.execute("UPDATE alerts SET webhook_status = ? WHERE id = ?", (status, alert_id))
+            for i in range(0, len(alert_ids), 500):
+                chunk = alert_ids[i:i + 500]
+                self.db.execute(f"UPDATE alerts SET webhook_status = ? WHERE id IN ({', '.join('?' * len(chunk))})",
+                                (status, *chunk))
         except Exception:  # the database is closing or down: the POST result is only informative
-            log.warning("could not record webhook status %r of alert %d", status, alert_id)
+            log.warning("could not record webhook status %r of %d alert(s)", status, len(alert_ids))
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued webhook POSTs (up to ``timeout`` seconds) and stop the webhook thread."""

@@ -16,7 +16,8 @@ At 1,000 devices x one window per 10 s the ``windows`` table gains ~8.6 M rows a
 Each step works in bounded pages, each page its own transaction, so a first run over a large backlog neither
 holds the write lock for long nor loads the backlog into memory. Policy from the environment:
 ``EDGE_SDK_RETENTION_RAW_DAYS`` (7), ``..._ROLLUP_DAYS`` (400), ``..._EVENTS_DAYS`` (90), ``..._EVENTS_MAX``
-(1,000,000), ``..._DEAD_LETTERS_DAYS`` (14), ``..._DEAD_LETTERS_MAX`` (10,000), ``..._INTERVAL_S`` (600);
+(1,000,000), ``..._DEAD_LETTERS_DAYS`` (14), ``..._DEAD_LETTERS_MAX`` (10,000), ``..._SAMPLES_DAYS`` (180),
+``..._SAMPLES_MAX`` (1,000,000; captured samples, their files deleted with their last row), ``..._INTERVAL_S`` (600);
 ``EDGE_SDK_RETENTION=off`` turns it off.
 """
 
@@ -55,6 +56,8 @@ class RetentionPolicy:
     events_max: int = 1_000_000
     dead_letters_days: float = 14.0
     dead_letters_max: int = 10_000
+    samples_days: float = 180.0
+    samples_max: int = 1_000_000
     interval_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -86,7 +89,8 @@ class RetentionPolicy:
 def apply_retention(db: Database, policy: RetentionPolicy, *, now: float | None = None,
                     max_pages: int = 50) -> dict[str, int]:
     """Apply ``policy`` once; returns counts: windows_rolled_up, rollups_deleted, events_dropped,
-    dead_letters_dropped, streams_moved. At most ``max_pages`` pages per step (the next run continues)."""
+    dead_letters_dropped, samples_dropped, streams_moved. At most ``max_pages`` pages per step (the next run
+    continues)."""
     t = time.time() if now is None else float(now)
     out = {"windows_rolled_up": 0, "rollups_deleted": 0, "events_dropped": 0, "dead_letters_dropped": 0,
            "streams_moved": 0}
@@ -101,6 +105,10 @@ def apply_retention(db: Database, policy: RetentionPolicy, *, now: float | None 
     out["events_dropped"] = _cap(db, "events", "event", t - policy.events_days * DAY, policy.events_max, max_pages)
     out["dead_letters_dropped"] = _cap(db, "dead_letters", "dead_letter", t - policy.dead_letters_days * DAY,
                                        policy.dead_letters_max, max_pages)
+    from edge_sdk.fleet.samples.store import apply_sample_retention  # rows and their content-addressed files
+
+    out["samples_dropped"] = apply_sample_retention(db, t - policy.samples_days * DAY, policy.samples_max,
+                                                    max_pages=max_pages)
     return out
 
 

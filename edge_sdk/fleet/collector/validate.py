@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from edge_sdk import safe_json
 from edge_sdk._deps import require
 from edge_sdk.errors import PayloadError
 from edge_sdk.topics import parse_topic
@@ -235,7 +236,7 @@ def _check_unavailable(data: dict[str, Any]) -> None:
 
 def _parse_json(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return safe_json.loads(text, parse_constant=_reject_constant)
     except PayloadError:
         raise
     except json.JSONDecodeError as exc:

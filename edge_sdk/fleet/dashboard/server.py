@@ -12,6 +12,8 @@ Routes (GET / HEAD)::
     /api/dead_letters?limit=100                rejected messages (previews) {"dead_letters": [...]}  (limit <= 500)
     /api/dead_letters/<id>                     one rejected payload, capped {"id", "payload", "truncated", ...}
     /healthz                                   {"status": "ok", "db": dialect} (503 when the database fails)
+    /api/samples (POST, GET), /api/samples/labels (POST)
+                                               device data samples: edge_sdk/fleet/samples/http.py
     /metrics                                   Prometheus text format 0.0.4 (see :func:`metrics_text`)
 
 Errors are JSON ``{"error": "<one line>"}``: 400 bad parameter, 401 without the token, 404 unknown route or
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sqlite3
 import sys
 import threading
@@ -38,20 +39,21 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge_sdk.errors import EdgeSDKError, HTTPError, first_line
-from edge_sdk.fleet.dashboard import views
+from edge_sdk.fleet.dashboard import fleet_metrics, views
+from edge_sdk.fleet.dashboard.fleet_metrics import FleetCounters
 from edge_sdk.fleet.dashboard.range_cache import RangeCache
-from edge_sdk.httpbase import HTTPLimits, HTTPSecurity, HTTPServer, RequestHandler, base_url, bind, prometheus_escape
+from edge_sdk.httpbase import HTTPLimits, HTTPSecurity, HTTPServer, RequestHandler, base_url, bind
 from edge_sdk.topics import validate_id
 
 if TYPE_CHECKING:
     from edge_sdk.fleet.db import Database
+    from edge_sdk.fleet.samples.store import SampleStore
 
 __all__ = ["STATIC_DIR", "CollectorHTTP", "metrics_text"]
 
 log = logging.getLogger("edge_sdk.fleet.dashboard.server")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-_GAUGE_STATS = {"queue", "inflight", "pending", "connected_devices"}
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                   ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
                   ".ico": "image/x-icon", ".json": "application/json"}
@@ -69,73 +71,18 @@ def _db_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _labels(**kv: object) -> str:
-    return "{" + ",".join(f'{k}="{prometheus_escape(v)}"' for k, v in kv.items()) + "}"
-
-
-def _num(v: float | int | None) -> str | None:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return None
-    return repr(float(v)) if isinstance(v, float) else str(int(v))
-
-
-def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        name = "".join(c if c.isalnum() or c == "_" else "_" for c in f"{prefix}{k}")
-        if isinstance(v, dict):
-            out.update(_flat_numbers(v, f"{name}_"))
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            out[name] = v
-    return out
-
-
 def metrics_text(db: Database, stats: Callable[[], dict[str, Any]] | None = None, *, since_s: float = 900,
-                 cache: RangeCache | None = None) -> str:
-    """The fleet in Prometheus text format: device states, per-device latency / errors / drift / confidence,
-    open alerts per rule and, when ``stats`` is given, its numbers: integers as ``edge_collector_<key>_total``
-    counters, floats and queue/inflight/pending levels as ``edge_collector_<key>`` gauges (nested dicts are
-    flattened with ``_``; strings and booleans are left out)."""
+                 cache: RangeCache | None = None, counters: FleetCounters | None = None) -> str:
+    """The fleet in Prometheus text format (families: :mod:`~edge_sdk.fleet.dashboard.fleet_metrics`): device
+    states and gauges over the last ``since_s`` s, per-device counters and latency / confidence histograms
+    cumulative in ``counters`` (a server keeps one; None: the windows received in the last ``since_s`` s), open
+    alerts with their device, and, when ``stats`` is given, its numbers: integers as ``edge_collector_<key>_total``
+    counters, floats and queue/inflight/pending levels as ``edge_collector_<key>`` gauges (nested dicts flattened
+    with ``_``, ``_s`` suffixes written ``_seconds``; strings and booleans left out)."""
     rows = views.fleet_status(db, since_s=since_s, cache=cache)
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_: str, samples: list[tuple[str, str | None]]) -> None:
-        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples if value is not None)
-
-    states = {"online": 0, "offline": 0, "stale": 0}
-    for r in rows:
-        states[r["state"]] = states.get(r["state"], 0) + 1
-    family("edge_fleet_devices", "gauge", "Known devices by state.",
-           [(_labels(state=s), str(n)) for s, n in sorted(states.items())])
-    ids = [(r, _labels(fleet=r["fleet"], device=r["device"])) for r in rows]
-    family("edge_device_up", "gauge", "1 when the device is online, 0 when offline or stale.",
-           [(lab, "1" if r["state"] == "online" else "0") for r, lab in ids])
-    family("edge_device_latency_ms", "gauge", f"Inference latency percentiles over the last {since_s:g} s "
-           "(merged DDSketches).",
-           [(_labels(fleet=r["fleet"], device=r["device"], quantile=q), _num(r[f"p{p}_ms"]))
-            for r, _ in ids for q, p in (("0.5", 50), ("0.95", 95), ("0.99", 99))])
-    family("edge_device_error_rate", "gauge", "Failed inferences / attempts over the range.",
-           [(lab, _num(r["error_rate"])) for r, lab in ids])
-    family("edge_device_psi_max", "gauge", "Input drift: PSI of the worst channel in the latest window.",
-           [(lab, _num(r["psi_latest"])) for r, lab in ids])
-    family("edge_device_confidence_mean", "gauge", "Mean top-1 confidence over the range.",
-           [(lab, _num(r["confidence_mean"])) for r, lab in ids])
-    family("edge_device_accuracy", "gauge", "Correct / labelled predictions (ground-truth feedback) over the range.",
-           [(lab, _num(r["accuracy"])) for r, lab in ids])
-    family("edge_device_inferences", "gauge", "Inferences over the range.",
-           [(lab, _num(r["inferences"])) for r, lab in ids])
-    open_rows = db.query("SELECT rule, COUNT(*) AS n FROM alerts WHERE state = 'open' GROUP BY rule ORDER BY rule")
-    family("edge_alerts_open", "gauge", "Open alerts by rule.",
-           [(_labels(rule=a["rule"]), str(int(a["n"]))) for a in open_rows])
-    if stats is not None:
-        for key, value in sorted(_flat_numbers(stats()).items()):
-            if isinstance(value, float) or key in _GAUGE_STATS:  # lag seconds, queue depth: a level, not a count
-                family(f"edge_collector_{key}", "gauge", f"Collector {key}.", [("", _num(value))])
-            else:
-                name = f"edge_collector_{key}" + ("" if key.endswith("_total") else "_total")
-                family(name, "counter", f"Collector counter {key}.", [("", _num(value))])
-    return "\n".join(lines) + "\n"
+    if counters is None:
+        counters = FleetCounters(db, start=time.time() - since_s, lookback_s=since_s)
+    return fleet_metrics.render(db, rows, counters, stats)
 
 
 class _Handler(RequestHandler):
@@ -147,6 +94,11 @@ class _Handler(RequestHandler):
     server: HTTPServer
 
     def handle_request(self) -> None:
+        if self.route().startswith("/api/samples"):  # device data samples (POST): edge_sdk/fleet/samples/http.py
+            from edge_sdk.fleet.samples.http import handle_samples_request
+
+            handle_samples_request(self, self.server.owner.samples)
+            return
         if self.command not in ("GET", "HEAD"):
             raise HTTPError(405, "method_not_allowed", f"{self.command} is not allowed: this API is read-only, "
                             "use GET", {"Allow": "GET, HEAD"})
@@ -190,17 +142,21 @@ class CollectorHTTP:
     ``port=0`` picks a free port (bound at construction; see :attr:`port` / :attr:`url`). ``stats`` is an
     optional callable returning the collector's counters for ``/metrics``; ``since_s`` is the default range of
     the device and model aggregates. ``security``: token and TLS (default none: loopback ``host`` only);
-    ``limits``: worker threads, deadlines (default :class:`~edge_sdk.httpbase.HTTPLimits`).
+    ``limits``: worker threads, deadlines (default :class:`~edge_sdk.httpbase.HTTPLimits`); ``samples``: the
+    :class:`~edge_sdk.fleet.samples.store.SampleStore` behind ``/api/samples`` (device uploads; see its module).
     """
 
     def __init__(self, db: Database, host: str = "127.0.0.1", port: int = 8000, *,
                  stats: Callable[[], dict[str, Any]] | None = None, since_s: float = 900,
                  static_dir: Path | str = STATIC_DIR, security: HTTPSecurity | None = None,
-                 limits: HTTPLimits | None = None) -> None:
+                 limits: HTTPLimits | None = None, samples: SampleStore | None = None) -> None:
         self.db = db
+        self.samples = samples  # POST /api/samples stores here (None: the route answers 404)
         self.stats = stats
         self.cache = RangeCache()  # per-minute aggregates: a refreshing dashboard re-reads only the newest minute
         self.since_s = float(since_s)
+        # /metrics counters: every window received from now on, added once (Prometheus counter semantics)
+        self.counters = FleetCounters(db, lookback_s=self.since_s)
         self.static_dir = Path(static_dir).resolve()
         self.host = host
         self.security = security or HTTPSecurity()
@@ -253,8 +209,8 @@ class CollectorHTTP:
             return _json(200, {"status": "ok", "db": getattr(self.db, "dialect", None)})
         if path == "/metrics":
             since = _float(query, "since", self.since_s, 1, 365 * 86400)
-            return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(
-                self.db, self.stats, since_s=since, cache=self.cache).encode(), {"Cache-Control": "no-store"}
+            text = metrics_text(self.db, self.stats, since_s=since, cache=self.cache, counters=self.counters)
+            return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode(), {"Cache-Control": "no-store"}
         if path.startswith("/api/"):
             return _json(200, self._api(path[len("/api/"):].rstrip("/"), query))
         raise HTTPError(404, "not_found", f"no route {path}: use /, /api/devices, /api/models, /api/alerts, "

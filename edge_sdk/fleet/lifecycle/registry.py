@@ -292,6 +292,16 @@ class Registry:
             r["figures"] = json.loads(r["figures"]) if r.get("figures") else None
         return rows
 
+    def record_lineage(self, name: str, version: str, key: str, value: Any) -> ModelRecord:
+        """Set ``lineage[key]`` of a version (e.g. the retraining pipeline's steps, inputs, outputs and figures:
+        edge_sdk.pipeline); the rest of its lineage is kept. Shown by ``edge-sdk registry show``."""
+        with self.db.transaction():
+            rec = self.show(name, version)
+            lineage = {**rec.lineage, key: value}
+            self.db.execute("UPDATE models SET lineage = ?, updated_at = ? WHERE name = ? AND version = ?",
+                            (json.dumps(lineage), time.time(), name, version))
+        return self.show(name, version)
+
     # ---- state ------------------------------------------------------------------------------------------------
 
     def _transition(self, name: str, version: str, old: str | None, new: str, reason: str,
