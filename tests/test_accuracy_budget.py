@@ -289,7 +289,7 @@ def test_gptq_onnx_int8_weights_are_the_rounded_ones(fashion_onnx: Path, fashion
                     deq = q * s.reshape([-1] + [1] * (q.ndim - 1))
                     assert np.allclose(deq, want, rtol=0, atol=1e-6 * np.abs(want).max()), name
                     checked += 1
-            assert checked == 4
+            assert checked == 3  # ORT keeps the layer reading the input in float (onnx_float_input_layers)
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         sess = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])

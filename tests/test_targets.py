@@ -25,7 +25,7 @@ from edge_sdk.targets import (
 )
 from edge_sdk.targets.edgetpu_ops import parse_compiler_log
 
-BUILTIN = {"rpi4", "rpi5", "coral-edgetpu", "ios", "android", "x86-openvino", "host"}
+BUILTIN = {"rpi4", "rpi5", "coral-edgetpu", "ios", "android", "x86-openvino", "host", "web"}
 
 
 # ---------------------------------------------------------------- profiles
@@ -38,7 +38,7 @@ def test_every_builtin_profile_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         assert p.description and p.candidates and p.runtimes and p.path.is_file()
         assert load_profile(p.name) == p
         assert p.accuracy.max_accuracy_drop_pp > 0 and 0.9 < p.accuracy.min_cosine < 1
-    assert {n for n, p in profiles.items() if p.benchmark_on_host} == {"host", "x86-openvino"}
+    assert {n for n, p in profiles.items() if p.benchmark_on_host} == {"host", "x86-openvino", "web"}
     coral = profiles["coral-edgetpu"]
     assert [c.key for c in coral.candidates] == ["tflite/int8"]
     assert coral.constraints.int8_io_required and coral.constraints.supported_ops == "edgetpu"
