@@ -41,9 +41,10 @@ ARTIFACTS = {"onnxruntime": "onnx/fp32", "litert": "tflite/fp32", "openvino": "o
 
 
 def ensure_bundle(path: Path) -> Path:
-    """The MobileNetV2 bundle at ``path``, built (fp32 onnx/openvino/tflite) when missing."""
-    if (path / "manifest.json").is_file():
-        return path
+    """The MobileNetV2 bundle at ``path`` (onnx,openvino,tflite, fp32), built when missing."""
+    from mobilenet_bundle import ensure_mobilenet_bundle
+
+    return ensure_mobilenet_bundle(path, to="onnx,openvino,tflite", n_val=32)
     from data import photo_crops
     from torch_models import mobilenet_v2_weights_path
 

@@ -37,9 +37,10 @@ GOAL = 1.1
 
 
 def ensure_bundle(path: Path) -> Path:
-    """The MobileNetV2 ONNX fp32 bundle at ``path``, built when missing."""
-    if (path / "manifest.json").is_file():
-        return path
+    """The MobileNetV2 bundle at ``path`` (onnx, fp32), built when missing."""
+    from mobilenet_bundle import ensure_mobilenet_bundle
+
+    return ensure_mobilenet_bundle(path, to="onnx", n_val=8)
     from data import photo_crops
     from torch_models import mobilenet_v2_weights_path
 

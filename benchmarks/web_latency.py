@@ -36,7 +36,7 @@ def build(out: Path) -> Path:
     code = cli(["convert", str(mobilenet_v2_weights_path()), "--model-class", "torch_models:MobileNetV2",
                 "--input-shape", "1,3,224,224", "--to", "web,onnx", "--no-ort", "--precision", "fp32,int8",
                 "--calib", str(work / "calib.npy"), "--val", str(work / "val.npy"), "--preset", "imagenet",
-                "--out", str(out), "--overwrite", "--quiet"])
+                "--out", str(out), "--overwrite"])
     if code != 0:
         raise SystemExit(f"conversion failed (exit {code})")
     return out

@@ -8,11 +8,16 @@ none is judged without fallback) and reports each step (name, metric, size, pass
    NNCF mean-quantile ranges for OpenVINO).
 2. ``mixed:kN`` — mixed precision: the N (1, 2, 4, 8) most sensitive layers, ranked by measured per-layer
    error (converters/sensitivity.py), kept in float (ORT ``nodes_to_exclude``; NNCF ``IgnoredScope``).
-3. ``int16-activations`` — 16-bit activations with 8-bit weights (ONNX Runtime QDQ only; costs speed).
+3. ``int16-activations`` — 16-bit activations with 8-bit weights; on ONNX Runtime the weights are rounded by GPTQ
+   (converters/weight_rounding.py), since with 16-bit activations the weights' rounding is what is left.
 4. ``fp16`` — the float16 artifact of the same format (its own ``format/fp16`` key).
 
-The first step within budget (and within the validation tolerance) is kept; the chain is recorded in the
-artifact's ``validation.checks["accuracy_budget"]`` and notes. When no step fits, the plain int8 artifact
+The first step within budget (and within the validation tolerance) that also runs faster than fp32 of its
+format on this host is kept (speed-aware ladder, issue 14: each passing step is timed against fp32 with 1 thread
+in interleaved rounds, :func:`latency_p50`); when only slower steps fit, the fastest of them is kept and
+``validation.checks["slower_than_fp32"]`` is True (``checks["latency_vs_fp32"]`` gives the ratio and how it was
+measured; ``checks["accuracy_budget"]["method"]`` says which method made the artifact). The chain is recorded in
+the artifact's ``validation.checks["accuracy_budget"]`` and notes. When no step fits, the plain int8 artifact
 is reported as failed with its figures: an over-budget artifact is never written as if it were fine.
 
 Measured (tests/test_accuracy_budget.py, 1 thread). Fashion-MNIST CNN with 4 outlier channels (x1000), 0.5 pp
@@ -248,7 +253,8 @@ class BudgetLadder:
 
         Speed-aware: a step within budget that runs slower than fp32 of its format on this host (measured,
         1 thread, interleaved rounds) is remembered and the ladder goes on; the first step within budget and
-        faster than fp32 is kept. When only slower ones fit, the fastest of them is kept and marked
+        faster than fp32 is kept. When only slower ones fit, the fastest of them is kept (a 3x slower
+        int16-activation model is no better a pick than a 1.2x slower fp16 one) and marked
         ``validation.checks["slower_than_fp32"] = True``. Returns the kept draft and its validation (with
         ``checks["accuracy_budget"]`` filled in); when no step fits, the plain draft with ``passed=False``.
         """
@@ -295,7 +301,7 @@ class BudgetLadder:
                     kept = (d, sv, step)
                     break
         slower = kept is None and bool(slow)
-        if slower:  # only steps slower than fp32 fit: the fastest of them, said so
+        if slower:  # only steps slower than fp32 fit: the fastest of them (issue 14: prefer the fastest), said so
             kept = min(slow, key=lambda k: k[2].latency_ratio or 0.0)
         if self._rank_error and any(rung.mixed for rung in budget_ladder_of(conv)):
             steps.append(FallbackStep("mixed", None, detail=f"no layer ranking: {self._rank_error}"))
@@ -331,7 +337,7 @@ def method_of(d: ArtifactDraft, step: FallbackStep) -> str:
     """How the kept artifact was made, in one phrase (quantizer, weight rounding, calibration, float layers)."""
     tv = d.tool_versions
     if step.precision != Precision.INT8.value:
-        return f"{step.precision} ({step.name})"
+        return f"{step.precision}, no quantization [{step.name}]"
     parts = [tv.get("onnx_quantizer") or tv.get("quantizer") or d.runtime.get("quantizer") or
              ("nncf" if "nncf" in tv else d.format.value)]
     for k in ("onnx_weight_rounding", "openvino_weight_rounding", "onnx_calibration", "openvino_ranges"):

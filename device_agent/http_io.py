@@ -103,12 +103,12 @@ def parse_predict_body(body: bytes, content_type: str,
         return "inputs", load_npy(body)
     try:
         doc = safe_json.loads(body)
+    except RecursionError:  # safe_json.JSONTooDeep included (it is also a JSONDecodeError)
+        raise HTTPError(400, "bad_json", "body is nested too deeply: send a JSON object with \"image\" or "
+                        "\"inputs\" (a nested list no deeper than the model's input)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HTTPError(400, "bad_json", f"body is not valid JSON ({first_line(exc, 1000)}): send "
                         f'{{"image": "<base64>"}} or {{"inputs": ...}}') from None
-    except RecursionError:
-        raise HTTPError(400, "bad_json", "body is nested too deeply: send a JSON object with \"image\" or "
-                        "\"inputs\" (a nested list no deeper than the model's input)") from None
     if isinstance(doc, dict) and "image" in doc:
         return "image", _b64(doc["image"])
     if isinstance(doc, dict) and "inputs" in doc:

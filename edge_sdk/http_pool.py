@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import HTTPServer as _StdHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["HTTPLimits", "HTTPServer", "Request"]
 
@@ -188,10 +188,14 @@ def _fd_budget(wanted: int) -> int:
     return wanted if soft == resource.RLIM_INFINITY else max(8, min(wanted, soft - 64))
 
 
+_S = TypeVar("_S", bound="HTTPServer")
+
+
 class HTTPServer(_StdHTTPServer):
     """Bounded server (module doc). ``owner`` is the app object; ``token``/``ssl_context`` are set by ``bind``."""
 
     request_queue_size = 128
+    thread_name = "edge-http"
     owner: Any = None
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None
@@ -273,6 +277,27 @@ class HTTPServer(_StdHTTPServer):
             t.join(timeout=1)
         for s in (self._wake_r, self._wake_w):
             s.close()
+
+    def start(self: _S) -> _S:
+        """Serve in a background thread (named :attr:`thread_name`); :meth:`stop` ends it."""
+        self._serving = threading.Thread(target=self.serve_forever, name=self.thread_name, daemon=True)
+        self._serving.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (after :meth:`start`, or when never started)."""
+        serving = getattr(self, "_serving", None)
+        if serving is not None:
+            self.shutdown()
+            serving.join(timeout=5)
+            self._serving = None
+        self.server_close()
+
+    def __enter__(self: _S) -> _S:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _wake(self) -> None:
         try:

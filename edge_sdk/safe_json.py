@@ -31,7 +31,7 @@ class JSONTooDeep(json.JSONDecodeError, RecursionError):
     """A JSON document nested deeper than the allowed depth (refused before parsing)."""
 
     def __init__(self, max_depth: int, doc: str = "") -> None:
-        json.JSONDecodeError.__init__(self, f"nested deeper than {max_depth} levels", doc, 0)
+        json.JSONDecodeError.__init__(self, f"nested too deeply (over {max_depth} levels)", doc, 0)
         self.args = (self.msg,)  # the reason alone, without "line 1 column 1"
 
 

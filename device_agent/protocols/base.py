@@ -59,10 +59,10 @@ def load_json(body: bytes | memoryview, usage: str) -> Any:
     """The JSON document of ``body``; HTTPError 400 naming the problem and ``usage`` (what to send instead)."""
     try:
         return safe_json.loads(bytes(body))
+    except RecursionError:  # safe_json.JSONTooDeep included (it is also a JSONDecodeError)
+        raise HTTPError(400, "bad_json", f"body is nested too deeply: {usage}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HTTPError(400, "bad_json", f"body is not valid JSON ({first_line(exc, 300)}): {usage}") from None
-    except RecursionError:
-        raise HTTPError(400, "bad_json", f"body is nested too deeply: {usage}") from None
 
 
 def element_count(shape: Any, what: str) -> tuple[list[int], int]:

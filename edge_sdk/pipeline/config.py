@@ -55,6 +55,7 @@ Every section and key (relative paths are resolved against the folder of pipelin
     follow = false                   # judge the stages here until the deployment ends (else the collector does)
     follow_timeout = "2h"
     rollback_key = "keys/release.key"
+    thresholds = { max_p95_ratio = 1.5 }   # canary health limits (edge_sdk.fleet.lifecycle.canary.Thresholds)
 
     [triggers]                       # edge-sdk pipeline serve
     on = ["drift", "confidence_drop", "accuracy_drop"]
@@ -162,6 +163,7 @@ class DeploySettings:
     follow: bool = False
     follow_timeout_s: float = 7200.0
     rollback_key: Path | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -208,10 +210,22 @@ _KEYS: dict[str, set[str]] = {
     "evaluate": {"min_gain_pp", "max_loss_pp"},
     "sign": {"key"},
     "deploy": {"enabled", "fleet", "mqtt", "base_url", "stages", "hold", "devices", "follow", "follow_timeout",
-               "rollback_key"},
+               "rollback_key", "thresholds"},
     "triggers": {"on", "fleets", "cooldown"},
     "pipeline": {"workdir", "lock_dir"},
 }
+def _thresholds(dp: Any) -> dict[str, float]:
+    """``[deploy] thresholds``: canary health limits, keys of :class:`~edge_sdk.fleet.lifecycle.canary.Thresholds`."""
+    from edge_sdk.fleet.lifecycle.canary import Thresholds
+
+    t = dp.t.get("thresholds", {})
+    known = set(Thresholds.__dataclass_fields__)
+    if not isinstance(t, dict) or not all(k in known and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          and v >= 0 for k, v in t.items()):
+        raise dp.fail("thresholds", f"must be a table of numbers >= 0 with keys from {', '.join(sorted(known))}")
+    return dict(t)
+
+
 _REQUIRED = {"model": ("name",), "data": ("original", "test"), "train": ("entry",)}
 
 
@@ -368,7 +382,7 @@ def parse_config(doc: dict[str, Any], *, base: Path, where: str = "pipeline.toml
                             stages=stages.replace(" ", ""), hold_s=dp.duration("hold", 600.0),
                             devices=dp.strs("devices"), follow=dp.bool("follow", False),
                             follow_timeout_s=dp.duration("follow_timeout", 7200.0),
-                            rollback_key=dp.path("rollback_key"))
+                            rollback_key=dp.path("rollback_key"), thresholds=_thresholds(dp))
     if deploy.enabled and deploy.base_url is None:
         raise PipelineConfigError(f"{where}: [deploy] base_url is required (where devices download bundles, e.g. "
                                   "http://COLLECTOR:8080), or set $EDGE_SDK_BUNDLE_URL")

@@ -20,6 +20,7 @@ __all__ = ["run"]
 
 def run(ctx: StepContext) -> dict[str, Any]:
     """Run the deploy step (module doc); return its record."""
+    from edge_sdk.fleet.lifecycle.canary import Thresholds
     from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
     from edge_sdk.fleet.lifecycle.rollout import Rollout
 
@@ -33,7 +34,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
     reg = ctx.registry
     with MqttCommandPublisher(d.mqtt) as publish:
         ro = Rollout(reg.db, publish, d.base_url, registry=reg, allow_unsigned=cfg.registry.allow_unsigned,
-                     rollback_key=str(d.rollback_key) if d.rollback_key else None)
+                     rollback_key=str(d.rollback_key) if d.rollback_key else None,
+                     thresholds=Thresholds.from_dict(d.thresholds) if d.thresholds else None)
         dep_id = ro.start(name, version, d.fleet or "", d.stages, d.hold_s, list(d.devices) or None)
         dep = ro.deployment(dep_id)
         deadline = time.monotonic() + d.follow_timeout_s

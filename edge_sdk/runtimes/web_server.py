@@ -15,7 +15,6 @@ Loopback by default: :func:`serve_site` refuses another address unless ``allow_r
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
@@ -64,6 +63,8 @@ class _Handler(RequestHandler):
 class StaticSite(HTTPServer):
     """Serves the files below ``root`` (``with StaticSite(root) as s: s.url``); ``/`` redirects to ``index``."""
 
+    thread_name = "web-static"
+
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, *, index: str = "",
                  limits: HTTPLimits | None = None) -> None:
         self.root = Path(root).resolve()
@@ -74,7 +75,6 @@ class StaticSite(HTTPServer):
             super().__init__((host, port), _Handler, limits or HTTPLimits(workers=4, max_body_bytes=1024))
         except OSError as exc:
             raise EdgeSDKError(f"cannot listen on {host}:{port}: {exc.strerror}: choose another port") from None
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -95,26 +95,6 @@ class StaticSite(HTTPServer):
         if target.stat().st_size > MAX_FILE_BYTES:
             raise HTTPError(413, "too_large", f"{url_path} is over {MAX_FILE_BYTES >> 20} MB: not served")
         return target
-
-    def start(self) -> StaticSite:
-        """Serve in a background thread."""
-        self._thread = threading.Thread(target=self.serve_forever, name="web-static", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self.server_close()
-
-    def __enter__(self) -> StaticSite:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def serve_site(root: str | Path, host: str = "127.0.0.1", port: int = 0, *, index: str = "",

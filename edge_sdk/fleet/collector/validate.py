@@ -234,15 +234,20 @@ def _check_unavailable(data: dict[str, Any]) -> None:
                                "with last >= first")
 
 
+#: the nesting orjson accepts (its fixed limit); the json-module path keeps the same rule, so both backends accept
+#: the same payloads (deeper is refused before the recursive parser runs: edge_sdk.safe_json)
+ORJSON_MAX_DEPTH = 1024
+
+
 def _parse_json(text: str) -> Any:
     try:
-        return safe_json.loads(text, parse_constant=_reject_constant)
+        return safe_json.loads(text, max_depth=ORJSON_MAX_DEPTH, parse_constant=_reject_constant)
     except PayloadError:
         raise
+    except RecursionError:  # safe_json.JSONTooDeep included (it is also a JSONDecodeError)
+        raise PayloadError("payload is not acceptable JSON: nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise PayloadError(f"payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise PayloadError("payload is not acceptable JSON: nested too deeply") from None
     except ValueError as exc:  # e.g. int conversion limits
         raise PayloadError(f"payload is not acceptable JSON: {str(exc).splitlines()[0][:200]}") from None
 

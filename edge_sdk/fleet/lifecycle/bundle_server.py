@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -193,34 +192,15 @@ class BundleHTTPServer(HTTPServer):
     signed-bundle update command, and only versions being deployed are served.
     """
 
+    thread_name = "bundle-http"
+
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, *,
                  limits: HTTPLimits | None = None) -> None:
         self.registry = registry
         super().__init__((host, port), _Handler, limits)
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:43121`` (archives are below ``/bundles/``)."""
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
-
-    def start(self) -> BundleHTTPServer:
-        """Serve in a background thread."""
-        self._thread = threading.Thread(target=self.serve_forever, name="bundle-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self.server_close()
-
-    def __enter__(self) -> BundleHTTPServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
