@@ -2,8 +2,9 @@
 
 A route is either *direct* (the converter registered for (source framework, target)) or goes *via ONNX*:
 the source is exported to fp32 ONNX once (``ctx.onnx``), loaded as an ONNX source, and the converter
-registered for (onnx, target) takes it from there. For example TorchScript -> tflite: litert-torch needs
-``torch.export`` (a ScriptModule has none), so the route is TorchScript -> ONNX -> onnx2tf.
+registered for (onnx, target) (or the route's own converter) takes it from there. For example TorchScript ->
+tflite: litert-torch needs ``torch.export`` (a ScriptModule has none), so the route is TorchScript -> ONNX ->
+onnx2tf, and when onnx2tf stops, TorchScript -> ONNX -> PyTorch ops (onnx2torch) -> litert-torch.
 
 The route that produced an artifact is recorded in the manifest (``route``, per artifact) and in the table;
 when every route fails, the artifact's reason lists each attempt with its one-line cause. ``--route NAME``
@@ -49,18 +50,25 @@ class Route:
     converter: str = ""  # "module:Class" of an unregistered converter this route uses instead of the registry's
 
 
+#: ONNX -> PyTorch -> TFLite without onnx2tf's NCHW -> NHWC rewriting (converters/onnx_torch_route.py)
+_ONNX2TORCH = "edge_sdk.converters.onnx_torch_route:OnnxTorchToTFLite"
+
 #: Ordered routes per (source framework, target). Pairs not listed have one direct route named after the tool
 #: of their registered converter (see :func:`routes_for`).
 ROUTES: dict[tuple[Framework, Format], tuple[Route, ...]] = {
     (Framework.PYTORCH, Format.TFLITE): (
         Route("litert-torch", "litert-torch", applies=_not_torchscript),
         Route("onnx2tf", "torch.onnx + onnx2tf", via=Format.ONNX),
+        Route("onnx2torch", "torch.onnx + onnx2torch + litert-torch", via=Format.ONNX, converter=_ONNX2TORCH),
     ),
     (Framework.KERAS, Format.TFLITE): (
         Route("tflite-converter", "tf.lite.TFLiteConverter"),
         Route("onnx2tf", "tf2onnx + onnx2tf", via=Format.ONNX),
     ),
-    (Framework.ONNX, Format.TFLITE): (Route("onnx2tf", "onnx2tf"),),
+    (Framework.ONNX, Format.TFLITE): (
+        Route("onnx2tf", "onnx2tf"),
+        Route("onnx2torch", "onnx2torch + litert-torch", converter=_ONNX2TORCH),
+    ),
     (Framework.PYTORCH, Format.COREML): (
         Route("coremltools", "coremltools (torch.export)"),
         Route("coremltools-trace", "coremltools (torch.jit.trace)", options=(("coreml_capture", "trace"),)),
@@ -187,7 +195,7 @@ def route_context(ctx: ConversionContext, route: Route, target: Format,
         sub = ConversionContext(src, ctx.workdir / f"via_{route.via.value}", calibration=ctx.calibration,
                                 options=ctx.options)
         ctx.derived[route.via] = sub
-    conv = get_converter(Framework.ONNX, target)
+    conv = route_converter(route) or get_converter(Framework.ONNX, target)
     check_precision(conv, precision)
     return sub, conv
 

@@ -89,14 +89,13 @@ def test_fragile_cnn_fallback_ort_and_openvino(fragile_onnx: dict, tmp_path: Pat
     assert code == 0, summary
     bundle = Bundle.load(out)
     bundle.verify()
-    for key in ("onnx/int8", "ort/int8", "openvino/int8"):
-        art = next(a for a in bundle.artifacts if a.key == key)
+    for fmt in ("onnx", "ort", "openvino"):  # the pick may be fp16 when mixed int8 ran slower than fp32 here
+        art = next(a for a in bundle.artifacts if a.format == fmt and "accuracy_budget" in a.validation.checks)
         v = art.validation
-        assert v.passed and 100 * (v.source_accuracy - v.accuracy) <= 0.5, (key, v)
+        assert v.passed and 100 * (v.source_accuracy - v.accuracy) <= 0.5, (fmt, v)
         record = v.checks["accuracy_budget"]
         assert record["budget"] == {"max_drop_pp": 0.5}
-        if key == "ort/int8":  # made from the ONNX model the ladder kept: within budget at once
-            assert record["kept"] == "int8"
+        if fmt == "ort" and record["kept"] == "int8":  # made from the ONNX int8 model the ladder kept
             continue
         plain = record["steps"][0]
         assert plain["name"] == "int8" and plain["passed"] is False
@@ -110,6 +109,7 @@ def test_fragile_cnn_fallback_ort_and_openvino(fragile_onnx: dict, tmp_path: Pat
             ratios = [s["latency_ratio"] for s in record["steps"] if s["passed"]]
             assert first["latency_ratio"] >= 1.0 and (kept["latency_ratio"] < 1.0 or kept["latency_ratio"] == min(
                 ratios)), record
+            assert v.checks["slower_than_fp32"] is (kept["latency_ratio"] >= 1.0)
             continue
         assert any("kept in float by the accuracy budget" in n for n in art.notes)
         assert all(s["size_bytes"] for s in record["steps"] if s["passed"] is not None)

@@ -26,13 +26,14 @@ class _Src:
 
 
 def test_route_table_orders_and_skips_what_cannot_apply() -> None:
-    assert [r.name for r in routes_for(Framework.PYTORCH, Format.TFLITE)] == ["litert-torch", "onnx2tf"]
+    assert [r.name for r in routes_for(Framework.PYTORCH, Format.TFLITE)] == ["litert-torch", "onnx2tf",
+                                                                               "onnx2torch"]
     routes, skipped = candidate_routes(_Src(Framework.PYTORCH, "torchscript"), Format.TFLITE, {})
-    assert [r.name for r in routes] == ["onnx2tf"]
+    assert [r.name for r in routes] == ["onnx2tf", "onnx2torch"]
     assert skipped and "torch.export" in skipped[0]
     routes, _ = candidate_routes(_Src(Framework.PYTORCH), Format.TFLITE, parse_forced_routes(["tflite=onnx2tf"]))
     assert [r.name for r in routes] == ["onnx2tf"]
-    with pytest.raises(UnsupportedConversionError, match="choose from litert-torch, onnx2tf"):
+    with pytest.raises(UnsupportedConversionError, match="choose from litert-torch, onnx2tf, onnx2torch"):
         candidate_routes(_Src(Framework.PYTORCH), Format.TFLITE, parse_forced_routes(["tflite=nope"]))
     with pytest.raises(ValueError, match="unknown format"):
         parse_forced_routes(["tfl=onnx2tf"])

@@ -1,0 +1,110 @@
+"""The second ONNX -> TFLite route (converters/onnx_torch_route.py): ONNX -> PyTorch ops (onnx2torch) ->
+litert-torch, tried when onnx2tf stops, validated against the ONNX source like every route."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_sdk.converters.pipeline import convert
+from edge_sdk.converters.routes import routes_for
+from edge_sdk.errors import ValidationError
+from edge_sdk.formats import Format, Framework
+
+torch = pytest.importorskip("torch")
+if not __import__("edge_sdk._deps", fromlist=["has_module"]).has_module("onnx2torch"):
+    pytest.skip("onnx2torch is not installed (extra onnx2torch)", allow_module_level=True)
+pytest.importorskip("litert_torch")
+
+
+class _SignalNet(torch.nn.Module):
+    """Audio-style front end in channels-last time series (what basic-pitch's CQT does): reflect padding on the
+    time axis of a [B, T, 1] input, a 1-D convolution, a shape-computed reshape, a scaled residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv1d(1, 8, 9)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.pad(x.transpose(1, 2), (4, 4), mode="reflect")  # [B, 1, T + 8]
+        y = torch.relu(self.conv(y)).transpose(1, 2)  # [B, T, 8]
+        y = y.reshape(x.shape[0], -1, 8)
+        return self.head(y) + 0.5 * y[..., :4]
+
+
+def _signal_onnx(tmp: Path) -> Path:
+    path = tmp / "signal.onnx"
+    torch.onnx.export(_SignalNet().eval(), (torch.zeros(1, 64, 1),), str(path), input_names=["audio"],
+                      output_names=["feats"], dynamo=False, opset_version=17)
+    return path
+
+
+def test_onnx_tflite_routes_are_onnx2tf_then_onnx2torch() -> None:
+    assert [r.name for r in routes_for(Framework.ONNX, Format.TFLITE)] == ["onnx2tf", "onnx2torch"]
+    assert [r.name for r in routes_for(Framework.PYTORCH, Format.TFLITE)][-1] == "onnx2torch"
+
+
+def test_reflect_pad_on_a_middle_axis_and_reverse_slice_match_onnx() -> None:
+    from edge_sdk.converters.onnx_torch_route import _pad, _slice
+
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    got = _pad(x, [0, 2, 0, 0, 1, 0], 0.0, "reflect").numpy()
+    want = np.pad(x.numpy(), [(0, 0), (2, 1), (0, 0)], mode="reflect")
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(_slice(x, [-1], [-9], [1], [-2]).numpy(), x.numpy()[:, ::-2])
+
+
+def test_forced_onnx2torch_route_converts_and_validates_signal_net(tmp_path: Path) -> None:
+    path = _signal_onnx(tmp_path)
+    calib = np.random.default_rng(0).standard_normal((32, 1, 64, 1)).astype(np.float32)[:, 0]
+    b = convert(str(path), out=tmp_path / "b", to="tflite", precision="fp32,int8", calib=calib,
+                route=["tflite=onnx2torch"], quiet=True)
+    res = {r.key: r for r in b.results}
+    assert res["tflite/fp32"].status == "passed" and res["tflite/fp32"].route == "onnx2torch"
+    assert res["tflite/fp32"].validation.cosine > 0.9999
+    assert res["tflite/int8"].status == "passed" and res["tflite/int8"].validation.cosine > 0.98
+    art = b.artifact("tflite", "fp32")
+    assert art.route == "onnx2torch" and "onnx2torch" in art.tool_versions
+    assert art.inputs[0].shape == [1, 64, 1]  # the ONNX layout is kept (onnx2tf would make it [1, 1, 64])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_onnx_lstm_is_translated_exactly(tmp_path: Path, bidirectional: bool) -> None:
+    import onnxruntime as ort
+
+    from edge_sdk.converters.onnx_torch_route import onnx_to_torch
+
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(4, 8, batch_first=True, bidirectional=bidirectional).eval()
+    d = 2 if bidirectional else 1
+    args = (torch.zeros(2, 5, 4), (torch.zeros(d, 2, 8), torch.zeros(d, 2, 8)))
+    path = tmp_path / "lstm.onnx"
+    torch.onnx.export(lstm, args, str(path), input_names=["x", "h", "c"], dynamo=False, opset_version=17)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 5, 4)).astype(np.float32),
+             "h": rng.standard_normal((d, 2, 8)).astype(np.float32),
+             "c": rng.standard_normal((d, 2, 8)).astype(np.float32)}
+    want = ort.InferenceSession(str(path)).run(None, feeds)
+    gm = onnx_to_torch(path, tmp_path)
+    with torch.no_grad():
+        got = gm(*(torch.from_numpy(v) for v in feeds.values()))
+    got = [got] if isinstance(got, torch.Tensor) else list(got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w, atol=1e-5)
+
+
+def test_a_graph_onnx2torch_cannot_translate_fails_in_one_line(tmp_path: Path) -> None:
+    gru = torch.nn.GRU(4, 8, batch_first=True).eval()
+    path = tmp_path / "gru.onnx"
+    torch.onnx.export(gru, (torch.zeros(1, 5, 4),), str(path), input_names=["x"], dynamo=False, opset_version=17)
+    calib = np.random.default_rng(0).standard_normal((8, 5, 4)).astype(np.float32)
+    with pytest.raises(ValidationError) as info:
+        convert(str(path), out=tmp_path / "b", to="tflite", precision="fp32", calib=calib,
+                route=["tflite=onnx2torch"], quiet=True)
+    (reason,) = info.value.failures
+    assert "onnx2torch cannot translate this graph: it has no converter for ONNX GRU (opset 14)" in reason
+    assert "\n" not in reason and "Traceback" not in reason and not (tmp_path / "b").exists()
