@@ -6,13 +6,18 @@
   (batch first) is transposed in and out. Peepholes, ``clip``, ``input_forget``, non-default activations and a
   ``sequence_lens`` shorter than the sequence are refused (NotImplementedError, reported in one line).
   The recurrent nets of the corpus (Silero VAD, ddddocr's CRNN) use plain LSTMs.
+- Ops whose newer opsets (18-23) only moved or added optional things onnx2torch has no entry for (``Pad`` 18+,
+  ``Reduce*`` 18+, ``Split`` 18, ``Resize`` 18/19, ``Reshape`` / ``Shape`` / ``Cast`` 19/21, ...: what
+  ``torch.onnx.export`` writes today at opset 18) use onnx2torch's newest older converter; a node that uses
+  what the newer opset added (Pad ``axes``, Resize ``antialias``, a computed reduction axis) is refused.
+  :func:`prepare_graph` first moves a constant Reduce ``axes`` input (opset 18) back into the attribute.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["register_extra_converters"]
+__all__ = ["prepare_graph", "register_extra_converters"]
 
 _DEFAULT_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")
 _GATES = (0, 2, 3, 1)  # torch's i, f, g, o taken from ONNX's i, o, f, c
@@ -96,12 +101,72 @@ def _convert_lstm(node: Any, graph: Any) -> Any:
                                                                            outputs=node.output_values))
 
 
+_REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+           "ReduceLogSumExp", "ReduceSumSquare")
+_ALIASED = (*_REDUCE, "Pad", "Split", "Resize", "Cast", "Constant", "Equal", "Identity", "Reshape", "Shape", "Size",
+            "Squeeze", "Unsqueeze", "Transpose", "Flatten", "AveragePool", "ScatterND", "ScatterElements",
+            "ConstantOfShape")
+
+
+def prepare_graph(proto: Any) -> None:
+    """Opset 18 Reduce nodes with a constant ``axes`` input: the axes back in the attribute (what onnx2torch reads)."""
+    from onnx import helper, numpy_helper
+
+    if max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0) < 18:
+        return
+    consts = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type in _REDUCE and len(node.input) > 1 and node.input[1] in consts:
+            axes = [int(a) for a in numpy_helper.to_array(consts[node.input[1]]).reshape(-1)]
+            del node.input[1:]
+            node.attribute.append(helper.make_attribute("axes", axes))
+
+
+def _refuse_new_features(node: Any) -> None:
+    op, attrs, inputs = node.operation_type, node.attributes, list(node.input_values)
+    why = ""
+    if op == "Pad" and len(inputs) > 3 and inputs[3]:
+        why = "Pad with an axes input"
+    elif op in _REDUCE and len(inputs) > 1 and inputs[1]:
+        why = f"{op} with computed axes"
+    elif op in _REDUCE and int(attrs.get("noop_with_empty_axes", 0)) and not attrs.get("axes"):
+        why = f"{op} with noop_with_empty_axes"
+    elif op == "Resize" and (int(attrs.get("antialias", 0)) or attrs.get("axes")):
+        why = "Resize with antialias or axes"
+    elif op == "AveragePool" and any(int(d) != 1 for d in attrs.get("dilations", [])):
+        why = "dilated AveragePool"
+    if why:
+        raise NotImplementedError(f"{why} (opset 18+) is not supported by onnx2torch")
+
+
+def _alias(older: Any) -> Any:
+    def convert(node: Any, graph: Any) -> Any:
+        _refuse_new_features(node)
+        return older(node, graph)
+
+    return convert
+
+
 def register_extra_converters() -> None:
     """Add the converters above to onnx2torch's registry (once; versions it already covers are left alone)."""
+    from onnx import defs
     from onnx2torch.node_converters import registry
 
+    table = registry._CONVERTER_REGISTRY
+
+    def missing(op: str, version: int) -> bool:
+        return registry.OperationDescription(domain=defs.ONNX_DOMAIN, operation_type=op, version=version) not in table
+
     for version in (7, 14, 22):
-        desc = registry.OperationDescription(domain=registry.defs.ONNX_DOMAIN, operation_type="LSTM",
-                                             version=version)
-        if desc not in registry._CONVERTER_REGISTRY:
+        if missing("LSTM", version):
             registry.add_converter(operation_type="LSTM", version=version)(_convert_lstm)
+    newest = defs.onnx_opset_version()
+    for op in _ALIASED:
+        versions = sorted({defs.get_schema(op, max_inclusive_version=v).since_version for v in range(13, newest + 1)})
+        for version in versions:
+            known = [d.version for d in table if d.operation_type == op and d.domain == defs.ONNX_DOMAIN
+                     and d.version < version]
+            if missing(op, version) and known:
+                older = table[registry.OperationDescription(domain=defs.ONNX_DOMAIN, operation_type=op,
+                                                            version=max(known))]
+                registry.add_converter(operation_type=op, version=version)(_alias(older))

@@ -111,13 +111,14 @@ def onnx_to_torch(model: Path, workdir: Path) -> Any:
     """The ONNX file as a ``torch.fx.GraphModule`` ready for ``torch.export`` (constant-folded, shapes baked)."""
     onnx = require("onnx", "onnx", "reading ONNX models")
     onnx2torch = _import_onnx2torch()
-    from edge_sdk.converters.onnx_torch_ops import register_extra_converters
+    from edge_sdk.converters.onnx_torch_ops import prepare_graph, register_extra_converters
 
     register_extra_converters()
     folded = _fold_constants(model, workdir / "folded.onnx")
     proto = onnx.load(str(folded))
     _drop_trailing_empty_inputs(proto)
     _isolate_graph_outputs(proto, onnx.helper)
+    prepare_graph(proto)
     try:
         gm = onnx2torch.convert(proto)
     except NotImplementedError as exc:

@@ -68,6 +68,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # ~4 min: `make test-soak` / .ci/run when its time budget allows
 def test_closed_loop_end_to_end(tmp_path: Path) -> None:
     """10 agents: outage, drift alert, samples, pipeline by webhook, gate, 5% -> 100%, alerts resolved (~4 min)."""
     require_system_broker()

@@ -43,6 +43,37 @@ def _signal_onnx(tmp: Path) -> Path:
     return path
 
 
+class _StftVad(torch.nn.Module):
+    """Silero-VAD's front end: reflect-padded samples, an STFT as a strided 1-D convolution, the magnitude, then
+    1-D convolutions and a sigmoid. onnx2tf's channel-last rewriting breaks the STFT convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stft = torch.nn.Conv1d(1, 258, 256, stride=128, bias=False)
+        self.enc = torch.nn.Conv1d(129, 16, 3, padding=1)
+        self.out = torch.nn.Conv1d(16, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stft(torch.nn.functional.pad(x.unsqueeze(1), (64, 64), mode="reflect"))
+        real, imag = y[:, :129], y[:, 129:]
+        mag = torch.sqrt(real * real + imag * imag)
+        return torch.sigmoid(self.out(torch.relu(self.enc(mag)))).mean(2)
+
+
+def test_onnx2tf_stops_and_onnx2torch_ships_an_stft_net(tmp_path: Path) -> None:
+    pytest.importorskip("onnx2tf")
+    path = tmp_path / "vad.onnx"
+    torch.onnx.export(_StftVad().eval(), (torch.zeros(1, 576),), str(path), input_names=["audio"],
+                      output_names=["prob"], dynamo=False, opset_version=18)
+    calib = (np.random.default_rng(0).standard_normal((16, 1, 576)) * 0.1).astype(np.float32)[:, 0]
+    b = convert(str(path), out=tmp_path / "b", to="tflite", precision="fp32", calib=calib, quiet=True)
+    (res,) = b.results
+    assert res.status == "passed" and res.route == "onnx2torch", res.reason
+    assert res.attempts and res.attempts[0].startswith("onnx2tf: onnx2tf failed")
+    assert res.validation.cosine > 0.9999
+
+
 def test_onnx_tflite_routes_are_onnx2tf_then_onnx2torch() -> None:
     assert [r.name for r in routes_for(Framework.ONNX, Format.TFLITE)] == ["onnx2tf", "onnx2torch"]
     assert [r.name for r in routes_for(Framework.PYTORCH, Format.TFLITE)][-1] == "onnx2torch"

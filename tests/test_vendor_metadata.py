@@ -347,3 +347,34 @@ def test_pipeline_ships_tflite_with_metadata_and_hashes_it_after(tmp_path):
 
 
 IMAGENET_NHWC = Preprocessing(size=(32, 32), layout="NHWC", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+@tflite_md
+@pytest.mark.slow
+def test_tflite_metadata_of_the_real_mobilenet_v2_lists_labels_and_normalization(mobilenet_v2, photo_crops, tmp_path):
+    """Issue 16: the real ImageNet MobileNetV2 through the NHWC TFLite route (torch.onnx + onnx2tf): the standard
+    metadata reader lists the 1,000 labels and the ImageNet normalization on 0-255 pixels."""
+    from mediapipe.tasks.python.metadata import metadata
+
+    from edge_sdk.converters.pipeline import convert
+
+    pre = Preprocessing(size=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    labels = [f"imagenet_{i:04d}" for i in range(1000)]
+    bundle = convert(mobilenet_v2, out=tmp_path / "b", to="tflite", precision="fp32", val=photo_crops[:24],
+                     input_shape=(1, 3, 224, 224), labels=labels, preprocessing=pre, name="mobilenet_v2",
+                     version="2.0", route="tflite=onnx2tf", quiet=True)
+    (art,) = bundle.artifacts
+    assert art.route == "onnx2tf" and art.validation.passed, art.validation
+    shown = metadata.MetadataDisplayer.with_model_file(str(bundle.path_of(art)))
+    md = json.loads(shown.get_metadata_json())
+    assert (md["name"], md["version"]) == ("mobilenet_v2", "2.0")
+    assert shown.get_associated_file_buffer("labels.txt").decode().splitlines() == labels
+    sub = md["subgraph_metadata"][0]
+    (inp,) = sub["input_tensor_metadata"]
+    norm = next(u for u in inp["process_units"] if u["options_type"] == "NormalizationOptions")["options"]
+    np.testing.assert_allclose(norm["mean"], [m * 255 for m in pre.mean], rtol=1e-5)
+    np.testing.assert_allclose(norm["std"], [s * 255 for s in pre.std], rtol=1e-5)
+    assert inp["content"]["content_properties"]["color_space"] == "RGB"
+    (out,) = sub["output_tensor_metadata"]
+    assert out["associated_files"][0]["type"] == "TENSOR_AXIS_LABELS" and "1000 classes" in out["description"]
+

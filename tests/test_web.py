@@ -241,6 +241,7 @@ def _unfused_top1_agreement(b: Bundle, x: np.ndarray) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # ~8 min under load: `make test-soak` / .ci/run when its time budget allows
 def test_mobilenet_v2_web_matches_pytorch_and_native_int8_and_the_demo_page_finds_the_cat(tmp_path: Path) -> None:
     from data import photo_crops
     from PIL import Image
