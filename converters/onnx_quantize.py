@@ -1,20 +1,19 @@
 """Shared ONNX precision helpers: static QDQ int8, dynamic int8 and fp16 conversion of an fp32 ONNX file.
 
 Every helper reads an fp32 ``.onnx`` file, writes a new single-file ``.onnx`` and returns the versions of the
-tools it used (for ``ArtifactDraft.tool_versions``). Frameworks are imported inside the functions.
+tools it used (for ``ArtifactDraft.tool_versions``). Frameworks are imported inside the functions. The two int8
+quantizer backends (NNCF, ONNX Runtime) and their calibration glue are in
+:mod:`~edge_sdk.converters.onnx_qdq_backends`; their names stay importable from here (``_feed_array``,
+``_ort_qdq``, ...) for the modules that reach into this one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from edge_sdk._deps import has_module, require
 from edge_sdk.calibration import SampleSet
@@ -27,6 +26,11 @@ from edge_sdk.converters.base import (
     check_precision,
 )
 from edge_sdk.converters.onnx_common import onnx_input_names, onnx_versions
+from edge_sdk.converters.onnx_qdq_backends import CALIBRATIONS as _CALIBRATIONS
+from edge_sdk.converters.onnx_qdq_backends import calibration_method as _calibration
+from edge_sdk.converters.onnx_qdq_backends import feed_array as _feed_array  # noqa: F401  (re-exported)
+from edge_sdk.converters.onnx_qdq_backends import nncf_qdq as _nncf_qdq
+from edge_sdk.converters.onnx_qdq_backends import ort_qdq as _ort_qdq
 from edge_sdk.errors import CalibrationError, ConversionError, first_line
 from edge_sdk.formats import Format, Precision
 
@@ -38,7 +42,6 @@ __all__ = [
 ]
 
 _ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")  # 16-bit: ORT quantizer only (accuracy fallback)
-_CALIBRATIONS = ("minmax-mean", "minmax", "percentile", "entropy")
 _QUANTIZERS = ("auto", "nncf", "ort")
 _ROUNDINGS = ("nearest", "gptq")
 _GPTQ = (("onnx_weight_rounding", "gptq"),)
@@ -91,60 +94,6 @@ def _at_least_opset(path: Path, out: Path) -> Path:
         return path
     onnx.save_model(upgraded, str(out))
     return out
-
-
-def _feed_array(x: np.ndarray) -> np.ndarray:
-    """A calibration sample as the model takes it: integers (token ids, masks) stay integers, the rest float32."""
-    x = np.asarray(x)
-    return np.ascontiguousarray(x) if x.dtype.kind in "iub" else np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _reader(samples: SampleSet, names: list[str]) -> Any:
-    """A CalibrationDataReader over ``samples`` feeding the ONNX inputs ``names``."""
-    quant = require("onnxruntime.quantization", "onnx", "ONNX static quantization")
-
-    class _SampleReader(quant.CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it: Iterator[list[np.ndarray]] = iter(samples)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            item = next(self._it, None)
-            if item is None:
-                return None
-            return {n: _feed_array(x) for n, x in zip(names, item, strict=True)}
-
-        def rewind(self) -> None:
-            self._it = iter(samples)
-
-        def __len__(self) -> int:
-            return len(samples)
-
-        def set_range(self, start_index: int, end_index: int) -> None:  # used by CalibStridedMinMax
-            self._it = itertools.islice(iter(samples), start_index, end_index)
-
-    return _SampleReader()
-
-
-def _calibration(quant: Any, options: ConvertOptions) -> tuple[str, Any, dict[str, Any]]:
-    """The calibration method named by ``options.extra['onnx_calibration']`` (default ``minmax-mean``).
-
-    ``minmax-mean`` averages the per-sample min/max of each activation over the calibration set (ORT's
-    ``CalibMovingAverage``): on ImageNet MobileNetV2 it cut the logit error about 3x against plain min/max,
-    whose ranges are set by the single most extreme sample. ``percentile``/``entropy`` build histograms (slower,
-    and on MobileNetV2 they did not beat ``minmax-mean``).
-    """
-    name = str(options.extra.get("onnx_calibration", "minmax-mean")).strip().lower()
-    if name not in _CALIBRATIONS:
-        raise ConversionError(f"onnx_calibration {name!r} is not supported: choose from {', '.join(_CALIBRATIONS)}")
-    method = quant.CalibrationMethod
-    if name == "minmax-mean":
-        return name, method.MinMax, {"CalibMovingAverage": True}
-    if name == "minmax":
-        return name, method.MinMax, {}
-    if name == "percentile":
-        pct = float(options.extra.get("onnx_calib_percentile", 99.999))
-        return f"percentile-{pct:g}", method.Percentile, {"CalibPercentile": pct, "CalibStridedMinMax": 1}
-    return name, method.Entropy, {"CalibStridedMinMax": 1}  # strided: histograms merged per sample, low memory
 
 
 def _weight_rounding(options: ConvertOptions) -> str:
@@ -224,107 +173,6 @@ def _quantizer(options: ConvertOptions) -> str:
     if name == "auto":
         return "ort" if "onnx_calibration" in options.extra or not has_module("nncf") else "nncf"
     return name
-
-
-def _retype_activations(path: Path, act: str) -> int:
-    """Make every activation Quantize/Dequantize pair ``act`` (uint8/int8) on the same grid (zero point +-128).
-
-    NNCF gives tensors that can be negative (conv outputs without ReLU, residual adds, the input) int8
-    quantizers and ReLU outputs uint8 ones; ORT cannot fuse a Conv whose input and output types differ into
-    QLinearConv and runs it in float. The shifted quantizer represents exactly the same values.
-    Returns how many quantizers were changed.
-    """
-    onnx = require("onnx", "onnx", "ONNX quantization")
-    numpy_helper = require("onnx.numpy_helper", "onnx", "ONNX quantization")
-    model = onnx.load(str(path))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    src, dst, shift = ((onnx.TensorProto.INT8, np.uint8, 128) if act == "uint8"
-                       else (onnx.TensorProto.UINT8, np.int8, -128))
-    changed: set[str] = set()
-    outputs: set[str] = set()
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
-            continue
-        zp = inits.get(node.input[2])
-        if zp is None or (zp.data_type != src and zp.name not in changed):
-            continue
-        outputs.add(node.output[0])
-        if zp.name not in changed:
-            shifted = numpy_helper.to_array(zp).astype(np.int16) + shift
-            zp.CopyFrom(numpy_helper.from_array(shifted.astype(dst), zp.name))
-            changed.add(zp.name)
-    if outputs:
-        keep = [v for v in graph.value_info if v.name not in outputs]
-        del graph.value_info[:]
-        graph.value_info.extend(keep)
-        onnx.save_model(model, str(path))
-    return len(outputs)
-
-
-def _nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], options: ConvertOptions,
-              act: str, float_layers: list[str]) -> dict[str, str]:
-    """NNCF post-training quantization of the pre-processed ONNX file, laid out for ORT's QDQ fusion.
-
-    MIXED preset (symmetric per-channel int8 weights, asymmetric activations) with full bias correction
-    (``fast_bias_correction=False``). Activations are forced per-tensor: NNCF's CPU config gives depthwise
-    conv inputs per-channel quantizers, which ORT cannot fuse (measured 36 ms vs 3.7 ms on MobileNetV2).
-    """
-    onnx = require("onnx", "onnx", "ONNX quantization")
-    nncf = require("nncf", "openvino-convert", "NNCF int8 quantization of ONNX models")
-    adv = require("nncf.quantization.advanced_parameters", "openvino-convert", "NNCF int8 quantization")
-    calib = str(options.extra.get("onnx_calibration", "minmax-mean")).strip().lower()
-    ranges = {"minmax-mean": "MEAN_MINMAX", "minmax": "MINMAX"}
-    if calib not in ranges:
-        raise ConversionError(f"onnx_calibration {calib!r} is not supported with onnx_quantizer 'nncf': choose "
-                              f"from {', '.join(ranges)}, or set onnx_quantizer to 'ort'")
-    estimators = require("nncf.quantization.range_estimator", "openvino-convert", "NNCF int8 quantization")
-    params = adv.AdvancedQuantizationParameters(
-        activations_quantization_params=adv.QuantizationParameters(per_channel=False),
-        weights_quantization_params=adv.QuantizationParameters(per_channel=options.onnx_per_channel),
-        activations_range_estimator_params=getattr(estimators.RangeEstimatorParametersSet, ranges[calib]))
-    data = [{n: _feed_array(x) for n, x in zip(names, item, strict=True)} for item in samples]
-    nncf.set_log_level(logging.ERROR)
-    try:
-        quantized = nncf.quantize(
-            onnx.load(str(pre)), nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
-            target_device=nncf.TargetDevice.CPU, subset_size=len(data), fast_bias_correction=False,
-            ignored_scope=nncf.IgnoredScope(names=float_layers, validate=False) if float_layers else None,
-            advanced_parameters=params)
-    except (RuntimeError, ValueError, KeyError, nncf.ValidationError, nncf.InternalError,
-            nncf.UnsupportedModelError) as exc:
-        raise ConversionError(f"NNCF int8 quantization failed ({exc}): set ConvertOptions.extra "
-                              "onnx_quantizer='ort' or use precision 'dynamic'") from exc
-    onnx.save_model(quantized, str(out_path))
-    retyped = _retype_activations(out_path, act)
-    return {"nncf": nncf.__version__, "onnx_calibration": f"nncf-{calib}+bias-correction",
-            "onnx_retyped_activations": str(retyped)}
-
-
-def _ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], options: ConvertOptions,
-             act: str, float_layers: list[str]) -> dict[str, str]:
-    """ONNX Runtime ``quantize_static`` of the pre-processed ONNX file."""
-    quant = require("onnxruntime.quantization", "onnx", "ONNX static quantization")
-    calib_name, calib_method, extra = _calibration(quant, options)
-    act_types = {"uint8": quant.QuantType.QUInt8, "int8": quant.QuantType.QInt8,
-                 "uint16": quant.QuantType.QUInt16, "int16": quant.QuantType.QInt16}
-    if act.endswith("16"):  # 16-bit Q/DQ needs opset 21 or ORT's com.microsoft Q/DQ ops
-        extra = {**extra, "UseQDQContribOps": True}
-    try:
-        quant.quantize_static(
-            str(pre), str(out_path), _reader(samples, names),
-            quant_format=quant.QuantFormat.QDQ,
-            per_channel=options.onnx_per_channel,
-            activation_type=act_types[act],
-            weight_type=quant.QuantType.QInt8,
-            calibrate_method=calib_method,
-            nodes_to_exclude=float_layers,
-            extra_options=extra,
-        )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ConversionError(f"ONNX static int8 quantization failed ({exc}): check the calibration data "
-                              "matches the model inputs, or use precision 'dynamic'") from exc
-    return {"onnx_calibration": calib_name}
 
 
 def _check_loads(path: Path) -> None:

@@ -27,33 +27,37 @@ update once the sample is uploaded).
 What is captured: the encoded image bytes as the client sent them (PNG or JPEG); a decoded image array or a tensor
 as ``.npy`` (the first input of a multi-input model). Inputs given to :meth:`Agent.predict` as arrays are copied
 when a policy takes them (the caller may reuse its buffer).
+
+This module holds the :class:`Capture` facade (policies, writer thread); the settings are in
+:mod:`~edge_sdk.device_agent.capture_settings`, the store in :mod:`~edge_sdk.device_agent.capture_store`, the
+uploader in :mod:`~edge_sdk.device_agent.capture_upload`. Their public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
-import os
 import queue
 import random
-import sqlite3
-import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk import safe_json
-from edge_sdk.errors import ConfigError, TelemetryError, first_line
+from edge_sdk.device_agent.capture_settings import (
+    CAPTURE_KEYS,
+    POLICIES,
+    SAMPLE_HEADER,
+    CaptureError,
+    CaptureSettings,
+    sample_ext,
+)
+from edge_sdk.device_agent.capture_store import LocalSampleStore
+from edge_sdk.device_agent.capture_upload import SampleUploader
 
 if TYPE_CHECKING:
     from edge_sdk.device_agent.agent import Agent, Prediction
@@ -63,267 +67,7 @@ __all__ = ["CAPTURE_KEYS", "POLICIES", "SAMPLE_HEADER", "Capture", "CaptureError
 
 log = logging.getLogger("edge_sdk.agent.capture")
 
-#: the capture policies, in the order a prediction is checked against them
-POLICIES = ("random", "low_confidence", "drift", "feedback_disagree")
-#: keys of the ``[capture]`` table
-CAPTURE_KEYS = ("enabled", "dir", "sample_rate", "low_confidence", "drift", "drift_psi", "drift_per_window",
-                "feedback_disagree", "feedback_buffer_bytes", "max_bytes", "max_sample_bytes", "queue_size",
-                "upload_url", "token_file", "ca_file", "upload_interval_s")
-#: request header carrying a sample's metadata (compact JSON) on ``POST /api/samples``
-SAMPLE_HEADER = "X-Edge-Sample"
-_CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "npy": "application/x-npy"}
-_MAX_BACKOFF_S = 300.0
-
-
-class CaptureError(TelemetryError):
-    """The capture store cannot be opened or written (damaged, read-only, disk full)."""
-
-
-def sample_ext(data: bytes | bytearray | memoryview) -> str | None:
-    """The file extension of a sample from its first bytes: ``png``, ``jpg``, ``npy``, or None for anything else."""
-    head = bytes(data[:8])
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpg"
-    if head.startswith(b"\x93NUMPY"):
-        return "npy"
-    return None
-
-
-@dataclass(frozen=True)
-class CaptureSettings:
-    """``[capture]`` of ``agent.toml`` (every key optional; a present table turns capture on unless
-    ``enabled = false``)::
-
-        [capture]
-        sample_rate = 0.01            # random: this fraction of all predictions
-        low_confidence = 0.5          # predictions whose top-1 confidence is below this
-        drift = true                  # inputs of telemetry windows whose input PSI is over drift_psi
-        drift_psi = 0.2               #   (the collector's drift threshold; needs [telemetry])
-        drift_per_window = 4          #   at most this many per drifting window (a uniform sample of the window)
-        feedback_disagree = true      # every /feedback whose label disagrees with the prediction
-        feedback_buffer_bytes = 33554432  # memory for recent inputs awaiting feedback (oldest forgotten first)
-        dir = "/var/lib/edge-sdk/capture"  # on-device store (relative to the config file)
-        max_bytes = 268435456         # the store's cap: the oldest samples are dropped (and counted) beyond it
-        max_sample_bytes = 4194304    # a larger sample is not kept (counted); default min(4 MiB, max_bytes)
-        queue_size = 64               # samples waiting for the disk; beyond it they are dropped (and counted)
-        upload_url = "https://collector.example:8000"   # the collector's HTTP base URL (none: keep on the device)
-        token_file = "/etc/edge-sdk/collector.token"    # the collector's HTTP token (Authorization: Bearer)
-        ca_file = "/etc/edge-sdk/ca.crt"               # CA bundle for an https upload_url
-        upload_interval_s = 10        # how often the uploader sends what is stored
-
-    At least one policy must be on.
-    """
-
-    enabled: bool = False
-    dir: str = "edge-sdk-capture"
-    sample_rate: float = 0.0
-    low_confidence: float | None = None
-    drift: bool = False
-    drift_psi: float = 0.2
-    drift_per_window: int = 4
-    feedback_disagree: bool = False
-    feedback_buffer_bytes: int = 32 * 1024 * 1024
-    max_bytes: int = 256 * 1024 * 1024
-    max_sample_bytes: int = None  # type: ignore[assignment]  # default: min(4 MiB, max_bytes)
-    queue_size: int = 64
-    upload_url: str | None = None
-    token_file: str | None = None
-    ca_file: str | None = None
-    upload_interval_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        def num(name: str, lo: float, hi: float) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-                raise ConfigError(f"capture {name} must be a number between {lo:g} and {hi:g}, got {v!r}")
-
-        def integer(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"capture {name} must be an integer >= {lo}, got {v!r}")
-
-        if self.max_sample_bytes is None and isinstance(self.max_bytes, int):
-            object.__setattr__(self, "max_sample_bytes", min(4 * 1024 * 1024, self.max_bytes))
-        num("sample_rate", 0.0, 1.0)
-        if self.low_confidence is not None:
-            num("low_confidence", 0.0, 1.0)
-        num("drift_psi", 0.0, 100.0)
-        num("upload_interval_s", 0.01, 86400.0)
-        for name in ("drift_per_window", "feedback_buffer_bytes", "max_bytes", "max_sample_bytes", "queue_size"):
-            integer(name, 1)
-        if self.max_sample_bytes > self.max_bytes:
-            raise ConfigError(f"capture max_sample_bytes ({self.max_sample_bytes}) must not exceed max_bytes "
-                              f"({self.max_bytes})")
-        if self.upload_url is not None and not self.upload_url.startswith(("http://", "https://")):
-            raise ConfigError(f"capture upload_url {self.upload_url!r} must be the collector's http(s):// base URL")
-        if self.enabled and not self.policies():
-            raise ConfigError("capture is enabled but no policy is on: set sample_rate, low_confidence, drift = true "
-                              "or feedback_disagree = true in [capture]")
-
-    def policies(self) -> list[str]:
-        """The policies these settings turn on."""
-        on = {"random": self.sample_rate > 0, "low_confidence": self.low_confidence is not None,
-              "drift": self.drift, "feedback_disagree": self.feedback_disagree}
-        return [p for p in POLICIES if on[p]]
-
-
-# ---- the on-device store ---------------------------------------------------------------------------------------
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE, "
-    "ext TEXT NOT NULL, size INTEGER NOT NULL, meta TEXT NOT NULL, label INTEGER, created_at REAL NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS labels (sha256 TEXT PRIMARY KEY, label INTEGER NOT NULL, ts REAL NOT NULL)",
-)
-
-
-class LocalSampleStore:
-    """Content-addressed sample files (``<dir>/blobs/<sha256>.<ext>``) with an SQLite index (``<dir>/index.db``),
-    holding at most ``max_bytes`` of samples: adding beyond it drops the oldest, counted in :attr:`dropped`
-    (persisted). A crash between a file write and its index row leaves an orphan file, removed at the next open.
-    Thread-safe (one connection, one lock)."""
-
-    def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int, synchronous: str = "NORMAL") -> None:
-        self.dir = Path(directory).expanduser()
-        self.blobs = self.dir / "blobs"
-        self.max_bytes = int(max_bytes)
-        self._lock = threading.Lock()
-        try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # captured inputs are private data
-            self.blobs.mkdir(mode=0o700, exist_ok=True)
-            self._conn = sqlite3.connect(self.dir / "index.db", timeout=5.0, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
-            for stmt in _SCHEMA:
-                self._conn.execute(stmt)
-            meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
-            self.dropped = int(meta.get("dropped", "0"))
-            self.total_bytes = int(self._conn.execute("SELECT COALESCE(SUM(size), 0) FROM samples").fetchone()[0])
-            known = {f"{s}.{e}" for s, e in self._conn.execute("SELECT sha256, ext FROM samples")}
-        except (OSError, sqlite3.Error) as exc:
-            raise CaptureError(f"capture store {self.dir} cannot be opened ({first_line(exc)}): check the folder is "
-                               "writable, or move a damaged index.db aside") from None
-        for f in self.blobs.iterdir():  # orphans of a crash (and temporary files)
-            if f.name not in known:
-                f.unlink(missing_ok=True)
-
-    def _path(self, sha: str, ext: str) -> Path:
-        return self.blobs / f"{sha}.{ext}"
-
-    def add(self, sha: str, ext: str, data: bytes, meta: dict[str, Any], label: int | None = None) -> bool:
-        """Store one sample (file first, then its row); False when this sha256 is stored already. Drops the oldest
-        samples when the cap would be exceeded."""
-        with self._lock:
-            if self._conn.execute("SELECT 1 FROM samples WHERE sha256=?", (sha,)).fetchone():
-                return False
-            path = self._path(sha, ext)
-            tmp = self.blobs / f".tmp-{sha}"
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)
-                victims: list[tuple[str, str]] = []
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._conn.execute("INSERT INTO samples (sha256, ext, size, meta, label, created_at) VALUES "
-                                       "(?, ?, ?, ?, ?, ?)", (sha, ext, len(data), json.dumps(meta), label,
-                                                              time.time()))
-                    total = self.total_bytes + len(data)
-                    if total > self.max_bytes:
-                        for s, e, size in self._conn.execute("SELECT sha256, ext, size FROM samples ORDER BY id"):
-                            if total <= self.max_bytes:
-                                break
-                            victims.append((s, e))
-                            total -= size
-                        self._conn.executemany("DELETE FROM samples WHERE sha256=?", [(s,) for s, _ in victims])
-                        self._conn.execute("INSERT INTO meta (key, value) VALUES ('dropped', ?) ON CONFLICT (key) "
-                                           "DO UPDATE SET value=excluded.value", (str(self.dropped + len(victims)),))
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-            except (OSError, sqlite3.Error) as exc:
-                tmp.unlink(missing_ok=True)
-                raise CaptureError(f"capture store {self.dir}: storing a sample failed ({first_line(exc)}): free "
-                                   "disk space or check the folder") from None
-            self.total_bytes = total
-            self.dropped += len(victims)
-            for s, e in victims:
-                self._path(s, e).unlink(missing_ok=True)
-            return True
-
-    def pending(self, limit: int = 32) -> list[dict[str, Any]]:
-        """The oldest ``limit`` samples: ``{"sha256", "ext", "meta", "label"}`` (the file is read on upload)."""
-        with self._lock:
-            rows = self._conn.execute("SELECT sha256, ext, meta, label FROM samples ORDER BY id LIMIT ?",
-                                      (limit,)).fetchall()
-        return [{"sha256": s, "ext": e, "meta": json.loads(m), "label": lab} for s, e, m, lab in rows]
-
-    def read(self, sha: str, ext: str) -> bytes | None:
-        """A sample's bytes (None when it was dropped meanwhile)."""
-        try:
-            return self._path(sha, ext).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def remove(self, sha: str, sent_label: int | None) -> None:
-        """The collector has ``sha``: delete it. A label set since it was read (``sent_label`` differs) becomes a
-        label update, in the same transaction."""
-        with self._lock:
-            row = self._conn.execute("SELECT ext, size, label FROM samples WHERE sha256=?", (sha,)).fetchone()
-            if row is None:
-                return
-            ext, size, label = row
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute("DELETE FROM samples WHERE sha256=?", (sha,))
-                if label is not None and label != sent_label:
-                    self._conn.execute("INSERT OR REPLACE INTO labels (sha256, label, ts) VALUES (?, ?, ?)",
-                                       (sha, label, time.time()))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self.total_bytes -= int(size)
-            self._path(sha, ext).unlink(missing_ok=True)
-
-    def set_label(self, sha: str, label: int) -> None:
-        """Label a sample: on its row while it waits for upload, else as a label update for the collector."""
-        with self._lock:
-            cur = self._conn.execute("UPDATE samples SET label=? WHERE sha256=?", (label, sha))
-            if cur.rowcount == 0:
-                self._conn.execute("INSERT OR REPLACE INTO labels (sha256, label, ts) VALUES (?, ?, ?)",
-                                   (sha, label, time.time()))
-
-    def label_updates(self, limit: int = 200) -> list[tuple[str, int]]:
-        """Label updates waiting for the collector, oldest first."""
-        with self._lock:
-            return [(s, int(v)) for s, v in self._conn.execute("SELECT sha256, label FROM labels ORDER BY ts LIMIT ?",
-                                                               (limit,))]
-
-    def labels_sent(self, items: list[tuple[str, int]]) -> None:
-        """The collector took these label updates (a newer label for the same sample stays)."""
-        with self._lock:
-            self._conn.executemany("DELETE FROM labels WHERE sha256=? AND label=?", items)
-
-    def count(self) -> int:
-        """Samples stored."""
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
-
-    def close(self) -> None:
-        """Close the index (idempotent)."""
-        with self._lock:
-            try:
-                self._conn.close()
-            except sqlite3.Error:
-                pass
-
-
-# ---- capture: policies, writer, uploader -----------------------------------------------------------------------
+# ---- capture: policies, writer --------------------------------------------------------------------------------
 
 class _Snapshot:
     """An input kept for capture: encoded image bytes, or an array (copied: the caller may reuse its buffer)."""
@@ -372,25 +116,16 @@ class Capture:
         self._ring: OrderedDict[str, tuple[_Snapshot, Any, Any, float]] = OrderedDict()
         self._ring_bytes = 0
         self._pred_sha: OrderedDict[str, str] = OrderedDict()  # prediction id -> sha256 (writer thread only)
-        self._token = self._read_token(settings.token_file)
-        self._ssl = ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._uploader = SampleUploader(settings, self.store, fleet=fleet, device=device, counts=self._counts,
+                                        lock=self._lock, stop=self._stop, wake=self._wake, rng=self._rng)
         self._threads: list[threading.Thread] = []
-        self._failures = 0
-        self.last_upload_error: str | None = None
 
-    @staticmethod
-    def _read_token(path: str | None) -> str | None:
-        if path is None:
-            return None
-        try:
-            token = Path(path).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read the capture token file {path}: {first_line(exc)}") from None
-        if len(token) < 16 or not token.isascii() or " " in token:
-            raise ConfigError(f"the capture token in {path} must be at least 16 printable ASCII characters")
-        return token
+    @property
+    def last_upload_error(self) -> str | None:
+        """Why the last upload round failed (None: none failed yet)."""
+        return self._uploader.last_upload_error
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> Capture:
@@ -398,7 +133,7 @@ class Capture:
         if not self._threads:
             targets = [("edge-sdk-capture-writer", self._write_loop)]
             if self.settings.upload_url:
-                targets.append(("edge-sdk-capture-upload", self._upload_loop))
+                targets.append(("edge-sdk-capture-upload", self._uploader.run))
             for name, fn in targets:
                 t = threading.Thread(target=fn, name=name, daemon=True)
                 t.start()
@@ -410,7 +145,7 @@ class Capture:
         if self._stop.is_set():
             return
         self.flush(timeout=5.0)
-        if flush_s > 0 and self.settings.upload_url and self._failures == 0:  # not while the collector is down
+        if flush_s > 0 and self.settings.upload_url and self._uploader.failures == 0:  # not while the collector is down
             deadline = time.monotonic() + flush_s
             while time.monotonic() < deadline and (self.store.count() or self.store.label_updates(1)):
                 self._wake.set()
@@ -581,98 +316,3 @@ class Capture:
             self._pred_sha[pid] = sha
             while len(self._pred_sha) > 10_000:
                 self._pred_sha.popitem(last=False)
-
-    # ---- uploader thread ---------------------------------------------------------------------------------------
-    def _upload_loop(self) -> None:
-        interval = self.settings.upload_interval_s
-        while not self._stop.is_set():
-            delay = interval
-            try:
-                ok = self._upload_round()
-            except Exception as exc:  # never let the uploader die: log, back off, retry
-                log.exception("capture upload failed")
-                ok, self.last_upload_error = False, first_line(exc)
-            if ok:
-                self._failures = 0
-            else:
-                self._failures += 1
-                delay = min(max(interval, 0.1) * 2 ** min(self._failures, 16), max(interval, _MAX_BACKOFF_S))
-                delay *= 0.8 + 0.4 * self._rng.random()
-            self._wake.wait(delay)
-            self._wake.clear()
-
-    def _upload_round(self) -> bool:
-        """Send every stored sample and label update; False when the collector could not be reached (back off)."""
-        while not self._stop.is_set():
-            rows = self.store.pending(32)
-            for row in rows:
-                if self._stop.is_set():
-                    return True
-                if not self._upload_one(row):
-                    return False
-            if len(rows) < 32:
-                break
-        updates = self.store.label_updates()
-        if updates:
-            status, doc = self._request("/api/samples/labels", json.dumps(
-                {"fleet": self.fleet, "device": self.device,
-                 "labels": [{"sha256": s, "label": v} for s, v in updates]}).encode(), "application/json", {})
-            if status != 200:
-                return self._failed(status, doc, "label update")
-            self.store.labels_sent(updates)
-            with self._lock:
-                self._counts["labels_sent"] += len(updates)
-        return True
-
-    def _upload_one(self, row: dict[str, Any]) -> bool:
-        sha, ext = row["sha256"], row["ext"]
-        data = self.store.read(sha, ext)
-        if data is None:  # dropped by the cap meanwhile
-            return True
-        meta = {**row["meta"], "label": row["label"]}
-        status, doc = self._request("/api/samples", data, _CONTENT_TYPES[ext],
-                                    {SAMPLE_HEADER: json.dumps(meta, separators=(",", ":"))})
-        if status in (200, 201) and doc.get("sha256") == sha:
-            self.store.remove(sha, row["label"])
-            with self._lock:
-                self._counts["uploaded" if status == 201 else "upload_duplicates"] += 1
-            return True
-        if status in (400, 413, 415, 422):  # refused for good: resending would be refused again
-            log.warning("the collector refused sample %s (HTTP %s: %s): dropped", sha[:12], status, doc.get("error"))
-            self.store.remove(sha, row["label"])
-            with self._lock:
-                self._counts["rejected"] += 1
-            return True
-        return self._failed(status, doc, "upload")
-
-    def _failed(self, status: int, doc: dict[str, Any], what: str) -> bool:
-        msg = f"capture {what} to {self.settings.upload_url} failed: " + (
-            f"HTTP {status}: {doc.get('error', '')}" if status else str(doc.get("error")))
-        if status == 404:
-            msg += " (start the collector with --samples-dir DIR)"
-        if msg != self.last_upload_error:
-            log.warning("%s; retrying with backoff", msg)
-        self.last_upload_error = msg
-        with self._lock:
-            self._counts["upload_failures"] += 1
-        return False
-
-    def _request(self, path: str, body: bytes, ctype: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        """POST ``body``; (status, JSON answer) — status 0 when the collector cannot be reached."""
-        url = self.settings.upload_url.rstrip("/") + path  # type: ignore[union-attr]
-        hdrs = {"Content-Type": ctype, **headers}
-        if self._token:
-            hdrs["Authorization"] = f"Bearer {self._token}"
-        req = urllib.request.Request(url, data=body, headers=hdrs, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=30, context=self._ssl) as resp:
-                status, raw = resp.status, resp.read(65536)
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read(65536)
-        except (OSError, ValueError) as exc:  # refused, reset, timeout, DNS, TLS
-            return 0, {"error": first_line(exc)}
-        try:
-            doc = safe_json.loads(raw) if raw else {}
-        except ValueError:
-            doc = {"error": raw[:200].decode("utf-8", "replace")}
-        return status, doc if isinstance(doc, dict) else {}

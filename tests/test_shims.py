@@ -297,7 +297,7 @@ m = corpus.get("ppocr-cls")
 kw = m.source()
 try:
     res = convert(kw.pop("source"), out=sys.argv[1], to="tflite", precision="fp32", val=m.inputs(4, seed=2),
-                  quiet=True, **kw).results
+                  route="tflite=onnx2tf", quiet=True, **kw).results  # onnx2tf alone: not rescued by a later route
 except ValidationError as exc:
     res = exc.results
 print("RESULT " + json.dumps({"status": res[0].status, "reason": res[0].reason}))

@@ -630,6 +630,7 @@ def test_kill9_during_update_10_trials(material: Material, tmp_path: Path, recor
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # 100 killed updates (~3 min idle, 12 min under load); the 10-trial test runs in `make test`
 def test_kill9_during_update_100_trials(material: Material, tmp_path: Path, record_property: Any) -> None:
     result = _kill_trials(material, tmp_path, 100, seed=2)
     record_property("kill9", result)
