@@ -114,6 +114,10 @@ def main() -> int:
         bundles.append(mobilenet(args.out))
     for b in bundles:
         _summary(b)
+    import serving_demo
+    from data import fashion_tensors
+
+    serving_demo.run(bundles[0].root, fashion_tensors("test", "NCHW", n=1)[0])
     if args.no_fleet:
         return 0
     import fleet_demo
