@@ -45,20 +45,6 @@ def ensure_bundle(path: Path) -> Path:
     from mobilenet_bundle import ensure_mobilenet_bundle
 
     return ensure_mobilenet_bundle(path, to="onnx,openvino,tflite", n_val=32)
-    from data import photo_crops
-    from torch_models import mobilenet_v2_weights_path
-
-    import edge_sdk
-
-    print(f"building the MobileNetV2 bundle in {path} ...", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    val = path.parent / "mobilenet_val.npy"
-    np.save(val, photo_crops(n=32, seed=0))
-    edge_sdk.convert(mobilenet_v2_weights_path(), model_class="torch_models:MobileNetV2", input_shape=[1, 3, 224, 224],
-                     out=path, to="onnx,openvino,tflite", precision="fp32", ort=False, val=val,
-                     preprocessing=edge_sdk.Preprocessing.imagenet(), name="mobilenet-v2", version="1",
-                     overwrite=True, quiet=True)
-    return path
 
 
 def photo_jpeg() -> bytes:

@@ -266,6 +266,16 @@ def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
         session.close()
 
 
+def _image_input_with_normalization(subgraph: dict, pre: Preprocessing) -> dict:
+    """The single input's metadata, checked: NormalizationOptions on 0-255 pixels equal to ``pre``, RGB."""
+    (inp,) = subgraph["input_tensor_metadata"]
+    norm = next(u for u in inp["process_units"] if u["options_type"] == "NormalizationOptions")["options"]
+    np.testing.assert_allclose(norm["mean"], [m * 255 for m in pre.mean], rtol=1e-5)
+    np.testing.assert_allclose(norm["std"], [s * 255 for s in pre.std], rtol=1e-5)
+    assert inp["content"]["content_properties"]["color_space"] == "RGB"
+    return inp
+
+
 @tflite_md
 def test_tflite_metadata_read_back_and_identical_outputs(tiny_tflite, tmp_path):
     from mediapipe.tasks.python.metadata import metadata
@@ -292,11 +302,7 @@ def test_tflite_metadata_read_back_and_identical_outputs(tiny_tflite, tmp_path):
     assert shown.get_packed_associated_file_list() == ["labels.txt"]
     assert shown.get_associated_file_buffer("labels.txt").decode().splitlines() == LABELS
     sub = md["subgraph_metadata"][0]
-    (inp,) = sub["input_tensor_metadata"]
-    norm = next(u for u in inp["process_units"] if u["options_type"] == "NormalizationOptions")["options"]
-    np.testing.assert_allclose(norm["mean"], [m * 255 for m in pre.mean], rtol=1e-5)
-    np.testing.assert_allclose(norm["std"], [s * 255 for s in pre.std], rtol=1e-5)
-    assert inp["content"]["content_properties"]["color_space"] == "RGB"
+    inp = _image_input_with_normalization(sub, pre)
     assert "mean=[0.485, 0.456, 0.406]" in inp["description"]
     (out,) = sub["output_tensor_metadata"]
     assert out["associated_files"][0]["type"] == "TENSOR_AXIS_LABELS" and "5 classes" in out["description"]
@@ -370,11 +376,7 @@ def test_tflite_metadata_of_the_real_mobilenet_v2_lists_labels_and_normalization
     assert (md["name"], md["version"]) == ("mobilenet_v2", "2.0")
     assert shown.get_associated_file_buffer("labels.txt").decode().splitlines() == labels
     sub = md["subgraph_metadata"][0]
-    (inp,) = sub["input_tensor_metadata"]
-    norm = next(u for u in inp["process_units"] if u["options_type"] == "NormalizationOptions")["options"]
-    np.testing.assert_allclose(norm["mean"], [m * 255 for m in pre.mean], rtol=1e-5)
-    np.testing.assert_allclose(norm["std"], [s * 255 for s in pre.std], rtol=1e-5)
-    assert inp["content"]["content_properties"]["color_space"] == "RGB"
+    _image_input_with_normalization(sub, pre)
     (out,) = sub["output_tensor_metadata"]
     assert out["associated_files"][0]["type"] == "TENSOR_AXIS_LABELS" and "1000 classes" in out["description"]
 
