@@ -350,3 +350,35 @@ def test_retention_deletes_old_samples_with_their_files(db_url: str, tmp_path: P
         # the row cap: only the newest samples_max rows stay
         assert apply_retention(db, RetentionPolicy(samples_max=1), now=now)["samples_dropped"] == 1
         assert len(db.query("SELECT * FROM samples")) == 1 and len(_files(store)) == 1
+
+
+def _expect(port: int, path: str, length: int, headers: dict[str, str]) -> str:
+    """Send only the headers with ``Expect: 100-continue`` (as curl does) and return the server's status line."""
+    import socket
+
+    head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Authorization: Bearer {TOKEN}",
+            f"Content-Length: {length}", "Expect: 100-continue", *(f"{k}: {v}" for k, v in headers.items())]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        return sock.makefile("rb").readline().decode().strip()
+
+
+def test_a_large_upload_announced_with_expect_100_continue_is_taken(tmp_path: Path) -> None:
+    """curl announces big bodies with ``Expect: 100-continue``; the collector answers it from the sample store's
+    limit (here 4 MiB), not the 1 MiB default of its other routes."""
+    db = Database.connect(f"sqlite:///{tmp_path / 'fleet.db'}")
+    store = SampleStore(db, tmp_path / "samples", max_sample_bytes=4 * 1024 * 1024)
+    http_ = CollectorHTTP(db, "127.0.0.1", 0, samples=store, security=HTTPSecurity(TOKEN))
+    http_.start()
+    try:
+        data = _npy(np.random.default_rng(3).random((512, 1024), dtype=np.float32))  # 2 MiB
+        meta = {"X-Edge-Sample": json.dumps(_meta(data)), "Content-Type": "application/octet-stream"}
+        assert " 100 " in _expect(http_.port, "/api/samples", len(data), meta) + " "
+        status, doc = _post(http_.port, "/api/samples", data, meta)
+        assert status in (200, 201), doc
+        assert " 413 " in _expect(http_.port, "/api/samples", 5 * 1024 * 1024, meta) + " "  # over the store's limit
+        assert " 413 " in _expect(http_.port, "/api/samples/labels", 2 * 1024 * 1024,  # other routes: 1 MiB
+                                  {"Content-Type": "application/json"}) + " "
+    finally:
+        http_.shutdown()
+        db.close()

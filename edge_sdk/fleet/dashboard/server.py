@@ -93,6 +93,15 @@ class _Handler(RequestHandler):
     extra_headers: ClassVar[dict[str, str]] = {"X-Content-Type-Options": "nosniff"}
     server: HTTPServer
 
+    @property
+    def max_body_bytes(self) -> int:  # type: ignore[override]  # per route, for Expect: 100-continue
+        """A sample upload may be as large as the sample store allows (curl asks first with Expect: 100-continue);
+        every other route keeps the 1 MiB default."""
+        samples = getattr(self.server.owner, "samples", None)
+        if samples is not None and self.route() == "/api/samples":
+            return max(int(samples.max_sample_bytes), RequestHandler.max_body_bytes)
+        return RequestHandler.max_body_bytes
+
     def handle_request(self) -> None:
         if self.route().startswith("/api/samples"):  # device data samples (POST): edge_sdk/fleet/samples/http.py
             from edge_sdk.fleet.samples.http import handle_samples_request
