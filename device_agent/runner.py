@@ -180,7 +180,8 @@ class DeviceRunner:
                                       max_body_bytes=cfg.max_body_bytes, security=security,
                                       workers=cfg.http_workers, lock=self.lock)
             self.server.start()
-            self.say(f"agent: serving {self.server.url} (POST /predict, GET /healthz /metrics /ping)")
+            self.say(f"agent: serving {self.server.url} (POST /predict /v2/models/NAME/infer "
+                     "/v1/models/NAME:predict /score /invocations, GET /healthz /metrics /ping)")
 
     def _open_store(self) -> Any:
         """Recover the model store (crash-safe) and install the configured bundle into it when it is empty."""
