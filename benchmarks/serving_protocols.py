@@ -24,7 +24,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 GOAL = 1.1
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from agent_overhead import interleaved  # noqa: E402  (one interleaving loop for both benchmarks)
 
 
 def ensure_bundle(path: Path) -> Path:
@@ -50,22 +51,6 @@ def photo_tensor() -> np.ndarray:
     from edge_sdk.preprocessing import Preprocessing
 
     return Preprocessing.imagenet().apply(np.ascontiguousarray(skdata.chelsea()[:, :, ::-1]))
-
-
-def interleaved(calls: dict[str, Callable[[], Any]], iters: int, warmup: int = 10) -> dict[str, list[float]]:
-    """Run every call once per round (rotating the order), ``iters`` rounds; per-call times in ms."""
-    names = list(calls)
-    for _ in range(warmup):
-        for n in names:
-            calls[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(iters):
-        k = i % len(names)
-        for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            calls[n]()
-            times[n].append((time.perf_counter() - t0) * 1000.0)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if diff != 0.0:
             raise SystemExit(f"{label}: output differs from /predict's (max abs diff {diff})")
 
-    times = interleaved(calls, args.iters)
+    times = interleaved(calls, args.iters, warmup=10)
     base = statistics.median(times["/predict JSON"])
     print(f"\nMobileNetV2 onnx/fp32, {args.threads} inference thread(s), {args.iters} requests per path, interleaved; "
           f"request bodies: /predict JSON {len(predict_body):,} B, v2 JSON {len(v2_json_body):,} B, v2 binary "

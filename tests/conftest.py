@@ -14,6 +14,7 @@ under a file lock, atomically).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,16 @@ def fashion_keras_cnn() -> Any:
     from train import cached_model
 
     return cached_model("keras")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fleet database URL per backend: a fresh SQLite file, then a fresh PostgreSQL database (a module may
+    define its own)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+    else:
+        from collector_helpers import pg_url
+
+        with pg_url() as url:
+            yield url

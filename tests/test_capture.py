@@ -20,13 +20,11 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from collector_helpers import pg_url
 from mqtt_helpers import free_port
 
 from edge_sdk.device_agent.capture import Capture, CaptureSettings
@@ -313,15 +311,6 @@ def test_a_stalled_writer_drops_and_counts_never_blocks_inference(bundle_dir: Pa
 
 
 # ---- upload: outage, restart, dedup, auth --------------------------------------------------------------------
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        with pg_url() as url:
-            yield url
-
 
 def _collector(db: Any, port: int, samples_dir: Path) -> Any:
     from edge_sdk.fleet.dashboard.server import CollectorHTTP

@@ -14,7 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from collector_helpers import MQTT_URL, MqttPeer, event, payload_bytes, pg_url, status, wait_until, window
+from collector_helpers import (
+    MQTT_URL,
+    MqttPeer,
+    event,
+    payload_bytes,
+    status,
+    wait_until,
+    window,
+)
 
 from edge_sdk.fleet.collector.service import Collector, CollectorError
 from edge_sdk.fleet.collector.validate import SCHEMA_DIR
@@ -26,15 +34,6 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def fleet() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        with pg_url() as url:
-            yield url
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from collector_helpers import pg_url
 
 from edge_sdk.fleet.collector.retention import RetentionPolicy, apply_retention
 from edge_sdk.fleet.dashboard.server import CollectorHTTP
@@ -80,15 +79,6 @@ def _post(port: int, path: str, body: bytes, headers: dict[str, str] | None = No
 def _upload(port: int, data: bytes, meta: dict[str, Any], **kw: Any) -> tuple[int, dict[str, Any]]:
     return _post(port, "/api/samples", data, {"X-Edge-Sample": json.dumps(meta),
                                               "Content-Type": "application/octet-stream"}, **kw)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        with pg_url() as url:
-            yield url
 
 
 @pytest.fixture
