@@ -37,6 +37,7 @@ from edge_sdk.converters.base import (
     check_precision,
     register,
 )
+from edge_sdk.converters.onnx_ml_lowering import check_lowered
 from edge_sdk.errors import ConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 from edge_sdk.runtimes.openvino import OV_TRACE_LINES
@@ -146,6 +147,7 @@ class OnnxToOpenVINO:
 
     def read_model(self, ctx: ConversionContext, ov: Any) -> tuple[Any, str | None, list[str]]:
         """The source as an ``openvino.Model`` (here: from its fp32 ONNX export), its input layout, and notes."""
+        check_lowered(ctx.source)  # an ai.onnx.ml op that could not be lowered: its reason, not OpenVINO's
         onnx_draft = ctx.onnx(Precision.FP32)
         try:
             model = ov.convert_model(str(onnx_draft.path))
@@ -180,7 +182,8 @@ class OnnxToOpenVINO:
             kwargs["advanced_parameters"] = adv.AdvancedQuantizationParameters(
                 activations_range_estimator_params=getattr(est.RangeEstimatorParametersSet, _RANGES[range_name]))
         arrays = [_to_layout(a, ctx.source.layout, onnx_layout or ctx.source.layout) for a in samples.arrays]
-        items = [[a[i:i + 1] for a in arrays] for i in range(len(samples))]
+        b = samples.batch  # > 1 only for fixed-batch models (logreg_iris takes [3, 2])
+        items = [[a[i * b:(i + 1) * b] for a in arrays] for i in range(len(samples))]
         nncf.set_log_level(logging.ERROR)
         failures = (RuntimeError, ValueError, nncf.ValidationError, nncf.InternalError, nncf.UnsupportedModelError)
 

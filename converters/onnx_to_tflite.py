@@ -35,6 +35,7 @@ from edge_sdk.converters.keras_to_tflite import (
     version_of,
 )
 from edge_sdk.converters.onnx_common import run_tool
+from edge_sdk.converters.onnx_ml_lowering import check_lowered
 from edge_sdk.converters.shims import apply_shims, explain, tf_safe_node_names
 from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
@@ -158,6 +159,7 @@ class OnnxToTFLite(TFLiteConverter):
             if not has_module(mod):
                 raise MissingDependencyError(mod, "onnx2tf", "converting ONNX models to TFLite")
         src = ctx.source
+        check_lowered(src)  # an ai.onnx.ml op that could not be lowered: its reason, not onnx2tf's
         model = Path(src.model)  # never modified: onnx2tf gets a copy
         int8_io = bool(ctx.options.tflite_int8_io)
         notes: list[str] = []

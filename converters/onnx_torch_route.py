@@ -36,6 +36,7 @@ from typing import Any
 from edge_sdk._deps import has_module, require
 from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision
 from edge_sdk.converters.keras_to_tflite import TFLiteConverter, version_of
+from edge_sdk.converters.onnx_ml_lowering import check_lowered
 from edge_sdk.errors import ConversionError, MissingDependencyError, first_line
 from edge_sdk.formats import Framework, Precision
 
@@ -315,6 +316,7 @@ class OnnxTorchToTFLite(TFLiteConverter):
             from edge_sdk.converters.source_torch import TorchSource
 
             src = ctx.source
+            check_lowered(src)  # an ai.onnx.ml op that could not be lowered: its reason, not onnx2torch's
             gm = onnx_to_torch(Path(src.model), ctx.scratch("onnx2torch"))
             tsrc = TorchSource(gm, [list(s) for s in src.input_shapes], kind="onnx2torch",
                                input_names=list(src.input_names), input_dtypes=list(src.input_dtypes))

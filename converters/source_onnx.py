@@ -3,6 +3,13 @@
 The converters need concrete shapes, so symbolic input axes are pinned from ``--input-shape`` (a symbolic batch
 alone defaults to 1) in a temporary copy (converters/onnx_shapes.py does the graph surgery); the axes
 ``--dynamic`` names stay symbolic in a second copy that the ONNX and OpenVINO artifacts are built from.
+
+ONNX-ML (scikit-learn / skl2onnx) operators are lowered to standard ONNX ops (converters/onnx_ml_lowering.py) in
+both copies, so every target -- the ONNX artifact too -- reads the same graph with tensor outputs (a ZipMap
+becomes a float ``[N, C]`` tensor). The reference stays ONNX Runtime on the original (pinned, not lowered) graph,
+its ZipMap / string-label outputs converted the same way, so validation checks the lowering. When the lowering
+is refused (an unsupported op), nothing changes and ``ml_refusal`` holds the one-line reason the non-ONNX targets
+report.
 """
 
 from __future__ import annotations
@@ -110,14 +117,52 @@ class OnnxSource(SourceBase):
             except (ValueError, OSError, DecodeError) as exc:
                 raise SourceModelError(f"could not pin the input shapes of {path.name} "
                                        f"({str(exc).splitlines()[0][:160]}): re-export it with static shapes") from None
+        self._reference = self.model  # ONNX Runtime runs this one: the original graph, ai.onnx.ml ops included
+        self.ml_refusal: str | None = None
+        self._zipmaps: dict[str, list[Any]] = {}
+        self._label_maps: dict[str, list[str]] = {}
+        self._lower_ml(onnx, proto)
         self._session: Any = None
+
+    def _lower_ml(self, onnx: Any, proto: Any) -> None:
+        """Lower ai.onnx.ml operators in the pinned and dynamic copies; on refusal record ``ml_refusal``."""
+        from edge_sdk.converters.onnx_ml_lowering import OnnxMlError, lower_onnx_ml, ml_op_types
+
+        if not ml_op_types(proto):
+            return
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="edge_sdk_onnx_"))
+        try:
+            lowered = {}
+            for kind, p in (("model", Path(self.model)), ("dynamic_model", Path(self.dynamic_model))):
+                if kind == "dynamic_model" and p == Path(self.model):
+                    lowered[kind] = lowered["model"]
+                    continue
+                low = lower_onnx_ml(onnx.load(str(p)))
+                if low is None:  # cannot happen: ml_op_types found ai.onnx.ml nodes in the same graph
+                    return
+                out = self._tmp / f"lowered_{kind}_{self.path.name}"
+                onnx.save_model(low.model, str(out))
+                lowered[kind] = (out, low)
+        except OnnxMlError as exc:
+            self.ml_refusal = str(exc)
+            return
+        (self.model, low), (self.dynamic_model, _) = lowered["model"], lowered["dynamic_model"]
+        self._zipmaps, self._label_maps = low.zipmap_outputs, low.label_maps
+        self.output_names = [o.name for o in low.model.graph.output]
+        self.dropped_outputs = []
+        self.pin_notes.append("ONNX-ML operators (" + ", ".join(sorted(set(low.replaced))) + ") lowered to standard "
+                              "ONNX ops; ZipMap outputs are float [N, classes] tensors"
+                              + (", string class labels are int64 indices into "
+                                 + "; ".join(f"{k}: {v}" for k, v in low.label_maps.items()) if low.label_maps else ""))
+        self.pin_notes.extend(low.notes)
 
     def predict(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Run with ONNX Runtime (CPU, fp32) on the pinned model."""
         if self._session is None:
             ort = require("onnxruntime", "onnx", "running the ONNX source")
             try:
-                self._session = ort.InferenceSession(str(self.model), providers=["CPUExecutionProvider"])
+                self._session = ort.InferenceSession(str(self._reference), providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own non-Python-standard types
                 raise SourceModelError(f"ONNX Runtime cannot load {self.path.name} "
                                        f"({str(exc).strip().splitlines()[0][:200]}): the source must run in "
@@ -125,12 +170,21 @@ class OnnxSource(SourceBase):
         feeds = {n: np.ascontiguousarray(x, dt) for n, x, dt in zip(self.input_names, inputs, self.input_dtypes,
                                                                      strict=True)}
         try:
-            return list(self._session.run(self.output_names, feeds))
+            outs = list(self._session.run(self.output_names, feeds))
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument derive from RuntimeError only
             shapes = [list(x.shape) for x in inputs]
             raise SourceModelError(f"the ONNX model rejects inputs of shape {shapes} "
                                    f"({str(exc).strip().splitlines()[0][:200]}): pass the --input-shape the "
                                    "model was built for") from None
+        if self._zipmaps or self._label_maps:
+            from edge_sdk.converters.onnx_ml_lowering import labels_to_index, zipmap_to_array
+
+            for k, name in enumerate(self.output_names):
+                if name in self._zipmaps:
+                    outs[k] = zipmap_to_array(outs[k], self._zipmaps[name])
+                elif name in self._label_maps:
+                    outs[k] = labels_to_index(outs[k], self._label_maps[name])
+        return outs
 
     def close(self) -> None:
         if self._tmp is not None:
