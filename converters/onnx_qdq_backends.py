@@ -28,10 +28,33 @@ __all__ = [
     "nncf_qdq",
     "ort_qdq",
     "retype_activations",
+    "weight_format",
 ]
 
 #: the ORT calibration methods (``options.extra['onnx_calibration']``)
 CALIBRATIONS = ("minmax-mean", "minmax", "percentile", "entropy")
+#: int8 weight types (``options.extra['onnx_weight_type']``): symmetric int8 ("U8S8" with uint8 activations) or
+#: uint8 ("U8U8", ORT's quantizer only; ORT 1.32 per-channel gives them zero point 128, WeightSymmetric=False
+#: did not change that)
+WEIGHT_TYPES = ("int8", "uint8")
+#: default of ``options.extra['onnx_reduce_range']`` (see :func:`weight_format`)
+REDUCE_RANGE_DEFAULT = False
+
+
+def weight_format(options: ConvertOptions) -> tuple[str, bool]:
+    """(weight type, reduce range) from ``options.extra['onnx_weight_type']`` and ``['onnx_reduce_range']``.
+
+    ``reduce_range`` stores 7-bit weights (levels -64..64): on x86 CPUs without VNNI, ORT's U8S8 kernels sum
+    pairs of uint8 x int8 products in int16 (VPMADDUBSW), which saturates with full-range weights; ORT's
+    quantizer then uses ``reduce_range=True`` and NNCF ``overflow_fix=ENABLE`` (its default fixes the first layer only).
+    """
+    wtype = str(options.extra.get("onnx_weight_type", "int8")).strip().lower()
+    if wtype not in WEIGHT_TYPES:
+        raise ConversionError(f"onnx_weight_type {wtype!r} is not supported: choose from {', '.join(WEIGHT_TYPES)}")
+    reduce = options.extra.get("onnx_reduce_range", REDUCE_RANGE_DEFAULT)
+    if not isinstance(reduce, bool):
+        raise ConversionError(f"onnx_reduce_range must be true or false, not {reduce!r}")
+    return wtype, reduce
 
 
 def feed_array(x: np.ndarray) -> np.ndarray:
@@ -141,7 +164,11 @@ def nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], op
         raise ConversionError(f"onnx_calibration {calib!r} is not supported with onnx_quantizer 'nncf': choose "
                               f"from {', '.join(ranges)}, or set onnx_quantizer to 'ort'")
     estimators = require("nncf.quantization.range_estimator", "openvino-convert", "NNCF int8 quantization")
+    wtype, reduce = weight_format(options)
+    if wtype != "int8":
+        raise ConversionError(f"onnx_weight_type {wtype!r} needs onnx_quantizer 'ort' (NNCF makes int8 weights)")
     params = adv.AdvancedQuantizationParameters(
+        overflow_fix=adv.OverflowFix.ENABLE if reduce else adv.OverflowFix.FIRST_LAYER,
         activations_quantization_params=adv.QuantizationParameters(per_channel=False),
         weights_quantization_params=adv.QuantizationParameters(per_channel=options.onnx_per_channel),
         activations_range_estimator_params=getattr(estimators.RangeEstimatorParametersSet, ranges[calib]))
@@ -160,7 +187,8 @@ def nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], op
     onnx.save_model(quantized, str(out_path))
     retyped = retype_activations(out_path, act)
     return {"nncf": nncf.__version__, "onnx_calibration": f"nncf-{calib}+bias-correction",
-            "onnx_retyped_activations": str(retyped)}
+            "onnx_retyped_activations": str(retyped), "onnx_weight_type": wtype,
+            "onnx_reduce_range": "all layers" if reduce else "first layer (nncf default)"}
 
 
 def ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], options: ConvertOptions,
@@ -172,13 +200,15 @@ def ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], opt
                  "uint16": quant.QuantType.QUInt16, "int16": quant.QuantType.QInt16}
     if act.endswith("16"):  # 16-bit Q/DQ needs opset 21 or ORT's com.microsoft Q/DQ ops
         extra = {**extra, "UseQDQContribOps": True}
+    wtype, reduce = weight_format(options)
     try:
         quant.quantize_static(
             str(pre), str(out_path), calibration_reader(samples, names),
             quant_format=quant.QuantFormat.QDQ,
             per_channel=options.onnx_per_channel,
             activation_type=act_types[act],
-            weight_type=quant.QuantType.QInt8,
+            weight_type=quant.QuantType.QUInt8 if wtype == "uint8" else quant.QuantType.QInt8,
+            reduce_range=reduce,
             calibrate_method=calib_method,
             nodes_to_exclude=float_layers,
             extra_options=extra,
@@ -186,4 +216,5 @@ def ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], opt
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ConversionError(f"ONNX static int8 quantization failed ({exc}): check the calibration data "
                               "matches the model inputs, or use precision 'dynamic'") from exc
-    return {"onnx_calibration": calib_name}
+    return {"onnx_calibration": calib_name, "onnx_weight_type": wtype,
+            "onnx_reduce_range": "all layers" if reduce else "no"}

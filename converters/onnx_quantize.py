@@ -27,10 +27,12 @@ from edge_sdk.converters.base import (
 )
 from edge_sdk.converters.onnx_common import onnx_input_names, onnx_versions
 from edge_sdk.converters.onnx_qdq_backends import CALIBRATIONS as _CALIBRATIONS
+from edge_sdk.converters.onnx_qdq_backends import WEIGHT_TYPES as _WEIGHT_TYPES
 from edge_sdk.converters.onnx_qdq_backends import calibration_method as _calibration
 from edge_sdk.converters.onnx_qdq_backends import feed_array as _feed_array  # noqa: F401  (re-exported)
 from edge_sdk.converters.onnx_qdq_backends import nncf_qdq as _nncf_qdq
 from edge_sdk.converters.onnx_qdq_backends import ort_qdq as _ort_qdq
+from edge_sdk.converters.onnx_qdq_backends import weight_format as _weight_format
 from edge_sdk.errors import CalibrationError, ConversionError, first_line
 from edge_sdk.formats import Format, Precision
 
@@ -224,9 +226,14 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
     if rounding == "gptq":
         from edge_sdk.converters.weight_rounding import gptq_onnx
 
+        wtype, reduce = _weight_format(options)
+        if wtype != "int8":
+            pre.unlink(missing_ok=True)
+            raise ConversionError(f"onnx_weight_rounding 'gptq' needs symmetric int8 weights, not {wtype}: set "
+                                  "onnx_weight_type to 'int8' or onnx_weight_rounding to 'nearest'")
         rounded = pre.with_name(pre.stem + ".gptq.onnx")
         try:
-            rounding_info = gptq_onnx(pre, rounded, samples, names)
+            rounding_info = gptq_onnx(pre, rounded, samples, names, qmax=64 if reduce else 127)
             rounded.replace(pre)
         finally:
             rounded.unlink(missing_ok=True)
@@ -308,7 +315,9 @@ def derive_onnx_precision(ctx: ConversionContext, precision: Precision, note: st
         versions = quantize_static_qdq(fp32.path, out, samples, ctx.options, list(ctx.source.input_names))
         notes.append(f"static QDQ int8 by {versions['onnx_quantizer']} "
                      f"({versions['onnx_activation_type']} activations, "
-                     f"{'per-channel' if ctx.options.onnx_per_channel else 'per-tensor'} int8 weights) "
+                     f"{'per-channel' if ctx.options.onnx_per_channel else 'per-tensor'} "
+                     f"{versions.get('onnx_weight_type', 'int8')} weights, 7-bit range: "
+                     f"{versions.get('onnx_reduce_range', 'no')}) "
                      f"calibrated on {len(samples)} samples ({versions['onnx_calibration']} ranges); "
                      "inputs and outputs stay float32")
         if versions.get("onnx_weight_rounding", "nearest") != "nearest":
@@ -350,6 +359,8 @@ class OnnxExporter:
         OptionSpec("onnx_float_outputs", bool, True, (), "no Q/DQ pair on the graph outputs"),
         OptionSpec("onnx_float_nodes", (list, tuple), (), (), "node names kept in float"),
         OptionSpec("onnx_weight_rounding", str, "nearest", _ROUNDINGS, "int8 weight rounding: nearest or GPTQ"),
+        OptionSpec("onnx_weight_type", str, "int8", _WEIGHT_TYPES, "int8 or uint8 weights (U8U8 kernels, ORT only)"),
+        OptionSpec("onnx_reduce_range", bool, False, (), "7-bit weights (no int16 saturation on AVX2 without VNNI)"),
     )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:

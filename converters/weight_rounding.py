@@ -51,14 +51,15 @@ def conv_patches(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int
     return v.reshape(group, c // group, ho * wo, kh * kw).transpose(0, 2, 1, 3).reshape(group, ho * wo, -1)
 
 
-def gptq_round(w: np.ndarray, h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def gptq_round(w: np.ndarray, h: np.ndarray, damp: float = 0.01, qmax: int = QMAX) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ rounding of ``w`` (groups, rows, cols) given ``h`` (groups, cols, cols) = sum of x x^T of the inputs.
 
     Returns (integer levels, scale per row) with ``levels * scale[..., None]`` the rounded weights; each row's
-    largest |w| keeps level +-127 so the scale recomputed from the rounded weights is the same.
+    largest |w| keeps level +-``qmax`` so the scale recomputed from the rounded weights is the same (``qmax`` 64:
+    the 7-bit grid of ORT's ``reduce_range``).
     """
     w = w.astype(np.float64)
-    scale = np.abs(w).max(axis=2) / QMAX
+    scale = np.abs(w).max(axis=2) / qmax
     scale[scale == 0] = 1.0
     hmat = h.astype(np.float64).copy()
     groups, _rows, cols = w.shape
@@ -70,15 +71,15 @@ def gptq_round(w: np.ndarray, h: np.ndarray, damp: float = 0.01) -> tuple[np.nda
     try:
         hinv = np.linalg.cholesky(np.linalg.inv(hmat)).transpose(0, 2, 1)  # upper factor of H^-1
     except np.linalg.LinAlgError:
-        return np.clip(np.round(w / scale[..., None]), -QMAX, QMAX), scale  # nearest rounding for this layer
+        return np.clip(np.round(w / scale[..., None]), -qmax, qmax), scale  # nearest rounding for this layer
     amax = np.abs(w).argmax(axis=2)
     sign = np.sign(np.take_along_axis(w, amax[..., None], axis=2)[..., 0])
     work = np.where(dead[:, None, :], 0.0, w)
     q = np.zeros_like(w)
     for i in range(cols):
         col = work[:, :, i]
-        qi = np.clip(np.round(col / scale), -QMAX, QMAX)
-        qi = np.where(amax == i, sign * QMAX, qi)  # the channel's largest weight pins the scale
+        qi = np.clip(np.round(col / scale), -qmax, qmax)
+        qi = np.where(amax == i, sign * qmax, qi)  # the channel's largest weight pins the scale
         q[:, :, i] = qi
         err = (col - qi * scale) / hinv[:, i, i][:, None]
         work[:, :, i + 1:] -= err[:, :, None] * hinv[:, i, i + 1:][:, None, :]
@@ -124,10 +125,10 @@ class _Layer:
         self.h = h if self.h is None else self.h + h
         return True
 
-    def rounded(self, damp: float) -> np.ndarray:
+    def rounded(self, damp: float, qmax: int = QMAX) -> np.ndarray:
         if self.h is None:
             return self.weight
-        q, scale = gptq_round(self.rows(), self.h, damp)
+        q, scale = gptq_round(self.rows(), self.h, damp, qmax)
         return self.back(q * scale[..., None])
 
 
@@ -154,8 +155,9 @@ def _attr(node: Any, name: str, default: Any) -> Any:
 
 
 def gptq_onnx(fp32_path: Path, out_path: Path, samples: SampleSet, input_names: list[str], *,
-              max_samples: int = 32, damp: float = 0.01) -> dict[str, str]:
-    """Write ``out_path``: ``fp32_path`` with every Conv/Gemm/MatMul weight rounded by GPTQ onto its int8 grid.
+              max_samples: int = 32, damp: float = 0.01, qmax: int = QMAX) -> dict[str, str]:
+    """Write ``out_path``: ``fp32_path`` with every Conv/Gemm/MatMul weight rounded by GPTQ onto its int8 grid
+    (levels -``qmax``..``qmax``; 64 for 7-bit ``reduce_range`` weights).
 
     Layers it cannot analyse (dilated, auto-padded or 3-D convolutions, non-constant weights, huge inputs) keep
     their weights. Returns what it did, for the manifest.
@@ -216,8 +218,8 @@ def gptq_onnx(fp32_path: Path, out_path: Path, samples: SampleSet, input_names: 
     skipped = _accumulate(layers, inputs, run, samples, max_samples)
     for name, layer in layers.items():
         node_w = next(n.input[1] for n in model.graph.node if n.name == name)
-        inits[node_w].CopyFrom(numpy_helper.from_array(layer.rounded(damp), node_w))
+        inits[node_w].CopyFrom(numpy_helper.from_array(layer.rounded(damp, qmax), node_w))
     onnx.save_model(model, str(out_path))
     done = len(layers) - len(skipped)
-    return {"onnx_weight_rounding": f"gptq ({done} layers, {min(max_samples, len(samples))} samples"
+    return {"onnx_weight_rounding": f"gptq ({done} layers, {min(max_samples, len(samples))} samples, levels +-{qmax}"
                                     + (f"; nearest for {len(skipped)} too large" if skipped else "") + ")"}
