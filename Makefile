@@ -62,8 +62,9 @@ demo: $(STAMP) demo-deps
 	$(BIN)/python examples/demo.py
 
 # PASSIVE: idle OpenMP threads sleep instead of spinning, so a shared 2-core box does not collapse.
-# 2 xdist workers, whole test files per worker (tests/conftest.py); the soaks run apart: `make test-soak`.
-WORKERS ?= 2
+# 3 xdist workers (many tests wait on brokers, sockets and child processes: 3 keep 2 cores busy), whole test
+# files per worker (tests/conftest.py); the soaks run apart: `make test-soak`.
+WORKERS ?= 3
 PYTEST := OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -p no:cacheprovider
 XDIST = -n $(WORKERS) --dist loadfile
 

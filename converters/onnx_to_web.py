@@ -1,4 +1,6 @@
-"""ONNX -> a web artifact: the ONNX model plus everything a page needs to run it with ONNX Runtime Web (WASM).
+"""ONNX -> a web artifact: the ONNX model plus everything a page needs to run it with ONNX Runtime Web (WASM);
+or, with ``web_runtime = "litertjs"`` (``--web-runtime litertjs``), the ``.tflite`` of the same source run by
+LiteRT.js (converters/litertjs_web.py; same folder layout, ``model.tflite`` and ``litertjs/`` instead).
 
 The artifact is a folder a static host can serve as it is (``edge-sdk web serve BUNDLE`` for local testing)::
 
@@ -9,6 +11,8 @@ The artifact is a folder a static host can serve as it is (``edge-sdk web serve 
                           <img>, <video> frame, ImageData or typed array, then the session, then top-k with labels
         index.html        demo page: file picker, webcam, results, latency
         ort/              ONNX Runtime Web, vendored from the npm registry at build time (converters/web_vendor.py)
+                          (litertjs: litertjs/ with @litertjs/core and @litertjs/wasm-utils, and an import map
+                          in index.html)
 
 Each precision's folder carries its own copy of the runtime (~15 MB) so it deploys alone; ``runtime.model_bytes``
 in the manifest is the model's share of the artifact's size.
@@ -24,26 +28,34 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from edge_sdk._deps import has_module, require
-from edge_sdk.converters.base import ArtifactDraft, ConversionContext, check_precision, register
+from edge_sdk.converters.base import ArtifactDraft, ConversionContext, OptionSpec, check_precision, register
 from edge_sdk.converters.model_card import card_of
 from edge_sdk.converters.onnx_quantize import OnnxExporter
-from edge_sdk.converters.web_vendor import ENTRY, ORT_WEB_PACKAGE, vendor_runtime
+from edge_sdk.converters.web_vendor import ORT_WEB_PACKAGE, WEB_RUNTIMES, vendor_runtime
 from edge_sdk.errors import ConversionError, MissingDependencyError, UnsupportedConversionError
 from edge_sdk.formats import Format, Framework, Precision
 from edge_sdk.runtimes.onnxruntime_web import browser_problem
 
-__all__ = ["MAX_AI_ONNX_OPSET", "WEB_DOMAINS", "OnnxToWeb", "check_web_ops", "write_web_folder"]
+__all__ = ["MAX_AI_ONNX_OPSET", "RUNTIME_LAYOUT", "WEB_DOMAINS", "OnnxToWeb", "assemble_web_folder", "check_web_ops",
+           "write_web_folder"]
 
 #: the highest ai.onnx opset the pinned onnxruntime-web accepts (1.31.1 refuses 27: "support ... is till opset 26")
 MAX_AI_ONNX_OPSET = 26
 #: op domains ONNX Runtime's WASM build implements (the same CPU kernels as native ONNX Runtime)
 WEB_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc")
 ASSETS = ("predict.js", "index.html")
+#: web runtime -> (folder of its vendored files, entry module, WASM folder, import map) inside that folder
+RUNTIME_LAYOUT: dict[str, tuple[str, str, str, dict[str, str]]] = {
+    "onnxruntime-web": ("ort", "ort.wasm.min.mjs", "", {}),
+    "litertjs": ("litertjs", "core/index.js", "wasm/", {"@litertjs/wasm-utils": "wasm-utils/index.js"}),
+}
+_IMPORT_MAP_SLOT = "<!--import-map: the build puts the runtime's import map here (LiteRT.js needs one)-->"
 
 
 def _nodes(graph: Any) -> Any:
@@ -101,30 +113,45 @@ def _tensor_specs(values: Any, inits: set[str]) -> list[dict[str, Any]]:
     return out
 
 
-def write_web_folder(out: Path, model: Any, *, precision: Precision, ctx: ConversionContext,
-                     input_layout: str | None) -> dict[str, Any]:
-    """Write the artifact folder (module docstring); return the manifest's ``runtime`` entry."""
-    onnx = require("onnx", "onnx", "writing the web artifact")
-    rt = vendor_runtime()
+def assemble_web_folder(out: Path, *, runtime: str, model_name: str, write_model: Callable[[Path], None],
+                        inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], precision: Precision,
+                        ctx: ConversionContext, input_layout: str | None) -> dict[str, Any]:
+    """Write the artifact folder of web runtime ``runtime`` (module docstring): the model (``write_model``), the
+    page assets, the vendored runtime and ``model.json``; return the manifest's ``runtime`` entry."""
+    packages = vendor_runtime(runtime)
+    sub, entry, wasm_dir, imports = RUNTIME_LAYOUT[runtime]
+    rt = packages[0]
     if out.exists():
         shutil.rmtree(out)
-    (out / "ort").mkdir(parents=True)
-    onnx.save(model, str(out / "model.onnx"))
+    (out / sub).mkdir(parents=True)
+    write_model(out / model_name)
     assets = resources.files("edge_sdk.converters").joinpath("web_assets")
     for name in ASSETS:
         (out / name).write_bytes(assets.joinpath(name).read_bytes())
-    for name, path in rt.files.items():
-        shutil.copyfile(path, out / "ort" / name)
+    import_map = {k: f"./{sub}/{v}" for k, v in imports.items()}
+    if import_map:
+        page = (out / "index.html").read_text()
+        tag = f'<script type="importmap">{json.dumps({"imports": import_map})}</script>'
+        (out / "index.html").write_text(page.replace(_IMPORT_MAP_SLOT, tag, 1))
+    vendored = []
+    for pkg in packages:
+        for rel, path in sorted(pkg.files.items()):
+            dest = out / sub / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+            vendored.append({"path": f"{sub}/{rel}", "sha256": pkg.sha256[rel], "size_bytes": dest.stat().st_size,
+                             **({"package": pkg.package} if len(packages) > 1 else {})})
     card = card_of(ctx.options)
     pre = card.preprocessing.to_dict() if card is not None and card.preprocessing is not None else {}
     src = ctx.source
     layout = input_layout or getattr(src, "layout", "") or None
     if pre and layout:
         pre["layout"] = layout  # the artifact's own input layout wins over the source's
-    inits = {i.name for i in model.graph.initializer}
-    inputs = _tensor_specs(model.graph.input, inits)
     for spec in inputs:
         spec["layout"] = layout
+    run_cfg = {"package": rt.package, "version": rt.version, "entry": f"{sub}/{entry}", "wasm_dir": f"{sub}/{wasm_dir}"}
+    if import_map:
+        run_cfg["import_map"] = import_map
     config = {
         "name": card.name if card is not None else (src.path.stem if src.path else "model"),
         "version": card.version if card is not None else "1",
@@ -132,20 +159,33 @@ def write_web_folder(out: Path, model: Any, *, precision: Precision, ctx: Conver
         "labels": list(card.labels) if card is not None and card.labels else None,
         "preprocessing": pre,
         "precision": precision.value,
-        "model": "model.onnx",
+        "model": model_name,
         "inputs": inputs,
-        "outputs": _tensor_specs(model.graph.output, set()),
-        "runtime": {"package": rt.package, "version": rt.version, "entry": f"ort/{ENTRY}", "wasm_dir": "ort/"},
+        "outputs": outputs,
+        "runtime": run_cfg,
     }
     (out / "model.json").write_text(json.dumps(config, indent=1) + "\n")
-    model_bytes = (out / "model.onnx").stat().st_size
-    return {"runtime": "onnxruntime-web", "package": rt.package, "version": rt.version, "integrity": rt.integrity,
-            "tarball": rt.tarball_url, "entry": "predict.js", "page": "index.html", "model": "model.onnx",
-            "model_bytes": model_bytes, "backend": "wasm",
-            "vendored": [{"path": f"ort/{name}", "sha256": rt.sha256[name],
-                          "size_bytes": (out / "ort" / name).stat().st_size} for name in sorted(rt.files)],
-            "headers": {"Cross-Origin-Opener-Policy": "same-origin",
-                        "Cross-Origin-Embedder-Policy": "require-corp"}}
+    info: dict[str, Any] = {
+        "runtime": runtime, "package": rt.package, "version": rt.version, "integrity": rt.integrity,
+        "tarball": rt.tarball_url, "entry": "predict.js", "page": "index.html", "model": model_name,
+        "model_bytes": (out / model_name).stat().st_size, "backend": "wasm", "vendored": vendored,
+        "headers": {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}}
+    if len(packages) > 1:
+        info["dependencies"] = [{"package": p.package, "version": p.version, "integrity": p.integrity,
+                                 "tarball": p.tarball_url} for p in packages[1:]]
+    return info
+
+
+def write_web_folder(out: Path, model: Any, *, precision: Precision, ctx: ConversionContext,
+                     input_layout: str | None) -> dict[str, Any]:
+    """Write the ONNX Runtime Web artifact folder of ``model``; return the manifest's ``runtime`` entry."""
+    onnx = require("onnx", "onnx", "writing the web artifact")
+    inits = {i.name for i in model.graph.initializer}
+    return assemble_web_folder(out, runtime="onnxruntime-web", model_name="model.onnx",
+                               write_model=lambda p: onnx.save(model, str(p)),
+                               inputs=_tensor_specs(model.graph.input, inits),
+                               outputs=_tensor_specs(model.graph.output, set()), precision=precision, ctx=ctx,
+                               input_layout=input_layout)
 
 
 @register
@@ -156,16 +196,23 @@ class OnnxToWeb:
     target = Format.WEB
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
     budget_ladder = OnnxExporter.budget_ladder  # the web model is the ONNX artifact: same rungs
-    extra_options = OnnxExporter.extra_options
+    extra_options = (*OnnxExporter.extra_options,
+                     OptionSpec("web_runtime", str, "onnxruntime-web", tuple(WEB_RUNTIMES),
+                                "the browser runtime: onnxruntime-web (the ONNX artifact) or litertjs (the .tflite)"))
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
-        """Produce the web folder of ``precision`` from ``ctx.onnx(precision)``."""
+        """Produce the web folder of ``precision`` from ``ctx.onnx(precision)`` (litertjs: from the .tflite)."""
         check_precision(self, precision)
+        web_runtime = str(ctx.options.extra.get("web_runtime", "onnxruntime-web"))
         if not has_module("playwright"):  # no way to validate in a browser here: refused, like a missing tool
             raise MissingDependencyError("playwright", "web", "validating web artifacts in Chromium")
         problem = browser_problem()
         if problem is not None:
             raise ConversionError(f"cannot validate web artifacts: {problem}")
+        if web_runtime == "litertjs":
+            from edge_sdk.converters.litertjs_web import build_litertjs_folder
+
+            return [build_litertjs_folder(ctx, precision, ctx.path_for(Format.WEB, precision, ""))]
         onnx = require("onnx", "onnx", "building web artifacts")
         base = ctx.onnx(precision)
         model = onnx.load(str(base.path))

@@ -68,9 +68,10 @@ def fragile_onnx(tmp_path_factory: pytest.TempPathFactory, fashion_torch_cnn: An
                       opset_version=18, dynamo=False)
     np.save(d / "calib.npy", fashion_calibration[:200])
     np.save(d / "val.npy", x[:1000])
+    np.save(d / "val_small.npy", x[:200])  # enough where every lossy step must fail (cosine 1.0)
     np.save(d / "val_labels.npy", y[:1000])
     return {"onnx": d / "fragile.onnx", "calib": d / "calib.npy", "val": d / "val.npy",
-            "labels": d / "val_labels.npy"}
+            "val_small": d / "val_small.npy", "labels": d / "val_labels.npy"}
 
 
 def _cli(capsys: pytest.CaptureFixture, *args: Any) -> tuple[int, dict]:
@@ -121,7 +122,7 @@ def test_over_budget_is_reported_failed_not_shipped(fragile_onnx: dict, tmp_path
     out = tmp_path / "bundle"
     # cosine 1.0 is out of reach for any lossy step; fp16 is requested itself, so the ladder does not end there
     code, summary = _cli(capsys, "convert", fragile_onnx["onnx"], "--to", "onnx", "--no-ort", "--precision",
-                         "fp32,fp16,int8", "--calib", fragile_onnx["calib"], "--val", fragile_onnx["val"],
+                         "fp32,fp16,int8", "--calib", fragile_onnx["calib"], "--val", fragile_onnx["val_small"],
                          "--min-cosine", "1.0", "--out", out, "--json")
     assert code == 1
     keys = {a.key for a in Bundle.load(out).artifacts}

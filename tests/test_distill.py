@@ -193,6 +193,7 @@ def test_cli_distill_writes_a_loadable_student(teacher: Any, tmp_path: Path, cap
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # ~1 min idle, two full trainings; the distill API tests above stay in `make test`
 def test_acceptance_4_student_keeps_95pct_and_beats_labels_only(teacher: Any) -> None:
     """Acceptance 4: 5,000 training images, 5 epochs, T=4, alpha=0.7 (the defaults), 3 seeds, 10,000 test images.
 

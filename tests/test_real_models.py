@@ -86,6 +86,7 @@ def test_real_onnx_detector_with_dynamic_hw(corpus, tmp_path: Path, monkeypatch:
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.soak  # ~2 min idle (a real Keras 2 BiLSTM through the TFLite converter); test_routes fakes the crash fast
 def test_a_converter_segfault_costs_only_its_artifact(corpus, tmp_path: Path) -> None:
     """The TFLite converter SIGSEGVs on full-integer quantization of shakkala's Keras 2 BiLSTM (a real model);
     it runs in a child process, so tflite/int8 fails with the signal named and fp32 still ships."""

@@ -73,8 +73,8 @@ def test_schema_enums_equal_the_registries() -> None:
 
 
 def test_every_runtime_list_derives_from_the_registry(tmp_path) -> None:
-    names = list(RUNTIMES)
-    assert names == ["onnxruntime", "openvino", "litert", "coreml", "onnxruntime-web"]  # the built-ins, by rank
+    names = list(RUNTIMES)  # the built-ins, by rank
+    assert names == ["onnxruntime", "openvino", "litert", "coreml", "onnxruntime-web", "litertjs"]
     assert list(default_order()) == list(agent_mod.DEFAULT_RUNTIME_ORDER) == names
     assert list(_bench_worker.RUNTIME_MODULES) == list(bench_modules()) == names
     assert all(_bench_worker.RUNTIME_MODULES[n] for n in names)  # each built-in names what it imports

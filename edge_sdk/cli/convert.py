@@ -132,6 +132,9 @@ def _add_source_args(c: argparse.ArgumentParser, *, build: bool = False) -> None
     o.add_argument("--coreml-target", help="Core ML minimum deployment target (default iOS16, or the profile's)")
     o.add_argument("--palette-bits", type=int, default=6, help="Core ML palettization bits")
     o.add_argument("--float-io", action="store_true", help="TFLite int8 keeps float inputs/outputs")
+    o.add_argument("--web-runtime", choices=["onnxruntime-web", "litertjs"],
+                   help="browser runtime of the web target: onnxruntime-web (default; runs the ONNX model) or "
+                        "litertjs (LiteRT.js; runs the .tflite, float I/O)")
     o.add_argument("--tolerance", action="append", default=[], metavar="PRECISION:KEY=VALUE",
                    help="override a validation limit, e.g. int8:min_cosine=0.9 (repeatable)")
     # -- accuracy budget with automatic fallback (issue 7) --
@@ -197,7 +200,8 @@ def _options(args: argparse.Namespace) -> Any:
 
     return ConvertOptions(calib_limit=args.calib_limit, onnx_opset=args.opset,
                           onnx_activation_type=args.onnx_activations, coreml_palette_bits=args.palette_bits,
-                          tflite_int8_io=not args.float_io, **_explicit_options(args))
+                          tflite_int8_io=not args.float_io, **_explicit_options(args),
+                          extra={"web_runtime": args.web_runtime} if args.web_runtime else {})
 
 
 def _budget(args: argparse.Namespace) -> Any:

@@ -8,7 +8,7 @@ module level, so registering them is cheap; the runtime itself is imported by ``
 from __future__ import annotations
 
 from edge_sdk.formats import Format
-from edge_sdk.runtimes import coreml, litert, onnxruntime, onnxruntime_web, openvino
+from edge_sdk.runtimes import coreml, litert, litertjs, onnxruntime, onnxruntime_web, openvino
 from edge_sdk.runtimes.base import Runtime, Session, check_inputs, dequantize, quantize
 from edge_sdk.runtimes.registry import (
     RUNTIMES,
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # built-ins first; their `rank` sets the default order
-for _module in (onnxruntime, openvino, litert, coreml, onnxruntime_web):
+for _module in (onnxruntime, openvino, litert, coreml, onnxruntime_web, litertjs):
     register_runtime(_module.RUNTIME)
 load_entry_points()
 

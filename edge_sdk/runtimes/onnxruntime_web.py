@@ -10,6 +10,11 @@ back, so validation and benchmarks exercise the code a user's page runs.
 
 Chromium is found as ``$EDGE_SDK_CHROMIUM``, else ``chromium`` / ``chromium-browser`` / ``google-chrome`` on PATH.
 Session-creation failures in the page (an op or opset the runtime lacks) become one line naming the op.
+
+The JavaScript runtime is the one the artifact's ``model.json`` names (``predict.js`` picks ONNX Runtime Web or
+LiteRT.js and puts both behind one ``backend.run``), so :class:`WebSession` runs either kind of folder; the
+``litertjs`` registry entry (:mod:`edge_sdk.runtimes.litertjs`) is this runtime under the name LiteRT.js artifacts
+carry, so benchmarks and reports name what actually ran.
 """
 
 from __future__ import annotations
@@ -46,17 +51,19 @@ _LOAD_JS = """async (threads) => {
   try {
     const m = await import('./predict.js');
     window.__edge = await m.load({ threads: threads ?? undefined });
-    return { ok: true, threads: window.__edge.threads, isolated: crossOriginIsolated,
-             inputs: window.__edge.session.inputNames, outputs: window.__edge.session.outputNames };
+    const b = window.__edge.backend;
+    return { ok: true, threads: window.__edge.threads, isolated: crossOriginIsolated, backend: b.name,
+             inputs: b.inputNames, outputs: b.outputNames };
   } catch (e) { return { ok: false, error: String(e && e.message || e) }; }
 }"""
 
-# Runs in the page: decode base64 inputs, run the session, return outputs as base64 (``repeat`` > 1: timed loop).
+# Runs in the page: decode base64 inputs, run the backend, return outputs as base64 (``repeat`` > 1: timed loop;
+# a timed call = wrap the inputs in the runtime's tensors + run + read the outputs, as predict.js's run does).
 _RUN_JS = """async ([feeds, repeat, warmup]) => {
-  const p = window.__edge, ort = p.ort;
+  const b = window.__edge.backend;
   const b2u = (s) => {
-    const b = atob(s), u = new Uint8Array(b.length);
-    for (let i = 0; i < b.length; i++) u[i] = b.charCodeAt(i);
+    const x = atob(s), u = new Uint8Array(x.length);
+    for (let i = 0; i < x.length; i++) u[i] = x.charCodeAt(i);
     return u;
   };
   const u2b = (u) => {
@@ -66,22 +73,22 @@ _RUN_JS = """async ([feeds, repeat, warmup]) => {
   };
   const T = { float32: Float32Array, int32: Int32Array, int64: BigInt64Array, uint8: Uint8Array, int8: Int8Array,
               bool: Uint8Array };
-  const tensors = {};
+  const inputs = {};
   for (const f of feeds) {
     const bytes = b2u(f.b64);
     const n = bytes.byteLength / T[f.dtype].BYTES_PER_ELEMENT;
-    tensors[f.name] = new ort.Tensor(f.dtype, new T[f.dtype](bytes.buffer, 0, n), f.dims);
+    inputs[f.name] = { type: f.dtype, data: new T[f.dtype](bytes.buffer, 0, n), dims: f.dims };
   }
   try {
-    for (let i = 0; i < warmup; i++) await p.session.run(tensors);
+    for (let i = 0; i < warmup; i++) await b.run(inputs);
     const ms = [];
     let res = null;
     for (let i = 0; i < repeat; i++) {
       const t0 = performance.now();
-      res = await p.session.run(tensors);
+      res = await b.run(inputs);
       ms.push(performance.now() - t0);
     }
-    const outs = p.session.outputNames.map((k) => {
+    const outs = b.outputNames.map((k) => {
       const t = res[k], d = t.data;
       const bytes = new Uint8Array(d.buffer, d.byteOffset, d.byteLength);
       return { name: k, dtype: t.type, dims: t.dims, b64: u2b(bytes) };
@@ -116,9 +123,14 @@ def browser_problem() -> str | None:
     return None
 
 
-def explain_load_error(message: str, version: str = "") -> str:
+def explain_load_error(message: str, version: str = "", package: str = "onnxruntime-web") -> str:
     """The browser's session-creation error in one line, naming the op or opset the web runtime lacks."""
-    rt = f"onnxruntime-web {version}".strip()
+    rt = f"{package} {version}".strip()
+    if package != "onnxruntime-web":
+        if "is not supported" in message and "Element type" in message:
+            return (f"{rt} cannot load the model: {first_line(message, 200)} (it has float32/int32/uint8 tensors "
+                    "only): rebuild the .tflite with float inputs/outputs (--float-io)")
+        return f"{rt} cannot load the model: {first_line(message, 300)}"
     m = re.search(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op", message)
     if m:
         dom = m.group(1) or "ai.onnx"
@@ -172,6 +184,7 @@ class WebSession:
             raise InferenceError(f"{path} is not a web artifact ({first_line(exc)}): model.json is missing or "
                                  "unreadable; rebuild with `edge-sdk convert --to web`") from None
         self.version = str(self.config.get("runtime", {}).get("version", ""))
+        self.package = str(self.config.get("runtime", {}).get("package", "onnxruntime-web"))
         self.inputs: list[TensorSpec] = [TensorSpec(t["name"], list(t["shape"]), t.get("dtype", "float32"))
                                          for t in self.config.get("inputs", [])]
         self.outputs: list[TensorSpec] = [TensorSpec(t["name"], list(t["shape"]), t.get("dtype", "float32"))
@@ -197,9 +210,10 @@ class WebSession:
             raise InferenceError(f"Chromium failed while loading {path.name} ({first_line(exc, 200)})") from None
         if not info.get("ok"):
             self.close()
-            raise InferenceError(explain_load_error(str(info.get("error", "")), self.version))
+            raise InferenceError(explain_load_error(str(info.get("error", "")), self.version, self.package))
         self.threads = int(info["threads"])
         self.isolated = bool(info["isolated"])
+        self.backend = str(info.get("backend", ""))
         names = list(info["inputs"])
         if [s.name for s in self.inputs] != names:  # model.json and the model disagree: trust the model's order
             by_name = {s.name: s for s in self.inputs}
@@ -216,7 +230,7 @@ class WebSession:
         except Exception as exc:  # a crashed page / browser
             raise InferenceError(f"Chromium failed running {self.path.name} ({first_line(exc, 200)})") from None
         if not res.get("ok"):
-            raise InferenceError(f"onnxruntime-web failed to run {self.path.name} ({first_line(res.get('error'))}): "
+            raise InferenceError(f"{self.package} failed to run {self.path.name} ({first_line(res.get('error'))}): "
                                  "check the inputs match the model's inputs")
         return res
 
