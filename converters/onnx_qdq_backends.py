@@ -7,6 +7,8 @@ inside the functions.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import logging
 from collections.abc import Iterator
@@ -175,11 +177,12 @@ def nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], op
     data = [{n: feed_array(x) for n, x in zip(names, item, strict=True)} for item in samples]
     nncf.set_log_level(logging.ERROR)
     try:
-        quantized = nncf.quantize(
-            onnx.load(str(pre)), nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
-            target_device=nncf.TargetDevice.CPU, subset_size=len(data), fast_bias_correction=False,
-            ignored_scope=nncf.IgnoredScope(names=float_layers, validate=False) if float_layers else None,
-            advanced_parameters=params)
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars; the pipeline reports itself
+            quantized = nncf.quantize(
+                onnx.load(str(pre)), nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
+                target_device=nncf.TargetDevice.CPU, subset_size=len(data), fast_bias_correction=False,
+                ignored_scope=nncf.IgnoredScope(names=float_layers, validate=False) if float_layers else None,
+                advanced_parameters=params)
     except (RuntimeError, ValueError, KeyError, nncf.ValidationError, nncf.InternalError,
             nncf.UnsupportedModelError) as exc:
         raise ConversionError(f"NNCF int8 quantization failed ({exc}): set ConvertOptions.extra "

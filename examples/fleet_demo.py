@@ -57,7 +57,7 @@ def run(bundle_dir: Path, out: Path, windows: int = 6) -> int:
     out.mkdir(parents=True, exist_ok=True)
     keys = Path(tempfile.mkdtemp(prefix="edge-demo-keys-"))
     private, public = generate_keypair(keys, "demo")
-    key_id = sign_bundle(bundle_dir, private)
+    key_id = sign_bundle(bundle_dir, private, version_code=1)  # devices refuse a downgrade below it
     print(f"\nsigned {bundle_dir} with key {key_id}; verified on the device side: "
           f"{verify_bundle(bundle_dir, public) == key_id}")
 
