@@ -3,10 +3,20 @@
 QDQ-quantized ONNX models keep float32 inputs and outputs, so sessions usually pass arrays straight
 through. Models whose graph inputs/outputs are themselves int8/uint8 get scale / zero-point from the
 adjacent (De)QuantizeLinear node when the ``onnx`` package is present, and are then (de)quantized here.
+
+int8 on x86 CPUs without VNNI (AVX2 only): ONNX Runtime's fast U8S8 kernels add pairs of uint8 x int8 products in
+saturating 16-bit arithmetic (``vpmaddubsw``), which costs about 3 pp of top-1 agreement on MobileNetV2 (88.3 % vs
+91.25 %) and makes the result differ from the same file in the browser or on a VNNI / ARM CPU.
+``EDGE_SDK_ORT_EXACT_INT8=1`` sets ORT's ``session.x64quantprecision=1`` (exact U8U8 kernels): identical to the
+browser's logits, but on such CPUs int8 is then no faster than fp32 (benchmarks/ort_int8_recipes.py).
+:func:`u8s8_saturates` tells whether this CPU is one of them.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +36,28 @@ from edge_sdk.runtimes.base import (
     run_failed,
 )
 
-__all__ = ["RUNTIME", "OnnxRuntime", "OnnxRuntimeSession"]
+__all__ = ["EXACT_INT8_ENV", "RUNTIME", "OnnxRuntime", "OnnxRuntimeSession", "u8s8_saturates"]
+
+EXACT_INT8_ENV = "EDGE_SDK_ORT_EXACT_INT8"
+"""``1``: exact int8 kernels on x86 (``session.x64quantprecision``); unset / ``0``: ORT's fast default."""
+
+
+@cache
+def u8s8_saturates() -> bool:
+    """True on an x86-64 CPU with AVX2 but no VNNI / AMX int8 (Linux ``/proc/cpuinfo``; False where unknown)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -161,6 +192,8 @@ class OnnxRuntime:
             so.inter_op_num_threads = 1
         if path.suffix.lower() == ".ort":
             so.add_session_config_entry("session.load_model_format", "ORT")
+        if os.environ.get(EXACT_INT8_ENV, "0").strip() == "1":  # exact int8 where the fast kernels saturate
+            so.add_session_config_entry("session.x64quantprecision", "1")
         errors = _ort_errors(ort)
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
