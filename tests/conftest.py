@@ -3,7 +3,7 @@
 Tests import the example modules directly: `import torch_models, keras_models, data, train`.
 Heavy frameworks are imported inside the fixtures only.
 
-`make test` runs on 2 xdist workers with ``--dist loadfile``: every test file goes whole to one worker, so a file's
+`make test` runs on 3 xdist workers with ``--dist loadfile``: every test file goes whole to one worker, so a file's
 module- and session-scoped fixtures (the acceptance
 bundle, the converted MobileNetV2s) are built once per run, by the one worker that runs the file, and tests within
 a file keep their order and shared state. Across files the only shared things are the broker and PostgreSQL (every
