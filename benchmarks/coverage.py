@@ -83,7 +83,6 @@ def run_one(name: str, targets: list[str], precisions: list[str], n_calib: int, 
             for p in precisions:
                 row["cells"][f"{t}/{p}"] = {"state": "crash", "reason": f"{type(exc).__name__}: {exc}"[:400]}
     row["seconds"] = round(time.perf_counter() - t0, 1)
-    _same_cause_as_fp32(row)
     for r in results:
         v = r.validation
         state = {"passed": "pass", "skipped-validation": "spec", "failed": "refused", "error": "error",
@@ -91,6 +90,7 @@ def run_one(name: str, targets: list[str], precisions: list[str], n_calib: int, 
         row["cells"][r.key] = {"state": _classify(state, r.reason), "reason": r.reason, "route": r.route,
                                "attempts": r.attempts, "cosine": v.cosine, "top1": v.top1_agreement,
                                "seconds": getattr(r, "seconds", None), "size": r.size_bytes}
+    _same_cause_as_fp32(row)  # after the cells are filled: an int8 cell inherits its target's fp32 n/r
     return row
 
 
