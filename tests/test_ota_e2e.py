@@ -155,6 +155,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, material: Material) -> Itera
     from edge_sdk.fleet.collector.service import Collector
     from edge_sdk.fleet.db import Database
     from edge_sdk.fleet.lifecycle.bundle_server import BundleHTTPServer
+    from edge_sdk.fleet.lifecycle.canary import Thresholds
     from edge_sdk.fleet.lifecycle.commands import MqttCommandPublisher
     from edge_sdk.fleet.lifecycle.registry import Registry
     from edge_sdk.fleet.lifecycle.rollout import Rollout
@@ -178,7 +179,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, material: Material) -> Itera
         collector = Collector(db_url, SYSTEM_BROKER, fleet=fleet, client_id=f"collector-{fleet}", shared=False,
                               session_expiry_s=60)
         collector.start(wait_s=10)
-        rollout = Rollout(db, publish, server.url, registry=registry)
+        # 50 simulated devices share 2 cores with the other test workers, so canary and reference latency differ by
+        # load alone (measured: canary p95 3.9 ms vs 1.9 ms, a false rollback): latency is not judged here; the p95
+        # rule has its own tests (tests/test_rollout.py). Confidence, PSI and errors keep the product's limits.
+        rollout = Rollout(db, publish, server.url, registry=registry,
+                          thresholds=Thresholds(max_p95_ratio=10.0, min_p95_slack_ms=50.0))
         agents = AgentFleet(N_DEVICES, processes=PROCESSES, fleet=fleet, mqtt_url=SYSTEM_BROKER,
                             store_root=root / "devices", initial_bundle=v1.archive_path,
                             trusted_keys=material.public_key, inputs=material.images, labels=material.labels,
