@@ -108,15 +108,11 @@ RECIPES = (
 
 def cpu_flags() -> str:
     """CPU model and its int8-relevant SIMD flags (avx2, avx512*, vnni)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                model = value.strip()
-            if key.strip() == "flags":
-                flags = set(value.split())
+    from edge_sdk.runtimes.base import cpuinfo
+
+    info = cpuinfo("model name", "flags")
+    model = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
     keep = sorted(f for f in flags if f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"))
     return f"{model} ({', '.join(keep) or 'no AVX2'})"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -302,7 +301,7 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> dict[str, str]:
 
 def _saturating_host() -> bool:
     """Whether validation here runs ORT's saturating U8S8 kernels (x86 without VNNI, exact mode off)."""
-    return _ort.u8s8_saturates() and os.environ.get(_ort.EXACT_INT8_ENV, "0").strip() != "1"
+    return _ort.u8s8_saturates() and not _ort.exact_int8()
 
 
 def derive_onnx_precision(ctx: ConversionContext, precision: Precision, note: str = "") -> ArtifactDraft:

@@ -31,6 +31,7 @@ from edge_sdk._deps import has_module
 from edge_sdk.bundle import TensorSpec
 from edge_sdk.errors import EdgeSDKError
 from edge_sdk.runtimes import all_runtimes, bench_modules, get_runtime
+from edge_sdk.runtimes.base import cpuinfo
 
 __all__ = ["RUNTIME_MODULES", "host_info", "main", "make_inputs", "measure", "rss_bytes", "run_job"]
 
@@ -145,14 +146,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
 def host_info() -> dict[str, Any]:
     """CPU model, logical cores, OS, Python and the version of every runtime installed here."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                cpu = value.strip()
-                break
+    # the first of these lines in the file names the CPU (x86 "model name"; ARM boards "Hardware" / "Model")
+    cpu = next(iter(cpuinfo("model name", "Model", "Hardware").values()), platform.processor() or platform.machine())
     info: dict[str, Any] = {"cpu": cpu, "machine": platform.machine(), "logical_cores": os.cpu_count(),
                             "os": platform.platform(), "python": platform.python_version()}
     if hasattr(os, "sched_getaffinity"):

@@ -24,10 +24,29 @@ __all__ = [
     "check_inputs",
     "check_model_file",
     "check_threads",
+    "cpuinfo",
     "dequantize",
     "quantize",
     "run_failed",
 ]
+
+
+def cpuinfo(*keys: str) -> dict[str, str]:
+    """The first value of each of ``keys`` in Linux ``/proc/cpuinfo`` (``flags``, ``model name``, ...); the keys
+    it lacks (or every key, where there is no such file) are left out."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in keys and key not in found and value.strip():
+            found[key] = value.strip()
+            if len(found) == len(keys):
+                break
+    return found
 
 
 @runtime_checkable

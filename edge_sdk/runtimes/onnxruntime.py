@@ -31,12 +31,13 @@ from edge_sdk.runtimes.base import (
     check_inputs,
     check_model_file,
     check_threads,
+    cpuinfo,
     dequantize,
     quantize,
     run_failed,
 )
 
-__all__ = ["EXACT_INT8_ENV", "RUNTIME", "OnnxRuntime", "OnnxRuntimeSession", "u8s8_saturates"]
+__all__ = ["EXACT_INT8_ENV", "RUNTIME", "OnnxRuntime", "OnnxRuntimeSession", "exact_int8", "u8s8_saturates"]
 
 EXACT_INT8_ENV = "EDGE_SDK_ORT_EXACT_INT8"
 """``1``: exact int8 kernels on x86 (``session.x64quantprecision``); unset / ``0``: ORT's fast default."""
@@ -47,17 +48,13 @@ def u8s8_saturates() -> bool:
     """True on an x86-64 CPU with AVX2 but no VNNI / AMX int8 (Linux ``/proc/cpuinfo``; False where unknown)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            break
+    flags = set(cpuinfo("flags").get("flags", "").split())
     return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def exact_int8() -> bool:
+    """Whether ``EDGE_SDK_ORT_EXACT_INT8=1`` asks for ORT's exact int8 kernels (read at each session load)."""
+    return os.environ.get(EXACT_INT8_ENV, "0").strip() == "1"
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -192,7 +189,7 @@ class OnnxRuntime:
             so.inter_op_num_threads = 1
         if path.suffix.lower() == ".ort":
             so.add_session_config_entry("session.load_model_format", "ORT")
-        if os.environ.get(EXACT_INT8_ENV, "0").strip() == "1":  # exact int8 where the fast kernels saturate
+        if exact_int8():  # exact int8 where the fast kernels saturate
             so.add_session_config_entry("session.x64quantprecision", "1")
         errors = _ort_errors(ort)
         try:
