@@ -83,6 +83,17 @@ def fashion_torch_cnn() -> Any:
 
 
 @pytest.fixture(scope="session")
+def fashion_onnx(tmp_path_factory: pytest.TempPathFactory, fashion_torch_cnn: Any) -> Path:
+    """The trained Fashion CNN exported to ONNX (opset 18, input ``x``, output ``y``), once per session."""
+    import torch
+
+    path = tmp_path_factory.mktemp("fashion_onnx") / "fashion.onnx"
+    torch.onnx.export(fashion_torch_cnn, torch.zeros(1, 1, 28, 28), path, input_names=["x"], output_names=["y"],
+                      opset_version=18, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def fashion_keras_cnn() -> Any:
     """Trained Keras Fashion CNN (NHWC), trained once per machine and cached (see examples/train.py)."""
     from train import cached_model

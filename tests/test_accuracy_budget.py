@@ -255,14 +255,6 @@ def test_conv_patches_is_the_convolution(group: int, stride: int, pads: tuple[in
     assert np.allclose(got, ref[0], atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def fashion_onnx(tmp_path_factory: pytest.TempPathFactory, fashion_torch_cnn: Any) -> Path:
-    path = tmp_path_factory.mktemp("fashion") / "fashion.onnx"
-    torch.onnx.export(fashion_torch_cnn, torch.zeros(1, 1, 28, 28), path, input_names=["x"], output_names=["y"],
-                      opset_version=18, dynamo=False)
-    return path
-
-
 def test_gptq_onnx_int8_weights_are_the_rounded_ones(fashion_onnx: Path, fashion_test: tuple,
                                                      fashion_calibration: np.ndarray, tmp_path: Path) -> None:
     """ORT's quantizer keeps exactly the GPTQ levels (no second rounding), the manifest info says so, and the int8

@@ -4,21 +4,12 @@ on a trained Fashion-MNIST CNN, quantized by the SDK and run by ONNX Runtime."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def fashion_onnx(tmp_path_factory: pytest.TempPathFactory, fashion_torch_cnn: Any) -> Path:
-    path = tmp_path_factory.mktemp("fashion_w") / "fashion.onnx"
-    torch.onnx.export(fashion_torch_cnn, torch.zeros(1, 1, 28, 28), path, input_names=["x"], output_names=["y"],
-                      opset_version=18, dynamo=False)
-    return path
 
 
 def _weights(path: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, str]]:
