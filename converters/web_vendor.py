@@ -189,6 +189,9 @@ def vendor_package(pkg: NpmPackage) -> VendoredRuntime:
     url = pkg.url()
     local = tarball_path(pkg.version, pkg)
     if local.is_file():
+        if local.stat().st_size > _MAX_TARBALL:
+            raise ConversionError(f"{local} is over the {_MAX_TARBALL >> 20} MB limit: not the expected tarball "
+                                  f"(remove it, or replace it with `npm pack {pkg.name}@{pkg.version}`)")
         data, source = local.read_bytes(), str(local)
     else:
         data, source = _download(pkg, url), url

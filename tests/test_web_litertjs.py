@@ -180,3 +180,24 @@ def test_an_int8_io_tflite_gets_float_io_and_loads_in_litertjs(bundle: Path, tmp
     msg = explain_load_error("Error: Element type INT8 is not supported.\n  at getDataType", "2.5.3",
                              "@litertjs/core")
     assert "\n" not in msg and "--float-io" in msg and "@litertjs/core 2.5.3" in msg
+
+
+def test_a_garbage_or_oversized_runtime_tarball_is_refused_and_nothing_is_cached(tmp_path: Path, monkeypatch) -> None:
+    """The offline tarball is a file anyone could have put there: garbage fails the pinned sha512, an oversized one
+    is refused before it is read; neither leaves files in the runtime cache."""
+    from edge_sdk.converters import web_vendor
+    from edge_sdk.errors import ConversionError
+
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGE_SDK_NPM_REGISTRY", "http://127.0.0.1:9")  # never reached: the local file is used
+    pkg = web_vendor.LITERTJS_CORE
+    local = web_vendor.tarball_path(pkg.version, pkg)
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b"\x1f\x8b not a tarball " * 100)
+    with pytest.raises(ConversionError, match="does not match the pinned npm integrity") as err:
+        web_vendor.vendor_package(pkg)
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(web_vendor, "_MAX_TARBALL", 1024)
+    with pytest.raises(ConversionError, match="over the 0 MB limit"):
+        web_vendor.vendor_package(pkg)
+    assert not (local.parent / pkg.cache_name).exists()
