@@ -144,6 +144,8 @@ class Collector:
         self._client: Any = None
         self._generation = 0
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # set on the SUBACK of the subscriptions sent by the last connect
+        self._sub_mid: int | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._dirty: set[tuple[str, str]] = set()
@@ -175,7 +177,8 @@ class Collector:
         client.on_connect_fail = self._watch.wrap(lambda *_a: None, "connect")
         client.on_disconnect = self._watch.wrap(self._on_disconnect, "disconnect")
         client.on_message = self._watch.wrap(self._on_message, "message")
-        client.on_subscribe = client.on_unsubscribe = self._watch.wrap(lambda *_a: None, "subscribe")
+        client.on_subscribe = self._watch.wrap(self._on_subscribe, "subscribe")
+        client.on_unsubscribe = self._watch.wrap(lambda *_a: None, "subscribe")
         props = connect_properties(self.session_expiry_s, self.receive_maximum) if self.protocol == "5" else None
         try:
             if props is not None:
@@ -239,13 +242,21 @@ class Collector:
             return
         self._ever_connected = True
         self._generation += 1
-        client.subscribe([(t, 1) for t in self.subscriptions])
+        self._subscribed.clear()
+        self._sub_mid = client.subscribe([(t, 1) for t in self.subscriptions])[1]
         self._connected.set()
         log.info("connected to %s:%d as %s (session present: %s)", self.host, self.port, self.client_id,
                  getattr(flags, "session_present", None))
 
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        # a slow broker (the embedded amqtt) may still be processing SUBSCRIBE when a device publishes: until the
+        # SUBACK, messages on a clean 3.1.1 session are not routed to us, so wait_connected() waits for it
+        if mid == self._sub_mid:
+            self._subscribed.set()
+
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._connected.clear()
+        self._subscribed.clear()
         if not self._stop.is_set():
             log.warning("disconnected from %s:%d (%s); reconnecting", self.host, self.port, reason_code)
 
@@ -282,8 +293,9 @@ class Collector:
                                  "check --mqtt, that the broker runs, and the credentials")
 
     def wait_connected(self, timeout: float) -> bool:
-        """True once connected and subscribed (within ``timeout`` seconds)."""
-        return self._connected.wait(timeout)
+        """True once connected and the broker has acknowledged the subscriptions (within ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        return self._connected.wait(timeout) and self._subscribed.wait(max(0.0, deadline - time.monotonic()))
 
     @property
     def connected(self) -> bool:
