@@ -25,10 +25,18 @@ def has_module(name: str) -> bool:
         return False
 
 
+#: packages whose telemetry forks a process per send: beside JAX (loaded by litert-torch) a deadlock risk
+_TELEMETRY_FORKS = frozenset({"openvino", "nncf"})
+
+
 def require(module: str, extra: str, purpose: str = "") -> ModuleType:
     """Import ``module`` or raise :class:`MissingDependencyError` naming the pip ``extra``."""
     if not has_module(module):
         raise MissingDependencyError(module.split(".")[0], extra, purpose)
+    if module.split(".")[0] in _TELEMETRY_FORKS:  # for Python API users too, not only the CLI (edge_sdk/_quiet.py)
+        from edge_sdk._quiet import no_openvino_telemetry
+
+        no_openvino_telemetry()
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # installed but broken: say so, do not call it "missing"
