@@ -10,7 +10,11 @@ none is judged without fallback) and reports each step (name, metric, size, pass
    error (converters/sensitivity.py), kept in float (ORT ``nodes_to_exclude``; NNCF ``IgnoredScope``).
 3. ``int16-activations`` — 16-bit activations with 8-bit weights; on ONNX Runtime the weights are rounded by GPTQ
    (converters/weight_rounding.py), since with 16-bit activations the weights' rounding is what is left.
-4. ``fp16`` — the float16 artifact of the same format (its own ``format/fp16`` key).
+4. ``qat`` — PyTorch sources only: a quantization-aware fine-tuned copy of the model (converters/qat.py;
+   ``AccuracyBudget.qat_epochs``, ``--qat-epochs``, 0 = off), distilled from fp32 on the calibration data, made
+   once per conversion and quantized by each format's own int8 path; the same held-out validation judges it
+   against the original model.
+5. ``fp16`` — the float16 artifact of the same format (its own ``format/fp16`` key).
 
 The first step within budget (and within the validation tolerance) that also runs faster than fp32 of its
 format on this host is kept (speed-aware ladder, issue 14: each passing step is timed against fp32 with 1 thread
@@ -45,7 +49,7 @@ from edge_sdk.converters.base import (
     produce,
 )
 from edge_sdk.errors import EdgeSDKError
-from edge_sdk.formats import Format, Precision
+from edge_sdk.formats import Format, Framework, Precision
 from edge_sdk.progress import Reporter
 
 __all__ = ["AccuracyBudget", "BudgetLadder", "FallbackStep", "latency_p50", "method_of"]
@@ -53,6 +57,8 @@ __all__ = ["AccuracyBudget", "BudgetLadder", "FallbackStep", "latency_p50", "met
 MIXED_K = (1, 2, 4, 8)
 _MIXED_RECIPES = ("onnx", "openvino")  # LadderStep.mixed values: how "keep layer X in float" is told to the tool
 _OPTION_FIELDS = frozenset(f.name for f in fields(ConvertOptions))
+QAT_EPOCHS = 2  # default epochs of the qat rung (converters/qat.py: MobileNetV2, 200 crops, ~N min on 1 thread)
+_QAT = "_qat"  # marker in a rung's options: the sub-context converts the fine-tuned source
 
 
 @dataclass(frozen=True)
@@ -68,12 +74,16 @@ class AccuracyBudget:
     min_cosine: float | None = None
     #: measure each passing step's latency against fp32 of its format on this host and prefer one that is faster
     speed_check: bool = True
+    #: epochs of the ``qat`` rung (PyTorch sources); 0 leaves the rung out
+    qat_epochs: int = QAT_EPOCHS
 
     def __post_init__(self) -> None:
         if self.max_drop_pp is None and self.min_agreement is None and self.min_cosine is None:
             raise EdgeSDKError("an accuracy budget needs --max-accuracy-drop, --min-agreement or --min-cosine")
         if self.max_drop_pp is not None and self.max_drop_pp < 0:
             raise EdgeSDKError(f"--max-accuracy-drop {self.max_drop_pp} must be >= 0 percentage points")
+        if not isinstance(self.qat_epochs, int) or isinstance(self.qat_epochs, bool) or self.qat_epochs < 0:
+            raise EdgeSDKError(f"--qat-epochs {self.qat_epochs!r} must be a whole number >= 0 (0 = no fine-tuning)")
         for name, val in (("--min-agreement", self.min_agreement), ("--min-cosine", self.min_cosine)):
             if val is not None and not 0 <= val <= 1:
                 raise EdgeSDKError(f"{name} {val} must be a fraction between 0 and 1")
@@ -103,8 +113,9 @@ class AccuracyBudget:
         return ok, ", ".join(parts)
 
     def to_dict(self) -> dict[str, float]:
-        """The limits that are set."""
-        return {k: v for k, v in asdict(self).items() if v is not None and k != "speed_check"}
+        """The limits that are set (and the QAT epochs when not the default, so a re-conversion repeats them)."""
+        return {k: v for k, v in asdict(self).items()
+                if v is not None and k != "speed_check" and not (k == "qat_epochs" and v == QAT_EPOCHS)}
 
 
 @dataclass
@@ -137,18 +148,66 @@ class BudgetLadder:
         self._ranked: list[Any] | None = None
         self._rank_error: str | None = None
         self._fp32: dict[Format, ArtifactDraft | str] = {}  # the fp32 draft per format, or why there is none
+        self._qat: tuple[Any, dict[str, Any]] | EdgeSDKError | None = None  # fine-tuned source + record, or why not
 
     def _sub(self, name: str, extra: dict[str, Any]) -> ConversionContext:
         key = f"{name} {sorted((k, repr(v)) for k, v in extra.items())}"  # ONNX and ORT share; OpenVINO differs
         if key not in self._subs:
+            qat = bool(extra.get(_QAT))
+            extra = {k: v for k, v in extra.items() if k != _QAT}
             opt_fields = {k: v for k, v in extra.items() if k in _OPTION_FIELDS}  # e.g. onnx_activation_type
             rest = {k: v for k, v in extra.items() if k not in _OPTION_FIELDS}
             opts = replace(self.ctx.options, **opt_fields, extra={**self.ctx.options.extra, **rest})
-            sub = ConversionContext(self.ctx.source, self.ctx.workdir / "_budget" / f"{len(self._subs)}",
+            source = self._qat_source()[0] if qat else self.ctx.source
+            sub = ConversionContext(source, self.ctx.workdir / "_budget" / f"{len(self._subs)}",
                                     calibration=self.ctx.calibration, options=opts)
-            sub._onnx[Precision.FP32] = self.ctx.onnx(Precision.FP32)  # one fp32 export for every step
+            if not qat:
+                sub._onnx[Precision.FP32] = self.ctx.onnx(Precision.FP32)  # one fp32 export for every step
             self._subs[key] = sub
         return self._subs[key]
+
+    def _qat_not_offered(self) -> str:
+        """Why the ``qat`` rung does not apply to this conversion ("" when it does)."""
+        src = self.ctx.source
+        if self.budget.qat_epochs <= 0:
+            return "--qat-epochs 0"
+        if src.framework is not Framework.PYTORCH:
+            return f"quantization-aware fine-tuning needs a PyTorch source (this one is {src.framework.value})"
+        if getattr(src, "kind", "module") in ("torchscript", "onnx2torch"):
+            return f"quantization-aware fine-tuning needs a trainable nn.Module (this one is {src.kind})"
+        return ""
+
+    def _note_qat(self, d: ArtifactDraft) -> None:
+        """Say in the draft (tool_versions, notes) that it was made from the fine-tuned model, and how."""
+        r = self._qat_source()[1]
+        d.tool_versions["qat"] = f"{r.get('epochs')} epochs, {r.get('steps')} steps, seed {r.get('seed')}"
+        d.notes.append(f"quantization-aware fine-tuning: {r.get('epochs')} epochs ({r.get('steps')} steps, "
+                       f"{r.get('seconds', 0):.0f} s) distilled from fp32 on the calibration data, "
+                       f"{r.get('layers_fake_quantized')} layers fake-quantized; loss {r.get('loss_first', 0):.4g} -> "
+                       f"{r.get('loss_last', 0):.4g}" + (f"; stopped early: {r['stopped_early']}"
+                                                         if r.get("stopped_early") else ""))
+
+    def _qat_source(self) -> tuple[Any, dict[str, Any]]:
+        """The quantization-aware fine-tuned copy of the PyTorch source and its record: made once per conversion
+        (every format quantizes the same fine-tuned model); a failure is kept and re-raised for each format."""
+        if self._qat is None:
+            import copy
+
+            from edge_sdk.converters.qat import qat_finetune
+
+            try:
+                calib = self.ctx.require_calibration("quantization-aware fine-tuning (the qat rung)")
+                epochs = self.budget.qat_epochs
+                with self.report.progress(f"quantization-aware fine-tuning ({epochs} epochs)") as advance:
+                    model, record = qat_finetune(self.ctx.source.model, calib, epochs=epochs, progress=advance)
+                tuned = copy.copy(self.ctx.source)  # same names, shapes and dtypes; the fine-tuned module
+                tuned.model, tuned.path = model, None
+                self._qat = (tuned, record)
+            except EdgeSDKError as exc:
+                self._qat = exc
+        if isinstance(self._qat, EdgeSDKError):
+            raise self._qat
+        return self._qat
 
     def _ranking(self) -> list[Any]:
         if self._ranked is None and self._rank_error is None:
@@ -178,6 +237,9 @@ class BudgetLadder:
             if rung.mixed:
                 steps.extend((name, {**dict(rung.options), **opts}, rung.precision, nodes, "")
                              for name, opts, nodes in self._mixed(rung.mixed))
+            elif rung.qat:
+                steps.append((rung.name, {**dict(rung.options), _QAT: True}, rung.precision, [],
+                              rung.not_offered or self._qat_not_offered()))
             else:
                 steps.append((rung.name, dict(rung.options), rung.precision, [], rung.not_offered))
         return steps
@@ -288,6 +350,8 @@ class BudgetLadder:
                 try:
                     with self.report.step(f"{key} over budget: trying {name}"):
                         d = produce(self._sub(name, extra), conv, precision)[0]
+                        if extra.get(_QAT):
+                            self._note_qat(d)
                         sv = validate(d)
                 except EdgeSDKError as exc:
                     steps.append(FallbackStep(name, False, precision=precision.value, detail=str(exc)[:300],
@@ -315,6 +379,8 @@ class BudgetLadder:
             return draft, v
         d, sv, step = kept
         record["method"] = method_of(d, step)
+        if "qat" in d.tool_versions and isinstance(self._qat, tuple):
+            record["qat"] = self._qat[1]
         speed = {"latency_ratio": step.latency_ratio, "measured": speed_how.get(step.name, "not measured")}
         checks = {**sv.checks, "accuracy_budget": record, "latency_vs_fp32": speed}
         if step.latency_ratio is not None:
@@ -340,6 +406,8 @@ def method_of(d: ArtifactDraft, step: FallbackStep) -> str:
         return f"{step.precision}, no quantization [{step.name}]"
     parts = [tv.get("onnx_quantizer") or tv.get("quantizer") or d.runtime.get("quantizer") or
              ("nncf" if "nncf" in tv else d.format.value)]
+    if "qat" in tv:
+        parts.insert(0, "qat")
     for k in ("onnx_weight_rounding", "openvino_weight_rounding", "onnx_calibration", "openvino_ranges"):
         if tv.get(k) and tv[k] != "nearest":
             parts.append(str(tv[k]).split(" (")[0])

@@ -174,7 +174,8 @@ class LadderStep:
     ``options``: ConvertOptions fields / ``extra`` entries the rung sets; ``precision``: what it produces (fp16
     for the last rung); ``mixed``: a recipe name ("onnx" | "openvino") that expands the rung into ``mixed:kN``
     rungs keeping the N most sensitive layers in float; ``not_offered``: why the rung does not apply (reported,
-    not tried); ``unless``: ``extra`` values that make the rung pointless (it is skipped).
+    not tried); ``unless``: ``extra`` values that make the rung pointless (it is skipped); ``qat``: the rung
+    converts a quantization-aware fine-tuned copy of a PyTorch source (converters/qat.py) instead of the source.
     """
 
     name: str
@@ -183,6 +184,7 @@ class LadderStep:
     mixed: str = ""
     not_offered: str = ""
     unless: tuple[tuple[str, Any], ...] = ()
+    qat: bool = False
 
 
 @dataclass(frozen=True)

@@ -74,11 +74,12 @@ def within_budget(artifact: Artifact, max_drop_pp: float, min_cosine: float | No
 def build(source: Any, *, target: str, out: str | Path, calib: Any = None, max_accuracy_drop: float | None = None,
           runs: int = 50, warmup: int = 10, rounds: int = 3, quiet: bool = False, min_agreement: float | None = None,
           min_cosine: float | None = None, version_code: int | None = None, fleets: list[str] | None = None,
-          **convert_kwargs: Any) -> Bundle:
+          qat_epochs: int | None = None, **convert_kwargs: Any) -> Bundle:
     """Build a bundle for a named target profile and record the selected variant in the manifest.
 
     An explicit ``max_accuracy_drop``, ``min_agreement`` or ``min_cosine`` also turns on the int8 fallback
-    ladder (converters/accuracy_budget.py); the profile's own budget only drives the selection.
+    ladder (converters/accuracy_budget.py; ``qat_epochs``: its fine-tuning rung for PyTorch sources); the profile's
+    own budget only drives the selection.
     ``version_code`` / ``fleets``: the signed model identity written into the manifest (see ``convert``).
     """
     from edge_sdk.targets.profiles import load_profile
@@ -93,7 +94,8 @@ def build(source: Any, *, target: str, out: str | Path, calib: Any = None, max_a
     if max_accuracy_drop is not None or min_agreement is not None or min_cosine is not None:
         from edge_sdk.converters.accuracy_budget import AccuracyBudget
 
-        ladder_budget = AccuracyBudget(max_accuracy_drop, min_agreement, min_cosine)
+        ladder_budget = AccuracyBudget(max_accuracy_drop, min_agreement, min_cosine,
+                                       **({} if qat_epochs is None else {"qat_epochs": qat_epochs}))
     try:
         bundle = convert(source, out=out, calib=calib, variants=variants, options=options, quiet=quiet,
                          skip_unsupported=True, budget=ladder_budget, version_code=version_code, fleets=fleets,

@@ -184,6 +184,7 @@ class TFLiteConverter:
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
     budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
         LadderStep("int16-activations", (("tflite_activation_bits", 16),)),
+        LadderStep("qat", qat=True),
         LadderStep("fp16", precision=Precision.FP16),
     )
     extra_options = (

@@ -359,6 +359,7 @@ class OnnxExporter:
         LadderStep("calibration:percentile", (("onnx_quantizer", "ort"), ("onnx_calibration", "percentile"))),
         LadderStep("mixed", mixed="onnx"),
         LadderStep("int16-activations", (("onnx_quantizer", "ort"), ("onnx_activation_type", "uint16"), *_GPTQ)),
+        LadderStep("qat", qat=True),
         LadderStep("fp16", precision=Precision.FP16),
     )
     extra_options = (

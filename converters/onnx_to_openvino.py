@@ -106,6 +106,7 @@ class OnnxToOpenVINO:
         LadderStep("calibration:mean-quantile", (("openvino_range_estimator", "mean_quantile"),)),
         LadderStep("mixed", mixed="openvino"),
         LadderStep("int16-activations", not_offered="NNCF/OpenVINO CPU quantize activations to 8 bits only"),
+        LadderStep("qat", qat=True),
         LadderStep("fp16", precision=Precision.FP16),
     )
     extra_options = (

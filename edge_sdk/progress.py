@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -52,6 +52,26 @@ class Reporter:
             except BaseException:
                 self._console.print(f"[red]✗[/red] {text} ({time.perf_counter() - start:.1f} s)")
                 raise
+        self._console.print(f"[green]✓[/green] {text} ({time.perf_counter() - start:.1f} s)")
+
+    @contextmanager
+    def progress(self, text: str) -> Iterator[Callable[[int, int], None]]:
+        """A progress bar for a long loop: yields ``advance(done, total)``; prints the step's line when done."""
+        if self.quiet:
+            yield lambda done, total: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        start = time.perf_counter()
+        bar = Progress(TextColumn(text), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=self._console, transient=True)
+        task = bar.add_task(text, total=None)
+        try:
+            with bar:
+                yield lambda done, total: bar.update(task, completed=done, total=total)
+        except BaseException:
+            self._console.print(f"[red]✗[/red] {text} ({time.perf_counter() - start:.1f} s)")
+            raise
         self._console.print(f"[green]✓[/green] {text} ({time.perf_counter() - start:.1f} s)")
 
     def table(self, results: Sequence[Any], with_accuracy: bool = False) -> None:

@@ -134,7 +134,8 @@ def test_over_budget_is_reported_failed_not_shipped(fragile_onnx: dict, tmp_path
     names = [s["name"] for s in steps]
     assert names[0] == "int8" and "calibration:percentile" in names and "mixed:k1" in names
     assert "int16-activations" in names
-    assert all(s["passed"] is False for s in steps if s["name"] != "fp16")
+    assert all(s["passed"] is False for s in steps if s["name"] not in ("fp16", "qat"))
+    assert next(s for s in steps if s["name"] == "qat")["passed"] is None  # an ONNX source: nothing to fine-tune
     assert next(s for s in steps if s["name"] == "fp16")["passed"] is None  # requested itself: not a fallback
 
 
@@ -376,3 +377,43 @@ def test_compare_variants_prints_fp32_plain_and_budgeted_pick(fragile_onnx: dict
     assert rows["budgeted pick"][7] == record["kept"] != "int8"
     assert rows["budgeted pick"][8] == record["method"]
     assert rows["budgeted pick"][6].endswith("×") and rows["budgeted pick"][9] in ("yes", "no")
+
+
+def test_qat_rung_fine_tunes_a_pytorch_source_once_and_is_not_offered_to_others(
+        fashion_torch_cnn: Any, fashion_test: tuple, fashion_calibration: np.ndarray, fragile_onnx: dict,
+        tmp_path: Path) -> None:
+    """The ``qat`` rung: tried for a PyTorch source (after int16 activations, before fp16) on a model fine-tuned
+    once for every format, recorded with its figures; "not offered" for an ONNX source. Cosine 1.0 is out of reach
+    of any int8 step, so every step is tried and fails."""
+    from edge_sdk.converters.pipeline import convert
+
+    torch.set_num_threads(1)
+    x, _ = fashion_test
+    budget = AccuracyBudget(min_cosine=1.0, speed_check=False, qat_epochs=1)
+    with pytest.raises(ValidationError) as err:
+        convert(fashion_torch_cnn, out=tmp_path / "t", to="onnx,openvino", ort=False, precision="int8",
+                calib=fashion_calibration[:64], val=x[:64], input_shape=(1, 1, 28, 28), quiet=True, budget=budget)
+    results = {f"{r.format}/{r.precision}": r for r in err.value.results}
+    for key in ("onnx/int8", "openvino/int8"):
+        steps = results[key].validation.checks["accuracy_budget"]["steps"]
+        names = [s["name"] for s in steps]
+        assert names.index("qat") == len(names) - 2 and names[-1] == "fp16", names  # the last int8 rung
+        qat = steps[names.index("qat")]
+        assert qat["passed"] is False and qat["size_bytes"] and "cosine" in qat["metric"], qat
+        cos = float(qat["metric"].split("cosine ")[1].split(" ")[0])
+        assert 0.9 < cos < 1.0  # a real int8 model of the fine-tuned CNN, judged against the original
+    # an ONNX source: the rung is reported, not tried
+    with pytest.raises(ValidationError) as err:
+        convert(fragile_onnx["onnx"], out=tmp_path / "o", to="onnx", ort=False, precision="int8",
+                calib=fashion_calibration[:64], val=x[:64], quiet=True, budget=budget)
+    steps = err.value.results[0].validation.checks["accuracy_budget"]["steps"]
+    qat = next(s for s in steps if s["name"] == "qat")
+    assert qat["passed"] is None and "needs a PyTorch source (this one is onnx)" in qat["detail"]
+
+
+def test_qat_epochs_is_checked_and_recorded_when_not_the_default() -> None:
+    assert "qat_epochs" not in AccuracyBudget(min_agreement=0.9).to_dict()
+    assert AccuracyBudget(min_agreement=0.9, qat_epochs=5).to_dict() == {"min_agreement": 0.9, "qat_epochs": 5}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(EdgeSDKError, match="--qat-epochs"):
+            AccuracyBudget(min_agreement=0.9, qat_epochs=bad)

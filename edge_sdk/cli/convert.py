@@ -145,6 +145,9 @@ def _add_source_args(c: argparse.ArgumentParser, *, build: bool = False) -> None
                         help="max accuracy drop in percentage points (top-1 disagreement without --val-labels)")
     ab.add_argument("--min-agreement", type=float, metavar="FRAC", help="label-free: min top-1 agreement, e.g. 0.95")
     ab.add_argument("--min-cosine", type=float, metavar="X", help="min cosine similarity of the outputs")
+    ab.add_argument("--qat-epochs", type=int, default=None, metavar="N",
+                    help="epochs of quantization-aware fine-tuning, the last int8 step for PyTorch sources "
+                         "(default 2; 0 = none)")
     # -- end accuracy budget --
 
 
@@ -210,7 +213,11 @@ def _budget(args: argparse.Namespace) -> Any:
         return None
     from edge_sdk.converters.accuracy_budget import AccuracyBudget
 
-    return AccuracyBudget(args.max_accuracy_drop, args.min_agreement, args.min_cosine)
+    return AccuracyBudget(args.max_accuracy_drop, args.min_agreement, args.min_cosine, **_qat(args))
+
+
+def _qat(args: argparse.Namespace) -> dict[str, int]:
+    return {} if args.qat_epochs is None else {"qat_epochs": args.qat_epochs}
 
 
 def _print_json(bundle: Any, results: list, error: str | None) -> None:
@@ -256,7 +263,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     with stdout_to_stderr(args.json):
         bundle = build(args.source, target=args.target, out=args.out, calib=args.calib, options=options,
                        max_accuracy_drop=args.max_accuracy_drop, runs=args.runs, min_agreement=args.min_agreement,
-                       min_cosine=args.min_cosine, **_common_kwargs(args))
+                       min_cosine=args.min_cosine, **_qat(args), **_common_kwargs(args))
     info = bundle.manifest.extra["build"]
     if args.json:
         print(json.dumps({"bundle": str(bundle.root), **info}, indent=2))
