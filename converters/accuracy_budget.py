@@ -48,7 +48,7 @@ from edge_sdk.converters.base import (
     budget_ladder_of,
     produce,
 )
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.errors import ConversionError, EdgeSDKError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 from edge_sdk.progress import Reporter
 
@@ -57,7 +57,7 @@ __all__ = ["AccuracyBudget", "BudgetLadder", "FallbackStep", "latency_p50", "met
 MIXED_K = (1, 2, 4, 8)
 _MIXED_RECIPES = ("onnx", "openvino")  # LadderStep.mixed values: how "keep layer X in float" is told to the tool
 _OPTION_FIELDS = frozenset(f.name for f in fields(ConvertOptions))
-QAT_EPOCHS = 2  # default epochs of the qat rung (converters/qat.py: MobileNetV2, 200 crops, ~N min on 1 thread)
+QAT_EPOCHS = 2  # default epochs of the qat rung (converters/qat.py; MobileNetV2, 200 crops: 26 steps, 1.5-3 min)
 _QAT = "_qat"  # marker in a rung's options: the sub-context converts the fine-tuned source
 
 
@@ -172,7 +172,8 @@ class BudgetLadder:
         if self.budget.qat_epochs <= 0:
             return "--qat-epochs 0"
         if src.framework is not Framework.PYTORCH:
-            return f"quantization-aware fine-tuning needs a PyTorch source (this one is {src.framework.value})"
+            return (f"quantization-aware fine-tuning needs a PyTorch nn.Module (this route converts from "
+                    f"{src.framework.value})")
         if getattr(src, "kind", "module") in ("torchscript", "onnx2torch"):
             return f"quantization-aware fine-tuning needs a trainable nn.Module (this one is {src.kind})"
         return ""
@@ -203,8 +204,9 @@ class BudgetLadder:
                 tuned = copy.copy(self.ctx.source)  # same names, shapes and dtypes; the fine-tuned module
                 tuned.model, tuned.path = model, None
                 self._qat = (tuned, record)
-            except EdgeSDKError as exc:
-                self._qat = exc
+            except Exception as exc:  # whatever torch raises on a model QAT cannot train: the rung fails, not all
+                self._qat = exc if isinstance(exc, EdgeSDKError) else ConversionError(
+                    _why(exc, "quantization-aware fine-tuning"))
         if isinstance(self._qat, EdgeSDKError):
             raise self._qat
         return self._qat
@@ -223,8 +225,8 @@ class BudgetLadder:
                 with self.report.step("ranking layers by measured int8 error"):
                     self._ranked = rank_onnx_layers(fp32.path, self.ctx.require_calibration("sensitivity"), names,
                                                     self.ctx.workdir / "_budget" / "sensitivity", self.ctx.options)
-            except EdgeSDKError as exc:
-                self._rank_error = str(exc)
+            except Exception as exc:  # no ranking: the mixed rungs are reported as not tried, the rest go on
+                self._rank_error = _why(exc, "ranking layers")
         return self._ranked or []
 
     def _steps(self, conv: Converter) -> list[tuple[str, dict[str, Any], Precision, list[str], str]]:
@@ -285,8 +287,8 @@ class BudgetLadder:
                 if Precision.FP32 not in getattr(conv, "precisions", (Precision.FP32,)):
                     raise EdgeSDKError(f"{fmt.value} has no fp32 artifact to compare with")
                 self._fp32[fmt] = produce(self._sub("fp32-reference", {}), conv, Precision.FP32)[0]
-            except EdgeSDKError as exc:
-                self._fp32[fmt] = f"no fp32 {fmt.value} to compare with ({str(exc).splitlines()[0][:160]})"
+            except Exception as exc:
+                self._fp32[fmt] = f"no fp32 {fmt.value} to compare with ({_why(exc, 'fp32 reference')[:160]})"
         return self._fp32[fmt]
 
     def _speed(self, fmt: Format, conv: Converter, d: ArtifactDraft) -> tuple[float | None, str]:
@@ -304,8 +306,8 @@ class BudgetLadder:
         try:
             with self.report.step(f"timing {fmt.value}/{d.precision.value} against fp32 ({SPEED_ROUNDS} rounds)"):
                 p50 = latency_p50(fmt, [base, d])
-        except EdgeSDKError as exc:
-            return None, f"not measured: {str(exc).splitlines()[0][:160]}"
+        except Exception as exc:
+            return None, f"not measured: {_why(exc, 'timing')[:160]}"
         return p50[1] / p50[0], (f"p50 {p50[1]:.3f} ms vs fp32 {p50[0]:.3f} ms, 1 thread, {SPEED_ROUNDS} "
                                  f"interleaved rounds x {SPEED_RUNS} runs, this host")
 
@@ -353,9 +355,9 @@ class BudgetLadder:
                         if extra.get(_QAT):
                             self._note_qat(d)
                         sv = validate(d)
-                except EdgeSDKError as exc:
-                    steps.append(FallbackStep(name, False, precision=precision.value, detail=str(exc)[:300],
-                                              float_nodes=nodes))
+                except Exception as exc:  # one broken rung is a failed step, never the end of the artifact
+                    steps.append(FallbackStep(name, False, precision=precision.value,
+                                              detail=_why(exc, f"the {name} step")[:300], float_nodes=nodes))
                     continue
                 s_ok, s_metric = self.budget.judge(sv)
                 step = FallbackStep(name, bool(s_ok and sv.passed), s_metric, _size(d), precision.value,
@@ -397,6 +399,13 @@ class BudgetLadder:
                          + ", ".join(step.float_nodes))
         d = replace(d, notes=[*d.notes, *notes])
         return d, sv
+
+
+def _why(exc: BaseException, where: str) -> str:
+    """One line for a step that raised: the SDK's own message, or where, the exception type and its first line."""
+    if isinstance(exc, EdgeSDKError):
+        return first_line(exc, 300)
+    return f"{where} raised {type(exc).__name__}: {first_line(exc, 220)} (a bug or limit of that step)"
 
 
 def method_of(d: ArtifactDraft, step: FallbackStep) -> str:

@@ -205,17 +205,18 @@ def ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], opt
         extra = {**extra, "UseQDQContribOps": True}
     wtype, reduce = weight_format(options)
     try:
-        quant.quantize_static(
-            str(pre), str(out_path), calibration_reader(samples, names),
-            quant_format=quant.QuantFormat.QDQ,
-            per_channel=options.onnx_per_channel,
-            activation_type=act_types[act],
-            weight_type=quant.QuantType.QUInt8 if wtype == "uint8" else quant.QuantType.QInt8,
-            reduce_range=reduce,
-            calibrate_method=calib_method,
-            nodes_to_exclude=float_layers,
-            extra_options=extra,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its calibrator prints "Collecting tensor data ..."
+            quant.quantize_static(
+                str(pre), str(out_path), calibration_reader(samples, names),
+                quant_format=quant.QuantFormat.QDQ,
+                per_channel=options.onnx_per_channel,
+                activation_type=act_types[act],
+                weight_type=quant.QuantType.QUInt8 if wtype == "uint8" else quant.QuantType.QInt8,
+                reduce_range=reduce,
+                calibrate_method=calib_method,
+                nodes_to_exclude=float_layers,
+                extra_options=extra,
+            )
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ConversionError(f"ONNX static int8 quantization failed ({exc}): check the calibration data "
                               "matches the model inputs, or use precision 'dynamic'") from exc

@@ -235,7 +235,8 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
         rounded = pre.with_name(pre.stem + ".gptq.onnx")
         try:
             rounding_info = gptq_onnx(pre, rounded, samples, names, qmax=64 if reduce else 127)
-            rounded.replace(pre)
+            if rounded.exists():  # nothing to round (e.g. only 1-D convolutions): the model stays as it is
+                rounded.replace(pre)
         finally:
             rounded.unlink(missing_ok=True)
     onnx = require("onnx", "onnx", "ONNX quantization")

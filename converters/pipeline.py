@@ -298,6 +298,9 @@ def _described(data: Any) -> dict[str, Any] | None:
         return None
     if isinstance(data, (str, Path)):
         return {"path": str(data)}
+    if isinstance(data, dict):  # one array per input name: the samples are the rows
+        first = next(iter(data.values()), None)
+        return {"kind": "dict", "samples": len(first) if hasattr(first, "__len__") else None}
     return {"kind": type(data).__name__, "samples": len(data) if hasattr(data, "__len__") else None}
 
 
@@ -325,7 +328,9 @@ def conversion_record(**opts: Any) -> dict[str, Any]:
         "keep_failed": bool(opts["keep_failed"]),
         "input_shape": {str(k): dims(v) for k, v in shape.items()} if isinstance(shape, Mapping)
         else dims(shape) if shape else None,
-        "input_dtypes": {str(k): str(v) for k, v in opts["input_dtypes"].items()} if opts["input_dtypes"] else None,
+        "input_dtypes": ({str(k): str(v) for k, v in opts["input_dtypes"].items()}
+                         if isinstance(opts["input_dtypes"], Mapping) else [str(v) for v in opts["input_dtypes"]])
+        if opts["input_dtypes"] else None,
         "dynamic": [d.strip() for d in opts["dynamic"].split(",") if d.strip()] if isinstance(opts["dynamic"], str)
         else listed(opts["dynamic"]) or None,
         "custom_objects": listed(opts["custom_objects"]), "route": opts["route"] if isinstance(opts["route"],

@@ -22,6 +22,7 @@ import numpy as np
 from edge_sdk._deps import require
 from edge_sdk.calibration import SampleSet
 from edge_sdk.converters.base import ConvertOptions
+from edge_sdk.converters.onnx_qdq_backends import feed_array
 from edge_sdk.errors import ConversionError
 
 __all__ = ["LayerSensitivity", "float_nodes_for", "rank_onnx_layers"]
@@ -156,8 +157,7 @@ def rank_onnx_layers(fp32_path: Path, samples: SampleSet, input_names: list[str]
     fp_names = list(dict.fromkeys(t for v in pairs.values() for t in (v[0], v[2])))
     q_names = list(dict.fromkeys(t for v in pairs.values() for t in (v[1], v[3])))
     take = samples.take(max_samples)
-    feeds = [{n: np.ascontiguousarray(x, np.float32) for n, x in zip(input_names, item, strict=True)}
-             for item in take]
+    feeds = [{n: feed_array(x) for n, x in zip(input_names, item, strict=True)} for item in take]
     ref = _run_all(_with_outputs(fp, fp_names), feeds, fp_names)
     got = _run_all(_with_outputs(q, q_names), feeds, q_names)
 

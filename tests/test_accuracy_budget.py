@@ -408,7 +408,7 @@ def test_qat_rung_fine_tunes_a_pytorch_source_once_and_is_not_offered_to_others(
                 calib=fashion_calibration[:64], val=x[:64], quiet=True, budget=budget)
     steps = err.value.results[0].validation.checks["accuracy_budget"]["steps"]
     qat = next(s for s in steps if s["name"] == "qat")
-    assert qat["passed"] is None and "needs a PyTorch source (this one is onnx)" in qat["detail"]
+    assert qat["passed"] is None and "needs a PyTorch nn.Module (this route converts from onnx)" in qat["detail"]
 
 
 def test_qat_epochs_is_checked_and_recorded_when_not_the_default() -> None:
@@ -417,3 +417,64 @@ def test_qat_epochs_is_checked_and_recorded_when_not_the_default() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(EdgeSDKError, match="--qat-epochs"):
             AccuracyBudget(min_agreement=0.9, qat_epochs=bad)
+
+
+class _BatchOneOnly(torch.nn.Module):
+    """Runs at batch 1 only (a hard-coded ``view(1, -1)``, as real exported-for-device models often have)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4 * 26 * 26, 10)
+
+    def forward(self, x: Any) -> Any:
+        return self.fc(torch.relu(self.conv(x)).view(1, -1))
+
+
+def test_a_rung_that_raises_is_a_failed_step_not_a_lost_artifact(fashion_test: tuple, tmp_path: Path) -> None:
+    """Whatever a rung's tool raises (here torch's RuntimeError from fine-tuning a batch-1-only model at batch 16)
+    becomes that step's one-line reason; the ladder goes on to the next rung and the artifact is still judged."""
+    from edge_sdk.converters.pipeline import convert
+
+    torch.manual_seed(0)
+    x, _ = fashion_test
+    with pytest.raises(ValidationError) as err:
+        convert(_BatchOneOnly().eval(), out=tmp_path / "b", to="onnx", ort=False, precision="int8",
+                calib=x[:32], val=x[:16], input_shape=(1, 1, 28, 28), quiet=True,
+                budget=AccuracyBudget(min_cosine=1.0, speed_check=False, qat_epochs=1))
+    (res,) = err.value.results
+    assert res.status == "failed" and "over the accuracy budget" in res.reason, res.reason
+    steps = res.validation.checks["accuracy_budget"]["steps"]
+    qat = next(s for s in steps if s["name"] == "qat")
+    assert qat["passed"] is False and "raised RuntimeError" in qat["detail"] and "\n" not in qat["detail"], qat
+    assert steps[-1]["name"] == "fp16" and steps[-1]["passed"] is not None  # the ladder went on after it
+
+
+class _TokenModel(torch.nn.Module):
+    """Token ids (int64) in, a dense embedding out: the shape of a sentence embedder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(100, 32)
+        self.fc1 = torch.nn.Linear(32, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, ids: Any) -> Any:
+        return self.fc2(torch.relu(self.fc1(self.emb(ids)))).mean(1)
+
+
+def test_mixed_precision_ranking_feeds_integer_inputs_as_integers(tmp_path: Path) -> None:
+    """The layer ranking of the mixed rungs ran every input as float32, so a model taking token ids (int64) lost
+    its whole int8 artifact to an ONNX Runtime type error; now the ranking runs and the mixed rungs are tried."""
+    from edge_sdk.converters.pipeline import convert
+
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, 100, size=(48, 12)).astype(np.int64)
+    with pytest.raises(ValidationError) as err:
+        convert(_TokenModel().eval(), out=tmp_path / "b", to="onnx", ort=False, precision="int8", calib=ids[:32],
+                val=ids[32:], input_shape=(1, 12), input_dtypes=["int64"], quiet=True,
+                budget=AccuracyBudget(min_cosine=1.0, speed_check=False, qat_epochs=0))
+    steps = err.value.results[0].validation.checks["accuracy_budget"]["steps"]
+    names = [s["name"] for s in steps]
+    assert "mixed:k1" in names and "mixed" not in names, steps  # "mixed" alone = "no layer ranking: ..."
+    assert all(s["passed"] is not None for s in steps if s["name"].startswith("mixed:k"))
