@@ -146,6 +146,7 @@ def test_converter_capabilities_are_well_formed() -> None:
         assert all(s.mixed in ("", "onnx", "openvino") for s in ladder), conv
         if ladder:
             assert ladder[-1].name == "fp16" and ladder[-1].precision is Precision.FP16
+            assert [s.name for s in ladder if s.qat] == ["qat"] and ladder[-2].qat, conv  # the last int8 rung
         for spec in extra_options_of(conv):
             assert spec.name and spec.type, conv
     byname = {type(c).__name__: c for c in convs}
@@ -156,7 +157,7 @@ def test_converter_capabilities_are_well_formed() -> None:
     assert not needs_calibration(byname["TFLiteToTFLite"], Precision.INT8)
     # the ladders the formats had before they moved onto the converters
     assert [s.name for s in budget_ladder_of(byname["TorchToOnnx"])] == [
-        "calibration:ort-minmax-mean", "calibration:percentile", "mixed", "int16-activations", "fp16"]
+        "calibration:ort-minmax-mean", "calibration:percentile", "mixed", "int16-activations", "qat", "fp16"]
     assert budget_ladder_of(byname["OnnxToOrt"]) == budget_ladder_of(byname["TorchToOnnx"])
     assert [s.name for s in budget_ladder_of(byname["OnnxToOpenVINO"])][:2] == ["calibration:mean-quantile", "mixed"]
     assert budget_ladder_of(byname["KerasToCoreML"]) == ()
