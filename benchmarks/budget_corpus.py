@@ -28,12 +28,12 @@ Measured 2026-12-07 (2-core shared x86 host, 1 thread; bundles under /tmp/b14):
 1. Fashion CNN, 10,000 test images, source 89.90%: plain int8 drop tflite -0.02 pp, onnx 0.05 pp, openvino
    0.03 pp (all <= 0.3 pp, 0.26x fp32 size); with the budget (``--always-budget``) every target keeps plain int8,
    0.47x / 0.79x / 0.63x fp32 latency.
-2. minilm-l6 (48 held-out sentences): TFLite plain int8 is already within 0.95 (cosine 0.953, 0.65x size, 0.29x
-   latency: kept). ONNX and OpenVINO int8 end in an error here: the mixed rung's layer ranking feeds the int64
-   token ids as float32 (converters/sensitivity.py). With that cast fixed locally: ONNX plain int8 cosine 0.377
-   -> ``int16-activations`` (ORT, GPTQ weights) 0.999 at 0.38x size and 0.96x latency; OpenVINO 0.870 -> only
-   fp16 fits (0.50x size, 1.10x latency, slower_than_fp32). silero-vad-jit: TFLite 0.859 -> fp16 (int16
-   activations fit at 0.972 but 9.5x slower).
+2. minilm-l6 (48 held-out sentences): TFLite plain int8 is already within 0.95 (cosine 0.953, 0.65x size, 0.42x
+   latency: kept). ONNX plain int8 cosine 0.377 -> ``int16-activations`` (ORT, GPTQ weights) 0.999 at 0.38x size
+   and 0.94x latency; OpenVINO 0.870 -> only fp16 fits (0.50x size, 1.07x latency, slower_than_fp32). (Before
+   this script, the mixed rung's layer ranking fed the int64 token ids as float32 and ONNX / OpenVINO int8 ended in
+   an error; fixed in converters/sensitivity.py.) silero-vad-jit: TFLite 0.859 -> fp16 (int16 activations fit at
+   0.972 but 9.5x slower).
 3. crepe-tiny (200 frames) and ppocr-cls (200 crops, half upside down): plain int8 top-1 agreement 84.0 / 91.5 /
    90.0% and 92.0 / 93.0 / 91.0% (tflite / onnx / openvino); no int8 rung reaches 95% fast enough (ppocr-cls
    ONNX ``mixed:k2`` fits at 95.0% but 2.1x slower), so fp16 is kept everywhere (99.5-100%, 0.51-0.72x size).
