@@ -114,6 +114,13 @@ def test_fragile_cnn_fallback_ort_and_openvino(fragile_onnx: dict, tmp_path: Pat
             continue
         assert any("kept in float by the accuracy budget" in n for n in art.notes)
         assert all(s["size_bytes"] for s in record["steps"] if s["passed"] is not None)
+        if fmt == "openvino":  # the float layer's weights are stored as fp16 (half the bytes), computed in f32
+            import openvino as ov
+
+            consts = [op for op in ov.Core().read_model(str(bundle.root / art.path)).get_ops()
+                      if op.get_type_name() == "Constant"]
+            assert any(str(op.get_element_type()) == "<Type: 'float16'>" for op in consts), art.notes
+            assert any("stored as fp16" in n for n in art.notes), art.notes
     assert (out / "manifest.json").read_text().count("kept_in_float") >= 3
 
 
@@ -478,3 +485,27 @@ def test_mixed_precision_ranking_feeds_integer_inputs_as_integers(tmp_path: Path
     names = [s["name"] for s in steps]
     assert "mixed:k1" in names and "mixed" not in names, steps  # "mixed" alone = "no layer ranking: ..."
     assert all(s["passed"] is not None for s in steps if s["name"].startswith("mixed:k"))
+
+
+def test_float_weights_of_an_openvino_model_are_stored_as_fp16(fashion_onnx: Path, fashion_test: tuple,
+                                                                tmp_path: Path) -> None:
+    """What the OpenVINO int8 path does to the layers NNCF left in float: their weights go to fp16 storage behind a
+    decompression Convert; the file shrinks and the outputs stay those of the f32 model (to fp16 rounding)."""
+    ov = pytest.importorskip("openvino")
+    from edge_sdk.converters.onnx_to_openvino import float_weights_as_fp16
+
+    x = fashion_test[0][:64]
+    model = ov.convert_model(str(fashion_onnx))
+    ov.save_model(model, str(tmp_path / "f32.xml"), compress_to_fp16=False)
+    n = float_weights_as_fp16(model)
+    ov.save_model(model, str(tmp_path / "w16.xml"), compress_to_fp16=False)
+    assert n > 100_000  # the CNN's conv and dense weights
+    sizes = [(tmp_path / f"{k}.bin").stat().st_size for k in ("f32", "w16")]
+    assert sizes[1] < 0.6 * sizes[0], sizes
+    core = ov.Core()
+    outs = []
+    for k in ("f32", "w16"):
+        compiled = core.compile_model(str(tmp_path / f"{k}.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        outs.append(np.concatenate([compiled(x[i:i + 1])[0] for i in range(len(x))]))
+    cos = float((outs[0] * outs[1]).sum() / np.linalg.norm(outs[0]) / np.linalg.norm(outs[1]))
+    assert cos > 0.9999 and (outs[0].argmax(1) == outs[1].argmax(1)).mean() >= 0.98, cos
