@@ -186,6 +186,13 @@ def fashion_part(out: Path, targets: str = TARGETS, reuse: bool = False, always_
     return "\n".join(lines)
 
 
+def _kept(a: Any) -> tuple[dict, dict | None, float | None, bool | None]:
+    """(the ladder record, the kept step, its latency ratio, slower_than_fp32) of a budgeted artifact."""
+    rec = a.validation.checks["accuracy_budget"]
+    step = next((s for s in rec["steps"] if s["name"] == rec.get("kept")), None)
+    return rec, step, step.get("latency_ratio") if step else None, a.validation.checks.get("slower_than_fp32")
+
+
 def _budget_rows(bundle: Bundle, targets: list[str]) -> list[str]:
     rows = ["| target | kept | method | metric | size ratio | latency ratio | slower than fp32 | ladder |",
             "|---|---|---|---|---|---|---|---|"]
@@ -195,10 +202,7 @@ def _budget_rows(bundle: Bundle, targets: list[str]) -> list[str]:
         if a is None:
             rows.append(f"| {fmt} | no budget record | — | — | — | — | — | — |")
             continue
-        rec = a.validation.checks["accuracy_budget"]
-        step = next((s for s in rec["steps"] if s["name"] == rec.get("kept")), None)
-        lat = step.get("latency_ratio") if step else None
-        slower = a.validation.checks.get("slower_than_fp32")
+        rec, step, lat, slower = _kept(a)
         rows.append(f"| {fmt} | {rec.get('kept') or 'NONE fit'} | {rec.get('method', '—')} "
                     f"| {step['metric'] if step else '; '.join(a.validation.failures)[-160:]} "
                     f"| {_ratio(step['size_bytes'] if step else a.size_bytes, fp32.size_bytes if fp32 else None)} "
@@ -237,12 +241,9 @@ def dense_part(out: Path, name: str = "minilm-l6", targets: str = TARGETS, min_c
             lines.append(f"| {fmt} | {_num(fp32.validation.cosine) if fp32 else '—'} | — | — | no int8 artifact "
                          "| — | — | — | — | — | — |")
             continue
-        rec = a.validation.checks["accuracy_budget"]
+        rec, step, lat, slower = _kept(a)
         plain = rec["steps"][0]
         m = re.search(r"cosine (-?[\d.]+)", plain.get("metric", ""))
-        step = next((s for s in rec["steps"] if s["name"] == rec.get("kept")), None)
-        lat = step.get("latency_ratio") if step else None
-        slower = a.validation.checks.get("slower_than_fp32")
         lines.append(f"| {fmt} | {_num(fp32.validation.cosine) if fp32 else '—'} | {m.group(1) if m else '—'} "
                      f"| {_ratio(plain.get('size_bytes'), fsize)} | {rec.get('kept') or 'NONE fit'} "
                      f"| {rec.get('method', '—')} | {_num(a.validation.cosine) if step else '—'} "
