@@ -509,3 +509,19 @@ def test_float_weights_of_an_openvino_model_are_stored_as_fp16(fashion_onnx: Pat
         outs.append(np.concatenate([compiled(x[i:i + 1])[0] for i in range(len(x))]))
     cos = float((outs[0] * outs[1]).sum() / np.linalg.norm(outs[0]) / np.linalg.norm(outs[1]))
     assert cos > 0.9999 and (outs[0].argmax(1) == outs[1].argmax(1)).mean() >= 0.98, cos
+
+
+def test_the_conversion_record_counts_samples_of_named_inputs_and_keeps_listed_dtypes(tmp_path: Path) -> None:
+    """Calibration / validation given as {input name: rows} are counted in rows (they were counted in inputs), and
+    input dtypes given as a list are recorded (the record crashed on them); the manifest then validates."""
+    from edge_sdk.converters.pipeline import convert
+
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, 100, size=(40, 12)).astype(np.int64)
+    bundle = convert(_TokenModel().eval(), out=tmp_path / "b", to="onnx", ort=False, precision="fp32",
+                     calib={"input": ids[:32]}, val={"input": ids[32:]}, input_shape=(1, 12), input_dtypes=["int64"],
+                     quiet=True)
+    record = bundle.manifest.extra["conversion"]
+    assert record["calibration"] == {"kind": "dict", "samples": 32}
+    assert record["validation"] == {"kind": "dict", "samples": 8}
+    assert record["input_dtypes"] == ["int64"]
