@@ -117,8 +117,15 @@ def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray], *, classifier:
         if r.size != g.size:
             v.failures.append(f"output shape {list(g.shape)} differs from the source's {list(r.shape)}")
             return v
-    r_all = np.concatenate([r.astype(np.float64).ravel() for r in ref])
-    g_all = np.concatenate([g.astype(np.float64).reshape(r.shape).ravel() for r, g in zip(ref, got, strict=True)])
+    pairs = list(zip(ref, got, strict=True))
+    integer = [np.asarray(r).dtype.kind in "iub" for r in ref]
+    if any(integer) and not all(integer):  # integer outputs (ids passed through, lengths) must match exactly and
+        for i, (r, g) in enumerate(pairs):  # stay out of the cosine: their magnitude would drown the float outputs
+            if integer[i] and not np.array_equal(np.asarray(r).ravel(), np.asarray(g).ravel().astype(r.dtype)):
+                v.failures.append(f"integer output {i} differs from the source's")
+        pairs = [p for p, is_int in zip(pairs, integer, strict=True) if not is_int]
+    r_all = np.concatenate([r.astype(np.float64).ravel() for r, _ in pairs])
+    g_all = np.concatenate([g.astype(np.float64).reshape(r.shape).ravel() for r, g in pairs])
     if not np.isfinite(g_all).all():
         v.failures.append("artifact produced NaN or Inf")
         return v

@@ -227,6 +227,24 @@ def test_validation_matches_reordered_same_shape_outputs() -> None:
     assert v.cosine < 0.9
 
 
+def test_integer_pass_through_outputs_do_not_hide_a_broken_float_output() -> None:
+    """paraphrase-MiniLM returns its int64 token ids beside the embeddings: pooled into one cosine, ids in the
+    tens of thousands made any embedding score 1.0000. Integer outputs are now compared exactly and left out of the
+    cosine, so a destroyed embedding shows."""
+    from edge_sdk.converters.validate import compare_outputs
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30_000, size=(8, 16)).astype(np.int64)
+    emb = rng.standard_normal((8, 384)).astype(np.float32) * 0.1
+    broken = rng.standard_normal((8, 384)).astype(np.float32) * 0.1
+    v = compare_outputs([ids, emb], [ids, broken], classifier=False)
+    assert v.cosine < 0.5 and not v.failures, v
+    v = compare_outputs([ids, emb], [ids, emb], classifier=False)
+    assert v.cosine == pytest.approx(1.0) and not v.failures
+    v = compare_outputs([ids, emb], [ids + 1, emb], classifier=False)
+    assert v.failures == ["integer output 0 differs from the source's"]
+
+
 def test_keras_custom_layer_needs_and_takes_custom_objects(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A .keras model with a custom layer: without --custom-objects a one-line error says to pass it; with it the
     model converts (in a fresh process, so the class is not already registered by an import)."""
