@@ -21,6 +21,9 @@ from edge_sdk.runtimes import runtime_for
 __all__ = ["DEFAULT_TOLERANCES", "Tolerance", "compare_outputs", "reference_outputs", "run_artifact",
            "validate_artifact"]
 
+#: share of an integer output's values (token ids passed through, labels, counts) that must equal the source's
+MIN_INTEGER_EQUAL = 0.9
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -119,10 +122,14 @@ def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray], *, classifier:
             return v
     pairs = list(zip(ref, got, strict=True))
     integer = [np.asarray(r).dtype.kind in "iub" for r in ref]
-    if any(integer) and not all(integer):  # integer outputs (ids passed through, lengths) must match exactly and
-        for i, (r, g) in enumerate(pairs):  # stay out of the cosine: their magnitude would drown the float outputs
-            if integer[i] and not np.array_equal(np.asarray(r).ravel(), np.asarray(g).ravel().astype(r.dtype)):
-                v.failures.append(f"integer output {i} differs from the source's")
+    if any(integer) and not all(integer):  # integer outputs (ids passed through, labels, counts) stay out of the
+        for i, (r, g) in enumerate(pairs):  # cosine, where their magnitude would drown the float outputs
+            if integer[i]:
+                same = float((np.asarray(r).ravel() == np.asarray(g).ravel().astype(r.dtype)).mean())
+                v.checks[f"output_{i}_integer_equal"] = same
+                if same < MIN_INTEGER_EQUAL:  # a computed label may flip where fp32 was unsure; most must not
+                    v.failures.append(f"integer output {i} equals the source's on {100 * same:.1f}% of values "
+                                      f"(limit >= {100 * MIN_INTEGER_EQUAL:g}%)")
         pairs = [p for p, is_int in zip(pairs, integer, strict=True) if not is_int]
     r_all = np.concatenate([r.astype(np.float64).ravel() for r, _ in pairs])
     g_all = np.concatenate([g.astype(np.float64).reshape(r.shape).ravel() for r, g in pairs])

@@ -242,7 +242,11 @@ def test_integer_pass_through_outputs_do_not_hide_a_broken_float_output() -> Non
     v = compare_outputs([ids, emb], [ids, emb], classifier=False)
     assert v.cosine == pytest.approx(1.0) and not v.failures
     v = compare_outputs([ids, emb], [ids + 1, emb], classifier=False)
-    assert v.failures == ["integer output 0 differs from the source's"]
+    assert v.failures == ["integer output 0 equals the source's on 0.0% of values (limit >= 90%)"]
+    flipped = ids.copy()
+    flipped[0, :4] += 1  # a few computed labels may flip (4 of 128 values): recorded, not a failure
+    v = compare_outputs([ids, emb], [flipped, emb], classifier=False)
+    assert not v.failures and v.checks["output_0_integer_equal"] == pytest.approx(124 / 128)
 
 
 def test_keras_custom_layer_needs_and_takes_custom_objects(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
