@@ -45,13 +45,18 @@ class Reporter:
         if self.quiet:
             yield
             return
+        with self._outcome(text), self._console.status(text + " …"):
+            yield
+
+    @contextmanager
+    def _outcome(self, text: str) -> Iterator[None]:
+        """Print the step's line when it ends: ✓ or ✗, and how long it took."""
         start = time.perf_counter()
-        with self._console.status(text + " …"):
-            try:
-                yield
-            except BaseException:
-                self._console.print(f"[red]✗[/red] {text} ({time.perf_counter() - start:.1f} s)")
-                raise
+        try:
+            yield
+        except BaseException:
+            self._console.print(f"[red]✗[/red] {text} ({time.perf_counter() - start:.1f} s)")
+            raise
         self._console.print(f"[green]✓[/green] {text} ({time.perf_counter() - start:.1f} s)")
 
     @contextmanager
@@ -62,17 +67,11 @@ class Reporter:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        start = time.perf_counter()
         bar = Progress(TextColumn(text), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                        console=self._console, transient=True)
         task = bar.add_task(text, total=None)
-        try:
-            with bar:
-                yield lambda done, total: bar.update(task, completed=done, total=total)
-        except BaseException:
-            self._console.print(f"[red]✗[/red] {text} ({time.perf_counter() - start:.1f} s)")
-            raise
-        self._console.print(f"[green]✓[/green] {text} ({time.perf_counter() - start:.1f} s)")
+        with self._outcome(text), bar:
+            yield lambda done, total: bar.update(task, completed=done, total=total)
 
     def table(self, results: Sequence[Any], with_accuracy: bool = False) -> None:
         if self.quiet:
