@@ -19,7 +19,7 @@ agreement, size ratio and latency ratio (fp32 = 1), with the ladder step and met
 whether it is slower than fp32. All three are timed in the same interleaved rounds, each in a fresh process.
 ``--mobilenet OUT`` first builds both bundles of the real ImageNet MobileNetV2 (tflite, onnx, openvino; 200
 calibration and 240 validation photo crops; budget ``--min-agreement``, default 0.95) into OUT/plain and
-OUT/budget (many minutes):
+OUT/budget (many minutes; ``--to onnx,openvino`` for fewer targets):
 
     python benchmarks/compare_variants.py --mobilenet /tmp/mnv2 --min-agreement 0.95 --rounds 5 --runs 30
 """
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mobilenet", type=Path, metavar="OUT",
                    help="build the MobileNetV2 plain/budget bundles here first")
     p.add_argument("--min-agreement", type=float, default=0.95, help="budget for --mobilenet (default 0.95)")
+    p.add_argument("--to", default="tflite,onnx,openvino", help="targets for --mobilenet (default all three)")
     p.add_argument("--runs", type=int, default=100, help="timed calls per artifact per round (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (default 10)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mobilenet or args.plain:
         try:
             if args.mobilenet:
-                plain, budget = build_mobilenet(args.mobilenet, args.min_agreement)
+                plain, budget = build_mobilenet(args.mobilenet, args.min_agreement, args.to)
             else:
                 if args.bundle is None:
                     p.error("--plain needs BUNDLE (the budgeted bundle)")

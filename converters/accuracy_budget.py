@@ -56,7 +56,7 @@ from edge_sdk.progress import Reporter
 __all__ = ["AccuracyBudget", "BudgetLadder", "FallbackStep", "latency_p50", "method_of"]
 
 MIXED_K = (1, 2, 4, 8)
-_MIXED_RECIPES = ("onnx", "openvino")  # LadderStep.mixed values: how "keep layer X in float" is told to the tool
+_MIXED_RECIPES = ("onnx", "openvino", "tflite")  # LadderStep.mixed values: how "keep layer X float" is told
 _OPTION_FIELDS = frozenset(f.name for f in fields(ConvertOptions))
 QAT_EPOCHS = 2  # default epochs of the qat rung (converters/qat.py; MobileNetV2, 200 crops: 26 steps, 1.5-3 min)
 _QAT = "_qat"  # marker in a rung's options: the sub-context converts the fine-tuned source
@@ -264,7 +264,10 @@ class BudgetLadder:
         for k in MIXED_K:
             if k > len(ranked):
                 break
-            if recipe == "openvino":  # NNCF quantizes op inputs only: the layer and its feeding ops
+            if recipe == "tflite":  # the same layers by graph position; the converter adds the ops feeding them
+                nodes = [r.node for r in ranked[:k]]
+                opts = {"tflite_float_layers": [f"{r.index}/{r.of}" for r in ranked[:k]]}
+            elif recipe == "openvino":  # NNCF quantizes op inputs only: the layer and its feeding ops
                 nodes = float_nodes_for(ranked, k, "input_nodes")
                 opts: dict[str, Any] = {"openvino_ignored_names": nodes + float_nodes_for(ranked, k, "outputs")}
             elif nncf_onnx:  # same with NNCF on ONNX (ignoring the feeding Conv too made NNCF 3.4 fail)
@@ -418,7 +421,8 @@ def method_of(d: ArtifactDraft, step: FallbackStep) -> str:
              ("nncf" if "nncf" in tv else d.format.value)]
     if "qat" in tv:
         parts.insert(0, "qat")
-    for k in ("onnx_weight_rounding", "openvino_weight_rounding", "onnx_calibration", "openvino_ranges"):
+    for k in ("onnx_weight_rounding", "openvino_weight_rounding", "onnx_calibration", "openvino_ranges",
+              "tflite_ranges"):
         if tv.get(k) and tv[k] != "nearest":
             parts.append(str(tv[k]).split(" (")[0])
     if step.float_nodes:

@@ -183,6 +183,8 @@ class TFLiteConverter:
     target = Format.TFLITE
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
     budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
+        LadderStep("calibration:minmax-mean", (("tflite_quantizer", "aeq"), ("tflite_ranges", "minmax-mean"))),
+        LadderStep("mixed", (("tflite_ranges", "minmax-mean"),), mixed="tflite"),
         LadderStep("int16-activations", (("tflite_activation_bits", 16),)),
         LadderStep("qat", qat=True),
         LadderStep("fp16", precision=Precision.FP16),
@@ -193,6 +195,12 @@ class TFLiteConverter:
                         "PyTorch default), native = the source's own path (PT2E, TF converter, onnx2tf)"),
         OptionSpec("tflite_activation_bits", int, 8, (8, 16),
                    help="16 = int16 activations with int8 weights (AI Edge Quantizer a16w8; slower, closer to fp32)"),
+        OptionSpec("tflite_ranges", str, "histogram", ("histogram", "minmax-mean"),
+                   help="AI Edge Quantizer activation ranges: histogram = least-error clipping per tensor, "
+                        "minmax-mean = mean of each sample's min / max (NNCF's choice)"),
+        OptionSpec("tflite_float_layers", (list, tuple), (), (),
+                   help="weighted layers kept in float, as 'i/N' (the i-th of N convolution / fully connected "
+                        "layers in graph order; the accuracy budget's mixed rung sets it)"),
     )
     default_quantizer = "native"  # what the int8 path uses without --option tflite_quantizer
 
@@ -210,9 +218,11 @@ class TFLiteConverter:
         extra = ctx.options.extra
         bits = int(extra.get("tflite_activation_bits", 8))
         choice = str(extra.get("tflite_quantizer") or self.default_quantizer).strip().lower()
-        if bits == 8 and choice != "aeq":
+        mixed = list(extra.get("tflite_float_layers") or ())
+        ranges = str(extra.get("tflite_ranges") or "histogram").strip().lower()
+        if bits == 8 and choice != "aeq" and not mixed and ranges == "histogram":
             return None, ""
-        from edge_sdk.converters.tflite_quantize import float_ops, quantize_tflite
+        from edge_sdk.converters.tflite_quantize import float_ops, float_scopes_for, quantize_tflite
 
         samples = ctx.require_calibration("TFLite full-integer quantization (AI Edge Quantizer)")
         samples.check(ctx.source.input_shapes, "calibration")
@@ -222,14 +232,15 @@ class TFLiteConverter:
             perms = fp32.runtime.get("input_permutations") or [None] * len(samples.arrays)  # onnx2tf: NCHW -> NHWC
             arrays = [np.ascontiguousarray(a.transpose(p)) if p else a
                       for a, p in zip(samples.arrays, perms, strict=True)]
+            scopes = float_scopes_for(fp32.path, _layer_indices(fp32.path, mixed)) if mixed else []
             res = quantize_tflite(fp32.path, out, arrays, list(ctx.source.input_names), activation_bits=bits,
-                                  int8_io=bool(ctx.options.tflite_int8_io))
+                                  int8_io=bool(ctx.options.tflite_int8_io), float_scopes=scopes, ranges=ranges)
             left = float_ops(out)
-            if left:
+            if left and not mixed:
                 raise ConversionError(f"the AI Edge Quantizer left {len(left)} ops in float "
                                       f"({', '.join(sorted(set(left))[:5])})")
         except (ConversionError, MissingDependencyError) as exc:
-            if bits == 16:
+            if bits == 16 or mixed or ranges != "histogram":
                 raise
             return None, first_line(exc, 300)
         summary = tflite_summary(out)
@@ -241,9 +252,33 @@ class TFLiteConverter:
         draft = tflite_draft(out, Precision.INT8, summary, list(ctx.source.input_names), notes, versions,
                              input_layout=fp32.input_layout, extra_runtime=kept)
         draft.runtime["quantizer"] = f"ai-edge-quantizer {res.recipe}"
-        if bits == 16:
-            draft.runtime.pop("edgetpu", None)  # int16 activations: not an Edge TPU model
+        if bits == 16 or mixed:
+            draft.runtime.pop("edgetpu", None)  # int16 activations / float layers: not an Edge TPU model
+        if ranges != "histogram":
+            draft.tool_versions["tflite_ranges"] = ranges
+        if mixed:
+            draft.tool_versions["tflite_float_layers"] = ",".join(map(str, mixed))
+            draft.notes.append(f"kept in float: {len(mixed)} weighted layers and the ops feeding them "
+                               f"({len(scopes)} ops; layers {', '.join(map(str, mixed))})")
         return draft, ""
+
+
+def _layer_indices(path: Path, layers: list[Any]) -> list[int]:
+    """``tflite_float_layers`` entries ('i/N': the i-th of N weighted layers, graph order, as ranked on the ONNX
+    export) as indices into the .tflite file's weighted ops; a one-line error when the two graphs differ."""
+    from edge_sdk.converters.tflite_quantize import weighted_ops
+
+    ops = weighted_ops(path)
+    out = []
+    for item in layers:
+        i, _, n = str(item).partition("/")
+        if not (i.strip().isdigit() and n.strip().isdigit()):
+            raise ConversionError(f"tflite_float_layers entry {item!r} is not 'i/N' (the i-th of N weighted layers)")
+        if int(n) != len(ops) or int(i) >= len(ops):
+            raise ConversionError(f"cannot keep layer {item} in float: the .tflite has {len(ops)} convolution / "
+                                  f"fully connected layers, the ranked graph {n} (the graphs differ)")
+        out.append(int(i))
+    return out
 
 
 @register

@@ -39,12 +39,15 @@ import numpy as np
 from edge_sdk._deps import require
 from edge_sdk.errors import ConversionError, first_line
 
-__all__ = ["QuantizeResult", "float_io", "float_ops", "quantize_tflite"]
+__all__ = ["QuantizeResult", "float_io", "float_ops", "float_scopes_for", "quantize_tflite", "weighted_ops"]
 
 _RECIPES = {8: "a8w8", 16: "a16w8"}
 _BINS = 2048
 _SHRINK = np.array([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1])  # candidate range fractions
 _HIST_SAMPLES = 100  # the histogram pass needs fewer samples than the min/max pass to be stable
+_RANGES = {"histogram": "min/max, then least-error histogram clipping",
+           "minmax-mean": "min/max, then the mean of each sample's min / max"}
+_WEIGHTED_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D"})
 
 
 @dataclass
@@ -105,8 +108,9 @@ def _best_range(counts: np.ndarray, lo: float, hi: float, levels: int) -> tuple[
 
 
 def _narrow_ranges(float_model: bytes, qsvs: dict[str, Any], dataset: list[dict[str, np.ndarray]], key: str,
-                   bits: int) -> int:
-    """Histogram pass: replace the min/max of each inner activation tensor by its least-error clipping range.
+                   bits: int, how: str = "histogram") -> int:
+    """Replace the min/max of each inner activation tensor by a narrower range: ``histogram``, its least-error
+    clipping range; ``minmax-mean``, the mean over samples of each sample's min and max (NNCF's MIXED preset).
     Returns how many tensors were narrowed."""
     litert = require("ai_edge_litert.interpreter", "tflite", "int8 quantization of .tflite files")
     interp = litert.Interpreter(model_content=float_model, num_threads=1, experimental_preserve_all_tensors=True)
@@ -122,6 +126,7 @@ def _narrow_ranges(float_model: bytes, qsvs: dict[str, Any], dataset: list[dict[
         if np.size(qsv["min"]) == 1 and hi > lo:
             tensors[t["name"]] = (int(t["index"]), min(lo, 0.0), max(hi, 0.0))
     hists = {name: np.zeros(_BINS, dtype=np.float64) for name in tensors}
+    sums = {name: [0.0, 0.0, 0] for name in tensors}
     for feed in dataset[:_HIST_SAMPLES]:
         runner(**feed)
         for name, (index, lo, hi) in tensors.items():
@@ -129,13 +134,23 @@ def _narrow_ranges(float_model: bytes, qsvs: dict[str, Any], dataset: list[dict[
                 v = interp.get_tensor(index).ravel()
             except ValueError:  # tensor freed by the runtime despite preserve_all_tensors: keep min/max
                 continue
+            if how == "minmax-mean":
+                acc = sums[name]
+                acc[0], acc[1], acc[2] = acc[0] + float(v.min()), acc[1] + float(v.max()), acc[2] + 1
+                continue
             idx = np.clip(((v - lo) * (_BINS / (hi - lo))).astype(np.int64), 0, _BINS - 1)
             hists[name] += np.bincount(idx, minlength=_BINS)
     narrowed = 0
     for name, (_, lo, hi) in tensors.items():
-        if not hists[name].any():
+        if how == "minmax-mean":
+            acc = sums[name]
+            if not acc[2]:
+                continue
+            new_lo, new_hi = min(acc[0] / acc[2], 0.0), max(acc[1] / acc[2], 0.0)
+        elif not hists[name].any():
             continue
-        new_lo, new_hi = _best_range(hists[name], lo, hi, 2 ** bits)
+        else:
+            new_lo, new_hi = _best_range(hists[name], lo, hi, 2 ** bits)
         if (new_lo, new_hi) != (lo, hi):
             narrowed += 1
         qsv = qsvs[name]
@@ -144,16 +159,74 @@ def _narrow_ranges(float_model: bytes, qsvs: dict[str, Any], dataset: list[dict[
     return narrowed
 
 
+def _ops(path: Path) -> tuple[list[dict[str, Any]], dict[int, str], set[int]]:
+    """(ops in execution order, tensor names by index, constant tensor indices) of a .tflite file."""
+    litert = require("ai_edge_litert.interpreter", "tflite", "inspecting .tflite files")
+    interp = litert.Interpreter(model_path=str(path))
+    details = interp.get_tensor_details()
+    names = {int(t["index"]): t["name"] for t in details}
+    inputs = {int(d["index"]) for d in interp.get_input_details()}
+    produced = {int(i) for op in interp._get_ops_details() for i in op["outputs"]}  # the public API lists no ops
+    constants = {i for i in names if i not in produced and i not in inputs}
+    return list(interp._get_ops_details()), names, constants
+
+
+def _scope(op: dict[str, Any], names: dict[int, str]) -> str:
+    """The AI Edge Quantizer's scope of an op: its output tensor names, each followed by ';'."""
+    return "".join(f"{names[int(i)]};" for i in op["outputs"] if int(i) >= 0 and names.get(int(i)))
+
+
+def weighted_ops(path: Path) -> list[tuple[str, int]]:
+    """(op name, output channels) of every convolution / fully connected op of ``path``, in execution order."""
+    litert = require("ai_edge_litert.interpreter", "tflite", "inspecting .tflite files")
+    shapes = {int(t["index"]): tuple(t["shape"]) for t in litert.Interpreter(model_path=str(path)).get_tensor_details()}
+    out = []
+    for op in _ops(path)[0]:
+        if op["op_name"] in _WEIGHTED_OPS and len(op["outputs"]):
+            shape = shapes.get(int(op["outputs"][0]), ())
+            out.append((op["op_name"], int(shape[-1]) if shape else -1))
+    return out
+
+
+def float_scopes_for(path: Path, layers: list[int]) -> list[str]:
+    """Scopes of the ops to keep in float so that the weighted ops ``layers`` (indices into :func:`weighted_ops`)
+    compute in float on a float input: each of them, the ops between it and the weighted op(s) feeding it, and those
+    feeding ops (a quantized op rounds its own output, so the feeder must stay float too)."""
+    ops, names, constants = _ops(path)
+    weighted = [k for k, op in enumerate(ops) if op["op_name"] in _WEIGHTED_OPS]
+    producer = {int(i): k for k, op in enumerate(ops) for i in op["outputs"]}
+    keep: list[int] = []
+    for layer in layers:
+        k = weighted[layer]
+        keep.append(k)
+        stack = [int(i) for i in ops[k]["inputs"][:1] if int(i) not in constants]
+        seen: set[int] = set()
+        while stack:
+            j = producer.get(stack.pop())
+            if j is None or j in seen:
+                continue
+            seen.add(j)
+            keep.append(j)
+            if ops[j]["op_name"] not in _WEIGHTED_OPS:
+                stack.extend(int(i) for i in ops[j]["inputs"] if int(i) >= 0 and int(i) not in constants)
+    return [sc for sc in dict.fromkeys(_scope(ops[k], names) for k in keep) if sc]
+
+
 def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], source_inputs: list[str], *,
-                    activation_bits: int = 8, int8_io: bool = True, threads: int = 1) -> QuantizeResult:
+                    activation_bits: int = 8, int8_io: bool = True, threads: int = 1,
+                    float_scopes: list[str] | tuple[str, ...] = (), ranges: str = "histogram") -> QuantizeResult:
     """Quantize the fp32 ``float_path`` into ``out`` (a fully integer graph) with the AI Edge Quantizer.
 
     ``arrays``: calibration samples per source input (N, ...), batch-1 rows; ``activation_bits``: 8 (int8
-    static) or 16 (int16 activations, int8 weights). Raises ConversionError (one line) when the quantizer fails,
-    so callers can fall back to their own int8 path and record why.
+    static) or 16 (int16 activations, int8 weights); ``float_scopes``: ops (their quantizer scopes,
+    :func:`float_scopes_for`) left in float, the mixed-precision rung of the accuracy budget. Raises
+    ConversionError (one line) when the quantizer fails, so callers can fall back to their own int8 path and
+    record why.
     """
     if activation_bits not in _RECIPES:
         raise ConversionError(f"activation_bits {activation_bits} is not supported: use 8 or 16")
+    if ranges not in _RANGES:
+        raise ConversionError(f"tflite_ranges {ranges!r} is not supported: use {' or '.join(_RANGES)}")
     aeq = require("ai_edge_quantizer.quantizer", "tflite", "full-integer TFLite quantization")
     recipe = require("ai_edge_quantizer.recipe", "tflite", "full-integer TFLite quantization")
     calibrator = require("ai_edge_quantizer.calibrator", "tflite", "full-integer TFLite quantization")
@@ -168,13 +241,20 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
         order = _feed_order(names, list(source_inputs))
         data = _dataset(key, names, order, arrays, n)
         rec = recipe.static_wi8_ai16() if activation_bits == 16 else recipe.static_wi8_ai8()
+        if float_scopes:
+            manager = require("ai_edge_quantizer.recipe_manager", "tflite", "full-integer TFLite quantization")
+            rm = manager.RecipeManager()
+            rm.load_quantization_recipe(rec)
+            for sc in float_scopes:  # the last matching entry wins: these come after the ".*" one
+                rm.add_quantization_config(f"^{re.escape(sc)}$", "*", None, "no_quantize")
+            rec = rm.get_quantization_recipe()
         q = aeq.Quantizer(float_model, rec)
         # quiet: the quantizer prints tqdm bars and a size report; keep the CLI output ours
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             calib = calibrator.Calibrator(float_model, num_threads=threads, qsv_update_func=qsv_utils.min_max_update)
             calib.calibrate(data, q._recipe_manager)  # the public calibrate() forces the moving-average update
             qsvs = calib.get_model_qsvs()
-            narrowed = _narrow_ranges(float_model, qsvs, data[key], key, activation_bits)
+            narrowed = _narrow_ranges(float_model, qsvs, data[key], key, activation_bits, ranges)
             result = q.quantize(qsvs, enable_progress_report=False)
     except ConversionError:
         raise
@@ -186,11 +266,14 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
     # the quantizer stores weights after the flatbuffer (buffer offsets); tools that re-serialize a model (the
     # TFLite metadata writer) break those offsets, so the file is repacked with inline buffers
     out.write_bytes(float_io(model) if not int8_io else _repack(model))
-    res = QuantizeResult(_RECIPES[activation_bits], n, "min/max, then least-error histogram clipping", narrowed)
+    res = QuantizeResult(_RECIPES[activation_bits], n, _RANGES[ranges], narrowed)
     what = "int16 activations, int8 per-channel weights" if activation_bits == 16 else \
         "int8 activations, int8 per-channel weights"
+    if float_scopes:
+        what += f"; {len(float_scopes)} ops kept in float"
     res.notes.append(f"AI Edge Quantizer static {_RECIPES[activation_bits]} ({what}), calibrated on {n} samples "
-                     f"(min/max, then least-error clipping of {narrowed} inner activations); fully integer graph; "
+                     f"({_RANGES[ranges]} of {narrowed} inner activations); "
+                     + ("mixed int8 / float graph; " if float_scopes else "fully integer graph; ")
                      + (f"{io_bits} inputs/outputs" if int8_io else "float32 inputs/outputs (QUANTIZE/DEQUANTIZE "
                         "at the graph boundary)"))
     return res

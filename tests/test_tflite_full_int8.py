@@ -176,18 +176,64 @@ def test_quantize_tflite_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="activation_bits 4 is not supported"):
         quantize_tflite(tmp_path / "x.tflite", tmp_path / "y.tflite", [np.zeros((1, 2), np.float32)], ["x"],
                         activation_bits=4)
+    with pytest.raises(ConversionError, match="tflite_ranges 'kl' is not supported"):
+        quantize_tflite(tmp_path / "x.tflite", tmp_path / "y.tflite", [np.zeros((1, 2), np.float32)], ["x"],
+                        ranges="kl")
 
 
-def test_tflite_ladder_offers_int16_rung() -> None:
+def test_tflite_ladder_rungs() -> None:
     from edge_sdk.converters.base import budget_ladder_of, extra_options_of, get_converter
     from edge_sdk.formats import Framework
 
     for fw in (Framework.PYTORCH, Framework.KERAS, Framework.ONNX):
         conv = get_converter(fw, Format.TFLITE)
-        rung = budget_ladder_of(conv)[0]
-        assert rung.name == "int16-activations" and not rung.not_offered
-        assert dict(rung.options) == {"tflite_activation_bits": 16}
-        assert {s.name for s in extra_options_of(conv)} >= {"tflite_quantizer", "tflite_activation_bits"}
+        ladder = budget_ladder_of(conv)
+        assert [r.name for r in ladder] == ["calibration:minmax-mean", "mixed", "int16-activations", "qat", "fp16"]
+        assert dict(ladder[0].options) == {"tflite_quantizer": "aeq", "tflite_ranges": "minmax-mean"}
+        assert ladder[1].mixed == "tflite" and dict(ladder[1].options) == {"tflite_ranges": "minmax-mean"}
+        assert dict(ladder[2].options) == {"tflite_activation_bits": 16} and not ladder[2].not_offered
+        assert {s.name for s in extra_options_of(conv)} >= {"tflite_quantizer", "tflite_activation_bits",
+                                                           "tflite_ranges", "tflite_float_layers"}
+
+
+def test_torch_int8_minmax_mean_ranges(residual_data: dict, tmp_path: Path) -> None:
+    """The calibration rung: inner activation ranges are the mean of each sample's min / max; still fully integer."""
+    from edge_sdk.converters.tflite_quantize import float_ops
+
+    draft = _convert(residual_data, tmp_path / "mm", tflite_ranges="minmax-mean")
+    assert draft.tool_versions["tflite_ranges"] == "minmax-mean"
+    assert any("mean of each sample's min / max" in n for n in draft.notes), draft.notes
+    assert float_ops(draft.path) == [] and "edgetpu" in draft.runtime
+    cos = _cosine(_outputs(draft.path, residual_data["val"]), residual_data["ref"])
+    assert cos >= 0.99, cos
+
+
+def test_torch_int8_with_layers_kept_in_float(residual_data: dict, tmp_path: Path) -> None:
+    """The mixed rung: the chosen convolution and the one feeding it compute in float, every other op in int8;
+    layers are named by graph position ('i/N'), and a count that does not match this graph is a one-line error."""
+    from edge_sdk.converters.sources import load_source
+    from edge_sdk.converters.tflite_quantize import float_ops, weighted_ops
+    from edge_sdk.converters.torch_to_tflite import TorchToTFLite
+    from edge_sdk.errors import ConversionError
+
+    ctx = ConversionContext(load_source(residual_data["net"], input_shape=[1, 3, 32, 32]), tmp_path / "fp32")
+    n = len(weighted_ops(TorchToTFLite().convert(ctx, Precision.FP32)[0].path))
+    assert n == 8  # stem + 2 x 3 block convolutions + head
+    plain = _convert(residual_data, tmp_path / "plain")
+    draft = _convert(residual_data, tmp_path / "mixed", tflite_float_layers=[f"2/{n}"])  # block 1's depthwise conv
+    floats = float_ops(draft.path)
+    weighted_float = [op for op in floats if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    assert sorted(weighted_float) == ["CONV_2D", "DEPTHWISE_CONV_2D"], floats  # the layer and its feeder
+    assert float_ops(plain.path) == []
+    assert "edgetpu" not in draft.runtime and draft.tool_versions["tflite_float_layers"] == f"2/{n}"
+    assert any("kept in float: 1 weighted layers" in note for note in draft.notes), draft.notes
+    assert draft.path.stat().st_size > plain.path.stat().st_size  # float weights of two layers
+    cos = _cosine(_outputs(draft.path, residual_data["val"]), residual_data["ref"])
+    assert cos >= 0.99, cos
+    with pytest.raises(ConversionError, match=f"has {n} convolution / fully connected layers, the ranked graph 9"):
+        _convert(residual_data, tmp_path / "bad", tflite_float_layers=["2/9"])
+    with pytest.raises(ConversionError, match="is not 'i/N'"):
+        _convert(residual_data, tmp_path / "bad2", tflite_float_layers=["conv2"])
 
 
 @pytest.mark.slow
