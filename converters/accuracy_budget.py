@@ -425,6 +425,8 @@ def method_of(d: ArtifactDraft, step: FallbackStep) -> str:
               "tflite_ranges"):
         if tv.get(k) and tv[k] != "nearest":
             parts.append(str(tv[k]).split(" (")[0])
+    if tv.get("tflite_bias_correction"):
+        parts.append("bias-correction")
     if step.float_nodes:
         parts.append(f"{len(step.float_nodes)} nodes in float")
     return " + ".join(parts) + f" [{step.name}]"

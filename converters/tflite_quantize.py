@@ -39,7 +39,8 @@ import numpy as np
 from edge_sdk._deps import require
 from edge_sdk.errors import ConversionError, first_line
 
-__all__ = ["QuantizeResult", "float_io", "float_ops", "float_scopes_for", "quantize_tflite", "weighted_ops"]
+__all__ = ["QuantizeResult", "bias_correct", "float_io", "float_ops", "float_scopes_for", "quantize_tflite",
+           "weighted_ops"]
 
 _RECIPES = {8: "a8w8", 16: "a16w8"}
 _BINS = 2048
@@ -47,6 +48,7 @@ _SHRINK = np.array([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.
 _HIST_SAMPLES = 100  # the histogram pass needs fewer samples than the min/max pass to be stable
 _RANGES = {"histogram": "min/max, then least-error histogram clipping",
            "minmax-mean": "min/max, then the mean of each sample's min / max"}
+_BC_SAMPLES = 32  # calibration inputs whose mean feeds the bias correction
 _WEIGHTED_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D"})
 
 
@@ -159,6 +161,77 @@ def _narrow_ranges(float_model: bytes, qsvs: dict[str, Any], dataset: list[dict[
     return narrowed
 
 
+def bias_correct(float_model: bytes, dataset: list[dict[str, np.ndarray]], key: str,
+                 samples: int = _BC_SAMPLES, keep_float: list[str] | tuple[str, ...] = ()) -> tuple[bytes, int]:
+    """Fast bias correction (as NNCF does by default): the fp32 model with each convolution / fully connected
+    bias shifted by minus the mean output error its int8 weights will add, ``(Q(W) - W) . E[x]``, where ``Q`` is
+    the quantizer's per-channel symmetric rounding (scale max|w| / 127) and ``E[x]`` the mean input per channel
+    over ``samples`` calibration inputs of the fp32 model. The quantizer then rounds the weights as before; the
+    rounding's average effect on every output channel is cancelled. Ops whose scope is in ``keep_float`` (left in
+    float by the quantizer) are not touched. Returns (model, layers corrected)."""
+    litert = require("ai_edge_litert.interpreter", "tflite", "int8 quantization of .tflite files")
+    fb = require("ai_edge_litert.tools.flatbuffer_utils", "tflite", "editing .tflite files")
+    interp = litert.Interpreter(model_content=float_model, num_threads=1, experimental_preserve_all_tensors=True)
+    interp.allocate_tensors()
+    runner = interp.get_signature_runner(key)
+    names = {int(t["index"]): t["name"] for t in interp.get_tensor_details()}
+    skip = set(keep_float)
+    ops = [(k, op) for k, op in enumerate(interp._get_ops_details())  # the public API lists no ops
+           if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") and len(op["inputs"]) > 2
+           and int(op["inputs"][2]) >= 0 and _scope(op, names) not in skip]
+    sums: dict[int, np.ndarray] = {}
+    for feed in dataset[:samples]:
+        runner(**feed)
+        for k, op in ops:
+            try:
+                x = np.asarray(interp.get_tensor(int(op["inputs"][0])), np.float64)
+            except ValueError:  # freed despite preserve_all_tensors: this layer is left as it is
+                continue
+            if x.dtype.kind == "f" and x.ndim >= 1:
+                mean = x.reshape(-1, x.shape[-1]).mean(0)
+                sums[k] = sums.get(k, 0) + mean
+    n = max(1, min(samples, len(dataset)))
+    m = fb.read_model_from_bytearray(bytearray(float_model))
+    sg = m.subgraphs[0]
+    uses: dict[int, int] = {}
+    for op in sg.operators:
+        for i in op.inputs:
+            if i >= 0:
+                uses[sg.tensors[i].buffer] = uses.get(sg.tensors[i].buffer, 0) + 1
+    done = 0
+    for k, op in ops:
+        fop = sg.operators[k] if k < len(sg.operators) else None
+        if k not in sums or fop is None or [int(i) for i in fop.inputs] != [int(i) for i in op["inputs"]]:
+            continue
+        wt, bt = sg.tensors[fop.inputs[1]], sg.tensors[fop.inputs[2]]
+        wbuf, bbuf = m.buffers[wt.buffer], m.buffers[bt.buffer]
+        if (wt.type != 0 or bt.type != 0 or wbuf.data is None or bbuf.data is None or uses.get(bt.buffer, 0) != 1
+                or not len(wbuf.data) or not len(bbuf.data)):  # 0 = FLOAT32; shared or external buffers stay
+            continue
+        w = np.frombuffer(bytes(wbuf.data), np.float32).reshape(list(wt.shape)).astype(np.float64)
+        b = np.frombuffer(bytes(bbuf.data), np.float32).astype(np.float64)
+        mean_x = sums[k] / n
+        axis = 3 if op["op_name"] == "DEPTHWISE_CONV_2D" else 0
+        wm = np.moveaxis(w, axis, 0)
+        scale = np.abs(wm).reshape(wm.shape[0], -1).max(1) / 127
+        scale[scale == 0] = 1.0
+        err = np.clip(np.round(wm / scale.reshape(-1, *[1] * (wm.ndim - 1))), -127, 127) \
+            * scale.reshape(-1, *[1] * (wm.ndim - 1)) - wm
+        if op["op_name"] == "DEPTHWISE_CONV_2D":  # (C*mult, kh, kw, 1): channel c reads input c // mult
+            mult = max(1, err.shape[0] // mean_x.size)
+            shift = err.reshape(err.shape[0], -1).sum(1) * np.repeat(mean_x, mult)[:err.shape[0]]
+        else:  # CONV_2D (Cout, kh, kw, Cin) / FULLY_CONNECTED (Cout, Cin)
+            cin = err.shape[-1]
+            if mean_x.size != cin:
+                continue
+            shift = err.reshape(err.shape[0], -1, cin).sum(1) @ mean_x
+        if shift.shape != b.shape:
+            continue
+        bbuf.data = np.frombuffer((b - shift).astype(np.float32).tobytes(), np.uint8)
+        done += 1
+    return bytes(fb.convert_object_to_bytearray(m)), done
+
+
 def _ops(path: Path) -> tuple[list[dict[str, Any]], dict[int, str], set[int]]:
     """(ops in execution order, tensor names by index, constant tensor indices) of a .tflite file."""
     litert = require("ai_edge_litert.interpreter", "tflite", "inspecting .tflite files")
@@ -214,7 +287,8 @@ def float_scopes_for(path: Path, layers: list[int]) -> list[str]:
 
 def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], source_inputs: list[str], *,
                     activation_bits: int = 8, int8_io: bool = True, threads: int = 1,
-                    float_scopes: list[str] | tuple[str, ...] = (), ranges: str = "histogram") -> QuantizeResult:
+                    float_scopes: list[str] | tuple[str, ...] = (), ranges: str = "histogram",
+                    bias_correction: bool = False) -> QuantizeResult:
     """Quantize the fp32 ``float_path`` into ``out`` (a fully integer graph) with the AI Edge Quantizer.
 
     ``arrays``: calibration samples per source input (N, ...), batch-1 rows; ``activation_bits``: 8 (int8
@@ -240,6 +314,9 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
         key, names = _signature(litert.Interpreter(model_content=float_model))
         order = _feed_order(names, list(source_inputs))
         data = _dataset(key, names, order, arrays, n)
+        corrected = 0
+        if bias_correction:
+            float_model, corrected = bias_correct(float_model, data[key], key, keep_float=float_scopes)
         rec = recipe.static_wi8_ai16() if activation_bits == 16 else recipe.static_wi8_ai8()
         if float_scopes:
             manager = require("ai_edge_quantizer.recipe_manager", "tflite", "full-integer TFLite quantization")
@@ -271,6 +348,8 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
         "int8 activations, int8 per-channel weights"
     if float_scopes:
         what += f"; {len(float_scopes)} ops kept in float"
+    if bias_correction:
+        what += f"; biases of {corrected} layers corrected for the int8 weights' mean error"
     res.notes.append(f"AI Edge Quantizer static {_RECIPES[activation_bits]} ({what}), calibrated on {n} samples "
                      f"({_RANGES[ranges]} of {narrowed} inner activations); "
                      + ("mixed int8 / float graph; " if float_scopes else "fully integer graph; ")

@@ -189,11 +189,13 @@ def test_tflite_ladder_rungs() -> None:
         conv = get_converter(fw, Format.TFLITE)
         ladder = budget_ladder_of(conv)
         assert [r.name for r in ladder] == ["calibration:minmax-mean", "mixed", "int16-activations", "qat", "fp16"]
-        assert dict(ladder[0].options) == {"tflite_quantizer": "aeq", "tflite_ranges": "minmax-mean"}
-        assert ladder[1].mixed == "tflite" and dict(ladder[1].options) == {"tflite_ranges": "minmax-mean"}
+        nncf_like = {"tflite_quantizer": "aeq", "tflite_ranges": "minmax-mean", "tflite_bias_correction": True}
+        assert dict(ladder[0].options) == nncf_like
+        assert ladder[1].mixed == "tflite" and dict(ladder[1].options) == nncf_like
         assert dict(ladder[2].options) == {"tflite_activation_bits": 16} and not ladder[2].not_offered
         assert {s.name for s in extra_options_of(conv)} >= {"tflite_quantizer", "tflite_activation_bits",
-                                                           "tflite_ranges", "tflite_float_layers"}
+                                                           "tflite_ranges", "tflite_float_layers",
+                                                           "tflite_bias_correction"}
 
 
 def test_torch_int8_minmax_mean_ranges(residual_data: dict, tmp_path: Path) -> None:
@@ -206,6 +208,26 @@ def test_torch_int8_minmax_mean_ranges(residual_data: dict, tmp_path: Path) -> N
     assert float_ops(draft.path) == [] and "edgetpu" in draft.runtime
     cos = _cosine(_outputs(draft.path, residual_data["val"]), residual_data["ref"])
     assert cos >= 0.99, cos
+
+
+def test_bias_correction_cancels_the_mean_error_of_int8_weights(residual_data: dict, tmp_path: Path) -> None:
+    """Every conv / linear bias is shifted by minus (Q(W) - W) . E[x]: the int8 model's mean output error per class
+    shrinks, the weights are untouched and the graph stays fully integer."""
+    from edge_sdk.converters.tflite_quantize import float_ops
+
+    plain = _convert(residual_data, tmp_path / "plain", tflite_quantizer="aeq")
+    corrected = _convert(residual_data, tmp_path / "bc", tflite_quantizer="aeq", tflite_bias_correction=True)
+    assert corrected.tool_versions["tflite_bias_correction"] == "fast" and "tflite_bias_correction" not in \
+        plain.tool_versions
+    assert any("biases of 8 layers corrected" in n for n in corrected.notes), corrected.notes
+    assert float_ops(corrected.path) == []
+    ref = residual_data["ref"]
+    bias = {}
+    for name, d in (("plain", plain), ("bc", corrected)):
+        err = _outputs(d.path, residual_data["val"]) - ref
+        bias[name] = float(np.abs(err.mean(0)).mean())
+    print(f"mean |per-class mean error|: plain {bias['plain']:.4f}, bias-corrected {bias['bc']:.4f}")
+    assert bias["bc"] < bias["plain"], bias
 
 
 def test_torch_int8_with_layers_kept_in_float(residual_data: dict, tmp_path: Path) -> None:
