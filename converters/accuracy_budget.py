@@ -5,9 +5,12 @@ converter offers (``budget_ladder``, a tuple of :class:`~edge_sdk.converters.bas
 none is judged without fallback) and reports each step (name, metric, size, pass/fail). The built-in rungs:
 
 1. ``calibration:*`` — another quantizer / activation-range calibration (ORT mean min/max and percentile ranges;
-   NNCF mean-quantile ranges for OpenVINO).
-2. ``mixed:kN`` — mixed precision: the N (1, 2, 4, 8) most sensitive layers, ranked by measured per-layer
-   error (converters/sensitivity.py), kept in float (ORT ``nodes_to_exclude``; NNCF ``IgnoredScope``).
+   NNCF mean-quantile ranges for OpenVINO; for TFLite NNCF-like mean-of-sample min/max ranges with fast bias
+   correction of the int8 weights).
+2. ``mixed:kN`` — mixed precision: the N (1, 2, 4, 8) most sensitive layers kept in float (ORT
+   ``nodes_to_exclude``; NNCF ``IgnoredScope``; AI Edge Quantizer ``no_quantize`` scopes, the layers found in the
+   .tflite by graph position). Layers are ranked by what int8 on that layer alone does to the model's outputs,
+   measured on the calibration data (converters/sensitivity.py).
 3. ``int16-activations`` — 16-bit activations with 8-bit weights; on ONNX Runtime the weights are rounded by GPTQ
    (converters/weight_rounding.py), since with 16-bit activations the weights' rounding is what is left.
 4. ``qat`` — PyTorch sources only: a quantization-aware fine-tuned copy of the model (converters/qat.py;
@@ -25,13 +28,13 @@ the artifact's ``validation.checks["accuracy_budget"]`` and notes. When no step 
 is reported as failed with its figures: an over-budget artifact is never written as if it were fine.
 
 Measured (tests/test_accuracy_budget.py, 1 thread). Fashion-MNIST CNN with 4 outlier channels (x1000), 0.5 pp
-budget: plain int8 drops 76 pp on ORT and OpenVINO; ``mixed:k1`` (the first Gemm and the ops in front of it in
-float) brings both back to 0.0 pp; TFLite ends at fp16. ImageNet MobileNetV2, 240 photo crops, top-1 agreement
->= 95%: OpenVINO plain int8 93.8% -> ``mixed:k2`` 95.4% at 0.31x fp32 size (float weights fp16) and 0.49x latency.
-ONNX Runtime
-plain int8 (NNCF) 91.2%; ORT ranges 87.1%, percentile 82.1%, mixed k1..k8 91.7/92.1/91.2/90.8%, 16-bit
-activations 87.1% (the ORT quantizer's int8 weights, not its activations, limit it) -> only fp16 fits: 99.2%,
-0.51x size, 1.19x fp32 latency — the size and speed constraints are not met there.
+budget: plain int8 drops 76 pp on ORT and OpenVINO, 80 pp on TFLite; ``mixed:k1`` (the first Gemm and the ops in
+front of it in float) brings all three back to 0.0 pp. ImageNet MobileNetV2, 240 photo crops, top-1 agreement
+>= 95% (AVX-512 VNNI CPU; ``benchmarks/compare_variants.py --mobilenet``): OpenVINO plain int8 93.8% ->
+``mixed:k4`` 95.0% at 0.31x fp32 size (float weights fp16) and 0.49x latency. ONNX Runtime plain int8 (NNCF) 91.2%
+-> ``mixed:k8`` 95.0% at 0.43x size and 0.81x latency (the ranking by output error picks the stem and three late
+layers; the earlier ranking by error growth reached 90.8% at k8). TFLite plain 85.4% -> minmax-mean ranges with
+bias correction 90.0% -> ``mixed:k4`` 94.6%, short of 95%, so fp16 is kept there.
 """
 
 from __future__ import annotations

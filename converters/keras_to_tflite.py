@@ -7,8 +7,10 @@ inputs/outputs unless ``ConvertOptions.tflite_int8_io`` is False).
 ``TFLiteConverter`` (the base of every X -> TFLite converter) also offers the AI Edge Quantizer path
 (converters/tflite_quantize.py: fp32 ``.tflite`` -> full integer): ``extra["tflite_quantizer"] = "aeq"`` (the
 PyTorch default; Keras and ONNX keep their own full-integer paths unless asked, measured equal on Fashion-MNIST),
-and ``extra["tflite_activation_bits"] = 16`` for int16 activations / int8 weights — the accuracy budget's
-``int16-activations`` rung for TFLite.
+``extra["tflite_activation_bits"] = 16`` for int16 activations / int8 weights (the accuracy budget's
+``int16-activations`` rung), ``extra["tflite_ranges"] = "minmax-mean"`` with ``extra["tflite_bias_correction"]``
+(the ``calibration:minmax-mean`` rung) and ``extra["tflite_float_layers"]`` (``["i/N", ...]``: weighted layers by
+graph position, kept in float with the ops feeding them — the ``mixed:kN`` rungs).
 
 Only LiteRT builtin ops are allowed: a model needing Flex (select TensorFlow) ops cannot run on the plain
 LiteRT runtime, so it is rejected with the op names. The helpers :func:`tflite_summary` and

@@ -194,6 +194,14 @@ def nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], op
             "onnx_reduce_range": "all layers" if reduce else "first layer (nncf default)"}
 
 
+class _AxisNoise(logging.Filter):
+    """Drops ONNX Runtime's "Axis 1 is out-of-range for weight ..." root-logger warnings (that 1-D weight is
+    quantized per tensor, as it should be); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+
 def ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], options: ConvertOptions,
             act: str, float_layers: list[str]) -> dict[str, str]:
     """ONNX Runtime ``quantize_static`` of the pre-processed ONNX file."""
@@ -204,6 +212,9 @@ def ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], opt
     if act.endswith("16"):  # 16-bit Q/DQ needs opset 21 or ORT's com.microsoft Q/DQ ops
         extra = {**extra, "UseQDQContribOps": True}
     wtype, reduce = weight_format(options)
+    root = logging.getLogger()
+    quiet = _AxisNoise()
+    root.addFilter(quiet)  # per-channel on a 1-D weight (a BatchNorm scale) logs one root WARNING per tensor
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its calibrator prints "Collecting tensor data ..."
             quant.quantize_static(
@@ -220,5 +231,7 @@ def ort_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], opt
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ConversionError(f"ONNX static int8 quantization failed ({exc}): check the calibration data "
                               "matches the model inputs, or use precision 'dynamic'") from exc
+    finally:
+        root.removeFilter(quiet)
     return {"onnx_calibration": calib_name, "onnx_weight_type": wtype,
             "onnx_reduce_range": "all layers" if reduce else "no"}

@@ -19,6 +19,12 @@ least expected quantization error (rounding + clipping, as PyTorch's HistogramOb
 outputs keep their full min/max so the top scores never saturate into ties. Measured figures are in the
 module tests (tests/test_tflite_full_int8.py) and the README.
 
+For the accuracy budget (converters/accuracy_budget.py): ``ranges="minmax-mean"`` (the mean over samples of each
+sample's min / max, NNCF's choice), ``bias_correction`` (:func:`bias_correct`: each conv / fully connected bias
+shifted by minus the mean error the int8 weights add — the AI Edge Quantizer has none) and ``float_scopes`` (ops
+left in float, :func:`float_scopes_for`). MobileNetV2, 240 photo crops, top-1 agreement with fp32: histogram ranges
+85.4%, minmax-mean 87.9%, with bias correction 90.0% (with histogram ranges bias correction gives 84.2%).
+
 Float I/O (``ConvertOptions.tflite_int8_io=False``): a QUANTIZE op is put in front of each quantized graph input
 and a DEQUANTIZE op after each output (:func:`float_io`), so the model takes and returns float32 as before.
 

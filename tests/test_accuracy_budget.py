@@ -38,6 +38,24 @@ def make_fragile(model: Any) -> Any:
     return m
 
 
+def make_fragile_embedding(model: Any) -> Any:
+    """A dense-output model plain int8 destroys: the Fashion CNN's feature extractor with four channels of the
+    FIRST conv block x1000 and the second conv reading them /1000 (the same function in fp32; per-tensor int8
+    rounds the other 28 channels to nothing), then a 64 -> 128 conv (seeded) whose 6272 values are the output —
+    the bulk of the weights, so an int8 model that keeps the two small convs in float is still compressed."""
+    m = copy.deepcopy(model).eval()
+    bn, conv = m.features[1], m.features[4]
+    with torch.no_grad():
+        for c in OUTLIER_CHANNELS:
+            bn.weight[c] *= OUTLIER_FACTOR
+            bn.bias[c] *= OUTLIER_FACTOR
+            conv.weight[:, c] /= OUTLIER_FACTOR
+    torch.manual_seed(0)
+    m.features.append(torch.nn.Conv2d(64, 128, 3, padding=1))
+    m.classifier = torch.nn.Flatten()
+    return m.eval()
+
+
 def test_budget_judge_and_input_checks() -> None:
     v = Validation(passed=True, top1_agreement=0.96, cosine=0.99, accuracy=0.89, source_accuracy=0.9)
     assert AccuracyBudget(max_drop_pp=1.0).judge(v)[0]
@@ -530,3 +548,29 @@ def test_the_conversion_record_counts_samples_of_named_inputs_and_keeps_listed_d
     assert record["calibration"] == {"kind": "dict", "samples": 32}
     assert record["validation"] == {"kind": "dict", "samples": 8}
     assert record["input_dtypes"] == ["int64"]
+
+
+def test_dense_model_destroyed_by_int8_recovers_compressed_on_ort_and_tflite(
+        fashion_torch_cnn: Any, fashion_test: tuple, fashion_calibration: np.ndarray, tmp_path: Path) -> None:
+    """Issue 14: plain int8 cosine < 0.5 on ONNX Runtime and TFLite, refused; ``--min-cosine 0.95`` recovers an
+    int8 artifact (the outlier-fed conv and its feeder in float) at under half the fp32 size on both."""
+    pytest.importorskip("litert_torch")
+    from edge_sdk.converters.pipeline import convert
+
+    torch.set_num_threads(1)
+    x, _ = fashion_test
+    bundle = convert(make_fragile_embedding(fashion_torch_cnn), out=tmp_path / "b", to="onnx,tflite",
+                     precision="fp32,int8", ort=False, calib=fashion_calibration[:200], val=x[:300],
+                     input_shape=(1, 1, 28, 28), quiet=True, budget=AccuracyBudget(min_cosine=0.95, speed_check=False))
+    arts = {a.key: a for a in bundle.artifacts}
+    for fmt in ("onnx", "tflite"):
+        art, fp32 = arts[f"{fmt}/int8"], arts[f"{fmt}/fp32"]
+        record = art.validation.checks["accuracy_budget"]
+        plain = record["steps"][0]
+        plain_cos = float(plain["metric"].split("cosine ")[1].split()[0])
+        print(f"{fmt}: plain int8 cosine {plain_cos:.3f} -> {record['kept']} cosine {art.validation.cosine:.4f}, "
+              f"{art.size_bytes / fp32.size_bytes:.2f}x fp32 size")
+        assert plain["name"] == "int8" and plain["passed"] is False and plain_cos < 0.5, plain
+        assert record["kept"].startswith("mixed:") or record["kept"] == "int16-activations", record
+        assert art.precision == "int8" and art.validation.cosine >= 0.95
+        assert art.size_bytes <= 0.5 * fp32.size_bytes, (art.size_bytes, fp32.size_bytes)
