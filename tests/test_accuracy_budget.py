@@ -29,13 +29,19 @@ def make_fragile(model: Any) -> Any:
     and shift), and the first linear layer reads them /1000, so fp32 outputs are unchanged but a per-tensor
     activation range is set by the outliers and every other channel is rounded to a few levels."""
     m = copy.deepcopy(model).eval()
-    bn, fc = m.features[5], m.classifier[1]
+    fc = m.classifier[1]
+    _add_outliers(m.features[5], lambda c: fc.weight[:, c * 49:(c + 1) * 49])
+    return m
+
+
+def _add_outliers(bn: Any, reader: Any) -> None:
+    """Scale the OUTLIER_CHANNELS of ``bn`` by OUTLIER_FACTOR and divide what reads them (``reader(c)``, a view of
+    the consuming layer's weights) by it: the same function in fp32."""
     with torch.no_grad():
         for c in OUTLIER_CHANNELS:
             bn.weight[c] *= OUTLIER_FACTOR
             bn.bias[c] *= OUTLIER_FACTOR
-            fc.weight[:, c * 49:(c + 1) * 49] /= OUTLIER_FACTOR
-    return m
+            reader(c).div_(OUTLIER_FACTOR)
 
 
 def make_fragile_embedding(model: Any) -> Any:
@@ -44,12 +50,8 @@ def make_fragile_embedding(model: Any) -> Any:
     rounds the other 28 channels to nothing), then a 64 -> 128 conv (seeded) whose 6272 values are the output —
     the bulk of the weights, so an int8 model that keeps the two small convs in float is still compressed."""
     m = copy.deepcopy(model).eval()
-    bn, conv = m.features[1], m.features[4]
-    with torch.no_grad():
-        for c in OUTLIER_CHANNELS:
-            bn.weight[c] *= OUTLIER_FACTOR
-            bn.bias[c] *= OUTLIER_FACTOR
-            conv.weight[:, c] /= OUTLIER_FACTOR
+    conv = m.features[4]
+    _add_outliers(m.features[1], lambda c: conv.weight[:, c])
     torch.manual_seed(0)
     m.features.append(torch.nn.Conv2d(64, 128, 3, padding=1))
     m.classifier = torch.nn.Flatten()
