@@ -172,10 +172,12 @@ class LadderStep:
     """One rung of the accuracy-budget fallback ladder a converter offers (converters/accuracy_budget.py runs it).
 
     ``options``: ConvertOptions fields / ``extra`` entries the rung sets; ``precision``: what it produces (fp16
-    for the last rung); ``mixed``: a recipe name ("onnx" | "openvino") that expands the rung into ``mixed:kN``
-    rungs keeping the N most sensitive layers in float; ``not_offered``: why the rung does not apply (reported,
-    not tried); ``unless``: ``extra`` values that make the rung pointless (it is skipped); ``qat``: the rung
-    converts a quantization-aware fine-tuned copy of a PyTorch source (converters/qat.py) instead of the source.
+    for the last rung); ``mixed``: a recipe name ("onnx" | "openvino" | "tflite") that expands the rung into
+    ``mixed:kN`` rungs keeping the N most sensitive layers in float; ``not_offered``: why the rung does not apply
+    (reported, not tried); ``unless``: ``extra`` values that make the rung pointless (it is skipped); ``qat``: the rung
+    converts a quantization-aware fine-tuned copy of a PyTorch source (converters/qat.py) instead of the source;
+    ``best_calibration``: the rung also takes the options of the ``calibration:*`` rung that measured best before
+    it (none when plain int8 measured better).
     """
 
     name: str
@@ -185,6 +187,7 @@ class LadderStep:
     not_offered: str = ""
     unless: tuple[tuple[str, Any], ...] = ()
     qat: bool = False
+    best_calibration: bool = False
 
 
 @dataclass(frozen=True)

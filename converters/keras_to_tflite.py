@@ -191,7 +191,7 @@ class TFLiteConverter:
     precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
     budget_ladder = (  # accuracy-budget rungs (converters/accuracy_budget.py)
         LadderStep("calibration:minmax-mean", _MINMAX_MEAN_BC),
-        LadderStep("mixed", _MINMAX_MEAN_BC, mixed="tflite"),
+        LadderStep("mixed", mixed="tflite", best_calibration=True),
         LadderStep("int16-activations", (("tflite_activation_bits", 16),)),
         LadderStep("qat", qat=True),
         LadderStep("fp16", precision=Precision.FP16),

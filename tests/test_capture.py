@@ -373,7 +373,8 @@ def test_collector_down_nothing_lost_cap_held_uploads_resume(bundle_dir: Path, t
         r.current_agent().feedback(p.id, 6)
         _wait(lambda: db.query("SELECT label FROM samples WHERE sha256 = ?", (_sha(late),))[0]["label"] == 6,
               30, "the label update")
-        assert r.capture.stats()["labels_sent"] == 1
+        # the collector stores the label before the device reads its answer and counts it
+        _wait(lambda: r.capture.stats()["labels_sent"] == 1, 10, "the device to count the label it sent")
     finally:
         r.stop()
         if http_ is not None:

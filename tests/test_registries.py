@@ -143,7 +143,7 @@ def test_converter_capabilities_are_well_formed() -> None:
     for conv in convs:
         ladder = budget_ladder_of(conv)
         assert all(isinstance(s, LadderStep) for s in ladder), conv
-        assert all(s.mixed in ("", "onnx", "openvino") for s in ladder), conv
+        assert all(s.mixed in ("", "onnx", "openvino", "tflite") for s in ladder), conv
         if ladder:
             assert ladder[-1].name == "fp16" and ladder[-1].precision is Precision.FP16
             assert [s.name for s in ladder if s.qat] == ["qat"] and ladder[-2].qat, conv  # the last int8 rung
