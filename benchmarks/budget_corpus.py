@@ -38,6 +38,9 @@ Measured 2026-12-07 (2-core shared x86 host, 1 thread; bundles under /tmp/b14):
    90.0% and 92.0 / 93.0 / 91.0% (tflite / onnx / openvino); no int8 rung reaches 95% fast enough (ppocr-cls
    ONNX ``mixed:k2`` fits at 95.0% but 2.1x slower), so fp16 is kept everywhere (99.5-100%, 0.51-0.72x size).
    Plain int8 is slower than fp32 on ONNX Runtime for both (4.0x, 2.2x) and on TFLite for ppocr-cls (3.7x).
+   Re-measured after the mixed ranking moved to output error (VNNI CPU): crepe-tiny OpenVINO ``mixed:k4`` 96.0% at
+   0.39x size, 1.00x latency; ONNX ``mixed:k4`` 95.5% at 0.61x size, 1.09x latency; ppocr-cls ONNX ``mixed:k2`` /
+   ``k8`` 95.5 / 96.5% but 1.9x / 6.0x slower, fp16 kept; TFLite fp16 for both.
 """
 
 from __future__ import annotations
