@@ -66,7 +66,7 @@ _QAT = "_qat"  # marker in a rung's options: the sub-context converts the fine-t
 #: marker in the options of a mixed rung whose LadderStep has ``best_calibration``: use the options of the best
 #: ``calibration:*`` step measured before it (none when plain int8 measured better). TFLite's minmax-mean + bias
 #: correction: MobileNetV2 85.4% -> 90.0%, but crepe-tiny 84.0% -> 56.0%
-INHERITS_CALIBRATION = "_inherits_calibration"
+_BEST_CALIBRATION = "_best_calibration"
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ class BudgetLadder:
             if any(str(extra.get(k, "")).strip().lower() == str(v) for k, v in rung.unless):
                 continue
             if rung.mixed:
-                inherit = {INHERITS_CALIBRATION: True} if rung.best_calibration else {}
+                inherit = {_BEST_CALIBRATION: True} if rung.best_calibration else {}
                 steps.extend((name, {**dict(rung.options), **opts, **inherit}, rung.precision, nodes, "")
                               for name, opts, nodes in self._mixed(rung.mixed))
             elif rung.qat:
@@ -366,9 +366,9 @@ class BudgetLadder:
         calibration: tuple[float, dict[str, Any]] = (self.budget.figure(v), {})  # the best so far: plain int8
         if kept is None:
             for name, extra, precision, nodes, not_offered in self._steps(conv):
-                if name.startswith("mixed:") and INHERITS_CALIBRATION in extra:
+                if name.startswith("mixed:") and _BEST_CALIBRATION in extra:
                     # layers in float on top of whichever calibration measured better (it differs per model)
-                    extra = {**calibration[1], **{k: v for k, v in extra.items() if k != INHERITS_CALIBRATION}}
+                    extra = {**calibration[1], **{k: v for k, v in extra.items() if k != _BEST_CALIBRATION}}
                 fkey = f"{fmt.value}/{precision.value}"
                 if not_offered:
                     steps.append(FallbackStep(name, None, detail="not offered: " + not_offered))
