@@ -391,8 +391,8 @@ class BudgetLadder:
                 step = FallbackStep(name, bool(s_ok and sv.passed), s_metric, _size(d), precision.value,
                                     "; ".join(sv.failures), nodes)
                 steps.append(step)
-                if name.startswith("calibration:") and self.budget.figure(sv) > calibration[0]:
-                    calibration = (self.budget.figure(sv), extra)
+                if name.startswith("calibration:") and (figure := self.budget.figure(sv)) > calibration[0]:
+                    calibration = (figure, extra)
                 if step.passed and fast_enough(d, sv, step):
                     kept = (d, sv, step)
                     break

@@ -190,12 +190,11 @@ def bias_correct(float_model: bytes, dataset: list[dict[str, np.ndarray]], key: 
         runner(**feed)
         for k, op in ops:
             try:
-                x = np.asarray(interp.get_tensor(int(op["inputs"][0])), np.float64)
+                x = interp.get_tensor(int(op["inputs"][0]))
             except ValueError:  # freed despite preserve_all_tensors: this layer is left as it is
                 continue
             if x.dtype.kind == "f" and x.ndim >= 1:
-                mean = x.reshape(-1, x.shape[-1]).mean(0)
-                sums[k] = sums.get(k, 0) + mean
+                sums[k] = sums.get(k, 0) + x.reshape(-1, x.shape[-1]).astype(np.float64).mean(0)
     n = max(1, min(samples, len(dataset)))
     m = fb.read_model_from_bytearray(bytearray(float_model))
     sg = m.subgraphs[0]
@@ -242,12 +241,12 @@ def _ops(path: Path) -> tuple[list[dict[str, Any]], dict[int, str], set[int]]:
     """(ops in execution order, tensor names by index, constant tensor indices) of a .tflite file."""
     litert = require("ai_edge_litert.interpreter", "tflite", "inspecting .tflite files")
     interp = litert.Interpreter(model_path=str(path))
-    details = interp.get_tensor_details()
-    names = {int(t["index"]): t["name"] for t in details}
+    names = {int(t["index"]): t["name"] for t in interp.get_tensor_details()}
     inputs = {int(d["index"]) for d in interp.get_input_details()}
-    produced = {int(i) for op in interp._get_ops_details() for i in op["outputs"]}  # the public API lists no ops
+    ops = list(interp._get_ops_details())  # the public API lists no ops
+    produced = {int(i) for op in ops for i in op["outputs"]}
     constants = {i for i in names if i not in produced and i not in inputs}
-    return list(interp._get_ops_details()), names, constants
+    return ops, names, constants
 
 
 def _scope(op: dict[str, Any], names: dict[int, str]) -> str:
@@ -255,16 +254,9 @@ def _scope(op: dict[str, Any], names: dict[int, str]) -> str:
     return "".join(f"{names[int(i)]};" for i in op["outputs"] if int(i) >= 0 and names.get(int(i)))
 
 
-def weighted_ops(path: Path) -> list[tuple[str, int]]:
-    """(op name, output channels) of every convolution / fully connected op of ``path``, in execution order."""
-    litert = require("ai_edge_litert.interpreter", "tflite", "inspecting .tflite files")
-    shapes = {int(t["index"]): tuple(t["shape"]) for t in litert.Interpreter(model_path=str(path)).get_tensor_details()}
-    out = []
-    for op in _ops(path)[0]:
-        if op["op_name"] in _WEIGHTED_OPS and len(op["outputs"]):
-            shape = shapes.get(int(op["outputs"][0]), ())
-            out.append((op["op_name"], int(shape[-1]) if shape else -1))
-    return out
+def weighted_ops(path: Path) -> list[str]:
+    """The op name of every convolution / fully connected op of ``path``, in execution order."""
+    return [op["op_name"] for op in _ops(path)[0] if op["op_name"] in _WEIGHTED_OPS]
 
 
 def float_scopes_for(path: Path, layers: list[int]) -> list[str]:
