@@ -259,24 +259,33 @@ class BudgetLadder:
             if rung.mixed:
                 inherit = {_BEST_CALIBRATION: True} if rung.best_calibration else {}
                 steps.extend((name, {**dict(rung.options), **opts, **inherit}, rung.precision, nodes, "")
-                              for name, opts, nodes in self._mixed(rung.mixed))
+                              for name, opts, nodes in self._mixed(rung.mixed, on_stem=any(
+                                  k.endswith("_float_stem") and v for k, v in rung.options)))
             elif rung.qat:
                 steps.append((rung.name, {**dict(rung.options), _QAT: True}, rung.precision, [],
                               rung.not_offered or self._qat_not_offered()))
             else:
-                steps.append((rung.name, dict(rung.options), rung.precision, [], rung.not_offered))
+                inherit = {_BEST_CALIBRATION: True} if rung.best_calibration else {}
+                steps.append((rung.name, {**dict(rung.options), **inherit}, rung.precision, [], rung.not_offered))
         return steps
 
-    def _mixed(self, recipe: str) -> list[tuple[str, dict[str, Any], list[str]]]:
+    def _mixed(self, recipe: str, on_stem: bool = False) -> list[tuple[str, dict[str, Any], list[str]]]:
         """``mixed:kN`` rungs: the N most sensitive layers in float, the options that say so for ``recipe``.
-        The rung's own ``options`` are added to each."""
-        from edge_sdk.converters.onnx_quantize import _quantizer
+        The rung's own ``options`` are added to each. ``on_stem``: the rung keeps the stem in float anyway, so N
+        counts the most sensitive layers outside it."""
+        from edge_sdk.converters.onnx_quantize import _quantizer, stem_layers
         from edge_sdk.converters.sensitivity import float_nodes_for
 
         if recipe not in _MIXED_RECIPES:
             raise EdgeSDKError(f"unknown mixed-precision recipe {recipe!r} in a converter's budget_ladder: use "
                                + " or ".join(_MIXED_RECIPES))
         ranked = self._ranking()
+        if on_stem and ranked:
+            from edge_sdk._deps import require
+
+            onnx = require("onnx", "onnx", "finding the stem of a model")
+            stem = set(stem_layers(onnx.load(str(self.ctx.onnx(Precision.FP32).path), load_external_data=False)))
+            ranked = [r for r in ranked if r.node not in stem]
         nncf_onnx = recipe == "onnx" and _quantizer(self.ctx.options) == "nncf"
         out: list[tuple[str, dict[str, Any], list[str]]] = []
         prev: list[str] = []
@@ -447,12 +456,16 @@ def method_of(d: ArtifactDraft, step: FallbackStep) -> str:
              ("nncf" if "nncf" in tv else d.format.value)]
     if "qat" in tv:
         parts.insert(0, "qat")
-    for k in ("onnx_weight_rounding", "openvino_weight_rounding", "onnx_calibration", "openvino_ranges",
-              "tflite_ranges"):
+    for k in ("onnx_weight_rounding", "openvino_weight_rounding", "tflite_weight_rounding", "onnx_calibration",
+              "openvino_ranges", "tflite_ranges"):
         if tv.get(k) and tv[k] != "nearest":
             parts.append(str(tv[k]).split(" (")[0])
-    if tv.get("tflite_bias_correction"):
+    if tv.get("tflite_bias_correction") or str(tv.get("onnx_bias_correction", "none")).split(" ")[0] != "none":
         parts.append("bias-correction")
+    if tv.get("onnx_float_stem"):
+        parts.append(f"stem in float ({tv['onnx_float_stem']})")
+    if tv.get("tflite_float_stem"):
+        parts.append(f"stem in float ({tv['tflite_float_stem']})")
     if step.float_nodes:
         parts.append(f"{len(step.float_nodes)} nodes in float")
     return " + ".join(parts) + f" [{step.name}]"

@@ -45,8 +45,8 @@ import numpy as np
 from edge_sdk._deps import require
 from edge_sdk.errors import ConversionError, first_line
 
-__all__ = ["QuantizeResult", "bias_correct", "float_io", "float_ops", "float_scopes_for", "quantize_tflite",
-           "weighted_ops"]
+__all__ = ["QuantizeResult", "bias_correct", "buffer_uses", "float_boundary", "float_io", "float_ops",
+           "float_scopes_for", "head_scopes", "layer_scopes", "quantize_tflite", "weighted_ops"]
 
 _RECIPES = {8: "a8w8", 16: "a16w8"}
 _BINS = 2048
@@ -167,6 +167,17 @@ def _narrow_ranges(float_model: bytes, qsvs: dict[str, Any], dataset: list[dict[
     return narrowed
 
 
+def buffer_uses(subgraph: Any) -> dict[int, int]:
+    """How many op inputs read each buffer of a flatbuffer ``subgraph`` object (a buffer read once can be
+    rewritten without touching another op)."""
+    uses: dict[int, int] = {}
+    for op in subgraph.operators:
+        for i in op.inputs:
+            if i >= 0:
+                uses[subgraph.tensors[i].buffer] = uses.get(subgraph.tensors[i].buffer, 0) + 1
+    return uses
+
+
 def bias_correct(float_model: bytes, dataset: list[dict[str, np.ndarray]], key: str,
                  samples: int = _BC_SAMPLES, keep_float: list[str] | tuple[str, ...] = ()) -> tuple[bytes, int]:
     """Fast bias correction (as NNCF does by default): the fp32 model with each convolution / fully connected
@@ -198,11 +209,7 @@ def bias_correct(float_model: bytes, dataset: list[dict[str, np.ndarray]], key: 
     n = max(1, min(samples, len(dataset)))
     m = fb.read_model_from_bytearray(bytearray(float_model))
     sg = m.subgraphs[0]
-    uses: dict[int, int] = {}
-    for op in sg.operators:
-        for i in op.inputs:
-            if i >= 0:
-                uses[sg.tensors[i].buffer] = uses.get(sg.tensors[i].buffer, 0) + 1
+    uses = buffer_uses(sg)
     done = 0
     for k, op in ops:
         fop = sg.operators[k] if k < len(sg.operators) else None
@@ -259,6 +266,13 @@ def weighted_ops(path: Path) -> list[str]:
     return [op["op_name"] for op in _ops(path)[0] if op["op_name"] in _WEIGHTED_OPS]
 
 
+def layer_scopes(path: Path, layers: list[int]) -> list[str]:
+    """Scopes of the weighted ops ``layers`` (indices into :func:`weighted_ops`) themselves."""
+    ops, names, _ = _ops(path)
+    weighted = [k for k, op in enumerate(ops) if op["op_name"] in _WEIGHTED_OPS]
+    return [_scope(ops[weighted[i]], names) for i in layers]
+
+
 def float_scopes_for(path: Path, layers: list[int]) -> list[str]:
     """Scopes of the ops to keep in float so that the weighted ops ``layers`` (indices into :func:`weighted_ops`)
     compute in float on a float input: each of them, the ops between it and the weighted op(s) feeding it, and those
@@ -283,15 +297,84 @@ def float_scopes_for(path: Path, layers: list[int]) -> list[str]:
     return [sc for sc in dict.fromkeys(_scope(ops[k], names) for k in keep) if sc]
 
 
+_HEAD_PASS = frozenset({"RESHAPE", "SOFTMAX", "LOGISTIC", "TRANSPOSE", "SQUEEZE", "DEQUANTIZE", "QUANTIZE"})
+
+
+def head_scopes(path: Path) -> tuple[list[str], list[str]]:
+    """(weighted op scopes, other op scopes) of the model's head: each weighted op whose output reaches a graph
+    output through reshapes / softmax / sigmoid only, and those ops. Computing them in float keeps the outputs
+    (e.g. classifier logits) from being rounded to 256 levels, which flips near-tied top-1 decisions."""
+    ops, names, _ = _ops(path)
+    litert = require("ai_edge_litert.interpreter", "tflite", "inspecting .tflite files")
+    outs = [int(d["index"]) for d in litert.Interpreter(model_path=str(path)).get_output_details()]
+    producer = {int(i): k for k, op in enumerate(ops) for i in op["outputs"]}
+    weighted: list[int] = []
+    passing: list[int] = []
+    for t in outs:
+        chain: list[int] = []
+        k = producer.get(t)
+        while k is not None and ops[k]["op_name"] in _HEAD_PASS:
+            chain.append(k)
+            k = producer.get(int(ops[k]["inputs"][0]))
+        if k is not None and ops[k]["op_name"] in _WEIGHTED_OPS:
+            weighted.append(k)
+            passing.extend(chain)
+    return ([sc for sc in dict.fromkeys(_scope(ops[k], names) for k in weighted) if sc],
+            [sc for sc in dict.fromkeys(_scope(ops[k], names) for k in passing) if sc])
+
+
+def float_boundary(model: bytes) -> bytes:
+    """``model`` with float32 inputs / outputs where the graph computes in float at its boundary: an integer input
+    read only by a DEQUANTIZE becomes that DEQUANTIZE's float output, an integer output written by a QUANTIZE of a
+    float tensor becomes that float tensor (the pair would only round the input / output to 8 bits)."""
+    fb = require("ai_edge_litert.tools.flatbuffer_utils", "tflite", "editing .tflite files")
+    m = fb.read_model_from_bytearray(bytearray(model))
+    sg = m.subgraphs[0]
+    codes = [max(oc.builtinCode, oc.deprecatedBuiltinCode) for oc in m.operatorCodes]
+    quantize, dequantize = 114, 6  # BuiltinOperator.QUANTIZE, DEQUANTIZE
+    readers: dict[int, list[Any]] = {}
+    for op in sg.operators:
+        for i in op.inputs:
+            readers.setdefault(int(i), []).append(op)
+    remap: dict[int, int] = {}
+    drop: list[Any] = []
+    for pos, idx in enumerate(list(sg.inputs)):
+        ops = readers.get(int(idx), [])
+        if len(ops) == 1 and codes[ops[0].opcodeIndex] == dequantize and idx not in sg.outputs:
+            remap[int(idx)] = int(ops[0].outputs[0])
+            sg.inputs[pos] = ops[0].outputs[0]
+            drop.append(ops[0])
+    writer = {int(o): op for op in sg.operators for o in op.outputs}
+    for pos, idx in enumerate(list(sg.outputs)):
+        op = writer.get(int(idx))
+        if op is not None and codes[op.opcodeIndex] == quantize and len(readers.get(int(idx), [])) == 0 \
+                and sg.tensors[op.inputs[0]].type == 0:  # 0 = FLOAT32
+            remap[int(idx)] = int(op.inputs[0])
+            sg.outputs[pos] = op.inputs[0]
+            drop.append(op)
+    if not drop:
+        return model
+    sg.operators = [op for op in sg.operators if all(op is not d for d in drop)]
+    for sig in m.signatureDefs or []:
+        for tm in [*(sig.inputs or []), *(sig.outputs or [])]:
+            tm.tensorIndex = remap.get(tm.tensorIndex, tm.tensorIndex)
+    return bytes(fb.convert_object_to_bytearray(m))
+
+
 def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], source_inputs: list[str], *,
                     activation_bits: int = 8, int8_io: bool = True, threads: int = 1,
                     float_scopes: list[str] | tuple[str, ...] = (), ranges: str = "histogram",
-                    bias_correction: bool = False) -> QuantizeResult:
+                    bias_correction: bool = False, weight_only_scopes: list[str] | tuple[str, ...] = (),
+                    float_edges: bool = False, full_bias_correction_against: Path | None = None) -> QuantizeResult:
     """Quantize the fp32 ``float_path`` into ``out`` (a fully integer graph) with the AI Edge Quantizer.
 
     ``arrays``: calibration samples per source input (N, ...), batch-1 rows; ``activation_bits``: 8 (int8
     static) or 16 (int16 activations, int8 weights); ``float_scopes``: ops (their quantizer scopes,
-    :func:`float_scopes_for`) left in float, the mixed-precision rung of the accuracy budget. Raises
+    :func:`float_scopes_for`) left in float, the mixed-precision rung of the accuracy budget;
+    ``weight_only_scopes``: ops computed in float from int8 weights (:func:`head_scopes`); ``float_edges``: float
+    inputs / outputs where the graph's boundary ops compute in float (:func:`float_boundary`);
+    ``full_bias_correction_against``: the fp32 .tflite the int8 biases are corrected against, measured on the
+    int8 model (converters/tflite_bias_correction.py). Raises
     ConversionError (one line) when the quantizer fails, so callers can fall back to their own int8 path and
     record why.
     """
@@ -316,12 +399,14 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
         if bias_correction:
             float_model, corrected = bias_correct(float_model, data[key], key, keep_float=float_scopes)
         rec = recipe.static_wi8_ai16() if activation_bits == 16 else recipe.static_wi8_ai8()
-        if float_scopes:
+        if float_scopes or weight_only_scopes:
             manager = require("ai_edge_quantizer.recipe_manager", "tflite", "full-integer TFLite quantization")
             rm = manager.RecipeManager()
             rm.load_quantization_recipe(rec)
             for sc in float_scopes:  # the last matching entry wins: these come after the ".*" one
                 rm.add_quantization_config(f"^{re.escape(sc)}$", "*", None, "no_quantize")
+            for sc in weight_only_scopes:
+                rm.add_weight_only_config(f"^{re.escape(sc)}$", "*", 8)
             rec = rm.get_quantization_recipe()
         q = aeq.Quantizer(float_model, rec)
         # quiet: the quantizer prints tqdm bars and a size report; keep the CLI output ours
@@ -337,15 +422,33 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
         raise ConversionError(f"the AI Edge Quantizer could not quantize the model ({type(exc).__name__}: "
                               f"{first_line(exc, 200)})") from None
     model = bytes(result.quantized_model)
+    full = ""
+    if full_bias_correction_against is not None:
+        from edge_sdk.converters.tflite_bias_correction import full_bias_correction
+
+        try:
+            reference = Path(full_bias_correction_against).read_bytes()
+            if not litert.Interpreter(model_content=reference).get_signature_list():
+                reference = _with_signature(reference)
+            model, kept, tried = full_bias_correction(model, reference, key, data[key])
+        except Exception as exc:  # the interpreter's own errors: the uncorrected model is kept, and said so
+            full = f"; full bias correction failed ({first_line(exc, 120)})"
+        else:
+            full = f"; biases of {kept} of {tried} int8 layers corrected on the int8 model"
     io_bits = "int16" if activation_bits == 16 else "int8"
     # the quantizer stores weights after the flatbuffer (buffer offsets); tools that re-serialize a model (the
     # TFLite metadata writer) break those offsets, so the file is repacked with inline buffers
+    if float_edges:
+        model = float_boundary(model)
     out.write_bytes(float_io(model) if not int8_io else _repack(model))
     res = QuantizeResult(_RECIPES[activation_bits], n, _RANGES[ranges], narrowed)
     what = "int16 activations, int8 per-channel weights" if activation_bits == 16 else \
         "int8 activations, int8 per-channel weights"
     if float_scopes:
         what += f"; {len(float_scopes)} ops kept in float"
+    if weight_only_scopes:
+        what += f"; {len(weight_only_scopes)} ops computed in float from int8 weights"
+    what += full
     if bias_correction:
         what += f"; biases of {corrected} layers corrected for the int8 weights' mean error"
     res.notes.append(f"AI Edge Quantizer static {_RECIPES[activation_bits]} ({what}), calibrated on {n} samples "

@@ -131,6 +131,20 @@ class _Layer:
         q, scale = gptq_round(self.rows(), self.h, damp, qmax)
         return self.back(q * scale[..., None])
 
+    def nearest_error(self, qmax: int = QMAX) -> float:
+        """Squared error of this layer's output on the calibration inputs with its weights rounded to the nearest
+        int8 level (per row, symmetric), relative to its output: ``tr(dW H dW^T) / tr(W H W^T)``. Nearest, not GPTQ:
+        with fewer samples than inputs GPTQ fits the samples' subspace and its error there says nothing."""
+        if self.h is None:
+            return float("nan")
+        w = self.rows().astype(np.float64)
+        scale = np.abs(w).max(axis=2, keepdims=True) / qmax
+        scale[scale == 0] = 1.0
+        d = np.clip(np.round(w / scale), -qmax, qmax) * scale - w
+        num = float(np.einsum("gri,gij,grj->", d, self.h, d, optimize=True))
+        den = float(np.einsum("gri,gij,grj->", w, self.h, w, optimize=True))
+        return num / den if den > 0 else float("nan")
+
 
 def _accumulate(layers: dict[str, _Layer], inputs: dict[str, list[str]], run: Callable[[list[np.ndarray]], dict],
                 samples: SampleSet, max_samples: int) -> list[str]:
@@ -155,12 +169,14 @@ def _attr(node: Any, name: str, default: Any) -> Any:
 
 
 def gptq_onnx(fp32_path: Path, out_path: Path, samples: SampleSet, input_names: list[str], *,
-              max_samples: int = 32, damp: float = 0.01, qmax: int = QMAX) -> dict[str, str]:
+              max_samples: int = 32, damp: float = 0.01, qmax: int = QMAX,
+              errors: dict[str, float] | None = None) -> dict[str, str]:
     """Write ``out_path``: ``fp32_path`` with every Conv/Gemm/MatMul weight rounded by GPTQ onto its int8 grid
     (levels -``qmax``..``qmax``; 64 for 7-bit ``reduce_range`` weights).
 
     Layers it cannot analyse (dilated, auto-padded or 3-D convolutions, non-constant weights, huge inputs) keep
-    their weights. Returns what it did, for the manifest.
+    their weights. Returns what it did, for the manifest; ``errors`` (when given) receives each rounded layer's
+    relative output error with nearest int8 rounding (:meth:`_Layer.nearest_error`) by node name.
     """
     onnx = require("onnx", "onnx", "GPTQ weight rounding")
     numpy_helper = require("onnx.numpy_helper", "onnx", "GPTQ weight rounding")
@@ -218,7 +234,10 @@ def gptq_onnx(fp32_path: Path, out_path: Path, samples: SampleSet, input_names: 
     skipped = _accumulate(layers, inputs, run, samples, max_samples)
     for name, layer in layers.items():
         node_w = next(n.input[1] for n in model.graph.node if n.name == name)
-        inits[node_w].CopyFrom(numpy_helper.from_array(layer.rounded(damp, qmax), node_w))
+        rounded = layer.rounded(damp, qmax)
+        if errors is not None and layer.h is not None:
+            errors[name] = layer.nearest_error(qmax)
+        inits[node_w].CopyFrom(numpy_helper.from_array(rounded, node_w))
     onnx.save_model(model, str(out_path))
     done = len(layers) - len(skipped)
     return {"onnx_weight_rounding": f"gptq ({done} layers, {min(max_samples, len(samples))} samples, levels +-{qmax}"

@@ -157,7 +157,8 @@ def test_converter_capabilities_are_well_formed() -> None:
     assert not needs_calibration(byname["TFLiteToTFLite"], Precision.INT8)
     # the ladders the formats had before they moved onto the converters
     assert [s.name for s in budget_ladder_of(byname["TorchToOnnx"])] == [
-        "calibration:ort-minmax-mean", "calibration:percentile", "mixed", "int16-activations", "qat", "fp16"]
+        "calibration:ort-minmax-mean", "calibration:percentile", "mixed:stem", "mixed", "int16-activations", "qat",
+        "fp16"]
     assert budget_ladder_of(byname["OnnxToOrt"]) == budget_ladder_of(byname["TorchToOnnx"])
     assert [s.name for s in budget_ladder_of(byname["OnnxToOpenVINO"])][:2] == ["calibration:mean-quantile", "mixed"]
     assert budget_ladder_of(byname["KerasToCoreML"]) == ()
