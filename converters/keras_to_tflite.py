@@ -10,7 +10,11 @@ PyTorch default; Keras and ONNX keep their own full-integer paths unless asked, 
 ``extra["tflite_activation_bits"] = 16`` for int16 activations / int8 weights (the accuracy budget's
 ``int16-activations`` rung), ``extra["tflite_ranges"] = "minmax-mean"`` with ``extra["tflite_bias_correction"]``
 (the ``calibration:minmax-mean`` rung) and ``extra["tflite_float_layers"]`` (``["i/N", ...]``: weighted layers by
-graph position, kept in float with the ops feeding them — the ``mixed:kN`` rungs).
+graph position, kept in float with the ops feeding them — the ``mixed:kN`` rungs). The ``mixed:stem`` rung sets
+``tflite_float_stem`` (the stem in float, float inputs), ``tflite_float_head`` (the output layer computes in float
+from int8 weights, float outputs), ``tflite_weight_rounding = "gptq"`` (GPTQ integers from the ONNX export,
+converters/tflite_weight_rounding.py) and ``tflite_full_bias_correction`` (converters/tflite_bias_correction.py);
+the ``mixed:kN`` rungs add ``tflite_float_layer_weights = "int8"`` on top of it.
 
 Only LiteRT builtin ops are allowed: a model needing Flex (select TensorFlow) ops cannot run on the plain
 LiteRT runtime, so it is rejected with the op names. The helpers :func:`tflite_summary` and
@@ -277,6 +281,7 @@ class TFLiteConverter:
         out = ctx.path_for(Format.TFLITE, Precision.INT8, ".tflite")
         stem_entries: list[str] = []
         heads: list[str] = []
+        light_scopes: list[str] = []
         rounded = ""
         try:
             perms = fp32.runtime.get("input_permutations") or [None] * len(samples.arrays)  # onnx2tf: NCHW -> NHWC
@@ -306,11 +311,12 @@ class TFLiteConverter:
             elif candidates:
                 raise ConversionError("tflite_float_layer_weights 'int8' needs tflite_weight_rounding 'gptq' (its "
                                       "error measure decides which layers can take int8 weights)")
-            heads += [sc for sc in layer_scopes(fp32.path, light) if sc not in heads]
-            scopes = [sc for sc in scopes if sc not in heads]
+            light_scopes = [sc for sc in layer_scopes(fp32.path, light) if sc not in heads]
+            scopes = [sc for sc in scopes if sc not in heads and sc not in light_scopes]
             res = quantize_tflite(source, out, arrays, list(ctx.source.input_names), activation_bits=bits,
                                   int8_io=bool(ctx.options.tflite_int8_io), float_scopes=scopes, ranges=ranges,
-                                  bias_correction=bc, weight_only_scopes=heads, float_edges=stem or head,
+                                  bias_correction=bc, weight_only_scopes=heads + light_scopes,
+                                  float_edges=stem or head,
                                   full_bias_correction_against=fp32.path if full_bc else None)
             left = float_ops(out)
             if left and not (mixed or heads):
@@ -341,6 +347,8 @@ class TFLiteConverter:
             draft.tool_versions["tflite_float_stem"] = f"{len(stem_entries)} layers"
         if heads:
             draft.tool_versions["tflite_float_head"] = f"{len(heads)} layers (int8 weights, float compute)"
+        if light_scopes:
+            draft.tool_versions["tflite_float_layer_weights"] = f"int8 for {len(light_scopes)} of the float layers"
         if mixed:
             draft.tool_versions["tflite_float_layers"] = ",".join(map(str, mixed))
             draft.notes.append(f"kept in float: {len(mixed)} weighted layers and the ops feeding them "
