@@ -140,19 +140,20 @@ def stem_layers(model: Any) -> list[str]:
     for node in graph.node:
         for x in node.input:
             readers.setdefault(x, []).append(node)
+    outputs = {o.name for o in graph.output}
     cap = max(1, weighted // 4)
     found: list[str] = []
     tensor = inputs[0]
     while len(found) < cap:
         nxt = readers.get(tensor, [])
-        if len(nxt) != 1 or tensor in {o.name for o in graph.output}:
+        if len(nxt) != 1 or tensor in outputs:
             break
         node = nxt[0]
         if sum(1 for x in node.input if x and x not in consts) != 1:
             break
         if node.op_type in _WEIGHTED_OPS and node.name:
             found.append(node.name)
-        live = [o for o in node.output if o in readers or o in {g.name for g in graph.output}]
+        live = [o for o in node.output if o in readers or o in outputs]
         if len(live) != 1:
             break
         tensor = live[0]

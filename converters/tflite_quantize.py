@@ -328,10 +328,11 @@ def float_boundary(model: bytes) -> bytes:
     read only by a DEQUANTIZE becomes that DEQUANTIZE's float output, an integer output written by a QUANTIZE of a
     float tensor becomes that float tensor (the pair would only round the input / output to 8 bits)."""
     fb = require("ai_edge_litert.tools.flatbuffer_utils", "tflite", "editing .tflite files")
+    schema = require("ai_edge_litert.schema_py_generated", "tflite", "editing .tflite files")
     m = fb.read_model_from_bytearray(bytearray(model))
     sg = m.subgraphs[0]
     codes = [max(oc.builtinCode, oc.deprecatedBuiltinCode) for oc in m.operatorCodes]
-    quantize, dequantize = 114, 6  # BuiltinOperator.QUANTIZE, DEQUANTIZE
+    quantize, dequantize = schema.BuiltinOperator.QUANTIZE, schema.BuiltinOperator.DEQUANTIZE
     readers: dict[int, list[Any]] = {}
     for op in sg.operators:
         for i in op.inputs:
@@ -348,7 +349,7 @@ def float_boundary(model: bytes) -> bytes:
     for pos, idx in enumerate(list(sg.outputs)):
         op = writer.get(int(idx))
         if op is not None and codes[op.opcodeIndex] == quantize and len(readers.get(int(idx), [])) == 0 \
-                and sg.tensors[op.inputs[0]].type == 0:  # 0 = FLOAT32
+                and sg.tensors[op.inputs[0]].type == schema.TensorType.FLOAT32:
             remap[int(idx)] = int(op.inputs[0])
             sg.outputs[pos] = op.inputs[0]
             drop.append(op)
