@@ -188,14 +188,19 @@ def test_tflite_ladder_rungs() -> None:
     for fw in (Framework.PYTORCH, Framework.KERAS, Framework.ONNX):
         conv = get_converter(fw, Format.TFLITE)
         ladder = budget_ladder_of(conv)
-        assert [r.name for r in ladder] == ["calibration:minmax-mean", "mixed", "int16-activations", "qat", "fp16"]
+        assert [r.name for r in ladder] == ["calibration:minmax-mean", "mixed:stem", "mixed", "int16-activations",
+                                            "qat", "fp16"]
         nncf_like = {"tflite_quantizer": "aeq", "tflite_ranges": "minmax-mean", "tflite_bias_correction": True}
         assert dict(ladder[0].options) == nncf_like
-        assert ladder[1].mixed == "tflite" and ladder[1].best_calibration and not ladder[1].options
-        assert dict(ladder[2].options) == {"tflite_activation_bits": 16} and not ladder[2].not_offered
+        stem = {"tflite_quantizer": "aeq", "tflite_float_stem": True, "tflite_float_head": True,
+                "tflite_weight_rounding": "gptq", "tflite_full_bias_correction": True}
+        assert dict(ladder[1].options) == stem and ladder[1].best_calibration and not ladder[1].mixed
+        assert ladder[2].mixed == "tflite" and ladder[2].best_calibration  # the mixed:kN rungs build on the stem
+        assert dict(ladder[2].options) == {**stem, "tflite_float_layer_weights": "int8"}
+        assert dict(ladder[3].options) == {"tflite_activation_bits": 16} and not ladder[3].not_offered
         assert {s.name for s in extra_options_of(conv)} >= {"tflite_quantizer", "tflite_activation_bits",
                                                            "tflite_ranges", "tflite_float_layers",
-                                                           "tflite_bias_correction"}
+                                                           "tflite_bias_correction", *stem}
 
 
 def test_torch_int8_minmax_mean_ranges(residual_data: dict, tmp_path: Path) -> None:
