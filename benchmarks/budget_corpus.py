@@ -41,6 +41,9 @@ Measured 2026-12-07 (2-core shared x86 host, 1 thread; bundles under /tmp/b14):
    Re-measured after the mixed ranking moved to output error (VNNI CPU): crepe-tiny OpenVINO ``mixed:k4`` 96.0% at
    0.39x size, 1.00x latency; ONNX ``mixed:k4`` 95.5% at 0.61x size, 1.09x latency; ppocr-cls ONNX ``mixed:k2`` /
    ``k8`` 95.5 / 96.5% but 1.9x / 6.0x slower, fp16 kept; TFLite fp16 for both.
+   With the ``mixed:stem`` rungs (``--targets onnx,tflite``, same CPU): crepe-tiny TFLite ``mixed:k2`` 97.0% at 0.36x
+   size, 0.94x latency (kept; plain int8 is 0.94x too); ONNX still fp16 (``mixed:stem`` 55.0%: ORT's own quantizer
+   loses crepe); ppocr-cls fp16 on both (TFLite ``mixed:k2`` 95.0% but 3.5x slower).
 """
 
 from __future__ import annotations
