@@ -340,11 +340,14 @@ class Rollout:
         summary = ", ".join(f"{k} {c['value']:.4g} (limit {c['limit']:.4g})" for k, c in checks.items()) or \
             "no reference to compare with"
         if stage + 1 >= len(stages):
-            self._set(dep["id"], state="completed", finished_at=now, reason="all stages healthy")
+            with self.db.transaction():  # the final state and the decision that explains it, seen together
+                decision = self._record(dep["id"], now, stage, "complete", figures,
+                                        f"healthy at {stages[stage]}%: {summary}")
+                self._set(dep["id"], state="completed", finished_at=now, reason="all stages healthy")
             self.registry.set_state(dep["name"], dep["version"], "active",
                                     f"deployment {dep['id']} completed in fleet {dep['fleet']}",
                                     figures={"deployment_id": dep["id"]})
-            return self._record(dep["id"], now, stage, "complete", figures, f"healthy at {stages[stage]}%: {summary}")
+            return decision
         self._set(dep["id"], stage_index=stage + 1, stage_started_at=now, next_check_at=now + hold)
         decision = self._record(dep["id"], now, stage, "advance", figures,
                                 f"healthy at {stages[stage]}%, advancing to {stages[stage + 1]}%: {summary}")
@@ -384,8 +387,10 @@ class Rollout:
                         (*cols.values(), dep_id))
 
     def _halt(self, dep: dict[str, Any], now: float, figures: dict[str, Any], reason: str) -> Decision:
-        self._set(dep["id"], state="halted", finished_at=now, reason=reason)
-        return self._record(dep["id"], now, int(dep["stage_index"]), "halt", figures, reason)
+        with self.db.transaction():  # the final state and the decision that explains it, seen together
+            decision = self._record(dep["id"], now, int(dep["stage_index"]), "halt", figures, reason)
+            self._set(dep["id"], state="halted", finished_at=now, reason=reason)
+        return decision
 
     # ---- rollback ---------------------------------------------------------------------------------------------
 
@@ -436,16 +441,18 @@ class Rollout:
                             (now, dep["id"], device))
         figures = {**figures, "rolled_back_devices": [r["device"] for r in targets],
                    "authorisation": auth["statement"]["id"] if auth else None}
-        self._set(dep["id"], state="rolled_back", finished_at=now, reason=reason)
+        with self.db.transaction():  # the final state and the decision that explains it, seen together
+            decision = self._record(dep["id"], now, int(dep["stage_index"]), "rollback", figures,
+                                    f"{reason}; {len(targets)} device(s) sent back to "
+                                    f"{dep['previous_version'] or 'their previous model'}")
+            self._set(dep["id"], state="rolled_back", finished_at=now, reason=reason)
         rec = self.registry.get(dep["name"], dep["version"])
         if rec is not None and rec.state in ("canary", "active"):
             self.registry.set_state(dep["name"], dep["version"], "retired", f"deployment {dep['id']} rolled back: "
                                     f"{reason}", figures={"deployment_id": dep["id"]})
         if prev is not None and prev.state != "active":
             self.registry.activate(dep["name"], prev.version, f"restored by rollback of deployment {dep['id']}")
-        return self._record(dep["id"], now, int(dep["stage_index"]), "rollback", figures,
-                            f"{reason}; {len(targets)} device(s) sent back to "
-                            f"{dep['previous_version'] or 'their previous model'}")
+        return decision
 
     def rollback(self, name: str, fleet: str, *, reason: str = "rolled back by hand",
                  now: float | None = None) -> Decision:
