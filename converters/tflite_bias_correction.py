@@ -1,10 +1,10 @@
 """Bias correction measured on the int8 ``.tflite`` itself (NNCF's "full" bias correction, for the AI Edge
 Quantizer's output), guarded by the model's outputs.
 
-For each int8 convolution / fully connected op with an int32 bias, in execution order, the mean of its output per
-channel over the calibration samples (the int8 model with the ops before it already corrected, dequantized) is
-compared with the same op's mean in the fp32 ``.tflite``, and the difference is added to the int32 bias
-(``round(shift / bias scale)``). The corrected model is kept only if its outputs moved closer to fp32 on the same
+For each int8 convolution / fully connected op with an int32 bias, in execution order, the mean of its output (after
+any fused activation) per channel over the calibration samples (the int8 model with the ops before it already
+corrected, dequantized) is compared with the same op's mean in the fp32 ``.tflite``, and the difference is added
+to the int32 bias (``round(shift / bias scale)``). The corrected model is kept only if its outputs moved closer to fp32 on the same
 samples (normalised squared error); otherwise that op keeps its bias. The fast bias correction of
 converters/tflite_quantize.py (:func:`~edge_sdk.converters.tflite_quantize.bias_correct`) corrects only the
 weights' rounding, predicted before quantization; this one sees what the int8 activations do too.
@@ -25,7 +25,6 @@ from edge_sdk._deps import require
 __all__ = ["SAMPLES", "full_bias_correction"]
 
 SAMPLES = 32  # calibration inputs per pass (one pass per corrected op)
-_WEIGHTED = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D"})
 _INT32 = 2  # tflite TensorType
 _INT32_MAX = 2**31 - 1
 
@@ -85,7 +84,9 @@ def _error(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
 def _weighted(model: bytes) -> list[dict[str, Any]]:
     litert = require("ai_edge_litert.interpreter", "tflite", "bias correction of .tflite files")
     interp = litert.Interpreter(model_content=model)
-    return [op for op in interp._get_ops_details() if op["op_name"] in _WEIGHTED]  # no public op list
+    from edge_sdk.converters.tflite_quantize import _WEIGHTED_OPS
+
+    return [op for op in interp._get_ops_details() if op["op_name"] in _WEIGHTED_OPS]  # no public op list
 
 
 def full_bias_correction(int8_model: bytes, fp32_model: bytes, key: str, samples: list[dict[str, np.ndarray]],
