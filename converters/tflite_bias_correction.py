@@ -4,8 +4,8 @@ Quantizer's output), guarded by the model's outputs.
 For each int8 convolution / fully connected op with an int32 bias, in execution order, the mean of its output (after
 any fused activation) per channel over the calibration samples (the int8 model with the ops before it already
 corrected, dequantized) is compared with the same op's mean in the fp32 ``.tflite``, and the difference is added
-to the int32 bias (``round(shift / bias scale)``). The corrected model is kept only if its outputs moved closer to fp32 on the same
-samples (normalised squared error); otherwise that op keeps its bias. The fast bias correction of
+to the int32 bias (``round(shift / bias scale)``). The corrected model is kept only if its outputs moved closer to
+fp32 on the same samples (normalised squared error); otherwise that op keeps its bias. The fast bias correction of
 converters/tflite_quantize.py (:func:`~edge_sdk.converters.tflite_quantize.bias_correct`) corrects only the
 weights' rounding, predicted before quantization; this one sees what the int8 activations do too.
 
