@@ -286,7 +286,7 @@ class BudgetLadder:
         """``mixed:kN`` rungs: the N most sensitive layers in float, the options that say so for ``recipe``.
         The rung's own ``options`` are added to each. ``on_stem``: the rung keeps the stem in float anyway, so N
         counts the most sensitive layers outside it."""
-        from edge_sdk.converters.onnx_quantize import _quantizer, stem_layers
+        from edge_sdk.converters.onnx_quantize import _quantizer, stem_of_file
         from edge_sdk.converters.sensitivity import float_nodes_for
 
         if recipe not in _MIXED_RECIPES:
@@ -294,10 +294,7 @@ class BudgetLadder:
                                + " or ".join(_MIXED_RECIPES))
         ranked = self._ranking()
         if on_stem and ranked:
-            from edge_sdk._deps import require
-
-            onnx = require("onnx", "onnx", "finding the stem of a model")
-            stem = set(stem_layers(onnx.load(str(self.ctx.onnx(Precision.FP32).path), load_external_data=False)))
+            stem = set(stem_of_file(self.ctx.onnx(Precision.FP32).path)[0])
             ranked = [r for r in ranked if r.node not in stem]
         nncf_onnx = recipe == "onnx" and _quantizer(self.ctx.options) == "nncf"
         out: list[tuple[str, dict[str, Any], list[str]]] = []

@@ -359,13 +359,11 @@ class TFLiteConverter:
 
 def _stem_layers(ctx: ConversionContext) -> list[str]:
     """The stem's weighted layers as 'i/N' entries, found on the fp32 ONNX export of the source (the graph the
-    mixed rungs rank): converters/onnx_quantize.py :func:`stem_layers`."""
-    from edge_sdk.converters.onnx_quantize import _WEIGHTED_OPS, stem_layers
+    mixed rungs rank): converters/onnx_quantize.py :func:`stem_of_file`."""
+    from edge_sdk.converters.onnx_quantize import stem_of_file
 
-    onnx = require("onnx", "onnx", "finding the stem of a model")
-    model = onnx.load(str(ctx.onnx(Precision.FP32).path), load_external_data=False)
-    order = [n.name for n in model.graph.node if n.op_type in _WEIGHTED_OPS]
-    return [f"{order.index(name)}/{len(order)}" for name in stem_layers(model) if name in order]
+    stem, order = stem_of_file(ctx.onnx(Precision.FP32).path)
+    return [f"{order.index(name)}/{len(order)}" for name in stem if name in order]
 
 
 def _gptq_weights(ctx: ConversionContext, fp32: Path, samples: Any,

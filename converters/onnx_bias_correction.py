@@ -28,7 +28,7 @@ from edge_sdk.calibration import SampleSet
 from edge_sdk.converters.onnx_qdq_backends import feed_array
 from edge_sdk.errors import ConversionError, first_line
 
-__all__ = ["MAX_RUNS", "bias_correct_qdq"]
+__all__ = ["MAX_RUNS", "bias_correct_qdq", "output_error"]
 
 MAX_RUNS = 4096  # samples x layers (each layer costs two passes; fewer samples on deep models, at least 8)
 _CORRECTED = ("Conv", "Gemm")
@@ -75,8 +75,9 @@ def _outputs(model_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> list[lis
     return [sess.run(None, feed) for feed in feeds]
 
 
-def _error(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    """Normalised squared error of the model outputs, summed over outputs, averaged over samples."""
+def output_error(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
+    """Normalised squared error of the model outputs (per sample: one list of outputs), summed over outputs,
+    averaged over samples: the guard of both bias corrections (this one and converters/tflite_bias_correction.py)."""
     total = 0.0
     for r_all, g_all in zip(ref, got, strict=True):
         for r, g in zip(r_all, g_all, strict=True):
@@ -123,7 +124,7 @@ def bias_correct_qdq(fp32_path: Path, q_path: Path, samples: SampleSet, input_na
     try:
         ref = _means(_only_outputs(fp, [fp_out[node.name] for node, _ in layers]), feeds, len(layers))
         ref_out = _outputs(fp.SerializeToString(), feeds)
-        error = _error(ref_out, _outputs(q.SerializeToString(), feeds))
+        error = output_error(ref_out, _outputs(q.SerializeToString(), feeds))
         for (node, dq), want in zip(layers, ref, strict=True):
             got = _means(_only_outputs(q, [node.output[0]]), feeds, 1)[0]
             bias = inits[dq.input[0]]
@@ -133,7 +134,7 @@ def bias_correct_qdq(fp32_path: Path, q_path: Path, samples: SampleSet, input_na
                 continue  # a layout the shift cannot be mapped onto (e.g. a transposed Gemm output)
             new = np.clip(old.astype(np.int64) + np.round((want - got) / scale), -_INT32_MAX - 1, _INT32_MAX)
             bias.CopyFrom(numpy_helper.from_array(new.astype(np.int32), bias.name))
-            now = _error(ref_out, _outputs(_only_outputs(q, outputs), feeds))
+            now = output_error(ref_out, _outputs(_only_outputs(q, outputs), feeds))
             if now <= error:
                 error, kept = now, kept + 1
             else:  # matching this layer's mean moved the model's outputs away from fp32: undo it

@@ -43,6 +43,7 @@ __all__ = [
     "quantize_dynamic_onnx",
     "quantize_static_qdq",
     "stem_layers",
+    "stem_of_file",
 ]
 
 _ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")  # 16-bit: ORT quantizer only (accuracy fallback)
@@ -158,6 +159,14 @@ def stem_layers(model: Any) -> list[str]:
             break
         tensor = live[0]
     return found or _input_layers(model)
+
+
+def stem_of_file(path: Path) -> tuple[list[str], list[str]]:
+    """(the stem's layer names, every weighted layer's name in graph order) of the ONNX file ``path``: what the
+    accuracy budget's mixed rungs (names) and TFLite's ``tflite_float_stem`` (graph positions) need."""
+    onnx = require("onnx", "onnx", "finding the stem of a model")
+    model = onnx.load(str(path), load_external_data=False)
+    return stem_layers(model), [n.name for n in model.graph.node if n.op_type in _WEIGHTED_OPS]
 
 
 def _input_layers(model: Any) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
+from edge_sdk.converters.onnx_bias_correction import output_error
 
 __all__ = ["SAMPLES", "full_bias_correction"]
 
@@ -73,14 +74,6 @@ def _from(detail: dict[str, Any], y: np.ndarray) -> np.ndarray:
     return (y.astype(np.float64) - zero) * (scale or 1.0)
 
 
-def _error(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    total = 0.0
-    for r_all, g_all in zip(ref, got, strict=True):
-        for r, g in zip(r_all, g_all, strict=True):
-            total += float(((g - r) ** 2).sum() / max(float((r**2).sum()), 1e-30))
-    return total / max(len(ref), 1)
-
-
 def _weighted(model: bytes) -> list[dict[str, Any]]:
     litert = require("ai_edge_litert.interpreter", "tflite", "bias correction of .tflite files")
     interp = litert.Interpreter(model_content=model)
@@ -119,7 +112,7 @@ def full_bias_correction(int8_model: bytes, fp32_model: bytes, key: str, samples
         return int8_model, 0, 0
     watch = [t for t, _, _, _ in pairs]
     current = _Pass(int8_model, key, feeds, watch)
-    error = _error(ref.outputs, current.outputs)
+    error = output_error(ref.outputs, current.outputs)
     best = int8_model
     kept = 0
     for q_out, fp_out, bias, buf in pairs:
@@ -132,7 +125,7 @@ def full_bias_correction(int8_model: bytes, fp32_model: bytes, key: str, samples
         buf.data = np.frombuffer(new.astype(np.int32).tobytes(), np.uint8)
         candidate = bytes(fb.convert_object_to_bytearray(m))
         trial = _Pass(candidate, key, feeds, watch)
-        now = _error(ref.outputs, trial.outputs)
+        now = output_error(ref.outputs, trial.outputs)
         if now <= error:
             error, current, best, kept = now, trial, candidate, kept + 1
         else:  # matching this op's mean moved the model's outputs away from fp32: undo it

@@ -113,6 +113,7 @@ def test_full_bias_correction_never_moves_the_outputs_away(stem_bundles: dict[st
     """Applied again to the plain int8 file: the corrected file's outputs are at least as close to fp32 on the
     calibration samples it was measured on (each op's correction is kept only if so)."""
     from edge_sdk.converters import tflite_bias_correction as tbc
+    from edge_sdk.converters.onnx_bias_correction import output_error
 
     bundle = stem_bundles["plain"]
     paths = {a.key: bundle.root / a.path for a in bundle.artifacts}
@@ -126,6 +127,6 @@ def test_full_bias_correction_never_moves_the_outputs_away(stem_bundles: dict[st
     assert tried >= 3
     watch: list[int] = []
     ref = tbc._Pass(fp32.read_bytes(), key, feeds, watch).outputs
-    before = tbc._error(ref, tbc._Pass(int8, key, feeds, watch).outputs)
-    after = tbc._error(ref, tbc._Pass(fixed, key, feeds, watch).outputs)
+    before = output_error(ref, tbc._Pass(int8, key, feeds, watch).outputs)
+    after = output_error(ref, tbc._Pass(fixed, key, feeds, watch).outputs)
     assert after <= before and (kept == 0) == (fixed == int8), (before, after, kept)
