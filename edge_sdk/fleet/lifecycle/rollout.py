@@ -340,10 +340,8 @@ class Rollout:
         summary = ", ".join(f"{k} {c['value']:.4g} (limit {c['limit']:.4g})" for k, c in checks.items()) or \
             "no reference to compare with"
         if stage + 1 >= len(stages):
-            with self.db.transaction():  # the final state and the decision that explains it, seen together
-                decision = self._record(dep["id"], now, stage, "complete", figures,
-                                        f"healthy at {stages[stage]}%: {summary}")
-                self._set(dep["id"], state="completed", finished_at=now, reason="all stages healthy")
+            decision = self._finish(dep["id"], now, stage, "complete", figures,
+                                    f"healthy at {stages[stage]}%: {summary}", "completed", "all stages healthy")
             self.registry.set_state(dep["name"], dep["version"], "active",
                                     f"deployment {dep['id']} completed in fleet {dep['fleet']}",
                                     figures={"deployment_id": dep["id"]})
@@ -382,15 +380,21 @@ class Rollout:
                             "AND device = ? AND (acked_version IS NULL OR acked_version <> ?)",
                             (r["model_version"], now, dep["id"], r["device"], r["model_version"]))
 
+    def _finish(self, dep_id: str, now: float, stage: int, decision: str, figures: dict[str, Any], reason: str,
+                state: str, state_reason: str) -> Decision:
+        """Record ``decision`` and end the deployment in ``state``, in one transaction: a reader who sees the final
+        state also sees the decision that explains it."""
+        with self.db.transaction():
+            made = self._record(dep_id, now, stage, decision, figures, reason)
+            self._set(dep_id, state=state, finished_at=now, reason=state_reason)
+        return made
+
     def _set(self, dep_id: str, **cols: Any) -> None:
         self.db.execute(f"UPDATE deployments SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?",
                         (*cols.values(), dep_id))
 
     def _halt(self, dep: dict[str, Any], now: float, figures: dict[str, Any], reason: str) -> Decision:
-        with self.db.transaction():  # the final state and the decision that explains it, seen together
-            decision = self._record(dep["id"], now, int(dep["stage_index"]), "halt", figures, reason)
-            self._set(dep["id"], state="halted", finished_at=now, reason=reason)
-        return decision
+        return self._finish(dep["id"], now, int(dep["stage_index"]), "halt", figures, reason, "halted", reason)
 
     # ---- rollback ---------------------------------------------------------------------------------------------
 
@@ -441,11 +445,9 @@ class Rollout:
                             (now, dep["id"], device))
         figures = {**figures, "rolled_back_devices": [r["device"] for r in targets],
                    "authorisation": auth["statement"]["id"] if auth else None}
-        with self.db.transaction():  # the final state and the decision that explains it, seen together
-            decision = self._record(dep["id"], now, int(dep["stage_index"]), "rollback", figures,
-                                    f"{reason}; {len(targets)} device(s) sent back to "
-                                    f"{dep['previous_version'] or 'their previous model'}")
-            self._set(dep["id"], state="rolled_back", finished_at=now, reason=reason)
+        decision = self._finish(dep["id"], now, int(dep["stage_index"]), "rollback", figures,
+                                f"{reason}; {len(targets)} device(s) sent back to "
+                                f"{dep['previous_version'] or 'their previous model'}", "rolled_back", reason)
         rec = self.registry.get(dep["name"], dep["version"])
         if rec is not None and rec.state in ("canary", "active"):
             self.registry.set_state(dep["name"], dep["version"], "retired", f"deployment {dep['id']} rolled back: "
