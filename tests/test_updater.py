@@ -528,12 +528,17 @@ import sys, time
 import onnxruntime  # a running agent has its runtime loaded already
 from edge_sdk.device_agent.updater import ModelStore, Updater
 store, url, sha, size, keys = sys.argv[1:6]
+def say(kind):
+    # one write per line: under PYTHONUNBUFFERED print() writes its pieces apart, and a kill between them
+    # would leave half a line
+    sys.stdout.write(f"{kind} {time.monotonic()}\\n")
+    sys.stdout.flush()
 def emit(kind, data, level):
-    print(kind, time.monotonic(), flush=True)
+    say(kind)
 up = Updater(ModelStore(store), trusted_keys=keys, emit_event=emit, keep_old=0)
-print("ready", time.monotonic(), flush=True)
+say("ready")
 up.update(url, expected_sha256=sha, expected_size=int(size))
-print("done", time.monotonic(), flush=True)
+say("done")
 '''
 
 _RECOVER = '''
@@ -585,8 +590,10 @@ def _kill_trials(material: Material, tmp_path: Path, n: int, seed: int) -> dict[
         if kill_at is not None:
             time.sleep(kill_at)
             proc.send_signal(signal.SIGKILL)
-        lines = [line.split() for line in proc.stdout.read().splitlines()]
+        out = proc.stdout.read()
         proc.wait(60)
+        # a kill can land inside a write: a last line without its newline is cut, not an event
+        lines = [line.split() for line in out.split("\n")[:-1]]
         return [(kind, float(t) - float(first[1])) for kind, t in lines]
 
     try:
