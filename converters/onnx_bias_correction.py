@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_sdk._deps import require
 from edge_sdk.calibration import SampleSet
+from edge_sdk.converters.onnx_probe import only_outputs, ort_session
 from edge_sdk.converters.onnx_qdq_backends import feed_array
 from edge_sdk.errors import ConversionError, first_line
 
@@ -33,24 +34,6 @@ __all__ = ["MAX_RUNS", "bias_correct_qdq", "output_error"]
 MAX_RUNS = 4096  # samples x layers (each layer costs two passes; fewer samples on deep models, at least 8)
 _CORRECTED = ("Conv", "Gemm")
 _INT32_MAX = 2**31 - 1
-
-
-def _session(model_bytes: bytes) -> Any:
-    ort = require("onnxruntime", "onnx", "bias correction")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-
-
-def _only_outputs(model: Any, names: list[str]) -> bytes:
-    """``model`` with ``names`` as its only outputs (ONNX Runtime then runs only the nodes they need)."""
-    onnx = require("onnx", "onnx", "bias correction")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    return m.SerializeToString()
 
 
 def _channel_mean(x: np.ndarray) -> np.ndarray:
@@ -62,7 +45,7 @@ def _channel_mean(x: np.ndarray) -> np.ndarray:
 
 
 def _means(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], count: int) -> list[np.ndarray]:
-    sess = _session(model_bytes)
+    sess = ort_session(model_bytes)
     acc: list[np.ndarray] = [np.zeros(0)] * count
     for i, feed in enumerate(feeds):
         outs = sess.run(None, feed)
@@ -71,7 +54,7 @@ def _means(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], count: int) -
 
 
 def _outputs(model_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    sess = _session(model_bytes)
+    sess = ort_session(model_bytes)
     return [sess.run(None, feed) for feed in feeds]
 
 
@@ -122,11 +105,11 @@ def bias_correct_qdq(fp32_path: Path, q_path: Path, samples: SampleSet, input_na
     outputs = [o.name for o in q.graph.output]
     kept = 0
     try:
-        ref = _means(_only_outputs(fp, [fp_out[node.name] for node, _ in layers]), feeds, len(layers))
+        ref = _means(only_outputs(fp, [fp_out[node.name] for node, _ in layers]), feeds, len(layers))
         ref_out = _outputs(fp.SerializeToString(), feeds)
         error = output_error(ref_out, _outputs(q.SerializeToString(), feeds))
         for (node, dq), want in zip(layers, ref, strict=True):
-            got = _means(_only_outputs(q, [node.output[0]]), feeds, 1)[0]
+            got = _means(only_outputs(q, [node.output[0]]), feeds, 1)[0]
             bias = inits[dq.input[0]]
             scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
             old = numpy_helper.to_array(bias)
@@ -134,7 +117,7 @@ def bias_correct_qdq(fp32_path: Path, q_path: Path, samples: SampleSet, input_na
                 continue  # a layout the shift cannot be mapped onto (e.g. a transposed Gemm output)
             new = np.clip(old.astype(np.int64) + np.round((want - got) / scale), -_INT32_MAX - 1, _INT32_MAX)
             bias.CopyFrom(numpy_helper.from_array(new.astype(np.int32), bias.name))
-            now = output_error(ref_out, _outputs(_only_outputs(q, outputs), feeds))
+            now = output_error(ref_out, _outputs(only_outputs(q, outputs), feeds))
             if now <= error:
                 error, kept = now, kept + 1
             else:  # matching this layer's mean moved the model's outputs away from fp32: undo it

@@ -441,6 +441,8 @@ class OnnxExporter:
         OptionSpec("onnx_calib_percentile", float, 99.999, (), "percentile of the 'percentile' calibration"),
         OptionSpec("onnx_float_input_layers", bool, None, (), "keep the layers reading the inputs in float"),
         OptionSpec("onnx_float_outputs", bool, True, (), "no Q/DQ pair on the graph outputs"),
+        OptionSpec("onnx_output_quantizers", bool, True, (),
+                   "NNCF: quantize the outputs of int8 layers it left unquantized, so ORT runs them in int8"),
         OptionSpec("onnx_float_nodes", (list, tuple), (), (), "node names kept in float"),
         OptionSpec("onnx_float_stem", bool, False, (), "keep the stem (the layers up to the first branch) in float"),
         OptionSpec("onnx_bias_correction", bool, False, (), "correct the int8 biases (ORT's quantizer; NNCF does)"),

