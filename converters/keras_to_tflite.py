@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -254,77 +255,32 @@ class TFLiteConverter:
         """The int8 artifact through the AI Edge Quantizer (converters/tflite_quantize.py) when this converter
         uses it, as (draft, ""); (None, one-line reason) when it is not used or failed and the native int8 path
         should run instead. int16 activations have no native fallback: their failure raises."""
-        extra = ctx.options.extra
-        bits = int(extra.get("tflite_activation_bits", 8))
-        choice = str(extra.get("tflite_quantizer") or self.default_quantizer).strip().lower()
-        mixed = list(extra.get("tflite_float_layers") or ())
-        ranges = str(extra.get("tflite_ranges") or "histogram").strip().lower()
-        bc = bool(extra.get("tflite_bias_correction", False))
-        stem = bool(extra.get("tflite_float_stem", False))
-        head = bool(extra.get("tflite_float_head", False))
-        full_bc = bool(extra.get("tflite_full_bias_correction", False))
-        rounding = str(extra.get("tflite_weight_rounding") or "nearest").strip().lower()
-        special = bits == 16 or bool(mixed) or ranges != "histogram" or bc or stem or head or full_bc \
-            or rounding != "nearest"
-        if choice != "aeq" and not special:
+        plan = _AeqPlan.from_extra(ctx.options.extra, self.default_quantizer)
+        if plan.quantizer != "aeq" and not plan.special:
             return None, ""
-        from edge_sdk.converters.tflite_quantize import (
-            float_ops,
-            float_scopes_for,
-            head_scopes,
-            layer_scopes,
-            quantize_tflite,
-        )
+        from edge_sdk.converters.tflite_quantize import float_ops, quantize_tflite
 
         samples = ctx.require_calibration("TFLite full-integer quantization (AI Edge Quantizer)")
         samples.check(ctx.source.input_shapes, "calibration")
         fp32 = self.convert(ctx, Precision.FP32)[0]  # the converter's own fp32 .tflite (cached where it can be)
         out = ctx.path_for(Format.TFLITE, Precision.INT8, ".tflite")
-        stem_entries: list[str] = []
-        heads: list[str] = []
-        light_scopes: list[str] = []
-        rounded = ""
         try:
             perms = fp32.runtime.get("input_permutations") or [None] * len(samples.arrays)  # onnx2tf: NCHW -> NHWC
             arrays = [np.ascontiguousarray(a.transpose(p)) if p else a
                       for a, p in zip(samples.arrays, perms, strict=True)]
-            ranked = list(mixed)
-            if stem:
-                stem_entries = _stem_layers(ctx)
-            mixed += [x for x in stem_entries if x not in mixed]
-            scopes = float_scopes_for(fp32.path, _layer_indices(fp32.path, mixed)) if mixed else []
-            heads, passing = head_scopes(fp32.path) if head else ([], [])
-            scopes += [sc for sc in passing if sc not in scopes]
-            source = fp32.path
-            floats = _layer_indices(fp32.path, mixed)
-            candidates = _layer_indices(fp32.path, [x for x in ranked if x not in stem_entries]) \
-                if str(extra.get("tflite_float_layer_weights") or "fp32").strip().lower() == "int8" else []
-            light: list[int] = []
-
-            def fp32_weights(errors: list[float]) -> set[int]:
-                # the stem's few weights stay fp32; so do those whose int8 rounding changes the layer's output by
-                # more than 0.1% on the calibration inputs (e.g. tiny weights reading huge inputs round to zero)
-                light.extend(i for i in candidates if i < len(errors) and errors[i] <= _INT8_WEIGHTS_MAX_ERROR)
-                return set(floats) - set(light)
-
-            if rounding == "gptq":
-                source, rounded = _gptq_weights(ctx, fp32.path, samples, fp32_weights)
-            elif candidates:
-                raise ConversionError("tflite_float_layer_weights 'int8' needs tflite_weight_rounding 'gptq' (its "
-                                      "error measure decides which layers can take int8 weights)")
-            light_scopes = [sc for sc in layer_scopes(fp32.path, light) if sc not in heads]
-            scopes = [sc for sc in scopes if sc not in heads and sc not in light_scopes]
-            res = quantize_tflite(source, out, arrays, list(ctx.source.input_names), activation_bits=bits,
-                                  int8_io=bool(ctx.options.tflite_int8_io), float_scopes=scopes, ranges=ranges,
-                                  bias_correction=bc, weight_only_scopes=heads + light_scopes,
-                                  float_edges=stem or head,
-                                  full_bias_correction_against=fp32.path if full_bc else None)
+            floats = _FloatPlan.make(ctx, fp32.path, samples, plan)
+            res = quantize_tflite(floats.source, out, arrays, list(ctx.source.input_names),
+                                  activation_bits=plan.bits, int8_io=bool(ctx.options.tflite_int8_io),
+                                  float_scopes=floats.scopes, ranges=plan.ranges, bias_correction=plan.bias_correction,
+                                  weight_only_scopes=floats.heads + floats.light_scopes,
+                                  float_edges=plan.stem or plan.head,
+                                  full_bias_correction_against=fp32.path if plan.full_bias_correction else None)
             left = float_ops(out)
-            if left and not (mixed or heads):
+            if left and not (floats.mixed or floats.heads):
                 raise ConversionError(f"the AI Edge Quantizer left {len(left)} ops in float "
                                       f"({', '.join(sorted(set(left))[:5])})")
         except (ConversionError, MissingDependencyError) as exc:
-            if special:
+            if plan.special:
                 raise
             return None, first_line(exc, 300)
         summary = tflite_summary(out)
@@ -336,25 +292,114 @@ class TFLiteConverter:
         draft = tflite_draft(out, Precision.INT8, summary, list(ctx.source.input_names), notes, versions,
                              input_layout=fp32.input_layout, extra_runtime=kept)
         draft.runtime["quantizer"] = f"ai-edge-quantizer {res.recipe}"
-        if bits == 16 or mixed or heads:
+        if plan.bits == 16 or floats.mixed or floats.heads:
             draft.runtime.pop("edgetpu", None)  # int16 activations / float layers: not an Edge TPU model
-        if ranges != "histogram":
-            draft.tool_versions["tflite_ranges"] = ranges
-        if bc:
-            draft.tool_versions["tflite_bias_correction"] = "fast"
-        if rounding == "gptq":
-            draft.tool_versions["tflite_weight_rounding"] = rounded
-        if stem:
-            draft.tool_versions["tflite_float_stem"] = f"{len(stem_entries)} layers"
-        if heads:
-            draft.tool_versions["tflite_float_head"] = f"{len(heads)} layers (int8 weights, float compute)"
-        if light_scopes:
-            draft.tool_versions["tflite_float_layer_weights"] = f"int8 for {len(light_scopes)} of the float layers"
-        if mixed:
-            draft.tool_versions["tflite_float_layers"] = ",".join(map(str, mixed))
-            draft.notes.append(f"kept in float: {len(mixed)} weighted layers and the ops feeding them "
-                               f"({len(scopes)} ops; layers {', '.join(map(str, mixed))})")
+        floats.record(draft, plan)
         return draft, ""
+
+
+@dataclass(frozen=True)
+class _AeqPlan:
+    """What ``ConvertOptions.extra`` asks of the AI Edge Quantizer path (the option names are in the module
+    docstring); ``special`` is any request beyond plain int8, which has no native-converter fallback."""
+
+    quantizer: str
+    bits: int
+    float_layers: tuple[str, ...]
+    ranges: str
+    bias_correction: bool
+    stem: bool
+    head: bool
+    full_bias_correction: bool
+    rounding: str
+    int8_layer_weights: bool
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any], default_quantizer: str) -> _AeqPlan:
+        def word(key: str, default: str) -> str:
+            return str(extra.get(key) or default).strip().lower()
+
+        return cls(quantizer=word("tflite_quantizer", default_quantizer),
+                   bits=int(extra.get("tflite_activation_bits", 8)),
+                   float_layers=tuple(extra.get("tflite_float_layers") or ()),
+                   ranges=word("tflite_ranges", "histogram"),
+                   bias_correction=bool(extra.get("tflite_bias_correction", False)),
+                   stem=bool(extra.get("tflite_float_stem", False)), head=bool(extra.get("tflite_float_head", False)),
+                   full_bias_correction=bool(extra.get("tflite_full_bias_correction", False)),
+                   rounding=word("tflite_weight_rounding", "nearest"),
+                   int8_layer_weights=word("tflite_float_layer_weights", "fp32") == "int8")
+
+    @property
+    def special(self) -> bool:
+        return (self.bits == 16 or bool(self.float_layers) or self.ranges != "histogram" or self.bias_correction
+                or self.stem or self.head or self.full_bias_correction or self.rounding != "nearest")
+
+
+@dataclass
+class _FloatPlan:
+    """Which ops of the fp32 .tflite stay float, and with which weights: ``scopes`` compute in float from fp32
+    weights (the ranked layers, the stem and the ops feeding them), ``heads`` (the layer writing the outputs) and
+    ``light_scopes`` (ranked layers whose int8 rounding barely changes their output) in float from int8 weights.
+    ``source`` is the .tflite to quantize: the fp32 one, or a copy with GPTQ-rounded weights (``rounded`` says so)."""
+
+    source: Path
+    mixed: list[str]
+    stem_entries: list[str]
+    scopes: list[str]
+    heads: list[str]
+    light_scopes: list[str]
+    rounded: str
+
+    @classmethod
+    def make(cls, ctx: ConversionContext, fp32: Path, samples: Any, plan: _AeqPlan) -> _FloatPlan:
+        from edge_sdk.converters.tflite_quantize import float_scopes_for, head_scopes, layer_scopes
+
+        ranked = list(plan.float_layers)
+        stem_entries = _stem_layers(ctx) if plan.stem else []
+        mixed = ranked + [x for x in stem_entries if x not in ranked]
+        scopes = float_scopes_for(fp32, _layer_indices(fp32, mixed)) if mixed else []
+        heads, passing = head_scopes(fp32) if plan.head else ([], [])
+        scopes += [sc for sc in passing if sc not in scopes]
+        floats = _layer_indices(fp32, mixed)
+        candidates = _layer_indices(fp32, [x for x in ranked if x not in stem_entries]) \
+            if plan.int8_layer_weights else []
+        light: list[int] = []
+
+        def fp32_weights(errors: list[float]) -> set[int]:
+            # the stem's few weights stay fp32; so do those whose int8 rounding changes the layer's output by
+            # more than 0.1% on the calibration inputs (e.g. tiny weights reading huge inputs round to zero)
+            light.extend(i for i in candidates if i < len(errors) and errors[i] <= _INT8_WEIGHTS_MAX_ERROR)
+            return set(floats) - set(light)
+
+        source, rounded = fp32, ""
+        if plan.rounding == "gptq":
+            source, rounded = _gptq_weights(ctx, fp32, samples, fp32_weights)
+        elif candidates:
+            raise ConversionError("tflite_float_layer_weights 'int8' needs tflite_weight_rounding 'gptq' (its "
+                                  "error measure decides which layers can take int8 weights)")
+        light_scopes = [sc for sc in layer_scopes(fp32, light) if sc not in heads]
+        scopes = [sc for sc in scopes if sc not in heads and sc not in light_scopes]
+        return cls(source, mixed, stem_entries, scopes, heads, light_scopes, rounded)
+
+    def record(self, draft: ArtifactDraft, plan: _AeqPlan) -> None:
+        """Say in the manifest (``tool_versions``, notes) what was kept in float and how the int8 was made."""
+        versions = draft.tool_versions
+        if plan.ranges != "histogram":
+            versions["tflite_ranges"] = plan.ranges
+        if plan.bias_correction:
+            versions["tflite_bias_correction"] = "fast"
+        if plan.rounding == "gptq":
+            versions["tflite_weight_rounding"] = self.rounded
+        if plan.stem:
+            versions["tflite_float_stem"] = f"{len(self.stem_entries)} layers"
+        if self.heads:
+            versions["tflite_float_head"] = f"{len(self.heads)} layers (int8 weights, float compute)"
+        if self.light_scopes:
+            versions["tflite_float_layer_weights"] = f"int8 for {len(self.light_scopes)} of the float layers"
+        if self.mixed:
+            versions["tflite_float_layers"] = ",".join(map(str, self.mixed))
+            draft.notes.append(f"kept in float: {len(self.mixed)} weighted layers and the ops feeding them "
+                               f"({len(self.scopes)} ops; layers {', '.join(map(str, self.mixed))})")
 
 
 def _stem_layers(ctx: ConversionContext) -> list[str]:

@@ -88,6 +88,13 @@ def test_relu_then_batchnorm_convs_fuse_into_qlinearconv_and_the_head_stays_floa
     e_before, e_after = _nmse(ref, _run(out[False], held_out)), _nmse(ref, _run(out[True], held_out))
     assert e_after < max(2.0 * e_before, 1e-4), (e_before, e_after)  # one more rounding per block, no more
     assert quantize_layer_outputs(out[True], [{"x": calib[:4]}], "uint8") == 0  # nothing left to add
+    # a layer kept in float (the budget's mixed rungs): what feeds it is not rounded by the back door
+    c2 = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"][1]
+    mixed = tmp_path / "mixed.onnx"
+    info_mixed = quantize_static_qdq(fp32, mixed, SampleSet([calib]), ConvertOptions(
+        extra={"onnx_quantizer": "nncf", "onnx_float_nodes": [c2]}))
+    assert info_mixed["onnx_output_quantizers"] == "0", info_mixed
+    assert _ort_ops(mixed, tmp_path).count("QLinearConv") == 0
 
 
 @pytest.mark.slow
