@@ -35,6 +35,9 @@ __all__ = ["QMAX", "conv_patches", "gptq_onnx", "gptq_round"]
 
 QMAX = 127  # symmetric narrow-range int8 weights: levels -127..127
 _MAX_PATCH_FLOATS = 64_000_000  # im2col of one sample of one layer above this (256 MB): that layer keeps nearest
+#: H (groups x cols x cols, float64) above this (128 MB) keeps nearest too: CREPE full's second conv reads 1024
+#: channels x 64 taps, a 65536 x 65536 H of 32 GB, and GPTQ's inverse needs more again
+_MAX_HESSIAN_FLOATS = 4096 * 4096
 
 
 def conv_patches(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
@@ -109,6 +112,9 @@ class _Layer:
 
     def add(self, x: np.ndarray) -> bool:
         """Accumulate one sample's input; False when the layer is too large to analyse (it keeps nearest)."""
+        rows = self.rows()
+        if rows.shape[0] * rows.shape[2] ** 2 > _MAX_HESSIAN_FLOATS:
+            return False
         if self.kind == "matmul":
             p = x.reshape(1, -1, x.shape[-1])
         else:

@@ -278,6 +278,35 @@ def test_gptq_round_beats_nearest_and_keeps_the_scale() -> None:
     assert err_gptq < 0.8 * err_nearest, (err_gptq, err_nearest)
 
 
+def test_gptq_leaves_a_layer_whose_hessian_would_not_fit_to_nearest_rounding(tmp_path: Path) -> None:
+    """A layer reading 5000 inputs would need a 5000 x 5000 float64 H (200 MB, and more to invert it): it keeps
+    its weights for the quantizer's nearest rounding (CREPE full's 65536-input conv asked for 32 GB and the whole
+    TFLite mixed rung died with MemoryError); the small layer after it is still rounded by GPTQ."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_sdk.calibration import SampleSet
+    from edge_sdk.converters.weight_rounding import QMAX, gptq_onnx
+
+    rng = np.random.default_rng(2)
+    big, small = rng.normal(size=(5000, 8)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "big"], ["h"], name="big_mm"),
+         helper.make_node("MatMul", ["h", "small"], ["y"], name="small_mm")], "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(big, "big"), numpy_helper.from_array(small, "small")])
+    src, out = tmp_path / "wide.onnx", tmp_path / "wide_gptq.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    info = gptq_onnx(src, out, SampleSet([rng.normal(size=(16, 5000)).astype(np.float32)]), ["x"])
+    assert "gptq (1 layers" in info["onnx_weight_rounding"] and "nearest for 1 too large" in info[
+        "onnx_weight_rounding"], info
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    assert np.array_equal(weights["big"], big)
+    levels = weights["small"] / (np.abs(weights["small"]).max(axis=0) / QMAX)
+    assert np.allclose(levels, np.round(levels), atol=1e-3)
+
+
 @pytest.mark.parametrize(("group", "stride", "pads"), [(1, 1, (1, 1, 1, 1)), (1, 2, (0, 1, 1, 0)),
                                                        (8, 2, (1, 1, 1, 1)), (2, 1, (0, 0, 0, 0))])
 def test_conv_patches_is_the_convolution(group: int, stride: int, pads: tuple[int, int, int, int]) -> None:
