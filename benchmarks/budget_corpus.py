@@ -2,7 +2,7 @@
 
     python benchmarks/budget_corpus.py --part fashion      [--out /tmp/b14]
     python benchmarks/budget_corpus.py --part dense        [--dense-model minilm-l6] [--min-cosine 0.95]
-    python benchmarks/budget_corpus.py --part classifiers  [--models crepe-tiny,ppocr-cls] [--min-agreement 0.95]
+    python benchmarks/budget_corpus.py --part classifiers  [--models crepe-full,crepe-tiny,ppocr-cls] [--min-agreement 0.95]
     python benchmarks/budget_corpus.py --part all          # the three, one conversion at a time
 
 Why three parts (each an acceptance point of issue 14):
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fashion: also run the max_drop_pp=0.3 budget on targets already within the goal")
     p.add_argument("--dense-model", default="minilm-l6")
     p.add_argument("--min-cosine", type=float, default=0.95)
-    p.add_argument("--models", default="crepe-tiny,ppocr-cls", help="comma-separated corpus classifiers")
+    p.add_argument("--models", default="crepe-full,crepe-tiny,ppocr-cls", help="comma-separated corpus classifiers")
     p.add_argument("--min-agreement", type=float, default=0.95)
     p.add_argument("--n-calib", type=int, default=None, help="calibration inputs (dense 64, classifiers 100)")
     p.add_argument("--n-val", type=int, default=None, help="held-out inputs (dense 48, classifiers 200)")

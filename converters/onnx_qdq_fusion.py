@@ -27,7 +27,7 @@ import numpy as np
 from edge_sdk._deps import require
 from edge_sdk.converters.onnx_probe import only_outputs, ort_session
 
-__all__ = ["MAX_SAMPLES", "quantize_layer_outputs", "unfused_layer_outputs"]
+__all__ = ["MAX_SAMPLES", "fold_unfused_conv_weights", "quantize_layer_outputs", "unfused_layer_outputs"]
 
 MAX_SAMPLES = 200  # calibration samples read for the ranges
 _WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})
@@ -62,16 +62,30 @@ def _read_in_float(start: str, consumers: dict[str, list[Any]], outputs: set[str
     return False
 
 
-def unfused_layer_outputs(model: Any) -> list[str]:
-    """The tensors to quantize: per int8 layer (input and weight dequantized) whose output reaches no
-    QuantizeLinear, its output, or the output of the ReLU / Clip chain right after it. Left out: a tensor that
-    reaches a graph output or a float weighted layer before a quantizer (:func:`_read_in_float`)."""
-    graph = model.graph
+def _graph_maps(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[Any]] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
+def _after_activations(tensor: str, consumers: dict[str, list[Any]], outputs: set[str]) -> str:
+    """``tensor``, or the end of the chain of single-consumer ReLU / Clip ops ORT folds after it."""
+    after = consumers.get(tensor, [])
+    while len(after) == 1 and after[0].op_type in _FOLDED and tensor not in outputs:
+        tensor = after[0].output[0]
+        after = consumers.get(tensor, [])
+    return tensor
+
+
+def unfused_layer_outputs(model: Any) -> list[str]:
+    """The tensors to quantize: per int8 layer (input and weight dequantized) whose output reaches no
+    QuantizeLinear, its output, or the output of the ReLU / Clip chain right after it. Left out: a tensor that
+    reaches a graph output or a float weighted layer before a quantizer (:func:`_read_in_float`)."""
+    graph = model.graph
+    producer, consumers = _graph_maps(graph)
     outputs = {o.name for o in graph.output}
     found: list[str] = []
     for node in graph.node:
@@ -79,11 +93,8 @@ def unfused_layer_outputs(model: Any) -> list[str]:
             continue
         if not (_dequantized(node.input[0], producer) and _dequantized(node.input[1], producer)):
             continue
-        tensor = node.output[0]
+        tensor = _after_activations(node.output[0], consumers, outputs)
         after = consumers.get(tensor, [])
-        while len(after) == 1 and after[0].op_type in _FOLDED and tensor not in outputs:
-            tensor = after[0].output[0]
-            after = consumers.get(tensor, [])
         if not after or any(n.op_type == "QuantizeLinear" for n in after) or tensor in found:
             continue
         if not _read_in_float(tensor, consumers, outputs):
@@ -140,3 +151,75 @@ def quantize_layer_outputs(path: Path, feeds: Sequence[dict[str, np.ndarray]], a
     graph.node.extend(ordered)
     onnx.save_model(model, str(path))
     return len(pairs)
+
+
+def _dequantize(node: Any, inits: dict[str, Any], numpy_helper: Any) -> np.ndarray | None:
+    """The float value of a DequantizeLinear of initializers (per-tensor or per-axis), None otherwise."""
+    if node is None or node.op_type != "DequantizeLinear" or any(i not in inits for i in node.input if i):
+        return None
+    q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] \
+        else np.zeros_like(scale)
+    if scale.ndim:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (q - zero) * scale
+
+
+def fold_unfused_conv_weights(path: Path) -> int:
+    """Store the weights of every Conv of the QDQ model at ``path`` that ORT cannot fuse (input not dequantized,
+    or output reaching no QuantizeLinear) as fp16 behind a Cast instead of int8 behind a DequantizeLinear, and its
+    int32 bias as fp32 (in place). Returns how many convs changed."""
+    onnx = require("onnx", "onnx", "ONNX quantization")
+    numpy_helper = require("onnx.numpy_helper", "onnx", "ONNX quantization")
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer, consumers = _graph_maps(graph)
+    outputs = {o.name for o in graph.output}
+    inits = {i.name: i for i in graph.initializer}
+    made: dict[str, str] = {}  # dequantized tensor -> its float replacement
+    casts: dict[int, Any] = {}
+    folded = 0
+    for node in graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or producer.get(node.input[1]) is None:
+            continue
+        tensor = _after_activations(node.output[0], consumers, outputs)
+        if _dequantized(node.input[0], producer) and any(
+                n.op_type == "QuantizeLinear" for n in consumers.get(tensor, [])):
+            continue  # ORT fuses this one into QLinearConv
+        for k in range(1, min(len(node.input), 3)):
+            name = node.input[k]
+            if name in made:
+                node.input[k] = made[name]
+                continue
+            value = _dequantize(producer.get(name), inits, numpy_helper)
+            if value is None:
+                continue
+            if k == 1:  # weights: fp16 on disk, float32 once ORT folds the Cast at load
+                graph.initializer.append(numpy_helper.from_array(value.astype(np.float16), f"{name}_fp16"))
+                casts[id(node)] = onnx.helper.make_node("Cast", [f"{name}_fp16"], [f"{name}_float"],
+                                                        name=f"{name}_cast", to=onnx.TensorProto.FLOAT)
+            else:
+                graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), f"{name}_float"))
+            made[name] = node.input[k] = f"{name}_float"
+            folded += k == 1
+    if not folded:
+        return 0
+    ordered = []
+    for node in graph.node:
+        if id(node) in casts:
+            ordered.append(casts[id(node)])
+        ordered.append(node)
+    used = {i for n in ordered for i in n.input} | outputs
+    ordered = [n for n in ordered if n.op_type != "DequantizeLinear" or any(o in used for o in n.output)]
+    used = {i for n in ordered for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.save_model(model, str(path))
+    return folded

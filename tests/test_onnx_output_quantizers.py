@@ -95,6 +95,20 @@ def test_relu_then_batchnorm_convs_fuse_into_qlinearconv_and_the_head_stays_floa
         extra={"onnx_quantizer": "nncf", "onnx_float_nodes": [c2]}))
     assert info_mixed["onnx_output_quantizers"] == "0", info_mixed
     assert _ort_ops(mixed, tmp_path).count("QLinearConv") == 0
+    # c1 cannot fuse then: its weights are stored fp16 behind a Cast (ORT folds it at load and runs a plain float
+    # conv), not int8 behind a DequantizeLinear run on every call; the outputs stay those of the int8 graph
+    assert info_mixed["onnx_float_convs_fp16_weights"] == "1", info_mixed
+    graph = onnx.load(str(mixed)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    c1 = next(n for n in graph.node if n.op_type == "Conv")
+    assert producer[c1.input[1]].op_type == "Cast"
+    assert next(i for i in graph.initializer if i.name == producer[c1.input[1]].input[0]).data_type == \
+        onnx.TensorProto.FLOAT16
+    unfolded = tmp_path / "mixed_unfolded.onnx"
+    quantize_static_qdq(fp32, unfolded, SampleSet([calib]), ConvertOptions(
+        extra={"onnx_quantizer": "nncf", "onnx_float_nodes": [c2], "onnx_output_quantizers": False}))
+    a, b = _run(unfolded, held_out), _run(mixed, held_out)
+    assert _nmse(a, b) < 1e-4 * max(_nmse(ref, a), 1e-6) + 1e-6, (_nmse(a, b), _nmse(ref, a))
 
 
 @pytest.mark.slow
