@@ -156,9 +156,10 @@ def nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], op
     MIXED preset (symmetric per-channel int8 weights, asymmetric activations) with full bias correction
     (``fast_bias_correction=False``). Activations are forced per-tensor: NNCF's CPU config gives depthwise
     conv inputs per-channel quantizers, which ORT cannot fuse (measured 36 ms vs 3.7 ms on MobileNetV2). Layers
-    whose outputs NNCF left unquantized get output quantizers, and convs that still cannot fuse store their weights
-    as fp16 (converters/onnx_qdq_fusion.py), unless ``options.extra['onnx_output_quantizers']`` is False: without
-    them ORT runs those layers in float and dequantizes their weights on every call.
+    whose outputs NNCF left unquantized get output quantizers (converters/onnx_qdq_fusion.py) unless
+    ``options.extra['onnx_output_quantizers']`` is False: without them ORT runs those layers in float and dequantizes
+    their weights on every call. ``options.extra['onnx_fp16_unfused_convs']`` (off by default: it trades int8 bytes
+    for speed) also stores the weights of convs that still cannot fuse as fp16.
     """
     onnx = require("onnx", "onnx", "ONNX quantization")
     nncf = require("nncf", "openvino-convert", "NNCF int8 quantization of ONNX models")
@@ -199,7 +200,8 @@ def nncf_qdq(pre: Path, out_path: Path, samples: SampleSet, names: list[str], op
         from edge_sdk.converters.onnx_qdq_fusion import fold_unfused_conv_weights, quantize_layer_outputs
 
         info["onnx_output_quantizers"] = str(quantize_layer_outputs(out_path, data, act))
-        info["onnx_float_convs_fp16_weights"] = str(fold_unfused_conv_weights(out_path))
+        if options.extra.get("onnx_fp16_unfused_convs", False):
+            info["onnx_float_convs_fp16_weights"] = str(fold_unfused_conv_weights(out_path))
     return info
 
 

@@ -443,6 +443,8 @@ class OnnxExporter:
         OptionSpec("onnx_float_outputs", bool, True, (), "no Q/DQ pair on the graph outputs"),
         OptionSpec("onnx_output_quantizers", bool, True, (),
                    "NNCF: quantize the outputs of int8 layers it left unquantized, so ORT runs them in int8"),
+        OptionSpec("onnx_fp16_unfused_convs", bool, False, (),
+                   "NNCF: store the weights of convs ORT cannot fuse as fp16 (faster float convs, 2x int8 bytes)"),
         OptionSpec("onnx_float_nodes", (list, tuple), (), (), "node names kept in float"),
         OptionSpec("onnx_float_stem", bool, False, (), "keep the stem (the layers up to the first branch) in float"),
         OptionSpec("onnx_bias_correction", bool, False, (), "correct the int8 biases (ORT's quantizer; NNCF does)"),

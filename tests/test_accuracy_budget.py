@@ -116,8 +116,9 @@ def test_fragile_cnn_fallback_ort_and_openvino(fragile_onnx: dict, tmp_path: Pat
         assert v.passed and 100 * (v.source_accuracy - v.accuracy) <= 0.5, (fmt, v)
         record = v.checks["accuracy_budget"]
         assert record["budget"] == {"max_drop_pp": 0.5}
-        if fmt == "ort" and record["kept"] == "int8":  # made from the ONNX int8 model the ladder kept
-            continue
+        if fmt == "ort" and (record["kept"] == "int8" or record["steps"][0]["passed"]):
+            continue  # made from the ONNX int8 model the ladder kept: its first step can pass (and, timed slower
+            # than fp32 on a loaded host, still move on)
         plain = record["steps"][0]
         assert plain["name"] == "int8" and plain["passed"] is False
         drop = float(plain["metric"].split("accuracy drop ")[1].split(" pp")[0])

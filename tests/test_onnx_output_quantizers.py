@@ -92,11 +92,12 @@ def test_relu_then_batchnorm_convs_fuse_into_qlinearconv_and_the_head_stays_floa
     c2 = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"][1]
     mixed = tmp_path / "mixed.onnx"
     info_mixed = quantize_static_qdq(fp32, mixed, SampleSet([calib]), ConvertOptions(
-        extra={"onnx_quantizer": "nncf", "onnx_float_nodes": [c2]}))
+        extra={"onnx_quantizer": "nncf", "onnx_float_nodes": [c2], "onnx_fp16_unfused_convs": True}))
     assert info_mixed["onnx_output_quantizers"] == "0", info_mixed
     assert _ort_ops(mixed, tmp_path).count("QLinearConv") == 0
-    # c1 cannot fuse then: its weights are stored fp16 behind a Cast (ORT folds it at load and runs a plain float
-    # conv), not int8 behind a DequantizeLinear run on every call; the outputs stay those of the int8 graph
+    # c1 cannot fuse then: with onnx_fp16_unfused_convs its weights are stored fp16 behind a Cast (ORT folds it at
+    # load and runs a plain float conv), not int8 behind a DequantizeLinear run on every call; the outputs stay those
+    # of the int8 graph
     assert info_mixed["onnx_float_convs_fp16_weights"] == "1", info_mixed
     graph = onnx.load(str(mixed)).graph
     producer = {o: n for n in graph.node for o in n.output}
