@@ -44,6 +44,11 @@ Measured 2026-12-07 (2-core shared x86 host, 1 thread; bundles under /tmp/b14):
    With the ``mixed:stem`` rungs (``--targets onnx,tflite``, same CPU): crepe-tiny TFLite ``mixed:k2`` 97.0% at 0.36x
    size, 0.94x latency (kept; plain int8 is 0.94x too); ONNX still fp16 (``mixed:stem`` 55.0%: ORT's own quantizer
    loses crepe); ppocr-cls fp16 on both (TFLite ``mixed:k2`` 95.0% but 3.5x slower).
+4. crepe-full (200 frames; AVX2 host without VNNI, bundles under /tmp/b15, /tmp/b16): ONNX Runtime plain int8
+   95.0% at 0.25x size, 0.37x latency (NNCF with output quantizers, converters/onnx_qdq_fusion.py; before them
+   1.10x); OpenVINO plain int8 95.0%, 0.25x, 0.33x; TFLite plain 90.5% (0.85-0.94x: XNNPACK int8 runs at about
+   fp32 speed without VNNI) -> ``mixed:k4`` 98.0% at 0.90x size, 0.92x latency (every mixed rung had died of a
+   32 GB GPTQ H before the cap in converters/weight_rounding.py).
 """
 
 from __future__ import annotations

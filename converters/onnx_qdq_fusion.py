@@ -134,6 +134,7 @@ def quantize_layer_outputs(path: Path, feeds: Sequence[dict[str, np.ndarray]], a
     if not tensors or not feeds:
         return 0
     graph = model.graph
+    consumers = _graph_maps(graph)[1]
     qmin, qmax, dtype = (-128, 127, np.int8) if act == "int8" else (0, 255, np.uint8)
     pairs: dict[str, list[Any]] = {}
     for name, (lo, hi) in zip(tensors, _ranges(model, tensors, feeds), strict=True):
@@ -145,13 +146,13 @@ def quantize_layer_outputs(path: Path, feeds: Sequence[dict[str, np.ndarray]], a
                                            f"{name}_out_dequantized")
         graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
                                   numpy_helper.from_array(np.array(zero, dtype), z_name)])
-        for node in graph.node:
+        for node in consumers.get(name, []):
             for k, inp in enumerate(node.input):
                 if inp == name:
                     node.input[k] = dq_name
         pairs[name] = [onnx.helper.make_node("QuantizeLinear", [name, s_name, z_name], [q_name], name=q_name),
                        onnx.helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name], name=dq_name)]
-    ordered = []
+    ordered: list[Any] = []
     for node in graph.node:  # each pair right after the node that makes its tensor: the graph stays sorted
         ordered.append(node)
         for out in node.output:
@@ -217,7 +218,7 @@ def fold_unfused_conv_weights(path: Path) -> int:
             folded += k == 1
     if not folded:
         return 0
-    ordered = []
+    ordered: list[Any] = []
     for node in graph.node:
         if id(node) in casts:
             ordered.append(casts[id(node)])
