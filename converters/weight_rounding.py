@@ -98,6 +98,9 @@ class _Layer:
         self.name, self.weight, self.kind, self.group = name, weight, kind, group
         self.strides, self.pads, self.transposed = strides, pads, transposed
         self.h: np.ndarray | None = None
+        self.diag: np.ndarray | None = None  # H's diagonal (groups, cols): kept for layers too large for H
+        rows = self.rows()
+        self.full = rows.shape[0] * rows.shape[2] ** 2 <= _MAX_HESSIAN_FLOATS
 
     def rows(self) -> np.ndarray:
         if self.kind == "matmul":  # (out, in) rows
@@ -111,10 +114,8 @@ class _Layer:
         return rows.reshape(self.weight.shape).astype(np.float32)
 
     def add(self, x: np.ndarray) -> bool:
-        """Accumulate one sample's input; False when the layer is too large to analyse (it keeps nearest)."""
-        rows = self.rows()
-        if rows.shape[0] * rows.shape[2] ** 2 > _MAX_HESSIAN_FLOATS:
-            return False
+        """Accumulate one sample's input; False when the layer is too large to analyse (it keeps nearest). A layer
+        too large for H (``full`` False) accumulates only H's diagonal: no GPTQ, but an estimate of its error."""
         if self.kind == "matmul":
             p = x.reshape(1, -1, x.shape[-1])
         else:
@@ -127,8 +128,11 @@ class _Layer:
                 return False
             p = conv_patches(x[0], (kh, kw), self.strides, self.pads, self.group)
         p = p.astype(np.float64)
-        h = np.einsum("gpi,gpj->gij", p, p, optimize=True)
-        self.h = h if self.h is None else self.h + h
+        diag = np.einsum("gpi,gpi->gi", p, p, optimize=True)
+        self.diag = diag if self.diag is None else self.diag + diag
+        if self.full:
+            h = np.einsum("gpi,gpj->gij", p, p, optimize=True)
+            self.h = h if self.h is None else self.h + h
         return True
 
     def rounded(self, damp: float, qmax: int = QMAX) -> np.ndarray:
@@ -140,15 +144,20 @@ class _Layer:
     def nearest_error(self, qmax: int = QMAX) -> float:
         """Squared error of this layer's output on the calibration inputs with its weights rounded to the nearest
         int8 level (per row, symmetric), relative to its output: ``tr(dW H dW^T) / tr(W H W^T)``. Nearest, not GPTQ:
-        with fewer samples than inputs GPTQ fits the samples' subspace and its error there says nothing."""
-        if self.h is None:
+        with fewer samples than inputs GPTQ fits the samples' subspace and its error there says nothing. A layer too
+        large for H uses its diagonal (correlations between inputs ignored: rounding errors taken as independent)."""
+        if self.h is None and self.diag is None:
             return float("nan")
         w = self.rows().astype(np.float64)
         scale = np.abs(w).max(axis=2, keepdims=True) / qmax
         scale[scale == 0] = 1.0
         d = np.clip(np.round(w / scale), -qmax, qmax) * scale - w
-        num = float(np.einsum("gri,gij,grj->", d, self.h, d, optimize=True))
-        den = float(np.einsum("gri,gij,grj->", w, self.h, w, optimize=True))
+        if self.h is not None:
+            num = float(np.einsum("gri,gij,grj->", d, self.h, d, optimize=True))
+            den = float(np.einsum("gri,gij,grj->", w, self.h, w, optimize=True))
+        else:
+            num = float(np.einsum("gri,gi->", d * d, self.diag, optimize=True))
+            den = float(np.einsum("gri,gi->", w * w, self.diag, optimize=True))
         return num / den if den > 0 else float("nan")
 
 
@@ -162,8 +171,8 @@ def _accumulate(layers: dict[str, _Layer], inputs: dict[str, list[str]], run: Ca
             for n in names:
                 if n not in skipped and not layers[n].add(np.asarray(values[tensor])):
                     skipped.add(n)
-                    layers[n].h = None
-    return sorted(skipped)
+                    layers[n].h = layers[n].diag = None
+    return sorted(skipped | {n for n, layer in layers.items() if not layer.full})
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -241,7 +250,7 @@ def gptq_onnx(fp32_path: Path, out_path: Path, samples: SampleSet, input_names: 
     for name, layer in layers.items():
         node_w = next(n.input[1] for n in model.graph.node if n.name == name)
         rounded = layer.rounded(damp, qmax)
-        if errors is not None and layer.h is not None:
+        if errors is not None and (layer.h is not None or layer.diag is not None):
             errors[name] = layer.nearest_error(qmax)
         inits[node_w].CopyFrom(numpy_helper.from_array(rounded, node_w))
     onnx.save_model(model, str(out_path))

@@ -299,9 +299,16 @@ def test_gptq_leaves_a_layer_whose_hessian_would_not_fit_to_nearest_rounding(tmp
         [numpy_helper.from_array(big, "big"), numpy_helper.from_array(small, "small")])
     src, out = tmp_path / "wide.onnx", tmp_path / "wide_gptq.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-    info = gptq_onnx(src, out, SampleSet([rng.normal(size=(16, 5000)).astype(np.float32)]), ["x"])
+    x = rng.normal(size=(16, 5000)).astype(np.float32)
+    errors: dict[str, float] = {}
+    info = gptq_onnx(src, out, SampleSet([x]), ["x"], errors=errors)
     assert "gptq (1 layers" in info["onnx_weight_rounding"] and "nearest for 1 too large" in info[
         "onnx_weight_rounding"], info
+    # its nearest-rounding error is still estimated (from H's diagonal), close to the exact one on these inputs
+    scale = np.abs(big).max(axis=0) / QMAX
+    d = np.clip(np.round(big / scale), -QMAX, QMAX) * scale - big
+    exact = float(((x.astype(np.float64) @ d) ** 2).sum() / ((x.astype(np.float64) @ big) ** 2).sum())
+    assert 0.5 * exact < errors["big_mm"] < 2 * exact, (errors, exact)
     weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
     assert np.array_equal(weights["big"], big)
     levels = weights["small"] / (np.abs(weights["small"]).max(axis=0) / QMAX)
