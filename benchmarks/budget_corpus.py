@@ -2,7 +2,8 @@
 
     python benchmarks/budget_corpus.py --part fashion      [--out /tmp/b14]
     python benchmarks/budget_corpus.py --part dense        [--dense-model minilm-l6] [--min-cosine 0.95]
-    python benchmarks/budget_corpus.py --part classifiers  [--models crepe-full,crepe-tiny,ppocr-cls] [--min-agreement 0.95]
+    python benchmarks/budget_corpus.py --part classifiers  [--models crepe-full,crepe-tiny,ppocr-cls]
+                                                           [--min-agreement 0.95]
     python benchmarks/budget_corpus.py --part all          # the three, one conversion at a time
 
 Why three parts (each an acceptance point of issue 14):
@@ -47,8 +48,8 @@ Measured 2026-12-07 (2-core shared x86 host, 1 thread; bundles under /tmp/b14):
 4. crepe-full (200 frames; AVX2 host without VNNI, bundles under /tmp/b15, /tmp/b16): ONNX Runtime plain int8
    95.0% at 0.25x size, 0.37x latency (NNCF with output quantizers, converters/onnx_qdq_fusion.py; before them
    1.10x); OpenVINO plain int8 95.0%, 0.25x, 0.33x; TFLite plain 90.5% (0.85-0.94x: XNNPACK int8 runs at about
-   fp32 speed without VNNI) -> ``mixed:k4`` 98.0% at 0.90x size, 0.92x latency (every mixed rung had died of a
-   32 GB GPTQ H before the cap in converters/weight_rounding.py).
+   fp32 speed without VNNI) -> ``mixed:k4`` 98.5% at 0.55x size but 1.21x latency, so fp16 is kept (0.50x, 0.95x;
+   /tmp/b19). Every mixed rung had died of a 32 GB GPTQ H before the cap in converters/weight_rounding.py.
 """
 
 from __future__ import annotations
