@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from edge_sdk._deps import require
 
-__all__ = ["only_outputs", "ort_session"]
+__all__ = ["dequantized_value", "only_outputs", "ort_session"]
 
 
 def ort_session(model_bytes: bytes) -> Any:
@@ -30,3 +32,21 @@ def only_outputs(model: Any, names: list[str]) -> bytes:
     del m.graph.output[:]
     m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     return m.SerializeToString()
+
+
+def dequantized_value(node: Any, inits: dict[str, Any]) -> np.ndarray | None:
+    """The float64 values a DequantizeLinear of initializers gives, per tensor or along its ``axis``; None when
+    ``node`` is not one or its inputs are not constants."""
+    if node is None or node.op_type != "DequantizeLinear" or any(i not in inits for i in node.input if i):
+        return None
+    nh = require("onnx.numpy_helper", "onnx", "ONNX quantization")
+    x = nh.to_array(inits[node.input[0]]).astype(np.float64)
+    scale = nh.to_array(inits[node.input[1]]).astype(np.float64)
+    zero = nh.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if np.ndim(scale) == 1 and x.ndim > 1:
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = -1
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
+    return (x - zero) * scale

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.converters.onnx_probe import only_outputs, ort_session
+from edge_sdk.converters.onnx_probe import dequantized_value, only_outputs, ort_session
 
 __all__ = ["MAX_SAMPLES", "fold_unfused_conv_weights", "quantize_layer_outputs", "unfused_layer_outputs"]
 
@@ -163,22 +163,6 @@ def quantize_layer_outputs(path: Path, feeds: Sequence[dict[str, np.ndarray]], a
     return len(pairs)
 
 
-def _dequantize(node: Any, inits: dict[str, Any], numpy_helper: Any) -> np.ndarray | None:
-    """The float value of a DequantizeLinear of initializers (per-tensor or per-axis), None otherwise."""
-    if node is None or node.op_type != "DequantizeLinear" or any(i not in inits for i in node.input if i):
-        return None
-    q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-    zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] \
-        else np.zeros_like(scale)
-    if scale.ndim:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale, zero = scale.reshape(shape), zero.reshape(shape)
-    return (q - zero) * scale
-
-
 def fold_unfused_conv_weights(path: Path) -> int:
     """Store the weights of every Conv of the QDQ model at ``path`` that ORT cannot fuse (input not dequantized,
     or output reaching no QuantizeLinear) as fp16 behind a Cast instead of int8 behind a DequantizeLinear, and its
@@ -205,7 +189,7 @@ def fold_unfused_conv_weights(path: Path) -> int:
             if name in made:
                 node.input[k] = made[name]
                 continue
-            value = _dequantize(producer.get(name), inits, numpy_helper)
+            value = dequantized_value(producer.get(name), inits)
             if value is None:
                 continue
             if k == 1:  # weights: fp16 on disk, float32 once ORT folds the Cast at load

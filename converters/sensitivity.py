@@ -29,6 +29,7 @@ import numpy as np
 from edge_sdk._deps import require
 from edge_sdk.calibration import SampleSet
 from edge_sdk.converters.base import ConvertOptions
+from edge_sdk.converters.onnx_probe import dequantized_value
 from edge_sdk.converters.onnx_qdq_backends import feed_array
 from edge_sdk.errors import ConversionError
 
@@ -129,23 +130,6 @@ def _run_outputs(model_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> list
             for i in range(len(runs[0])) if np.issubdtype(np.asarray(runs[0][i]).dtype, np.floating)]
 
 
-def _dequantized(onnx: Any, node: Any, inits: dict[str, Any]) -> np.ndarray | None:
-    """The float values a DequantizeLinear of an initializer gives (None when its inputs are not constants)."""
-    nh = onnx.numpy_helper
-    if node.input[0] not in inits or node.input[1] not in inits:
-        return None
-    x = nh.to_array(inits[node.input[0]]).astype(np.float64)
-    scale = nh.to_array(inits[node.input[1]]).astype(np.float64)
-    zero = nh.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    if np.ndim(scale) == 1 and x.ndim > 1:
-        shape = [1] * x.ndim
-        shape[axis % x.ndim] = -1
-        scale = scale.reshape(shape)
-        zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
-    return ((x - zero) * scale).astype(np.float32)
-
-
 def _only_layer_int8(onnx: Any, fp: Any, q: Any, name: str) -> bytes | None:
     """The fp32 graph with only node ``name`` int8, as the quantized copy ``q`` has it: its activation inputs get
     that copy's QuantizeLinear -> DequantizeLinear pair, its constant inputs (weights, bias) the rounded values.
@@ -163,10 +147,10 @@ def _only_layer_int8(onnx: Any, fp: Any, q: Any, name: str) -> bytes | None:
         dq = q_producer.get(qin)
         if k >= len(node.input) or dq is None or dq.op_type != "DequantizeLinear":
             continue
-        values = _dequantized(onnx, dq, q_inits)
+        values = dequantized_value(dq, q_inits)
         if values is not None:  # a rounded weight / bias: a private copy, so layers sharing it stay float
             fresh = f"{node.input[k]}__int8_alone"
-            m.graph.initializer.append(onnx.numpy_helper.from_array(values, fresh))
+            m.graph.initializer.append(onnx.numpy_helper.from_array(values.astype(np.float32), fresh))
             node.input[k], changed = fresh, True
             continue
         qq = q_producer.get(dq.input[0])
