@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_sdk._deps import require
 
-__all__ = ["dequantized_value", "only_outputs", "ort_session"]
+__all__ = ["dequantized_value", "has_subgraphs", "only_outputs", "ort_session"]
 
 
 def ort_session(model_bytes: bytes) -> Any:
@@ -50,3 +50,8 @@ def dequantized_value(node: Any, inits: dict[str, Any]) -> np.ndarray | None:
         scale = scale.reshape(shape)
         zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
     return (x - zero) * scale
+
+
+def has_subgraphs(graph: Any) -> bool:
+    """Whether any node of ``graph`` carries a subgraph (If / Loop / Scan), which may read outer tensors by name."""
+    return any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute)

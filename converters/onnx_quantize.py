@@ -338,6 +338,20 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
         pre.unlink(missing_ok=True)
         reference.unlink(missing_ok=True)
     floats = _float_outputs(out_path) if options.extra.get("onnx_float_outputs", True) else 0
+    if options.extra.get("onnx_fusion_layout", True):
+        from edge_sdk.converters.onnx_qdq_fusion import ready_for_fusion
+
+        info = {**info, **ready_for_fusion(out_path)}
+    if options.extra.get("onnx_lstm_int8", True):
+        from edge_sdk.converters.onnx_weight_only import quantize_lstm_weights
+
+        info = {**info, **quantize_lstm_weights(out_path)}
+    if options.extra.get("onnx_weight_only_int8", True):
+        from edge_sdk.converters.onnx_weight_only import weight_only_int8
+
+        info = {**info, **weight_only_int8(out_path, set(float_layers))}
+    if {"onnx_lstm_int8", "onnx_fusion_layout", "onnx_weight_only_int8"} & set(info):
+        _check_loads(out_path)
     return {**onnx_versions(), **info, **rounding_info, "onnx_quantizer": tool, "onnx_activation_type": act,
             "onnx_per_channel": str(options.onnx_per_channel),
             "onnx_float_layers": ",".join(float_layers) or "none", "onnx_float_outputs": str(floats)}
@@ -406,6 +420,12 @@ def derive_onnx_precision(ctx: ConversionContext, precision: Precision, note: st
             notes.append("validated on an x86 CPU without VNNI, where ONNX Runtime's fast U8S8 kernels saturate "
                          "(about 3 pp of top-1 on MobileNetV2); VNNI / ARM CPUs and the browser compute exactly, "
                          f"and {_ort.EXACT_INT8_ENV}=1 does here, at fp32 speed")
+        if "onnx_weight_only_int8" in versions:
+            notes.append(f"int8 weights computed in float for the {versions['onnx_weight_only_int8']} the "
+                         "quantizer left float")
+        if "onnx_lstm_int8" in versions:
+            notes.append(f"LSTM weights int8 ({versions['onnx_lstm_int8']}; ONNX Runtime's DynamicQuantizeLSTM "
+                         "quantizes their inputs per call)")
         if versions["onnx_float_outputs"] != "0":
             notes.append("graph outputs are not quantized (no rounding of the final scores)")
     else:  # pragma: no cover - guarded by check_precision
@@ -445,6 +465,12 @@ class OnnxExporter:
                    "NNCF: quantize the outputs of int8 layers it left unquantized, so ORT runs them in int8"),
         OptionSpec("onnx_fp16_unfused_convs", bool, False, (),
                    "NNCF: store the weights of convs ORT cannot fuse as fp16 (faster float convs, 2x int8 bytes)"),
+        OptionSpec("onnx_fusion_layout", bool, True, (),
+                   "move dequantizers to their layer, int32 biases: lets ORT fuse heads it would run in float"),
+        OptionSpec("onnx_lstm_int8", bool, True, (),
+                   "int8 LSTM weights (ONNX Runtime's DynamicQuantizeLSTM); the static quantizers leave them fp32"),
+        OptionSpec("onnx_weight_only_int8", bool, True, (),
+                   "int8 weights (computed in float) for layers the quantizer skipped, not for those kept float"),
         OptionSpec("onnx_float_nodes", (list, tuple), (), (), "node names kept in float"),
         OptionSpec("onnx_float_stem", bool, False, (), "keep the stem (the layers up to the first branch) in float"),
         OptionSpec("onnx_bias_correction", bool, False, (), "correct the int8 biases (ORT's quantizer; NNCF does)"),

@@ -106,6 +106,20 @@ def _match_outputs(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[list[n
     return [got[i] for i in order], order
 
 
+def _class_rows(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first output as one row of class scores per decision, for source and artifact (float64).
+
+    ``[N, C]`` is one decision per sample. ``[N, T, C]`` (a CTC recogniser, a per-token tagger) is one decision per
+    position, classes on the last axis: its top-1 agreement is per position, as a sequence model is judged, not an
+    argmax over all ``T * C`` scores of a sample. Other ranks are scored as one flat vector per sample.
+    """
+    if ref.ndim == 3 and ref.shape[-1] > 1:
+        rows = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    else:
+        rows = ref.reshape(ref.shape[0], -1).astype(np.float64)
+    return rows, got.reshape(rows.shape).astype(np.float64)
+
+
 def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray], *, classifier: bool,
                     labels: np.ndarray | None = None) -> Validation:
     """Metrics of ``got`` against the reference ``ref`` (both stacked per output)."""
@@ -142,8 +156,7 @@ def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray], *, classifier:
     scale = float(np.abs(r_all).max()) or 1.0
     v.checks["max_rel_error"] = v.max_abs_error / scale
     if classifier:
-        r0 = ref[0].reshape(ref[0].shape[0], -1).astype(np.float64)
-        g0 = got[0].reshape(r0.shape).astype(np.float64)
+        r0, g0 = _class_rows(ref[0], got[0])
         top_r, top_g = r0.argmax(1), g0.argmax(1)
         v.top1_agreement = float((top_r == top_g).mean())
         conf = _softmax(r0).max(1) >= 0.5
@@ -155,6 +168,8 @@ def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray], *, classifier:
         v.top5_containment = float((top5 == top_r[:, None]).any(1).mean())
         if labels is not None:
             lab = np.asarray(labels).reshape(-1)[: len(top_g)]
+            if len(lab) != len(top_g):  # per-sample labels cannot score per-position classes
+                return v
             v.accuracy = float((top_g == lab).mean())
             v.source_accuracy = float((top_r == lab).mean())
     return v

@@ -203,8 +203,8 @@ MODELS: list[CorpusModel] = [
                 NO_COREML, _tflite(BASIC_PITCH, BP + "nmp.tflite"), _basic_pitch_audio),
     CorpusModel("ddddocr-ocr", DDDD, "onnx",
                 "ddddocr CRNN (CNN + BiLSTM, CTC): input1 [1,1,64,W] grayscale /255 -> declared [1,seqlen], real "
-                "[T,1,8210] (T = W/8 ...)", NO_COREML,
-                _onnx(DDDD, "ddddocr/common.onnx", input_shape=[1, 1, 64, 192]), _dddd_ocr),
+                "[T,1,8210] (T = W/8 ...; a classifier per position)", NO_COREML,
+                _onnx(DDDD, "ddddocr/common.onnx", input_shape=[1, 1, 64, 192], task="classification"), _dddd_ocr),
     CorpusModel("ddddocr-det", DDDD, "onnx",
                 "ddddocr YOLOX-style detector: images [1,3,416,416] BGR 0..255 letterboxed (pad 114) -> "
                 "output [1,3549,6]", NO_COREML, _onnx(DDDD, "ddddocr/common_det.onnx", input_shape=[1, 3, 416, 416]),
@@ -215,8 +215,10 @@ MODELS: list[CorpusModel] = [
                 _onnx(RAPID, PP + "ch_PP-OCRv4_det_infer.onnx", input_shape=[1, 3, 320, 480], task="other"),
                 _ppocr(320, 480)),
     CorpusModel("ppocr-v4-rec", RAPID, "onnx",
-                "PP-OCRv4 SVTR-LCNet recogniser: x [B,3,48,W] (W dynamic, 320 here) -> softmax [B,W/8,6625] (CTC)",
-                NO_COREML, _onnx(RAPID, PP + "ch_PP-OCRv4_rec_infer.onnx", input_shape=[1, 3, 48, 320]),
+                "PP-OCRv4 SVTR-LCNet recogniser: x [B,3,48,W] (W dynamic, 320 here) -> softmax [B,W/8,6625] (CTC; a "
+                "classifier per position)",
+                NO_COREML, _onnx(RAPID, PP + "ch_PP-OCRv4_rec_infer.onnx", input_shape=[1, 3, 48, 320],
+                      task="classification"),
                 _ppocr(48, 320)),
     CorpusModel("ppocr-cls", RAPID, "onnx",
                 "PP-OCR mobile v2 text-angle classifier: x [B,3,48,192] -> [B,2] (0 / 180 degrees)", NO_COREML,

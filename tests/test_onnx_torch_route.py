@@ -128,6 +128,45 @@ def test_onnx_lstm_is_translated_exactly(tmp_path: Path, bidirectional: bool) ->
         np.testing.assert_allclose(g.numpy(), w, atol=1e-5)
 
 
+def test_matmul_by_a_constant_becomes_a_linear_layer_the_int8_quantizers_annotate(tmp_path: Path) -> None:
+    """onnx2torch turns ONNX MatMul into torch.matmul, which PT2E's int8 quantizer leaves float: PP-OCRv4's
+    recogniser kept its 6625-class head and 12 more fully connected layers fp32 in its "int8" .tflite. A MatMul by
+    a constant matrix (and the constant bias added after it) is now an nn.Linear; a MatMul of two activations
+    (attention) is not touched. The translation stays exact."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_sdk.converters.onnx_torch_route import onnx_to_torch
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["b", "xw"], ["h"]),
+             helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["att"]),  # activation x activation: stays a matmul
+             helper.make_node("MatMul", ["att", "h"], ["ah"]),
+             helper.make_node("MatMul", ["ah", "w2"], ["y"])]  # no bias after it
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])], inits)
+    path = tmp_path / "mm.onnx"
+    import onnx
+
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.standard_normal((1, 5, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    gm = onnx_to_torch(path, tmp_path)
+    kinds = [type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+    linears = [gm.get_submodule(str(n.target)) for n in gm.graph.nodes
+               if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), torch.nn.Linear)]
+    assert len(linears) == 2 and kinds.count("OnnxMatMul") == 2, kinds
+    assert sorted(lin.bias is not None for lin in linears) == [False, True]
+    assert "OnnxBinaryMathOperation" not in kinds  # the bias Add went into the Linear
+    with torch.no_grad():
+        got = gm(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_a_graph_onnx2torch_cannot_translate_fails_in_one_line(tmp_path: Path) -> None:
     gru = torch.nn.GRU(4, 8, batch_first=True).eval()
     path = tmp_path / "gru.onnx"

@@ -249,6 +249,27 @@ def test_integer_pass_through_outputs_do_not_hide_a_broken_float_output() -> Non
     assert not v.failures and v.checks["output_0_integer_equal"] == pytest.approx(124 / 128)
 
 
+def test_sequence_classifier_agreement_is_per_position() -> None:
+    """A CTC recogniser's [N, T, C] output is one decision per position: one wrong position of 40 costs 1/40 of a
+    sample's agreement, where an argmax over all T * C scores would have judged only the single loudest score."""
+    from edge_sdk.converters.validate import compare_outputs
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 40, 30)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    worse = probs.copy()
+    for i in range(5):  # swap top-1 and top-2 at one position per sample
+        order = np.argsort(-worse[i, 7])
+        worse[i, 7, order[[0, 1]]] = worse[i, 7, order[[1, 0]]]
+    v = compare_outputs([probs], [worse], classifier=True)
+    assert v.top1_agreement == pytest.approx(39 / 40) and v.top5_containment == 1.0
+    labels = probs.argmax(-1)  # per-position labels are scored per position
+    v = compare_outputs([probs], [worse], classifier=True, labels=labels)
+    assert v.source_accuracy == 1.0 and v.accuracy == pytest.approx(39 / 40)
+    flat = compare_outputs([probs.reshape(5, -1)], [worse.reshape(5, -1)], classifier=True)
+    assert flat.top1_agreement is not None and flat.top1_agreement != v.top1_agreement
+
+
 def test_keras_custom_layer_needs_and_takes_custom_objects(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A .keras model with a custom layer: without --custom-objects a one-line error says to pass it; with it the
     model converts (in a fresh process, so the class is not already registered by an import)."""
