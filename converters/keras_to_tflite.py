@@ -235,6 +235,9 @@ class TFLiteConverter:
         OptionSpec("tflite_float_layer_weights", str, "fp32", ("fp32", "int8"),
                    help="weights of the tflite_float_layers layers: fp32, or int8 dequantized to float before the "
                         "layer computes (the activations stay float, the file stays small)"),
+        OptionSpec("tflite_hybrid_fc", bool, True, (),
+                   help="PT2E int8: store the fp32 weights of fully connected ops it left float (an LSTM's gates) "
+                        "as int8; LiteRT runs them as hybrid ops"),
         OptionSpec("tflite_float_head", bool, False, (),
                    help="compute the layer(s) writing the graph outputs in float from int8 weights, with float "
                         "outputs (the logits are not rounded to 256 levels)"),

@@ -97,6 +97,39 @@ def float_weights_as_fp16(model: Any, min_elements: int = 1024) -> int:
     return done
 
 
+#: weight inputs (W, R) of OpenVINO's recurrent sequence ops, by op type
+_RECURRENT_WEIGHTS = {"LSTMSequence": (4, 5), "GRUSequence": (3, 4), "RNNSequence": (3, 4)}
+
+
+def recurrent_weights_int8(model: Any) -> int:
+    """Store the f32 W and R of every LSTM / GRU / RNN sequence op as int8 with one scale per gate row, behind a
+    decompression Convert + Multiply (what NNCF's weight compression writes for MatMuls). NNCF's int8 leaves these
+    ops alone, so their weights were the bulk of a recurrent net's "int8" IR (ddddocr's BiLSTM: 31 % of its
+    parameters). The CPU computes the sequence op in f32 as before; only the stored bytes change. Returns how many
+    weights were converted."""
+    ov = require("openvino", "openvino-convert", "OpenVINO int8 weight storage")
+    ops = require("openvino.opset13", "openvino-convert", "OpenVINO int8 weight storage")
+    done = 0
+    for op in model.get_ordered_ops():
+        for k in _RECURRENT_WEIGHTS.get(op.get_type_name(), ()):
+            src = op.input(k).get_source_output().get_node()
+            if src.get_type_name() != "Constant" or src.get_element_type() != ov.Type.f32:
+                continue
+            w = src.get_data().astype(np.float32)
+            if w.ndim != 3 or not np.isfinite(w).all():
+                continue
+            amax = np.abs(w).max(axis=2, keepdims=True)
+            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            convert = ops.convert(ops.constant(q), "f32")
+            decompress = ops.multiply(convert, ops.constant(scale))
+            for node in (convert, decompress):
+                node.get_rt_info()["decompression"] = ""
+            op.input(k).replace_source_output(decompress.output(0))
+            done += int(w.size)
+    return done
+
+
 def _is_weight_input(node: Any) -> bool:
     """Whether a constant feeding ``node`` is a layer's weights (directly, or through the Reshape of a grouped
     convolution's weights)."""
@@ -152,6 +185,8 @@ class OnnxToOpenVINO:
         OptionSpec("openvino_range_estimator", str, None, tuple(_RANGES), "activation-range estimator"),
         OptionSpec("openvino_float_weights", str, "fp16", ("fp16", "fp32"),
                    "int8 models: how the weights of layers kept in float are stored (computed in f32 either way)"),
+        OptionSpec("openvino_recurrent_int8", bool, True, (),
+                   "int8 models: store LSTM / GRU / RNN weights as int8 (NNCF leaves them f32; computed in f32)"),
     )
 
     def convert(self, ctx: ConversionContext, precision: Precision) -> list[ArtifactDraft]:
@@ -254,4 +289,8 @@ class OnnxToOpenVINO:
             stored = float_weights_as_fp16(quantized)
             if stored:
                 notes.append(f"{stored} weights of layers kept in float stored as fp16 (computed in f32)")
+        if extra.get("openvino_recurrent_int8", True):
+            stored = recurrent_weights_int8(quantized)
+            if stored:
+                notes.append(f"{stored} LSTM / GRU / RNN weights stored as int8 with per-row scales (computed in f32)")
         return quantized, notes

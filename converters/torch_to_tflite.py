@@ -180,6 +180,14 @@ class TorchToTFLite(TFLiteConverter):
                                   "torch.export.export(model, example_inputs), or use --format onnx") from None
         out = ctx.path_for(Format.TFLITE, precision, ".tflite")
         edge_model.export(str(out))
+        if precision is Precision.INT8 and ctx.options.extra.get("tflite_hybrid_fc", True):
+            from edge_sdk.converters.tflite_weight_only import hybrid_fully_connected
+
+            data, n = hybrid_fully_connected(out.read_bytes())
+            if n:
+                out.write_bytes(data)
+                notes.append(f"{n} weights of fully connected ops PT2E left float (an LSTM's gates) stored int8: "
+                             "LiteRT runs them as hybrid ops (input quantized per call)")
         summary = tflite_summary(out)
         check_builtin_ops(summary, "litert-torch")
         if precision is Precision.INT8 and "DEQUANTIZE" in summary["ops"]:
