@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_sdk._deps import require
 
-__all__ = ["dequantized_value", "has_subgraphs", "only_outputs", "ort_session"]
+__all__ = ["dequantized_value", "has_subgraphs", "only_outputs", "ort_session", "relay_nodes"]
 
 
 def ort_session(model_bytes: bytes) -> Any:
@@ -55,3 +55,23 @@ def dequantized_value(node: Any, inits: dict[str, Any]) -> np.ndarray | None:
 def has_subgraphs(graph: Any) -> bool:
     """Whether any node of ``graph`` carries a subgraph (If / Loop / Scan), which may read outer tensors by name."""
     return any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute)
+
+
+def relay_nodes(graph: Any, before: dict[str, list[Any]], removed: set[tuple[str, str]] = frozenset()) -> None:
+    """Re-lay ``graph.node`` in one pass (inserting into a repeated field one node at a time is quadratic): each
+    node whose first output is a key of ``before`` gets those nodes (copied) right before it; a node whose
+    ``(op_type, first output)`` is in ``removed`` is dropped."""
+    onnx = require("onnx", "onnx", "ONNX graph editing")
+    ordered = []
+    for node in graph.node:
+        key = node.output[0] if node.output else ""
+        for extra in before.get(key, ()):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(extra)
+            ordered.append(copy)
+        if (node.op_type, key) not in removed:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            ordered.append(copy)
+    del graph.node[:]
+    graph.node.extend(ordered)

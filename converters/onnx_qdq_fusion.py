@@ -34,7 +34,13 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.converters.onnx_probe import dequantized_value, has_subgraphs, only_outputs, ort_session
+from edge_sdk.converters.onnx_probe import (
+    dequantized_value,
+    has_subgraphs,
+    only_outputs,
+    ort_session,
+    relay_nodes,
+)
 
 __all__ = ["MAX_SAMPLES", "fold_unfused_conv_weights", "quantize_layer_outputs", "ready_for_fusion",
            "unfused_layer_outputs"]
@@ -248,10 +254,12 @@ def _sink_dequantize(graph: Any, inits: dict[str, Any]) -> int:
     (Transpose, Reshape, Squeeze, Unsqueeze, Flatten, each with one consumer) to right before that input: the layout
     ops then move int8 values, and ORT sees DQ -> layer, the pattern it fuses. Exact: per-tensor scale and zero
     point commute with any layout op."""
-    producer, consumers = _graph_maps(graph)
+    producer, consumers = _graph_maps(graph)  # the chains are disjoint: one map serves every move
     outputs = {o.name for o in graph.output}
-    moved = 0
-    for node in list(graph.node):
+    before: dict[str, list[Any]] = {}
+    removed: set[tuple[str, str]] = set()
+    stale: set[str] = set()  # tensors whose element type changes (int8 now): their value_info goes
+    for node in graph.node:
         if node.op_type not in _WEIGHTED:
             continue
         for k in range(min(2, len(node.input))):
@@ -270,14 +278,14 @@ def _sink_dequantize(graph: Any, inits: dict[str, Any]) -> int:
             first.input[0] = dq.input[0]
             last.output[0] = f"{target}_quantized"
             dq.input[0], dq.output[0] = last.output[0], target
-            graph.node.remove(dq)
-            graph.node.insert(list(graph.node).index(last) + 1, dq)
-            stale = {c.output[0] for c in chain} | {target}
-            for vi in [v for v in graph.value_info if v.name in stale]:  # their element type changed
-                graph.value_info.remove(vi)
-            producer, consumers = _graph_maps(graph)
-            moved += 1
-    return moved
+            removed.add(("DequantizeLinear", target))  # its old place; a copy goes right before the layer
+            before.setdefault(node.output[0], []).append(dq)
+            stale |= {c.output[0] for c in chain} | {target}
+    if before:
+        relay_nodes(graph, before, removed)
+        for vi in [v for v in graph.value_info if v.name in stale]:
+            graph.value_info.remove(vi)
+    return sum(len(v) for v in before.values())
 
 
 def _int32_biases(graph: Any, inits: dict[str, Any]) -> int:
@@ -289,8 +297,8 @@ def _int32_biases(graph: Any, inits: dict[str, Any]) -> int:
     onnx = require("onnx", "onnx", "ONNX quantization")
     numpy_helper = require("onnx.numpy_helper", "onnx", "ONNX quantization")
     producer = _graph_maps(graph)[0]
-    done, replaced = 0, set()
-    for node in list(graph.node):
+    done, replaced, before = 0, set(), {}
+    for node in graph.node:
         if node.op_type not in _BIASED or len(node.input) < 3 or node.input[2] not in inits:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -324,10 +332,12 @@ def _int32_biases(graph: Any, inits: dict[str, Any]) -> int:
         extra = {"axis": 0} if scale.ndim == 1 else {}
         dq = onnx.helper.make_node("DequantizeLinear", [f"{base}_int32", f"{base}_scale"], [f"{base}_dequantized"],
                                    name=f"{base}_dequantize", **extra)
-        graph.node.insert(list(graph.node).index(node), dq)
+        before[node.output[0]] = [dq]
         replaced.add(node.input[2])
         node.input[2] = f"{base}_dequantized"
         done += 1
+    if before:
+        relay_nodes(graph, before)
     if not has_subgraphs(graph):  # a subgraph may read an outer initializer by name: then keep them all
         used = {i for n in graph.node for i in n.input}
         for init in [i for i in graph.initializer if i.name in replaced and i.name not in used]:

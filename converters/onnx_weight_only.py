@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.converters.onnx_probe import has_subgraphs
+from edge_sdk.converters.onnx_probe import has_subgraphs, relay_nodes
 
 __all__ = ["MIN_WEIGHTS", "quantize_lstm_weights", "weight_only_int8"]
 
@@ -71,7 +71,7 @@ def quantize_lstm_weights(path: Path) -> dict[str, str]:
         for x in n.input:
             users[x] = users.get(x, 0) + 1
     nested = has_subgraphs(graph)  # a subgraph may read an initializer by name: then none is removed
-    done, skipped = 0, []
+    done, skipped, before, removed = 0, [], {}, set()
     for node in lstms:
         w_name, r_name = node.input[1], node.input[2]
         if _attr(node, "layout", 0) != 0:
@@ -98,13 +98,15 @@ def quantize_lstm_weights(path: Path) -> dict[str, str]:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name != "layout"}
         quant = onnx.helper.make_node("DynamicQuantizeLSTM", new_inputs, list(node.output),
                                       name=(node.name or "LSTM") + "_int8", domain=MS_DOMAIN, **attrs)
-        graph.node.insert(list(graph.node).index(node), quant)
-        graph.node.remove(node)
+        before[node.output[0]] = [quant]
+        removed.add(("LSTM", node.output[0]))
         for name in (w_name, r_name):
             users[name] -= 1
             if users[name] == 0 and not nested:  # no other node reads the fp32 copy
                 graph.initializer.remove(inits.pop(name))
         done += 1
+    if before:
+        relay_nodes(graph, before, removed)
     if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     onnx.save_model(model, str(path))
@@ -150,8 +152,8 @@ def weight_only_int8(path: Path, keep_float: set[str]) -> dict[str, str]:
         for x in n.input:
             users[x] = users.get(x, 0) + 1
     nested = has_subgraphs(graph)
-    done = 0
-    for node in list(graph.node):
+    done, before = 0, {}
+    for node in graph.node:
         axis = _weight_axis(node)
         if axis is None or node.name in keep_float or len(node.input) < 2:
             continue
@@ -169,12 +171,13 @@ def weight_only_int8(path: Path, keep_float: set[str]) -> dict[str, str]:
                                   numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_zp")])
         dq = onnx.helper.make_node("DequantizeLinear", [base, f"{base}_scale", f"{base}_zp"], [f"{base}_dequantized"],
                                    name=f"{base}_dequantize", axis=axis)
-        graph.node.insert(list(graph.node).index(node), dq)
+        before[node.output[0]] = [dq]
         node.input[1] = f"{base}_dequantized"
         if not nested:
             graph.initializer.remove(inits.pop(name))
         done += 1
     if not done:
         return {}
+    relay_nodes(graph, before)
     onnx.save_model(model, str(path))
     return {"onnx_weight_only_int8": f"{done} layers"}
