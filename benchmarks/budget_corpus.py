@@ -2,7 +2,7 @@
 
     python benchmarks/budget_corpus.py --part fashion      [--out /tmp/b14]
     python benchmarks/budget_corpus.py --part dense        [--dense-model minilm-l6] [--min-cosine 0.95]
-    python benchmarks/budget_corpus.py --part classifiers  [--models crepe-full,crepe-tiny,ppocr-cls]
+    python benchmarks/budget_corpus.py --part classifiers  [--models crepe-full,ddddocr-ocr,ppocr-v4-rec]
                                                            [--min-agreement 0.95]
     python benchmarks/budget_corpus.py --part all          # the three, one conversion at a time
 
@@ -50,6 +50,13 @@ Measured 2026-12-07 (2-core shared x86 host, 1 thread; bundles under /tmp/b14):
    1.10x); OpenVINO plain int8 95.0%, 0.25x, 0.33x; TFLite plain 90.5% (0.85-0.94x: XNNPACK int8 runs at about
    fp32 speed without VNNI) -> ``mixed:k4`` 98.5% at 0.55x size but 1.21x latency, so fp16 is kept (0.50x, 0.95x;
    /tmp/b19). Every mixed rung had died of a 32 GB GPTQ H before the cap in converters/weight_rounding.py.
+   On a VNNI host (2026-12-07, /tmp/c1): TFLite plain int8 90.5% at 0.28x latency; ``mixed:k1`` 96.5%, 0.55x size,
+   0.98x (its float layer is the 65536-input conv).
+5. The CTC text recognisers, classifiers per position (``--models ppocr-v4-rec,ddddocr-ocr``; VNNI host,
+   2026-12-07, /tmp/d1 and /tmp/e2): see the README's "Other real models" for the tables. Before the passes of
+   converters/onnx_weight_only.py, converters/onnx_qdq_fusion.py ``ready_for_fusion``, onnx_to_openvino
+   ``recurrent_weights_int8``, converters/tflite_weight_only.py and onnx_torch_route ``linear_layers``, their
+   "int8" kept fp32 LSTMs, SE convs and fully connected layers (0.32-0.58x fp32 size).
 """
 
 from __future__ import annotations
@@ -305,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fashion: also run the max_drop_pp=0.3 budget on targets already within the goal")
     p.add_argument("--dense-model", default="minilm-l6")
     p.add_argument("--min-cosine", type=float, default=0.95)
-    p.add_argument("--models", default="crepe-full,crepe-tiny,ppocr-cls", help="comma-separated corpus classifiers")
+    p.add_argument("--models", default="crepe-full,ddddocr-ocr,ppocr-v4-rec",
+                   help="comma-separated corpus classifiers (crepe-tiny and ppocr-cls too)")
     p.add_argument("--min-agreement", type=float, default=0.95)
     p.add_argument("--n-calib", type=int, default=None, help="calibration inputs (dense 64, classifiers 100)")
     p.add_argument("--n-val", type=int, default=None, help="held-out inputs (dense 48, classifiers 200)")

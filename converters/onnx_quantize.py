@@ -101,6 +101,19 @@ def _at_least_opset(path: Path, out: Path) -> Path:
     return out
 
 
+def _hard_swish(pre: Path) -> dict[str, str]:
+    """Fuse the hard-swish patterns of the pre-processed file in place (converters/onnx_hard_swish.py)."""
+    from edge_sdk.converters.onnx_hard_swish import fuse_hard_swish
+
+    onnx = require("onnx", "onnx", "ONNX quantization")
+    model = onnx.load(str(pre))
+    fused = fuse_hard_swish(model)
+    if not fused:
+        return {}
+    onnx.save_model(model, str(pre))
+    return {"onnx_hard_swish_fused": str(fused)}
+
+
 def _weight_rounding(options: ConvertOptions) -> str:
     """How int8 weights are rounded: ``options.extra['onnx_weight_rounding']``, ``nearest`` (default) or ``gptq``
     (error-compensating rounding on the calibration data, converters/weight_rounding.py).
@@ -281,6 +294,8 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
     rounding = _weight_rounding(options)
     pre = _pre_process(fp32_path, out_path)
     rounding_info: dict[str, str] = {"onnx_weight_rounding": rounding}
+    if options.extra.get("onnx_fuse_hard_swish", True):
+        rounding_info.update(_hard_swish(pre))
     correct = _bias_correction(options, tool)
     reference = pre.with_name(pre.stem + ".fp32.onnx")  # what the bias correction matches: before GPTQ rounds
     if correct:
@@ -465,6 +480,8 @@ class OnnxExporter:
                    "NNCF: quantize the outputs of int8 layers it left unquantized, so ORT runs them in int8"),
         OptionSpec("onnx_fp16_unfused_convs", bool, False, (),
                    "NNCF: store the weights of convs ORT cannot fuse as fp16 (faster float convs, 2x int8 bytes)"),
+        OptionSpec("onnx_fuse_hard_swish", bool, True, (),
+                   "int8: hard-swish written as Add/Clip/Mul/Div becomes one HardSwish op before quantization"),
         OptionSpec("onnx_fusion_layout", bool, True, (),
                    "move dequantizers to their layer, int32 biases: lets ORT fuse heads it would run in float"),
         OptionSpec("onnx_lstm_int8", bool, True, (),

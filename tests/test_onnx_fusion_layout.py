@@ -199,3 +199,40 @@ def test_real_ddddocr_int8_is_a_quarter_of_fp32_and_runs_every_layer_in_int8(tmp
     agree = {on: float(np.mean([(a == r).mean() for a, r in zip(predictions(paths[on]["int8"]), ref, strict=True)]))
              for on in (False, True)}
     assert agree[True] >= agree[False] - 0.005 and agree[True] >= 0.95, agree
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_hard_swish_written_out_becomes_one_op_with_the_same_values(tmp_path: Path, opset: int) -> None:
+    """Paddle2ONNX writes hard-swish as Add -> Clip -> Mul -> Div (PP-OCRv4's recogniser: 28 of them, float between
+    its int8 layers). Both written forms (/ 6 and * 1/6) become one HardSwish (opset >= 14) or HardSigmoid * x; a
+    Clip to other bounds is left alone; the values stay."""
+    from edge_sdk.converters.onnx_hard_swish import fuse_hard_swish
+
+    def scalar(v: float, name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(v, np.float32), name)
+
+    inits = [scalar(3.0, "three"), scalar(0.0, "zero"), scalar(6.0, "six"), scalar(1 / 6, "sixth"),
+             scalar(4.0, "four")]
+    nodes = [helper.make_node("Add", ["x", "three"], ["a1"]), helper.make_node("Clip", ["a1", "zero", "six"], ["c1"]),
+             helper.make_node("Mul", ["x", "c1"], ["m1"]), helper.make_node("Div", ["m1", "six"], ["h1"]),
+             helper.make_node("Add", ["three", "h1"], ["a2"]),  # the other operand order, * 1/6
+             helper.make_node("Clip", ["a2", "zero", "six"], ["c2"]), helper.make_node("Mul", ["c2", "h1"], ["m2"]),
+             helper.make_node("Mul", ["m2", "sixth"], ["h2"]),
+             helper.make_node("Add", ["h2", "three"], ["a3"]),  # relu4, not relu6: not a hard-swish
+             helper.make_node("Clip", ["a3", "zero", "four"], ["c3"]), helper.make_node("Mul", ["h2", "c3"], ["m3"]),
+             helper.make_node("Div", ["m3", "six"], ["y"])]
+    graph = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    path, fused = tmp_path / "hs.onnx", tmp_path / "hs_fused.onnx"
+    onnx.save_model(model, str(path))
+    assert fuse_hard_swish(model) == 2
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(fused))
+    ops = [n.op_type for n in model.graph.node]
+    if opset >= 14:
+        assert ops.count("HardSwish") == 2 and ops.count("Clip") == 1 and ops.count("Div") == 1, ops
+    else:
+        assert ops.count("HardSigmoid") == 2 and ops.count("Clip") == 1, ops
+    x = {"x": np.linspace(-8, 8, 128, dtype=np.float32).reshape(2, 64)}
+    np.testing.assert_allclose(_run(fused, x)[0], _run(path, x)[0], rtol=1e-5, atol=1e-5)
