@@ -85,36 +85,30 @@ def fuse_hard_swish(model: Any) -> int:
     def attrs(n: Any) -> dict[str, Any]:
         return {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
 
+    def gated(mul: Any, gate_op: str) -> str | None:
+        """``x`` when ``mul`` is ``x * gate(x)`` with a ``gate_op`` gate, in either operand order."""
+        if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+            return None
+        for gate_name in mul.input:
+            gate = producer.get(gate_name)
+            x = _gate_input(gate, producer, inits, attrs) if gate is not None and gate.op_type == gate_op else None
+            if x is not None and _other(mul, gate_name) == x:
+                return x
+        return None
+
     before: dict[str, list[Any]] = {}
     removed: set[tuple[str, str]] = set()
     for node in graph.node:
-        # x * gate(x) [/ 6 or * 1/6 after the Clip form], in either operand order
-        if node.op_type in ("Div", "Mul") and len(node.input) == 2:
+        x = None
+        if node.op_type in ("Div", "Mul") and len(node.input) == 2:  # (x * relu6(x + 3)) / 6 or * 1/6
             scale = _const(node.input[1], inits)
-            inner = producer.get(node.input[0])
-            if inner is not None and inner.op_type == "Mul" and (
-                    (node.op_type == "Div" and _near(scale, 6.0)) or (node.op_type == "Mul" and _near(scale, 1 / 6))):
-                for gate_name in inner.input:
-                    gate = producer.get(gate_name)
-                    if gate is None or gate.op_type != "Clip":
-                        continue
-                    x = _gate_input(gate, producer, inits, attrs)
-                    if x is not None and _other(inner, gate_name) == x:
-                        before[node.output[0]] = _hard_swish(onnx, x, node.output[0], node.name, native)
-                        removed.add((node.op_type, node.output[0]))
-                        break
-                if node.output[0] in before:
-                    continue
-        if native and node.op_type == "Mul" and len(node.input) == 2:
-            for gate_name in node.input:
-                gate = producer.get(gate_name)
-                if gate is None or gate.op_type != "HardSigmoid":
-                    continue
-                x = _gate_input(gate, producer, inits, attrs)
-                if x is not None and _other(node, gate_name) == x:
-                    before[node.output[0]] = _hard_swish(onnx, x, node.output[0], node.name, native)
-                    removed.add(("Mul", node.output[0]))
-                    break
+            if _near(scale, 6.0 if node.op_type == "Div" else 1 / 6):
+                x = gated(producer.get(node.input[0]), "Clip")
+        if x is None and native:  # x * HardSigmoid(x): already two ops; one with HardSwish
+            x = gated(node, "HardSigmoid")
+        if x is not None:
+            before[node.output[0]] = _hard_swish(onnx, x, node.output[0], node.name, native)
+            removed.add((node.op_type, node.output[0]))
     if not before:
         return 0
     relay_nodes(graph, before, removed)
