@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_sdk._deps import require
 
-__all__ = ["dequantized_value", "has_subgraphs", "only_outputs", "ort_session", "relay_nodes"]
+__all__ = ["dequantized_value", "has_subgraphs", "node_key", "only_outputs", "ort_session", "relay_nodes"]
 
 
 def ort_session(model_bytes: bytes) -> Any:
@@ -57,14 +57,19 @@ def has_subgraphs(graph: Any) -> bool:
     return any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute)
 
 
+def node_key(node: Any) -> str:
+    """A node's first non-empty output name: unique in a valid graph (an optional first output may be "")."""
+    return next((o for o in node.output if o), "")
+
+
 def relay_nodes(graph: Any, before: dict[str, list[Any]], removed: set[tuple[str, str]] = frozenset()) -> None:
     """Re-lay ``graph.node`` in one pass (inserting into a repeated field one node at a time is quadratic): each
-    node whose first output is a key of ``before`` gets those nodes (copied) right before it; a node whose
-    ``(op_type, first output)`` is in ``removed`` is dropped."""
+    node whose :func:`node_key` is a key of ``before`` gets those nodes (copied) right before it; a node whose
+    ``(op_type, node_key)`` is in ``removed`` is dropped."""
     onnx = require("onnx", "onnx", "ONNX graph editing")
     ordered = []
     for node in graph.node:
-        key = node.output[0] if node.output else ""
+        key = node_key(node)
         for extra in before.get(key, ()):
             copy = onnx.NodeProto()
             copy.CopyFrom(extra)

@@ -37,6 +37,7 @@ from edge_sdk._deps import require
 from edge_sdk.converters.onnx_probe import (
     dequantized_value,
     has_subgraphs,
+    node_key,
     only_outputs,
     ort_session,
     relay_nodes,
@@ -279,7 +280,7 @@ def _sink_dequantize(graph: Any, inits: dict[str, Any]) -> int:
             last.output[0] = f"{target}_quantized"
             dq.input[0], dq.output[0] = last.output[0], target
             removed.add(("DequantizeLinear", target))  # its old place; a copy goes right before the layer
-            before.setdefault(node.output[0], []).append(dq)
+            before.setdefault(node_key(node), []).append(dq)
             stale |= {c.output[0] for c in chain} | {target}
     if before:
         relay_nodes(graph, before, removed)
@@ -332,7 +333,7 @@ def _int32_biases(graph: Any, inits: dict[str, Any]) -> int:
         extra = {"axis": 0} if scale.ndim == 1 else {}
         dq = onnx.helper.make_node("DequantizeLinear", [f"{base}_int32", f"{base}_scale"], [f"{base}_dequantized"],
                                    name=f"{base}_dequantize", **extra)
-        before[node.output[0]] = [dq]
+        before[node_key(node)] = [dq]
         replaced.add(node.input[2])
         node.input[2] = f"{base}_dequantized"
         done += 1

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.converters.onnx_probe import has_subgraphs, relay_nodes
+from edge_sdk.converters.onnx_probe import has_subgraphs, node_key, relay_nodes
 
 __all__ = ["MIN_WEIGHTS", "quantize_lstm_weights", "weight_only_int8"]
 
@@ -98,8 +98,8 @@ def quantize_lstm_weights(path: Path) -> dict[str, str]:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name != "layout"}
         quant = onnx.helper.make_node("DynamicQuantizeLSTM", new_inputs, list(node.output),
                                       name=(node.name or "LSTM") + "_int8", domain=MS_DOMAIN, **attrs)
-        before[node.output[0]] = [quant]
-        removed.add(("LSTM", node.output[0]))
+        before[node_key(node)] = [quant]
+        removed.add(("LSTM", node_key(node)))
         for name in (w_name, r_name):
             users[name] -= 1
             if users[name] == 0 and not nested:  # no other node reads the fp32 copy
@@ -171,7 +171,7 @@ def weight_only_int8(path: Path, keep_float: set[str]) -> dict[str, str]:
                                   numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_zp")])
         dq = onnx.helper.make_node("DequantizeLinear", [base, f"{base}_scale", f"{base}_zp"], [f"{base}_dequantized"],
                                    name=f"{base}_dequantize", axis=axis)
-        before[node.output[0]] = [dq]
+        before[node_key(node)] = [dq]
         node.input[1] = f"{base}_dequantized"
         if not nested:
             graph.initializer.remove(inits.pop(name))

@@ -126,6 +126,19 @@ def test_lstm_weights_become_int8_and_the_outputs_stay(tmp_path: Path) -> None:
     record = quantize_lstm_weights(major)
     assert record == {"onnx_lstm_int8": "0 of 1 LSTM (float: rnn: batch-major layout)"}, record
     assert [n.op_type for n in onnx.load(str(major)).graph.node] == ["LSTM"]
+    # only the last hidden state used: the LSTM's first output is "" (optional), the rewrite still finds it
+    last = tmp_path / "lstm_last_state.onnx"
+    feeds = _lstm_model(last, rng)
+    m = onnx.load(str(last))
+    m.graph.node[0].output[0] = ""
+    m.graph.node[0].output[1] = "y"
+    m.graph.output[0].type.tensor_type.shape.Clear()
+    onnx.save_model(m, str(last))
+    ref = _run(last, feeds)[0]
+    assert quantize_lstm_weights(last) == {"onnx_lstm_int8": "1 of 1 LSTM"}
+    assert [n.op_type for n in onnx.load(str(last)).graph.node] == ["DynamicQuantizeLSTM"]
+    got = _run(last, feeds)[0]
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 0.05
 
 
 def test_layers_the_quantizer_skipped_get_int8_weights_and_layers_kept_float_do_not(tmp_path: Path) -> None:
