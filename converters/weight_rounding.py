@@ -38,6 +38,10 @@ _MAX_PATCH_FLOATS = 64_000_000  # im2col of one sample of one layer above this (
 #: H (groups x cols x cols, float64) above this (128 MB) keeps nearest too: CREPE full's second conv reads 1024
 #: channels x 64 taps, a 65536 x 65536 H of 32 GB, and GPTQ's inverse needs more again
 _MAX_HESSIAN_FLOATS = 4096 * 4096
+#: such a layer gets GPTQ over blocks of its inputs instead (H's diagonal blocks, correlations across blocks
+#: ignored) while groups x cols x block stays under this (512 MB): CREPE full's conv, 64 blocks of 1024 inputs
+_MAX_BLOCKED_FLOATS = 64 * 1024 * 1024
+_MIN_BLOCK = 256
 
 
 def conv_patches(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
@@ -54,16 +58,19 @@ def conv_patches(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int
     return v.reshape(group, c // group, ho * wo, kh * kw).transpose(0, 2, 1, 3).reshape(group, ho * wo, -1)
 
 
-def gptq_round(w: np.ndarray, h: np.ndarray, damp: float = 0.01, qmax: int = QMAX) -> tuple[np.ndarray, np.ndarray]:
+def gptq_round(w: np.ndarray, h: np.ndarray, damp: float = 0.01, qmax: int = QMAX, *,
+               scale: np.ndarray | None = None, pin: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ rounding of ``w`` (groups, rows, cols) given ``h`` (groups, cols, cols) = sum of x x^T of the inputs.
 
     Returns (integer levels, scale per row) with ``levels * scale[..., None]`` the rounded weights; each row's
     largest |w| keeps level +-``qmax`` so the scale recomputed from the rounded weights is the same (``qmax`` 64:
-    the 7-bit grid of ORT's ``reduce_range``).
+    the 7-bit grid of ORT's ``reduce_range``). For one block of a row's inputs, ``scale`` (groups, rows) is the
+    whole row's and ``pin`` (groups, rows) the column of this block holding the row's largest weight (-1: none).
     """
     w = w.astype(np.float64)
-    scale = np.abs(w).max(axis=2) / qmax
-    scale[scale == 0] = 1.0
+    if scale is None:
+        scale = np.abs(w).max(axis=2) / qmax
+        scale[scale == 0] = 1.0
     hmat = h.astype(np.float64).copy()
     groups, _rows, cols = w.shape
     diag = np.einsum("gii->gi", hmat)
@@ -75,8 +82,8 @@ def gptq_round(w: np.ndarray, h: np.ndarray, damp: float = 0.01, qmax: int = QMA
         hinv = np.linalg.cholesky(np.linalg.inv(hmat)).transpose(0, 2, 1)  # upper factor of H^-1
     except np.linalg.LinAlgError:
         return np.clip(np.round(w / scale[..., None]), -qmax, qmax), scale  # nearest rounding for this layer
-    amax = np.abs(w).argmax(axis=2)
-    sign = np.sign(np.take_along_axis(w, amax[..., None], axis=2)[..., 0])
+    amax = np.abs(w).argmax(axis=2) if pin is None else pin
+    sign = np.sign(np.take_along_axis(w, np.maximum(amax, 0)[..., None], axis=2)[..., 0])
     work = np.where(dead[:, None, :], 0.0, w)
     q = np.zeros_like(w)
     for i in range(cols):
@@ -99,8 +106,20 @@ class _Layer:
         self.strides, self.pads, self.transposed = strides, pads, transposed
         self.h: np.ndarray | None = None
         self.diag: np.ndarray | None = None  # H's diagonal (groups, cols): kept for layers too large for H
+        self.hb: list[np.ndarray] | None = None  # H's diagonal blocks (groups, b, b), for layers too large for H
         rows = self.rows()
-        self.full = rows.shape[0] * rows.shape[2] ** 2 <= _MAX_HESSIAN_FLOATS
+        groups, cols = rows.shape[0], rows.shape[2]
+        self.full = groups * cols**2 <= _MAX_HESSIAN_FLOATS
+        self.block = 0  # inputs per block of the blocked GPTQ (0: none)
+        if not self.full:
+            b = 4096
+            while b >= _MIN_BLOCK and groups * cols * b > _MAX_BLOCKED_FLOATS:
+                b //= 2
+            self.block = b if b >= _MIN_BLOCK else 0
+
+    def blocks(self) -> list[slice]:
+        cols = self.rows().shape[2]
+        return [slice(i, min(i + self.block, cols)) for i in range(0, cols, self.block)] if self.block else []
 
     def rows(self) -> np.ndarray:
         if self.kind == "matmul":  # (out, in) rows
@@ -133,12 +152,25 @@ class _Layer:
         if self.full:
             h = np.einsum("gpi,gpj->gij", p, p, optimize=True)
             self.h = h if self.h is None else self.h + h
+        elif self.block:
+            parts = [np.matmul(p[:, :, sl].transpose(0, 2, 1), p[:, :, sl]) for sl in self.blocks()]
+            self.hb = parts if self.hb is None else [a + b for a, b in zip(self.hb, parts, strict=True)]
         return True
 
     def rounded(self, damp: float, qmax: int = QMAX) -> np.ndarray:
-        if self.h is None:
+        if self.h is not None:
+            q, scale = gptq_round(self.rows(), self.h, damp, qmax)
+            return self.back(q * scale[..., None])
+        if self.hb is None:
             return self.weight
-        q, scale = gptq_round(self.rows(), self.h, damp, qmax)
+        w = self.rows().astype(np.float64)  # GPTQ per block of inputs, on the whole row's grid
+        scale = np.abs(w).max(axis=2) / qmax
+        scale[scale == 0] = 1.0
+        amax = np.abs(w).argmax(axis=2)
+        q = np.empty_like(w)
+        for sl, hb in zip(self.blocks(), self.hb, strict=True):
+            pin = np.where((amax >= sl.start) & (amax < sl.stop), amax - sl.start, -1)
+            q[:, :, sl] = gptq_round(w[:, :, sl], hb, damp, qmax, scale=scale, pin=pin)[0]
         return self.back(q * scale[..., None])
 
     def nearest_error(self, qmax: int = QMAX) -> float:
@@ -155,6 +187,11 @@ class _Layer:
         if self.h is not None:
             num = float(np.einsum("gri,gij,grj->", d, self.h, d, optimize=True))
             den = float(np.einsum("gri,gij,grj->", w, self.h, w, optimize=True))
+        elif self.hb is not None:  # H's diagonal blocks: correlations within each block counted
+            num = sum(float(np.einsum("gri,gij,grj->", d[:, :, sl], hb, d[:, :, sl], optimize=True))
+                      for sl, hb in zip(self.blocks(), self.hb, strict=True))
+            den = sum(float(np.einsum("gri,gij,grj->", w[:, :, sl], hb, w[:, :, sl], optimize=True))
+                      for sl, hb in zip(self.blocks(), self.hb, strict=True))
         else:
             num = float(np.einsum("gri,gi->", d * d, self.diag, optimize=True))
             den = float(np.einsum("gri,gi->", w * w, self.diag, optimize=True))
@@ -171,8 +208,8 @@ def _accumulate(layers: dict[str, _Layer], inputs: dict[str, list[str]], run: Ca
             for n in names:
                 if n not in skipped and not layers[n].add(np.asarray(values[tensor])):
                     skipped.add(n)
-                    layers[n].h = layers[n].diag = None
-    return sorted(skipped | {n for n, layer in layers.items() if not layer.full})
+                    layers[n].h = layers[n].diag = layers[n].hb = None
+    return sorted(skipped | {n for n, layer in layers.items() if not layer.full and layer.hb is None})
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
