@@ -38,6 +38,7 @@ from edge_sdk.converters.base import (
     register,
 )
 from edge_sdk.converters.onnx_ml_lowering import check_lowered
+from edge_sdk.converters.weight_rounding import symmetric_int8
 from edge_sdk.errors import ConversionError, first_line
 from edge_sdk.formats import Format, Framework, Precision
 from edge_sdk.runtimes.openvino import OV_TRACE_LINES
@@ -118,9 +119,7 @@ def recurrent_weights_int8(model: Any) -> int:
             w = src.get_data().astype(np.float32)
             if w.ndim != 3 or not np.isfinite(w).all():
                 continue
-            amax = np.abs(w).max(axis=2, keepdims=True)
-            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            q, scale = symmetric_int8(w, 2)
             convert = ops.convert(ops.constant(q), "f32")
             decompress = ops.multiply(convert, ops.constant(scale))
             for node in (convert, decompress):

@@ -28,6 +28,7 @@ import numpy as np
 
 from edge_sdk._deps import require
 from edge_sdk.converters.onnx_probe import has_subgraphs, node_key, relay_nodes
+from edge_sdk.converters.weight_rounding import symmetric_int8
 
 __all__ = ["MIN_WEIGHTS", "quantize_lstm_weights", "weight_only_int8"]
 
@@ -39,10 +40,8 @@ MS_DOMAIN = "com.microsoft"
 
 def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row int8 of ``w`` [dirs, 4H, in]: (int8 weights as [dirs, in, 4H], scales [dirs, 4H])."""
-    amax = np.abs(w).max(axis=2)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale[..., None]), -127, 127).astype(np.int8)
-    return np.ascontiguousarray(q.transpose(0, 2, 1)), scale
+    q, scale = symmetric_int8(w, 2)
+    return np.ascontiguousarray(q.transpose(0, 2, 1)), scale[..., 0]
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -116,17 +115,6 @@ def quantize_lstm_weights(path: Path) -> dict[str, str]:
     return {"onnx_lstm_int8": record}
 
 
-def _per_channel_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 of ``w`` with one scale per index of ``axis``: (int8 values, float32 scales)."""
-    moved = np.moveaxis(w, axis, 0)
-    amax = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, scale
-
-
 def _weight_axis(node: Any) -> int | None:
     """The output-channel axis of ``node``'s weight (input 1), or None for ops this pass leaves alone."""
     if node.op_type in ("Conv", "ConvTranspose"):
@@ -164,7 +152,8 @@ def weight_only_int8(path: Path, keep_float: set[str]) -> dict[str, str]:
         w = numpy_helper.to_array(init)
         if w.size < MIN_WEIGHTS or w.ndim < 2 or (node.op_type != "Conv" and w.ndim != 2):
             continue
-        q, scale = _per_channel_int8(w.astype(np.float32), axis)
+        q, scale = symmetric_int8(w.astype(np.float32), tuple(a for a in range(w.ndim) if a != axis))
+        scale = scale.reshape(-1)
         base = f"{name}_weight_int8"
         graph.initializer.extend([numpy_helper.from_array(q, base),
                                   numpy_helper.from_array(scale, f"{base}_scale"),

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
+from edge_sdk.converters.weight_rounding import symmetric_int8
 
 __all__ = ["MIN_WEIGHTS", "hybrid_fully_connected"]
 
@@ -64,9 +65,8 @@ def hybrid_fully_connected(tflite_model: bytes) -> tuple[bytes, int]:
         if w.size != int(np.prod(shape)) or w.size < MIN_WEIGHTS or not np.isfinite(w).all():
             continue
         w = w.reshape(shape)
-        amax = np.abs(w).max(axis=1)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+        q, scale = symmetric_int8(w, 1)
+        scale = scale[:, 0]
         buf.data = np.frombuffer(q.tobytes(), np.uint8)
         for t in tensors:
             t.type = _INT8

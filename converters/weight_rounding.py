@@ -31,7 +31,7 @@ from edge_sdk._deps import require
 from edge_sdk.calibration import SampleSet
 from edge_sdk.errors import ConversionError
 
-__all__ = ["QMAX", "conv_patches", "gptq_onnx", "gptq_round"]
+__all__ = ["QMAX", "conv_patches", "gptq_onnx", "gptq_round", "symmetric_int8"]
 
 QMAX = 127  # symmetric narrow-range int8 weights: levels -127..127
 _MAX_PATCH_FLOATS = 64_000_000  # im2col of one sample of one layer above this (256 MB): that layer keeps nearest
@@ -42,6 +42,14 @@ _MAX_HESSIAN_FLOATS = 4096 * 4096
 #: ignored) while groups x cols x block stays under this (512 MB): CREPE full's conv, 64 blocks of 1024 inputs
 _MAX_BLOCKED_FLOATS = 64 * 1024 * 1024
 _MIN_BLOCK = 256
+
+
+def symmetric_int8(w: np.ndarray, axes: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest symmetric int8 of ``w`` (levels -``QMAX``..``QMAX``), one scale per slice over ``axes``: (int8
+    values, float32 scales = max|w| / ``QMAX`` with ``axes`` kept as size 1; an all-zero slice gets scale 1)."""
+    amax = np.abs(w).max(axis=axes, keepdims=True)
+    scale = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
+    return np.clip(np.rint(w / scale), -QMAX, QMAX).astype(np.int8), scale
 
 
 def conv_patches(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
