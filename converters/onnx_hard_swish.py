@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.converters.onnx_probe import has_subgraphs, relay_nodes
+from edge_sdk.converters.onnx_probe import has_subgraphs, node_attr, relay_nodes
 
 __all__ = ["fuse_hard_swish"]
 
@@ -43,12 +43,12 @@ def _near(value: float | None, want: float) -> bool:
     return value is not None and abs(value - want) <= 1e-6 * max(1.0, abs(want))
 
 
-def _gate_input(gate: Any, producer: dict[str, Any], inits: dict[str, Any], attrs: Any) -> str | None:
+def _gate_input(gate: Any, producer: dict[str, Any], inits: dict[str, Any]) -> str | None:
     """``x`` when ``gate`` computes relu6(x + 3) / 6 (Clip(Add(x, 3), 0, 6) -- divided later) or HardSigmoid(x)
-    with alpha 1/6, beta 0.5; None otherwise. ``attrs`` reads a node's attributes."""
+    with alpha 1/6, beta 0.5; None otherwise."""
     if gate.op_type == "HardSigmoid":
-        a = attrs(gate)
-        return gate.input[0] if _near(a.get("alpha", 0.2), 1 / 6) and _near(a.get("beta", 0.5), 0.5) else None
+        alpha, beta = node_attr(gate, "alpha", 0.2), node_attr(gate, "beta", 0.5)
+        return gate.input[0] if _near(alpha, 1 / 6) and _near(beta, 0.5) else None
     if gate.op_type != "Clip" or len(gate.input) < 3:
         return None
     if not (_near(_const(gate.input[1], inits), 0.0) and _near(_const(gate.input[2], inits), 6.0)):
@@ -82,16 +82,13 @@ def fuse_hard_swish(model: Any) -> int:
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
 
-    def attrs(n: Any) -> dict[str, Any]:
-        return {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-
     def gated(mul: Any, gate_op: str) -> str | None:
         """``x`` when ``mul`` is ``x * gate(x)`` with a ``gate_op`` gate, in either operand order."""
         if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
             return None
         for gate_name in mul.input:
             gate = producer.get(gate_name)
-            x = _gate_input(gate, producer, inits, attrs) if gate is not None and gate.op_type == gate_op else None
+            x = _gate_input(gate, producer, inits) if gate is not None and gate.op_type == gate_op else None
             if x is not None and _other(mul, gate_name) == x:
                 return x
         return None
@@ -122,9 +119,8 @@ def _drop_dead(graph: Any) -> None:
     outputs = {o.name for o in graph.output}
     while True:
         used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.output and not any(o in used for o in n.output)]
-        if not dead:
-            return
         keep = [n for n in graph.node if not n.output or any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            return
         del graph.node[:]
         graph.node.extend(keep)

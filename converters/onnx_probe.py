@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_sdk._deps import require
 
-__all__ = ["dequantized_value", "has_subgraphs", "node_key", "only_outputs", "ort_session", "relay_nodes"]
+__all__ = ["dequantized_value", "has_subgraphs", "node_attr", "node_key", "only_outputs", "ort_session", "relay_nodes"]
 
 
 def ort_session(model_bytes: bytes) -> Any:
@@ -50,6 +50,12 @@ def dequantized_value(node: Any, inits: dict[str, Any]) -> np.ndarray | None:
         scale = scale.reshape(shape)
         zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
     return (x - zero) * scale
+
+
+def node_attr(node: Any, name: str, default: Any = None) -> Any:
+    """The Python value of ``node``'s attribute ``name`` (``default`` when it has none)."""
+    onnx = require("onnx", "onnx", "reading ONNX graphs")
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def has_subgraphs(graph: Any) -> bool:

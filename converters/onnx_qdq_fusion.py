@@ -37,6 +37,7 @@ from edge_sdk._deps import require
 from edge_sdk.converters.onnx_probe import (
     dequantized_value,
     has_subgraphs,
+    node_attr,
     node_key,
     only_outputs,
     ort_session,
@@ -302,8 +303,7 @@ def _int32_biases(graph: Any, inits: dict[str, Any]) -> int:
     for node in graph.node:
         if node.op_type not in _BIASED or len(node.input) < 3 or node.input[2] not in inits:
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Gemm" and float(attrs.get("beta", 1.0)) != 1.0:
+        if node.op_type == "Gemm" and float(node_attr(node, "beta", 1.0)) != 1.0:
             continue
         dq_a, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
         if (dq_a is None or dq_w is None or dq_a.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear"
@@ -314,7 +314,7 @@ def _int32_biases(graph: Any, inits: dict[str, Any]) -> int:
         s_w = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float64)
         if s_w.size > 1:
             axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
-            want = 0 if node.op_type == "Conv" else (0 if attrs.get("transB", 0) else 1)
+            want = 0 if node.op_type == "Conv" else (0 if node_attr(node, "transB", 0) else 1)
             if axis != want or s_w.ndim != 1:
                 continue
         else:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.converters.onnx_probe import has_subgraphs, node_key, relay_nodes
+from edge_sdk.converters.onnx_probe import has_subgraphs, node_attr, node_key, relay_nodes
 from edge_sdk.converters.weight_rounding import symmetric_int8
 
 __all__ = ["MIN_WEIGHTS", "quantize_lstm_weights", "weight_only_int8"]
@@ -42,13 +42,6 @@ def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row int8 of ``w`` [dirs, 4H, in]: (int8 weights as [dirs, in, 4H], scales [dirs, 4H])."""
     q, scale = symmetric_int8(w, 2)
     return np.ascontiguousarray(q.transpose(0, 2, 1)), scale[..., 0]
-
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return a.i if a.type == a.INT else a
-    return default
 
 
 def quantize_lstm_weights(path: Path) -> dict[str, str]:
@@ -73,7 +66,7 @@ def quantize_lstm_weights(path: Path) -> dict[str, str]:
     done, skipped, before, removed = 0, [], {}, set()
     for node in lstms:
         w_name, r_name = node.input[1], node.input[2]
-        if _attr(node, "layout", 0) != 0:
+        if node_attr(node, "layout", 0) != 0:
             skipped.append(f"{node.name or 'LSTM'}: batch-major layout")
             continue
         if w_name not in inits or r_name not in inits:
@@ -120,7 +113,7 @@ def _weight_axis(node: Any) -> int | None:
     if node.op_type in ("Conv", "ConvTranspose"):
         return 0 if node.op_type == "Conv" else None  # ConvTranspose: out channels x group on axis 1, left alone
     if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if node_attr(node, "transB", 0) else 1
     if node.op_type == "MatMul":
         return 1
     return None

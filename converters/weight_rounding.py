@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edge_sdk._deps import require
 from edge_sdk.calibration import SampleSet
+from edge_sdk.converters.onnx_probe import node_attr
 from edge_sdk.errors import ConversionError
 
 __all__ = ["QMAX", "conv_patches", "gptq_onnx", "gptq_round", "symmetric_int8"]
@@ -220,14 +220,6 @@ def _accumulate(layers: dict[str, _Layer], inputs: dict[str, list[str]], run: Ca
     return sorted(skipped | {n for n, layer in layers.items() if not layer.full and layer.hb is None})
 
 
-def _attr(node: Any, name: str, default: Any) -> Any:
-    onnx = require("onnx", "onnx", "GPTQ weight rounding")
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def gptq_onnx(fp32_path: Path, out_path: Path, samples: SampleSet, input_names: list[str], *,
               max_samples: int = 32, damp: float = 0.01, qmax: int = QMAX,
               errors: dict[str, float] | None = None) -> dict[str, str]:
@@ -252,16 +244,16 @@ def gptq_onnx(fp32_path: Path, out_path: Path, samples: SampleSet, input_names: 
         if w.dtype != np.float32 or not node.name:
             continue
         if node.op_type == "Conv":
-            pads = tuple(_attr(node, "pads", [0, 0, 0, 0]))
-            if (w.ndim != 4 or any(d != 1 for d in _attr(node, "dilations", [1, 1])) or len(pads) != 4
-                    or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+            pads = tuple(node_attr(node, "pads", [0, 0, 0, 0]))
+            if (w.ndim != 4 or any(d != 1 for d in node_attr(node, "dilations", [1, 1])) or len(pads) != 4
+                    or node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
                 continue
-            layer = _Layer(node.name, w, "conv", int(_attr(node, "group", 1)), tuple(_attr(node, "strides", [1, 1])),
-                           (pads[0], pads[1], pads[2], pads[3]))
+            layer = _Layer(node.name, w, "conv", int(node_attr(node, "group", 1)),
+                           tuple(node_attr(node, "strides", [1, 1])), (pads[0], pads[1], pads[2], pads[3]))
         elif node.op_type == "Gemm":
-            if w.ndim != 2 or _attr(node, "transA", 0):
+            if w.ndim != 2 or node_attr(node, "transA", 0):
                 continue
-            layer = _Layer(node.name, w, "matmul", transposed=bool(_attr(node, "transB", 0)))
+            layer = _Layer(node.name, w, "matmul", transposed=bool(node_attr(node, "transB", 0)))
         else:
             if w.ndim != 2:
                 continue
