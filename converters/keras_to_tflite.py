@@ -238,6 +238,9 @@ class TFLiteConverter:
         OptionSpec("tflite_hybrid_fc", bool, True, (),
                    help="PT2E int8: store the fp32 weights of fully connected ops it left float (an LSTM's gates) "
                         "as int8; LiteRT runs them as hybrid ops"),
+        OptionSpec("tflite_xnnpack_activations", bool, True, (),
+                   help="int8: fold standalone RELU / RELU6 / RELU_0_TO_1 clamps into the op before them and split "
+                        "HARD_SWISH into MUL / ADD / MUL, which XNNPACK runs (converters/tflite_xnnpack.py)"),
         OptionSpec("tflite_float_head", bool, False, (),
                    help="compute the layer(s) writing the graph outputs in float from int8 weights, with float "
                         "outputs (the logits are not rounded to 256 levels)"),
@@ -246,6 +249,23 @@ class TFLiteConverter:
                         "export, written into the fp32 .tflite before the AI Edge Quantizer runs)"),
     )
     default_quantizer = "native"  # what the int8 path uses without --option tflite_quantizer
+
+    @staticmethod
+    def delegable_int8(ctx: ConversionContext, path: Path, notes: list[str], versions: dict[str, str]) -> None:
+        """Rewrite the int8 ops of ``path`` XNNPACK would leave to LiteRT's reference kernels (standalone clamps,
+        HARD_SWISH; converters/tflite_xnnpack.py), unless ``tflite_xnnpack_activations`` is off; noted."""
+        if not ctx.options.extra.get("tflite_xnnpack_activations", True):
+            return
+        from edge_sdk.converters.tflite_xnnpack import delegable_activations
+
+        data, done = delegable_activations(path.read_bytes())
+        if not done:
+            return
+        path.write_bytes(data)
+        what = ", ".join(f"{n} {name}" for name, n in sorted(done.items()))
+        versions["tflite_xnnpack_activations"] = what
+        notes.append(f"int8 ops XNNPACK does not run rewritten into ops it runs: {what} (clamps folded into the "
+                     "op before them, HARD_SWISH as MUL / ADD / MUL)")
 
     def aeq_or_note(self, ctx: ConversionContext, native: str, notes: list[str]) -> ArtifactDraft | None:
         """:meth:`int8_with_aeq`'s draft, or None after noting why the ``native`` int8 path runs instead."""
@@ -286,12 +306,13 @@ class TFLiteConverter:
             if plan.special:
                 raise
             return None, first_line(exc, 300)
-        summary = tflite_summary(out)
-        check_builtin_ops(summary, "the AI Edge Quantizer")
         kept = {k: v for k, v in fp32.runtime.items()
                 if k not in ("runtime", "input_dtypes", "output_dtypes", "edgetpu", "input_order")}
         notes = [*res.notes, *(n for n in fp32.notes if not n.startswith("TFLite inputs are ordered"))]
         versions = {**fp32.tool_versions, "ai-edge-quantizer": version_of("ai-edge-quantizer")}
+        self.delegable_int8(ctx, out, notes, versions)
+        summary = tflite_summary(out)
+        check_builtin_ops(summary, "the AI Edge Quantizer")
         draft = tflite_draft(out, Precision.INT8, summary, list(ctx.source.input_names), notes, versions,
                              input_layout=fp32.input_layout, extra_runtime=kept)
         draft.runtime["quantizer"] = f"ai-edge-quantizer {res.recipe}"
@@ -481,10 +502,12 @@ class KerasToTFLite(TFLiteConverter):
             notes.append(f"full integer, calibrated on {len(samples)} samples; "
                          + ("int8 inputs/outputs" if int8_io else "float32 inputs/outputs"))
         _run_converter(req, precision)
+        versions = {"tensorflow": tf.__version__, "ai-edge-litert": version_of("ai-edge-litert")}
+        if precision is Precision.INT8:
+            self.delegable_int8(ctx, out, notes, versions)
         summary = tflite_summary(out)
         check_builtin_ops(summary, "the TFLite converter")
-        return [tflite_draft(out, precision, summary, src.input_names, notes,
-                       {"tensorflow": tf.__version__, "ai-edge-litert": version_of("ai-edge-litert")})]
+        return [tflite_draft(out, precision, summary, src.input_names, notes, versions)]
 
 
 def tflite_draft(path: Path, precision: Precision, summary: dict[str, Any], source_inputs: list[str], notes: list[str],

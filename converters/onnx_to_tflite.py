@@ -189,6 +189,10 @@ class OnnxToTFLite(TFLiteConverter):
                                              "cannot be converted at that precision; try fp32 or another target")
         out = ctx.path_for(Format.TFLITE, precision, ".tflite")
         shutil.copyfile(produced, out)
+        versions = {"onnx2tf": version_of("onnx2tf"), "tensorflow": version_of("tensorflow-cpu", "tensorflow"),
+                    "ai-edge-litert": version_of("ai-edge-litert")}
+        if precision is Precision.INT8:
+            self.delegable_int8(ctx, out, notes, versions)
         summary = tflite_summary(out)
         check_builtin_ops(summary, "onnx2tf")
         perms: list[list[int] | None] = []
@@ -210,7 +214,5 @@ class OnnxToTFLite(TFLiteConverter):
                 extra.update(input_layout=layout, input_permutation=list(NCHW_TO_NHWC))
             notes.append("onnx2tf made the inputs channels-last: transpose source inputs with "
                          + ", ".join(str(tuple(p)) for p in perms if p))
-        versions = {"onnx2tf": version_of("onnx2tf"), "tensorflow": version_of("tensorflow-cpu", "tensorflow"),
-                    "ai-edge-litert": version_of("ai-edge-litert")}
         return [tflite_draft(out, precision, summary, src.input_names, notes, versions, input_layout=layout,
                              extra_runtime=extra)]

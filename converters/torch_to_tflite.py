@@ -188,13 +188,15 @@ class TorchToTFLite(TFLiteConverter):
                 out.write_bytes(data)
                 notes.append(f"{n} weights of fully connected ops PT2E left float (an LSTM's gates) stored int8: "
                              "LiteRT runs them as hybrid ops (input quantized per call)")
+        versions = {"torch": torch.__version__, "litert-torch": version_of("litert-torch"),
+                    "ai-edge-litert": version_of("ai-edge-litert")}
+        if precision is Precision.INT8:
+            self.delegable_int8(ctx, out, notes, versions)
         summary = tflite_summary(out)
         check_builtin_ops(summary, "litert-torch")
         if precision is Precision.INT8 and "DEQUANTIZE" in summary["ops"]:
             notes.append("not integer-only: some ops (litert-torch leaves chained residual ADDs unannotated) run "
                          "in float between DEQUANTIZE/QUANTIZE; int8 I/O and weights are unaffected")
         notes.append(f"inputs stay {src.layout or 'in the PyTorch layout'} as in the PyTorch model")
-        versions = {"torch": torch.__version__, "litert-torch": version_of("litert-torch"),
-                    "ai-edge-litert": version_of("ai-edge-litert")}
         extra = {"input_layout": src.layout} if src.layout else {}
         return [tflite_draft(out, precision, summary, src.input_names, notes, versions, extra_runtime=extra)]
