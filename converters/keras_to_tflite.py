@@ -240,7 +240,7 @@ class TFLiteConverter:
                         "as int8; LiteRT runs them as hybrid ops"),
         OptionSpec("tflite_xnnpack_activations", bool, True, (),
                    help="int8: fold standalone RELU / RELU6 / RELU_0_TO_1 clamps into the op before them and split "
-                        "HARD_SWISH into MUL / ADD / MUL, which XNNPACK runs (converters/tflite_xnnpack.py)"),
+                        "HARD_SWISH into MUL / ADD / MUL, which XNNPACK runs (converters/tflite_activations.py)"),
         OptionSpec("tflite_float_head", bool, False, (),
                    help="compute the layer(s) writing the graph outputs in float from int8 weights, with float "
                         "outputs (the logits are not rounded to 256 levels)"),
@@ -253,10 +253,10 @@ class TFLiteConverter:
     @staticmethod
     def delegable_int8(ctx: ConversionContext, path: Path, notes: list[str], versions: dict[str, str]) -> None:
         """Rewrite the int8 ops of ``path`` XNNPACK would leave to LiteRT's reference kernels (standalone clamps,
-        HARD_SWISH; converters/tflite_xnnpack.py), unless ``tflite_xnnpack_activations`` is off; noted."""
+        HARD_SWISH; converters/tflite_activations.py), unless ``tflite_xnnpack_activations`` is off; noted."""
         if not ctx.options.extra.get("tflite_xnnpack_activations", True):
             return
-        from edge_sdk.converters.tflite_xnnpack import delegable_activations
+        from edge_sdk.converters.tflite_activations import delegable_activations
 
         data, done = delegable_activations(path.read_bytes())
         if not done:

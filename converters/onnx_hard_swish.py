@@ -72,12 +72,14 @@ def _hard_swish(onnx: Any, x: str, out: str, name: str, native: bool) -> list[An
             onnx.helper.make_node("Mul", [x, f"{base}_hsigmoid"], [out], name=f"{base}_hswish")]
 
 
-def fuse_hard_swish(model: Any) -> int:
+def fuse_hard_swish(model: Any, native: bool | None = None) -> int:
     """Rewrite each hard-swish pattern of ``model`` (an ``onnx.ModelProto``) into one ``HardSwish`` node (opset >= 14;
-    older graphs get HardSigmoid * x, two ops), in place; returns how many. The pattern's inner ops are removed
-    when nothing else reads them."""
+    older graphs get HardSigmoid * x, two ops, unless ``native`` asks for HardSwish anyway: a reader that is not
+    bound by the opset, onnx2torch), in place; returns how many. The pattern's inner ops are removed when nothing
+    else reads them."""
     onnx = require("onnx", "onnx", "ONNX graph editing")
-    native = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) >= 14
+    if native is None:
+        native = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) >= 14
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}

@@ -160,6 +160,10 @@ def register_extra_converters() -> None:
     for version in (7, 14, 22):
         if missing("LSTM", version):
             registry.add_converter(operation_type="LSTM", version=version)(_convert_lstm)
+    hard_swish = registry.OperationDescription(domain=defs.ONNX_DOMAIN, operation_type="HardSwish", version=14)
+    for version in range(6, 14):  # the route writes HardSwish into older graphs too (onnx_to_torch)
+        if missing("HardSwish", version) and hard_swish in table:
+            registry.add_converter(operation_type="HardSwish", version=version)(table[hard_swish])
     newest = defs.onnx_opset_version()
     for op in _ALIASED:
         versions = sorted({defs.get_schema(op, max_inclusive_version=v).since_version for v in range(13, newest + 1)})

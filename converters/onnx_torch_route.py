@@ -40,7 +40,7 @@ from edge_sdk.converters.onnx_ml_lowering import check_lowered
 from edge_sdk.errors import ConversionError, MissingDependencyError, first_line
 from edge_sdk.formats import Framework, Precision
 
-__all__ = ["OnnxTorchToTFLite", "bake_constant_args", "linear_layers", "onnx_to_torch"]
+__all__ = ["OnnxTorchToTFLite", "bake_constant_args", "linear_layers", "onnx_to_torch", "scalar_operands"]
 
 _MAX_CONST = 64  # shape-like arguments longer than this are data, not shapes: left alone
 
@@ -113,10 +113,12 @@ def _isolate_graph_outputs(proto: Any, helper: Any) -> None:
                                                  name=f"{name}__onnx2torch_identity") for name in split)
 
 
-def onnx_to_torch(model: Path, workdir: Path) -> Any:
-    """The ONNX file as a ``torch.fx.GraphModule`` ready for ``torch.export`` (constant-folded, shapes baked)."""
+def onnx_to_torch(model: Path, workdir: Path, info: dict[str, Any] | None = None) -> Any:
+    """The ONNX file as a ``torch.fx.GraphModule`` ready for ``torch.export`` (constant-folded, shapes baked);
+    what was rewritten on the way goes into ``info`` (``hard_swish_fused``)."""
     onnx = require("onnx", "onnx", "reading ONNX models")
     onnx2torch = _import_onnx2torch()
+    from edge_sdk.converters.onnx_hard_swish import fuse_hard_swish
     from edge_sdk.converters.onnx_torch_ops import prepare_graph, register_extra_converters
 
     register_extra_converters()
@@ -125,6 +127,9 @@ def onnx_to_torch(model: Path, workdir: Path) -> Any:
     _drop_trailing_empty_inputs(proto)
     _isolate_graph_outputs(proto, onnx.helper)
     prepare_graph(proto)
+    fused = fuse_hard_swish(proto, native=True)  # one aten.hardswish: litert-torch keeps it channels-last
+    if info is not None:
+        info["hard_swish_fused"] = fused
     try:
         gm = onnx2torch.convert(proto)
     except NotImplementedError as exc:
@@ -137,7 +142,10 @@ def onnx_to_torch(model: Path, workdir: Path) -> Any:
         raise ConversionError(f"onnx2torch failed on this graph ({type(exc).__name__}: {first_line(exc)}): use "
                               "another target or --route") from None
     bake_constant_args(gm)
-    linear_layers(gm)
+    linear_layers(gm)  # before scalar_operands: a linear layer's bias Add is folded into it
+    scalar = scalar_operands(gm)
+    if info is not None:
+        info["scalar_operands"] = scalar
     return gm.eval()
 
 
@@ -296,6 +304,45 @@ def bake_constant_args(gm: Any) -> int:
     return done
 
 
+# --- one-element constants of Add / Sub / Mul / Div as Python numbers (litert-torch's layout pass) -----------
+
+def scalar_operands(gm: Any) -> int:
+    """Replace each onnx2torch Add / Sub / Mul / Div of a tensor and a one-element float constant by the same
+    operation with a Python number; returns how many. litert-torch moves an op to channels-last only when all its
+    tensor inputs are 4-D: a ``[1]`` constant kept every learnable-affine ``scale * x + bias`` of PP-OCRv4's
+    backbone (and the hard-swish between) in NCHW, 70 TRANSPOSE ops around its 38 convolutions."""
+    import operator
+
+    torch = require("torch", "torch", "converting ONNX models through PyTorch")
+    ops = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul}
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 2 or node.kwargs:
+            continue
+        module = gm.get_submodule(str(node.target))
+        if type(module).__name__ != "OnnxBinaryMathOperation" or module.broadcast == 1:
+            continue
+        fn = next((f for name, f in ops.items() if module.math_op_function is getattr(torch, name.lower())), None)
+        if fn is None and getattr(module.math_op_function, "__name__", "") == "_onnx_div":
+            fn = operator.truediv
+        consts = [_tensor(gm, a) for a in node.args]
+        k = next((i for i, c in enumerate(consts) if c is not None and c.numel() == 1 and c.dim() <= 1
+                  and c.dtype.is_floating_point), None)
+        other = node.args[1 - k] if k is not None else None
+        if fn is None or k is None or getattr(other, "op", None) in (None, "get_attr"):
+            continue
+        value = float(consts[k].reshape(()))
+        args = (other, value) if k == 1 else (value, other)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(fn, args)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        done += 1
+    if done:
+        _tidy(gm)
+    return done
+
+
 # --- MatMul by a constant matrix as nn.Linear (what the int8 quantizers annotate) ----------------------------
 
 def _bias_of(gm: Any, node: Any, n_out: int) -> tuple[Any, Any] | tuple[None, None]:
@@ -367,10 +414,13 @@ class OnnxTorchToTFLite(TFLiteConverter):
 
         sub = self._torch_context(ctx)
         drafts = TorchToTFLite().convert(sub, precision)
+        fused = getattr(sub.source, "rewrites", {}).get("hard_swish_fused", 0)
         for d in drafts:
             d.tool_versions["onnx2torch"] = version_of("onnx2torch")
             d.notes.insert(0, "ONNX translated to PyTorch ops by onnx2torch (constant-folded by ONNX Runtime), "
-                              "then converted by litert-torch; inputs keep the ONNX layout")
+                              "then converted by litert-torch; inputs keep the ONNX layout"
+                              + (f"; {fused} hard-swish patterns (Add/Clip/Mul/Div) as one hardswish each, which "
+                                 "litert-torch keeps channels-last" if fused else ""))
         return drafts
 
     @staticmethod
@@ -384,10 +434,12 @@ class OnnxTorchToTFLite(TFLiteConverter):
 
             src = ctx.source
             check_lowered(src)  # an ai.onnx.ml op that could not be lowered: its reason, not onnx2torch's
-            gm = onnx_to_torch(Path(src.model), ctx.scratch("onnx2torch"))
+            info: dict[str, Any] = {}
+            gm = onnx_to_torch(Path(src.model), ctx.scratch("onnx2torch"), info)
             tsrc = TorchSource(gm, [list(s) for s in src.input_shapes], kind="onnx2torch",
                                input_names=list(src.input_names), input_dtypes=list(src.input_dtypes))
             tsrc.layout = src.layout
+            tsrc.rewrites = info  # what onnx_to_torch rewrote, for the notes
             tsrc.output_names = list(src.output_names)
             sub = ConversionContext(tsrc, ctx.workdir / "via_onnx2torch", calibration=ctx.calibration,
                                     options=ctx.options)

@@ -388,7 +388,9 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
     calibrator = require("ai_edge_quantizer.calibrator", "tflite", "full-integer TFLite quantization")
     qsv_utils = require("ai_edge_quantizer.utils.qsv_utils", "tflite", "full-integer TFLite quantization")
     litert = require("ai_edge_litert.interpreter", "tflite", "inspecting .tflite files")
-    float_model = Path(float_path).read_bytes()
+    from edge_sdk.converters.tflite_activations import aeq_quantizable
+
+    float_model, rewritten = aeq_quantizable(Path(float_path).read_bytes(), activation_bits)
     n = int(arrays[0].shape[0])
     try:
         if not litert.Interpreter(model_content=float_model).get_signature_list():
@@ -452,6 +454,9 @@ def quantize_tflite(float_path: Path, out: Path, arrays: list[np.ndarray], sourc
     what += full
     if bias_correction:
         what += f"; biases of {corrected} layers corrected for the int8 weights' mean error"
+    if rewritten:
+        what += "; " + ", ".join(f"{k} {name}" for name, k in sorted(rewritten.items())) + \
+            " rewritten as MUL / ADD with fused RELU6 first (the quantizer has no kernel for them)"
     res.notes.append(f"AI Edge Quantizer static {_RECIPES[activation_bits]} ({what}), calibrated on {n} samples "
                      f"({_RANGES[ranges]} of {narrowed} inner activations); "
                      + ("mixed int8 / float graph; " if float_scopes else "fully integer graph; ")

@@ -1,4 +1,7 @@
-"""Int8 activations LiteRT's XNNPACK delegate can run: standalone clamps folded, HARD_SWISH rewritten.
+"""TFLite activation ops rewritten into ops the tools can handle: XNNPACK after int8 quantization, the AI Edge
+Quantizer before it.
+
+**After quantization: int8 activations LiteRT's XNNPACK delegate can run** (:func:`delegable_activations`).
 
 A full-integer ``.tflite`` runs fast only where XNNPACK takes its ops. XNNPACK takes int8 convolutions, fully
 connected, ADD / MUL / SUB, MEAN, pooling, but **not** a standalone int8 ``RELU`` / ``RELU6`` / ``RELU_N1_TO_1`` /
@@ -18,8 +21,16 @@ onnx2tf) had 18 HARD_SWISH and 9 RELU_0_TO_1 int8 ops, 28 delegate partitions, a
   (saturation is the clip) -> MUL(x, .), three ops XNNPACK runs. The first MUL's output keeps x's integers
   (its scale is x's / 6), so the only added rounding is the [0, 1] gate in steps of 1/255.
 
-Both need only the int8 graph (no calibration). The edited graph is validated like every artifact. Frameworks are
-imported inside the functions.
+Both need only the int8 graph (no calibration).
+
+**Before quantization: ops the AI Edge Quantizer leaves float** (:func:`aeq_quantizable`). It has no int8 or int16
+``RELU_0_TO_1`` (litert-torch's lowering of a hard-sigmoid, every MobileNetV3 squeeze-excitation gate) and no int16
+``HARD_SWISH``; one such op left the PP-OCRv4 recogniser's int8 to PT2E's graph with float islands. In the fp32
+graph, ``RELU_0_TO_1(x)`` becomes MUL(x, 6) with a fused RELU6 -> MUL(., 1/6), and (for int16 activations)
+``HARD_SWISH(x)`` becomes ADD(x, 3) with a fused RELU6 -> MUL(x, .) -> MUL(., 1/6): the same function, in ops it
+quantizes. The op's output tensor (and its name, which the mixed-precision rungs select ops by) is kept.
+
+The edited graphs are validated like every artifact. Frameworks are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -30,9 +41,9 @@ import numpy as np
 
 from edge_sdk._deps import require
 
-__all__ = ["delegable_activations"]
+__all__ = ["aeq_quantizable", "delegable_activations"]
 
-_INT8 = 9  # tflite TensorType
+_FLOAT32, _INT8 = 0, 9  # tflite TensorType
 _CLAMPS = {"RELU": (0.0, np.inf), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0), "RELU_0_TO_1": (0.0, 1.0)}
 _REQUANTIZING = ("ADD", "SUB", "MUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "MEAN", "BATCH_MATMUL")
 
@@ -77,13 +88,16 @@ class _Graph:
         self.op_names.append(name)
         return len(self.op_names) - 1
 
-    def tensor(self, name: str, shape: list[int], scale: float, zero_point: int, data: bytes | None = None) -> int:
-        """Append an int8 per-tensor tensor (a constant when ``data`` is given); returns its index."""
+    def tensor(self, name: str, shape: list[int], scale: float | None, zero_point: int = 0,
+               data: bytes | None = None) -> int:
+        """Append a per-tensor int8 tensor, or a float32 one when ``scale`` is None (a constant when ``data`` is
+        given); returns its index."""
         s = self.schema
         t = s.TensorT()
-        t.name, t.shape, t.type = name, list(shape), _INT8
-        t.quantization = s.QuantizationParametersT()
-        t.quantization.scale, t.quantization.zeroPoint = [float(scale)], [int(zero_point)]
+        t.name, t.shape, t.type = name, list(shape), _INT8 if scale is not None else _FLOAT32
+        if scale is not None:
+            t.quantization = s.QuantizationParametersT()
+            t.quantization.scale, t.quantization.zeroPoint = [float(scale)], [int(zero_point)]
         buf = s.BufferT()
         if data is not None:
             buf.data = np.frombuffer(data, np.uint8)
@@ -92,13 +106,21 @@ class _Graph:
         self.sg.tensors.append(t)
         return len(self.sg.tensors) - 1
 
-    def binary(self, name: str, a: int, b: int, out: int) -> Any:
+    def binary(self, name: str, a: int, b: int, out: int, fused: str = "NONE") -> Any:
         s = self.schema
         op = s.OperatorT()
         op.opcodeIndex, op.inputs, op.outputs = self.opcode(name), [a, b], [out]
         op.builtinOptionsType = s.BuiltinOptions.MulOptions if name == "MUL" else s.BuiltinOptions.AddOptions
         op.builtinOptions = s.MulOptionsT() if name == "MUL" else s.AddOptionsT()
+        op.builtinOptions.fusedActivationFunction = getattr(s.ActivationFunctionType, fused)
         return op
+
+    def float_scalar(self, name: str, value: float) -> int:
+        return self.tensor(name, [1], None, data=np.float32(value).tobytes())
+
+    def base_name(self, index: int) -> str:
+        name = self.sg.tensors[index].name
+        return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def _fold_clamp(g: _Graph, op: Any) -> bool:
@@ -130,8 +152,7 @@ def _split_hard_swish(g: _Graph, op: Any) -> list[Any] | None:
     if xq is None or g.per_tensor_int8(y) is None:
         return None
     shape = [int(d) for d in g.sg.tensors[x].shape]
-    base = g.sg.tensors[y].name
-    base = base.decode() if isinstance(base, bytes) else str(base)
+    base = g.base_name(y)
     sixth = g.tensor(f"{base}/hard_swish_sixth", [1], (1 / 6) / 127, 0, np.int8(127).tobytes())
     half = g.tensor(f"{base}/hard_swish_half", [1], 0.5 / 127, 0, np.int8(127).tobytes())
     scaled = g.tensor(f"{base}/hard_swish_x6", shape, xq[0] / 6, xq[1])
@@ -139,8 +160,40 @@ def _split_hard_swish(g: _Graph, op: Any) -> list[Any] | None:
     return [g.binary("MUL", x, sixth, scaled), g.binary("ADD", scaled, half, gate), g.binary("MUL", x, gate, y)]
 
 
-def delegable_activations(tflite_model: bytes) -> tuple[bytes, dict[str, int]]:
-    """(``tflite_model`` with its int8 clamps folded and HARD_SWISH split, {op name: how many rewritten})."""
+def _float_io(g: _Graph, op: Any) -> tuple[int, int] | None:
+    """(input, output) of a float32 one-input op, else None."""
+    x, y = int(op.inputs[0]), int(op.outputs[0])
+    ok = g.sg.tensors[x].type == _FLOAT32 and g.sg.tensors[y].type == _FLOAT32
+    return (x, y) if ok else None
+
+
+def _float_relu_0_to_1(g: _Graph, op: Any) -> list[Any] | None:
+    """MUL(x, 6) fused RELU6 -> MUL(., 1/6) in place of a float RELU_0_TO_1."""
+    io = _float_io(g, op)
+    if io is None:
+        return None
+    x, y = io
+    base = g.base_name(y)
+    six = g.tensor(f"{base}/relu6_of_6x", [int(d) for d in g.sg.tensors[x].shape], None)
+    return [g.binary("MUL", x, g.float_scalar(f"{base}/six", 6.0), six, fused="RELU6"),
+            g.binary("MUL", six, g.float_scalar(f"{base}/sixth", 1 / 6), y)]
+
+
+def _float_hard_swish(g: _Graph, op: Any) -> list[Any] | None:
+    """ADD(x, 3) fused RELU6 -> MUL(x, .) -> MUL(., 1/6) in place of a float HARD_SWISH."""
+    io = _float_io(g, op)
+    if io is None:
+        return None
+    x, y = io
+    base, shape = g.base_name(y), [int(d) for d in g.sg.tensors[x].shape]
+    gate = g.tensor(f"{base}/relu6_x_plus_3", shape, None)
+    prod = g.tensor(f"{base}/x_relu6_x_plus_3", shape, None)
+    return [g.binary("ADD", x, g.float_scalar(f"{base}/three", 3.0), gate, fused="RELU6"),
+            g.binary("MUL", x, gate, prod), g.binary("MUL", prod, g.float_scalar(f"{base}/sixth", 1 / 6), y)]
+
+
+def _rewrite(tflite_model: bytes, rules: dict[str, Any]) -> tuple[bytes, dict[str, int]]:
+    """Apply ``rules`` ({op name: fn(graph, op) -> replacement ops or None}) to every subgraph."""
     fb = require("ai_edge_litert.tools.flatbuffer_utils", "tflite", "editing .tflite files")
     schema = require("ai_edge_litert.schema_py_generated", "tflite", "editing .tflite files")
     model = fb.read_model_from_bytearray(bytearray(tflite_model))
@@ -150,15 +203,28 @@ def delegable_activations(tflite_model: bytes) -> tuple[bytes, dict[str, int]]:
         ops: list[Any] = []
         for op in sg.operators:
             name = g.name(op)
-            new: list[Any] | None = [op]
-            if name in _CLAMPS and _fold_clamp(g, op):
-                new = []
-            elif name == "HARD_SWISH":
-                new = _split_hard_swish(g, op) or [op]
-            if new != [op]:
+            new = rules[name](g, op) if name in rules else None
+            if new is not None:
                 done[name] = done.get(name, 0) + 1
-            ops.extend(new or [])
+            ops.extend([op] if new is None else new)
         sg.operators = ops
     if not done:
         return tflite_model, done
     return bytes(fb.convert_object_to_bytearray(model)), done
+
+
+def delegable_activations(tflite_model: bytes) -> tuple[bytes, dict[str, int]]:
+    """(``tflite_model`` with its int8 clamps folded and HARD_SWISH split, {op name: how many rewritten})."""
+    def clamp(g: _Graph, op: Any) -> list[Any] | None:
+        return [] if _fold_clamp(g, op) else None
+
+    return _rewrite(tflite_model, {**dict.fromkeys(_CLAMPS, clamp), "HARD_SWISH": _split_hard_swish})
+
+
+def aeq_quantizable(float_model: bytes, activation_bits: int = 8) -> tuple[bytes, dict[str, int]]:
+    """(the fp32 ``float_model`` with the float ops the AI Edge Quantizer cannot quantize at ``activation_bits``
+    rewritten into ops it can, {op name: how many rewritten})."""
+    rules: dict[str, Any] = {"RELU_0_TO_1": _float_relu_0_to_1}
+    if activation_bits == 16:
+        rules["HARD_SWISH"] = _float_hard_swish
+    return _rewrite(float_model, rules)

@@ -1,4 +1,4 @@
-"""converters/tflite_xnnpack.py: int8 clamps and HARD_SWISH rewritten into ops LiteRT's XNNPACK delegate runs.
+"""converters/tflite_activations.py: int8 clamps and HARD_SWISH rewritten into ops LiteRT's XNNPACK delegate runs.
 
 Real int8 graphs from the TensorFlow Lite converter (a conv -> hard-swish -> mean -> ReLU6 -> conv net, the shape of
 MobileNetV3's squeeze-excitation blocks), run on LiteRT before and after the rewrite.
@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
 
-from edge_sdk.converters.tflite_xnnpack import delegable_activations
+from edge_sdk.converters.tflite_activations import delegable_activations
 
 SHAPE = (1, 16, 16, 8)
 
@@ -130,3 +130,85 @@ def test_nothing_to_do_returns_the_same_bytes():
     model = conv.convert()
     new, done = delegable_activations(model)
     assert done == {} and new == model
+
+
+def _float_model(fn, shape: tuple[int, ...]) -> bytes:
+    import tensorflow as tf
+
+    conc = tf.function(fn, input_signature=[tf.TensorSpec(shape, tf.float32)], autograph=False)
+    return tf.lite.TFLiteConverter.from_concrete_functions([conc.get_concrete_function()]).convert()
+
+
+def _swap_op(model: bytes, old: int, new: int) -> bytes:
+    """``model`` with every ``old`` builtin op turned into ``new`` (RELU_0_TO_1 has no TF op that lowers to it)."""
+    from ai_edge_litert.tools import flatbuffer_utils as fb
+
+    m = fb.read_model_from_bytearray(bytearray(model))
+    for code in m.operatorCodes:
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == old:
+            code.builtinCode, code.deprecatedBuiltinCode = new, min(new, 127)
+            code.version = 1
+    return bytes(fb.convert_object_to_bytearray(m))
+
+
+def _float_run(model: bytes, x: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=model)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"])
+
+
+def test_aeq_rewrite_of_float_hard_sigmoid_and_hard_swish_is_the_same_function():
+    import tensorflow as tf
+
+    from edge_sdk.converters.tflite_activations import aeq_quantizable
+
+    x = np.linspace(-8, 8, 4 * 64, dtype=np.float32).reshape(4, 64)
+    relu01 = _swap_op(_float_model(tf.nn.relu, (4, 64)), 19, 152)  # RELU -> RELU_0_TO_1
+    assert _ops(relu01) == ["RELU_0_TO_1"]
+    np.testing.assert_allclose(_float_run(relu01, x), np.clip(x, 0, 1), atol=1e-6)
+    hswish = _float_model(lambda v: v * tf.nn.relu6(v + 3.0) / 6.0, (4, 64))
+    assert "HARD_SWISH" in _ops(hswish)
+    for model, bits, name in ((relu01, 8, "RELU_0_TO_1"), (hswish, 16, "HARD_SWISH")):
+        new, done = aeq_quantizable(model, bits)
+        assert done == {name: 1} and name not in _ops(new), (done, _ops(new))
+        np.testing.assert_allclose(_float_run(new, x), _float_run(model, x), rtol=1e-5, atol=1e-6)
+    assert aeq_quantizable(hswish, 8) == (hswish, {})  # int8: the quantizer has HARD_SWISH, XNNPACK's pass splits it
+
+
+def test_pytorch_hard_swish_squeeze_excite_block_is_fully_integer_and_xnnpack_ready(tmp_path):
+    """A MobileNetV3 block (hard-swish, hard-sigmoid squeeze-excitation) from PyTorch: the AI Edge Quantizer now
+    quantizes all of it (before, its RELU_0_TO_1 stayed float and PT2E's graph with float islands was used)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    from edge_sdk.converters.pipeline import convert
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.act = torch.nn.Hardswish()
+            self.se = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(16, 4, 1), torch.nn.ReLU(),
+                                          torch.nn.Conv2d(4, 16, 1))
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.conv(x))
+            gate = torch.clamp(self.se(h) * 0.2 + 0.5, 0.0, 1.0)  # Paddle's hard-sigmoid as onnx2torch writes it
+            return self.head((h * gate).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)
+    val = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)
+    bundle = convert(Block().eval(), out=tmp_path / "b", to="tflite", precision="int8", input_shape=[1, 3, 16, 16],
+                     calib=calib, val=val, quiet=True, keep_failed=True, task="classification")
+    art = bundle.artifact("tflite", "int8")
+    assert art.runtime.get("quantizer", "").startswith("ai-edge-quantizer"), art.notes  # not the PT2E fallback
+    ops = _ops(bundle.path_of(art).read_bytes())
+    assert not {"DEQUANTIZE", "RELU_0_TO_1", "HARD_SWISH"} & set(ops), ops
+    assert "HARD_SWISH" in art.tool_versions.get("tflite_xnnpack_activations", ""), art.tool_versions
+    assert art.validation.cosine > 0.98, art.validation
