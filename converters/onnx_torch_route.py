@@ -252,6 +252,14 @@ def _replacement(module: Any, consts: list[Any]) -> tuple[Any, tuple[Any, ...]] 
     return None
 
 
+def _call_instead(gm: Any, node: Any, fn: Any, args: tuple[Any, ...]) -> None:
+    """Put a ``call_function`` of ``fn(*args)`` in place of ``node`` (every user moves to it)."""
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_function(fn, args)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def _tidy(gm: Any) -> None:
     """Drop what a rewrite left unused and regenerate the module's code."""
     gm.graph.eliminate_dead_code()
@@ -294,10 +302,7 @@ def bake_constant_args(gm: Any) -> int:
         if swap is None:
             continue
         fn, extra = swap
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(fn, (node.args[0], *extra))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _call_instead(gm, node, fn, (node.args[0], *extra))
         done += 1
     if done:
         _tidy(gm)
@@ -332,11 +337,7 @@ def scalar_operands(gm: Any) -> int:
         if fn is None or k is None or getattr(other, "op", None) in (None, "get_attr"):
             continue
         value = float(consts[k].reshape(()))
-        args = (other, value) if k == 1 else (value, other)
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(fn, args)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _call_instead(gm, node, fn, (other, value) if k == 1 else (value, other))
         done += 1
     if done:
         _tidy(gm)
