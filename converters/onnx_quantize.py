@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,17 +102,16 @@ def _at_least_opset(path: Path, out: Path) -> Path:
     return out
 
 
-def _hard_swish(pre: Path) -> dict[str, str]:
-    """Fuse the hard-swish patterns of the pre-processed file in place (converters/onnx_hard_swish.py)."""
-    from edge_sdk.converters.onnx_hard_swish import fuse_hard_swish
-
+def _rewrite_pre(pre: Path, rewrite: Callable[[Any], int], key: str) -> dict[str, str]:
+    """Apply ``rewrite`` (an in-place pass over an ``onnx.ModelProto`` returning how many changes it made) to the
+    pre-processed file; the manifest record ``{key: count}``, empty when nothing changed."""
     onnx = require("onnx", "onnx", "ONNX quantization")
     model = onnx.load(str(pre))
-    fused = fuse_hard_swish(model)
-    if not fused:
+    done = rewrite(model)
+    if not done:
         return {}
     onnx.save_model(model, str(pre))
-    return {"onnx_hard_swish_fused": str(fused)}
+    return {key: str(done)}
 
 
 def _weight_rounding(options: ConvertOptions) -> str:
@@ -294,8 +294,14 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, samples: SampleSet, opt
     rounding = _weight_rounding(options)
     pre = _pre_process(fp32_path, out_path)
     rounding_info: dict[str, str] = {"onnx_weight_rounding": rounding}
-    if options.extra.get("onnx_fuse_hard_swish", True):
-        rounding_info.update(_hard_swish(pre))
+    if options.extra.get("onnx_fuse_hard_swish", True):  # converters/onnx_hard_swish.py
+        from edge_sdk.converters.onnx_hard_swish import fuse_hard_swish
+
+        rounding_info.update(_rewrite_pre(pre, fuse_hard_swish, "onnx_hard_swish_fused"))
+    if options.extra.get("onnx_fold_conv_affine", True):  # converters/onnx_conv_affine.py
+        from edge_sdk.converters.onnx_conv_affine import fold_conv_affine
+
+        rounding_info.update(_rewrite_pre(pre, fold_conv_affine, "onnx_conv_affine_folded"))
     correct = _bias_correction(options, tool)
     reference = pre.with_name(pre.stem + ".fp32.onnx")  # what the bias correction matches: before GPTQ rounds
     if correct:
@@ -482,6 +488,8 @@ class OnnxExporter:
                    "NNCF: store the weights of convs ORT cannot fuse as fp16 (faster float convs, 2x int8 bytes)"),
         OptionSpec("onnx_fuse_hard_swish", bool, True, (),
                    "int8: hard-swish written as Add/Clip/Mul/Div becomes one HardSwish op before quantization"),
+        OptionSpec("onnx_fold_conv_affine", bool, True, (),
+                   "int8: constant Mul / Add chains right after a Conv folded into its weights and bias (exact)"),
         OptionSpec("onnx_fusion_layout", bool, True, (),
                    "move dequantizers to their layer, int32 biases: lets ORT fuse heads it would run in float"),
         OptionSpec("onnx_lstm_int8", bool, True, (),
