@@ -115,7 +115,7 @@ def _isolate_graph_outputs(proto: Any, helper: Any) -> None:
 
 def onnx_to_torch(model: Path, workdir: Path, info: dict[str, Any] | None = None) -> Any:
     """The ONNX file as a ``torch.fx.GraphModule`` ready for ``torch.export`` (constant-folded, shapes baked);
-    what was rewritten on the way goes into ``info`` (``hard_swish_fused``)."""
+    what was rewritten on the way goes into ``info`` (``hard_swish_fused``, ``scalar_operands``)."""
     onnx = require("onnx", "onnx", "reading ONNX models")
     onnx2torch = _import_onnx2torch()
     from edge_sdk.converters.onnx_hard_swish import fuse_hard_swish
@@ -123,11 +123,19 @@ def onnx_to_torch(model: Path, workdir: Path, info: dict[str, Any] | None = None
 
     register_extra_converters()
     folded = _fold_constants(model, workdir / "folded.onnx")
-    proto = onnx.load(str(folded))
-    _drop_trailing_empty_inputs(proto)
-    _isolate_graph_outputs(proto, onnx.helper)
-    prepare_graph(proto)
-    fused = fuse_hard_swish(proto, native=True)  # one aten.hardswish: litert-torch keeps it channels-last
+
+    def load() -> Any:
+        proto = onnx.load(str(folded))
+        _drop_trailing_empty_inputs(proto)
+        _isolate_graph_outputs(proto, onnx.helper)
+        prepare_graph(proto)
+        return proto
+
+    proto = load()
+    try:
+        fused = fuse_hard_swish(proto, native=True)  # one aten.hardswish: litert-torch keeps it channels-last
+    except Exception:  # an optional rewrite on a graph it does not understand: start again without it
+        proto, fused = load(), 0
     if info is not None:
         info["hard_swish_fused"] = fused
     try:
@@ -143,7 +151,11 @@ def onnx_to_torch(model: Path, workdir: Path, info: dict[str, Any] | None = None
                               "another target or --route") from None
     bake_constant_args(gm)
     linear_layers(gm)  # before scalar_operands: a linear layer's bias Add is folded into it
-    scalar = scalar_operands(gm)
+    try:
+        scalar = scalar_operands(gm)
+    except Exception:  # an optional rewrite (each replacement is whole before the next): the rest stays tensors
+        gm.recompile()
+        scalar = 0
     if info is not None:
         info["scalar_operands"] = scalar
     return gm.eval()

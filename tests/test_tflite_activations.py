@@ -212,3 +212,24 @@ def test_pytorch_hard_swish_squeeze_excite_block_is_fully_integer_and_xnnpack_re
     assert not {"DEQUANTIZE", "RELU_0_TO_1", "HARD_SWISH"} & set(ops), ops
     assert "HARD_SWISH" in art.tool_versions.get("tflite_xnnpack_activations", ""), art.tool_versions
     assert art.validation.cosine > 0.98, art.validation
+
+
+def test_a_file_the_rewrite_cannot_read_is_kept_as_it_is_and_noted(tmp_path):
+    """The XNNPACK rewrite is an optional speed pass: on bytes it cannot parse the artifact stays and says so."""
+    from types import SimpleNamespace
+
+    from edge_sdk.converters.base import ConvertOptions
+    from edge_sdk.converters.keras_to_tflite import TFLiteConverter
+
+    path = tmp_path / "odd.tflite"
+    data = b"TFL3" + bytes(range(256)) * 4
+    path.write_bytes(data)
+    notes: list[str] = []
+    versions: dict[str, str] = {}
+    TFLiteConverter.delegable_int8(SimpleNamespace(options=ConvertOptions()), path, notes, versions)
+    assert path.read_bytes() == data and versions == {}
+    assert len(notes) == 1 and notes[0].startswith("int8 activations left as they are"), notes
+    notes.clear()
+    TFLiteConverter.delegable_int8(SimpleNamespace(options=ConvertOptions(extra={"tflite_xnnpack_activations": False})),
+                                   path, notes, versions)
+    assert notes == [] and path.read_bytes() == data  # off: not even read
