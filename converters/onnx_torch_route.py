@@ -427,13 +427,16 @@ class OnnxTorchToTFLite(TFLiteConverter):
 
         sub = self._torch_context(ctx)
         drafts = TorchToTFLite().convert(sub, precision)
-        fused = getattr(sub.source, "rewrites", {}).get("hard_swish_fused", 0)
+        rewrites = getattr(sub.source, "rewrites", {})
+        fused, scalars = rewrites.get("hard_swish_fused", 0), rewrites.get("scalar_operands", 0)
+        done = [f"{fused} hard-swish patterns (Add/Clip/Mul/Div) as one hardswish each"] if fused else []
+        done += [f"{scalars} one-element constants of Add/Sub/Mul/Div as Python numbers"] if scalars else []
         for d in drafts:
             d.tool_versions["onnx2torch"] = version_of("onnx2torch")
             d.notes.insert(0, "ONNX translated to PyTorch ops by onnx2torch (constant-folded by ONNX Runtime), "
                               "then converted by litert-torch; inputs keep the ONNX layout"
-                              + (f"; {fused} hard-swish patterns (Add/Clip/Mul/Div) as one hardswish each, which "
-                                 "litert-torch keeps channels-last" if fused else ""))
+                              + (f"; {' and '.join(done)}, which lets litert-torch keep them channels-last"
+                                 if done else ""))
         return drafts
 
     @staticmethod

@@ -235,3 +235,4 @@ def test_lcnet_block_becomes_hardswish_with_python_scalars_and_stays_channels_la
     ops = [o["op_name"] for o in litert.Interpreter(model_path=str(bundle.path_of(art)))._get_ops_details()]
     assert ops.count("TRANSPOSE") <= 2 and ops.count("HARD_SWISH") == 2, ops  # the input's and the output's
     assert art.validation.passed, art.validation
+    assert "2 hard-swish patterns" in art.notes[0] and "4 one-element constants" in art.notes[0], art.notes[0]
