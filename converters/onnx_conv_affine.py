@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._deps import require
-from edge_sdk.converters.onnx_probe import has_subgraphs
+from edge_sdk.converters.onnx_probe import has_subgraphs, node_attr
 
 __all__ = ["fold_conv_affine"]
 
@@ -36,16 +36,32 @@ def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | No
 
 def _zero_pads(conv: Any) -> bool:
     """True when ``conv`` pads nothing (no ``pads`` but zeros, no SAME auto-padding)."""
-    for a in conv.attribute:
-        if a.name == "pads" and any(a.ints):
-            return False
-        if a.name == "auto_pad" and a.s not in (b"", b"NOTSET", b"VALID"):
-            return False
-    return True
+    return not any(node_attr(conv, "pads", [])) and node_attr(conv, "auto_pad", b"NOTSET") in (b"", b"NOTSET", b"VALID")
 
 
-def _group(conv: Any) -> int:
-    return next((int(a.i) for a in conv.attribute if a.name == "group"), 1)
+def _conv_params(conv: Any, inits: dict[str, Any], nh: Any) -> tuple[np.ndarray, np.ndarray, Any] | None:
+    """(weights, bias, weight dtype) of a Conv whose weight (and bias, if any) are initializers, in float64 (a
+    zero bias when it has none); None otherwise."""
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2 \
+            or conv.input[1] not in inits or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits):
+        return None
+    w = nh.to_array(inits[conv.input[1]])
+    b = nh.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
+        else np.zeros(w.shape[0])
+    return w.astype(np.float64), b, w.dtype
+
+
+def _set_conv_params(graph: Any, inits: dict[str, Any], conv: Any, w: np.ndarray, b: np.ndarray, dtype: Any,
+                     suffix: str, nh: Any) -> list[str]:
+    """Give ``conv`` new weight and bias initializers (``dtype``); returns the names it read before."""
+    base = conv.name or conv.output[0]
+    graph.initializer.extend([nh.from_array(w.astype(dtype), f"{base}_{suffix}_W"),
+                              nh.from_array(b.astype(dtype), f"{base}_{suffix}_B")])
+    inits.update({t.name: t for t in graph.initializer[-2:]})
+    old = list(conv.input[1:])
+    del conv.input[1:]
+    conv.input.extend([f"{base}_{suffix}_W", f"{base}_{suffix}_B"])
+    return old
 
 
 def _fold_into_next(graph: Any, inits: dict[str, Any], readers: dict[str, list[Any]], outputs: set[str],
@@ -69,21 +85,18 @@ def _fold_into_next(graph: Any, inits: dict[str, Any], readers: dict[str, list[A
         if tv is not None and tv.size == 1 and np.issubdtype(tv.dtype, np.floating) and np.isfinite(tv).all():
             add, shift, nxt = nxt, float(tv.reshape(())), readers[nxt.output[0]][0]
     conv = nxt
-    if conv.op_type != "Conv" or conv.input[0] != (add or mul).output[0] or conv.input[1] not in inits \
-            or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits):
+    params = _conv_params(conv, inits, nh)
+    if params is None or conv.input[0] != (add or mul).output[0]:
         return None
-    w0 = nh.to_array(inits[conv.input[1]])
-    w = w0.astype(np.float64) * scale
-    b = nh.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
-        else np.zeros(w.shape[0])
-    base = conv.name or conv.output[0]
+    w0, b, dtype = params
+    w = w0 * scale
     drop, drop_consts = [mul], []
     if add is not None and _zero_pads(conv):
-        b = b + shift * w0.astype(np.float64).reshape(w.shape[0], -1).sum(axis=1)
+        b = b + shift * w0.reshape(w.shape[0], -1).sum(axis=1)
         drop.append(add)
         conv.input[0] = h
     elif add is not None:  # Add(h, t / s) -> Conv(W * s)
-        name = f"{base}_shift_over_scale"
+        name = f"{conv.name or conv.output[0]}_shift_over_scale"
         graph.initializer.append(nh.from_array(np.asarray([shift / scale], dtype=sv.dtype), name))
         inits[name] = graph.initializer[-1]
         drop_consts = [i for i in add.input if i in inits]
@@ -91,13 +104,8 @@ def _fold_into_next(graph: Any, inits: dict[str, Any], readers: dict[str, list[A
         add.input.extend([h, name])
     else:
         conv.input[0] = h
-    w_name, b_name = f"{base}_scaled_W", f"{base}_scaled_B"
-    graph.initializer.extend([nh.from_array(w.astype(w0.dtype), w_name), nh.from_array(b.astype(w0.dtype), b_name)])
-    inits.update({t.name: t for t in graph.initializer[-2:]})
-    old = [*conv.input[1:], *drop_consts, *(i for n in drop for i in n.input if i in inits)]
-    del conv.input[1:]
-    conv.input.extend([w_name, b_name])
-    return drop, old
+    old = [*drop_consts, *(i for n in drop for i in n.input if i in inits)]
+    return drop, old + _set_conv_params(graph, inits, conv, w, b, dtype, "scaled", nh)
 
 
 def fold_conv_affine(model: Any) -> int:
@@ -118,12 +126,10 @@ def fold_conv_affine(model: Any) -> int:
     replaced: set[str] = set()
     folded = 0
     for conv in list(graph.node):
-        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2 \
-                or conv.input[1] not in inits or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits):
+        params = _conv_params(conv, inits, nh)
+        if params is None:
             continue
-        w = nh.to_array(inits[conv.input[1]]).astype(np.float64)
-        b = nh.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
-            else np.zeros(w.shape[0])
+        w, b, dtype = params
         out, chain = conv.output[0], []
         while out not in outputs and len(readers.get(out, [])) == 1:
             nxt = readers[out][0]
@@ -144,14 +150,8 @@ def fold_conv_affine(model: Any) -> int:
             out = nxt.output[0]
         if not chain:
             continue
-        dtype = nh.to_array(inits[conv.input[1]]).dtype
-        w_name, b_name = f"{conv.name or conv.output[0]}_affine_W", f"{conv.name or conv.output[0]}_affine_B"
-        graph.initializer.extend([nh.from_array(w.astype(dtype), w_name), nh.from_array(b.astype(dtype), b_name)])
-        inits.update({t.name: t for t in graph.initializer[-2:]})
-        replaced.update(conv.input[1:])
         replaced.update(i for n in chain for i in n.input if i in inits)
-        del conv.input[1:]
-        conv.input.extend([w_name, b_name])
+        replaced.update(_set_conv_params(graph, inits, conv, w, b, dtype, "affine", nh))
         conv.output[0] = out
         drop.update(id(n) for n in chain)
         folded += len(chain)

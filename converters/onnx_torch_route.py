@@ -331,7 +331,7 @@ def scalar_operands(gm: Any) -> int:
     import operator
 
     torch = require("torch", "torch", "converting ONNX models through PyTorch")
-    ops = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul}
+    ops = {torch.add: operator.add, torch.sub: operator.sub, torch.mul: operator.mul}
     done = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 2 or node.kwargs:
@@ -339,7 +339,7 @@ def scalar_operands(gm: Any) -> int:
         module = gm.get_submodule(str(node.target))
         if type(module).__name__ != "OnnxBinaryMathOperation" or module.broadcast == 1:
             continue
-        fn = next((f for name, f in ops.items() if module.math_op_function is getattr(torch, name.lower())), None)
+        fn = ops.get(module.math_op_function)
         if fn is None and getattr(module.math_op_function, "__name__", "") == "_onnx_div":
             fn = operator.truediv
         consts = [_tensor(gm, a) for a in node.args]
