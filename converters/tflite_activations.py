@@ -41,11 +41,23 @@ import numpy as np
 
 from edge_sdk._deps import require
 
-__all__ = ["aeq_quantizable", "delegable_activations"]
+__all__ = ["aeq_quantizable", "delegable_activations", "opcode_index"]
 
 _FLOAT32, _INT8 = 0, 9  # tflite TensorType
 _CLAMPS = {"RELU": (0.0, np.inf), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0), "RELU_0_TO_1": (0.0, 1.0)}
 _REQUANTIZING = ("ADD", "SUB", "MUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "MEAN", "BATCH_MATMUL")
+
+
+def opcode_index(model: Any, schema: Any, builtin: int, version: int = 1) -> int:
+    """Index of builtin operator ``builtin`` in ``model.operatorCodes`` (a ``ModelT``), appended (at ``version``)
+    when the model has none."""
+    for k, oc in enumerate(model.operatorCodes):
+        if max(oc.builtinCode, oc.deprecatedBuiltinCode) == builtin:
+            return k
+    oc = schema.OperatorCodeT()
+    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = builtin, min(builtin, 127), version
+    model.operatorCodes.append(oc)
+    return len(model.operatorCodes) - 1
 
 
 class _Graph:
@@ -76,17 +88,12 @@ class _Graph:
         return float(q.scale[0]), int(q.zeroPoint[0])
 
     def opcode(self, name: str) -> int:
-        """Index of the builtin opcode ``name``, added when the model has none."""
-        for i, n in enumerate(self.op_names):
-            if n == name:
-                return i
-        code = self.schema.OperatorCodeT()
-        code.builtinCode = getattr(self.schema.BuiltinOperator, name)
-        code.deprecatedBuiltinCode = min(code.builtinCode, 127)
-        code.version = 2  # the int8 kernels of ADD / MUL
-        self.model.operatorCodes.append(code)
-        self.op_names.append(name)
-        return len(self.op_names) - 1
+        """Index of the builtin opcode ``name``, added when the model has none (version 2: the int8 kernels of
+        ADD / MUL)."""
+        index = opcode_index(self.model, self.schema, getattr(self.schema.BuiltinOperator, name), version=2)
+        if index == len(self.op_names):
+            self.op_names.append(name)
+        return index
 
     def tensor(self, name: str, shape: list[int], scale: float | None, zero_point: int = 0,
                data: bytes | None = None) -> int:

@@ -499,19 +499,12 @@ def _repack(model: bytes) -> bytes:
 def float_io(model: bytes) -> bytes:
     """``model`` with float32 graph inputs/outputs: a QUANTIZE op feeds each quantized input, a DEQUANTIZE op
     follows each quantized output (signature tensors are re-pointed at the new float tensors)."""
+    from edge_sdk.converters.tflite_activations import opcode_index
+
     fb = require("ai_edge_litert.tools.flatbuffer_utils", "tflite", "editing .tflite files")
     schema = require("ai_edge_litert.schema_py_generated", "tflite", "editing .tflite files")
     m = fb.read_model_from_bytearray(bytearray(model))
     sg = m.subgraphs[0]
-
-    def opcode(builtin: int) -> int:
-        for k, oc in enumerate(m.operatorCodes):
-            if max(oc.builtinCode, oc.deprecatedBuiltinCode) == builtin:
-                return k
-        oc = schema.OperatorCodeT()
-        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = builtin, min(builtin, 127), 1
-        m.operatorCodes.append(oc)
-        return len(m.operatorCodes) - 1
 
     def float_twin(idx: int, suffix: str) -> int:
         t = sg.tensors[idx]
@@ -533,7 +526,7 @@ def float_io(model: bytes) -> bytes:
             if sg.tensors[idx].type in quantized:
                 f = float_twin(idx, "_float")
                 op = schema.OperatorT()
-                op.opcodeIndex = opcode(kind)
+                op.opcodeIndex = opcode_index(m, schema, kind)
                 op.inputs, op.outputs = ([f], [idx]) if inbound else ([idx], [f])
                 ops.append(op)
                 ids[pos] = f
